@@ -1,0 +1,8 @@
+"""qwen3-mlx: run Qwen3 models locally on MLX."""
+
+from .errors import ModelLoadError, Qwen3MLXError
+from .loader import load, load_model
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelLoadError", "Qwen3MLXError", "load", "load_model", "__version__"]

@@ -1,0 +1,24 @@
+"""`qwen3-mlx` command line: thin typer commands over the library."""
+
+from __future__ import annotations
+
+from ..errors import Qwen3MLXError
+from .app import app, fail
+
+# Each module registers its commands on `app` when imported.
+# (command modules are imported below)
+
+
+def main() -> None:
+    from ..blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    try:
+        app()
+    except Qwen3MLXError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,32 @@
+"""The typer application and what every command shares: consoles and domain-error handling."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="qwen3-mlx",
+    help="Run Qwen3 models locally on MLX: chat, generate, quantize, fit, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# stdout carries model text; everything else (progress, statistics, errors) goes to stderr.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    """One red line on stderr, exit code 1."""
+    err.print(f"[bold red]error:[/bold red] {message}", markup=True)
+    raise SystemExit(1)
+
+
+def show_progress() -> bool:
+    """Rich live progress only when a person is watching."""
+    return sys.stderr.isatty()

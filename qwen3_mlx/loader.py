@@ -1,0 +1,224 @@
+"""Loading Qwen3 checkpoints: HF folders or repo ids, bf16/fp16/fp32 safetensors, and our quantized MLX exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import ModelLoadError
+from .models import build_model
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+# Files a model needs; everything else in a hub repo (README, original/ weights, ...) is skipped.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+_FLOAT_DTYPES = {mx.float32, mx.float16, mx.bfloat16}
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on MLX's CPU backend (half precision is emulated there, 30x slower); bfloat16 on a GPU."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+
+
+def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
+    """A local model folder, or a Hugging Face repo id resolved through huggingface_hub's cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; expected a model folder with config.json")
+        return path
+    name = str(path_or_repo)
+    if not _looks_like_repo_id(name):
+        raise ModelLoadError(f"no such model folder: {path}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise ModelLoadError(
+            f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it on a connected machine or pass a local folder"
+        )
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ModelLoadError(f"cannot download {name}: {e.__class__.__name__} (check the repo id and access)") from None
+    except Exception as e:  # network failures come in many types (OSError, httpx, requests)
+        raise ModelLoadError(
+            f"{name} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({e.__class__.__name__}); download it on a connected machine or pass a local folder"
+        ) from None
+
+
+def load_config(model_path: Path) -> dict[str, Any]:
+    """config.json as a dict (quantization settings included)."""
+    file = model_path / "config.json"
+    if not file.is_file():
+        raise ModelLoadError(f"{model_path} has no config.json")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file} does not hold a JSON object")
+    return config
+
+
+def weight_files(model_path: Path) -> list[Path]:
+    """The safetensors files of a model folder, from the shard index when there is one."""
+    index = model_path / WEIGHT_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ModelLoadError(f"{index} is not a valid shard index (no 'weight_map')") from None
+        files = [model_path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"missing shard {f.name} (listed in {WEIGHT_INDEX})")
+        return files
+    single = model_path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {model_path}")
+    return files
+
+
+def read_safetensors_header(file: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header without reading the data; catches truncated or foreign files."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{file.name} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise ModelLoadError(f"{file.name} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{file.name} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file.name} is not a safetensors file")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(
+            f"{file.name} is truncated: its header describes {8 + n + end:,} bytes but the file has {size:,}"
+        )
+    return header
+
+
+def load_weights(model_path: Path) -> dict[str, mx.array]:
+    """All tensors of a folder, lazily (nothing is read until evaluated)."""
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(model_path):
+        read_safetensors_header(f)
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {f.name}: {e}") from None
+    return weights
+
+
+def quantization_predicate(quantization: dict[str, Any], weights: dict[str, mx.array]):
+    """nn.quantize predicate for an MLX `quantization` dict: per-layer dicts or `false`, else the default.
+
+    A layer is quantized only when the checkpoint holds its `.scales`, so mixed exports load as written.
+    """
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            value = quantization[path]
+            if isinstance(value, dict):
+                return {k: v for k, v in value.items() if k in ("group_size", "bits", "mode")}
+            return bool(value)
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    return predicate
+
+
+def apply_quantization(model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Swap the model's layers for quantized ones as the config and checkpoint describe."""
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=quantization_predicate(quantization, weights),
+    )
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """Strict name and shape check with messages that name the tensor."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"missing tensor {missing[0]} in the checkpoint{more}")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ModelLoadError(f"unexpected tensor {extra[0]} in the checkpoint{more}")
+    for name, param in expected.items():
+        w = weights[name]
+        if tuple(w.shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"tensor {name} has shape {tuple(w.shape)}, expected {tuple(param.shape)} from config.json"
+            )
+        if w.dtype not in _FLOAT_DTYPES and w.dtype != param.dtype:
+            raise ModelLoadError(f"tensor {name} has unsupported dtype {w.dtype}")
+
+
+def load_model(
+    path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Model and its config from a folder or repo id. Floating tensors are cast to `dtype`
+    (default: `default_dtype()`); quantized tensors stay packed."""
+    model_path = resolve_model_path(path_or_repo)
+    config = load_config(model_path)
+    dtype = dtype or default_dtype()
+    model = build_model(config)
+    weights = model.sanitize(load_weights(model_path))
+    quantization = config.get("quantization") or config.get("quantization_config")
+    if quantization and "bits" in quantization:
+        apply_quantization(model, quantization, weights)
+    check_weights(model, weights)
+    weights = {k: v.astype(dtype) if v.dtype in _FLOAT_DTYPES else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    model.model_path = model_path
+    return model, config
+
+
+def load(path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: bool = False):
+    """Load a Qwen3 model and its tokenizer.
+
+    `path_or_repo` is a local folder or a Hugging Face repo id (e.g. "Qwen/Qwen3-0.6B"), resolved through the
+    huggingface_hub cache. Returns `(model, tokenizer)`.
+    """
+    from .tokenizer import load_tokenizer
+
+    model, _ = load_model(path_or_repo, dtype=dtype, lazy=lazy)
+    return model, load_tokenizer(model.model_path)

@@ -1,0 +1,65 @@
+"""Key/value cache for incremental decoding."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Per-layer keys and values, preallocated in steps so decoding does not reallocate every token.
+
+    Shapes: keys/values [B, n_kv_heads, capacity, head_dim]; `offset` is how many positions are filled.
+    """
+
+    step = 256
+
+    def __init__(self):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append [B, H, L, D] keys/values at `offset`; return everything cached so far."""
+        prev = self.offset
+        n = keys.shape[2]
+        if self.keys is None or prev + n > self.keys.shape[2]:
+            B, H, _, Dk = keys.shape
+            Dv = values.shape[3]
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
+            new_v = mx.zeros((B, H, grow, Dv), values.dtype)
+            if self.keys is not None:
+                # Drop unused capacity before concatenating so the buffer stays contiguous.
+                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+            self.keys, self.values = new_k, new_v
+        self.offset += n
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (used to reuse a shared prompt prefix); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(model) -> list[KVCache]:
+    """One KVCache per decoder layer of `model`."""
+    return [KVCache() for _ in model.layers]
+
+
+def trim_cache(cache: list[KVCache], n: int) -> int:
+    """Drop the last `n` positions from every layer's cache."""
+    return min(c.trim(n) for c in cache) if cache else 0

@@ -1,0 +1,84 @@
+"""Qwen3 mixture-of-experts decoder (HF `model_type` "qwen3_moe"): Qwen3 attention, routed SwiGLU experts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import ModelLoadError
+from . import qwen3
+from .switch import SwitchGLU
+
+
+@dataclass
+class ModelArgs(qwen3.ModelArgs):
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    norm_topk_prob: bool = False
+
+    def is_sparse(self, layer: int) -> bool:
+        """HF's rule for which layers are MoE; the others use a dense MLP of `intermediate_size`."""
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Router in float32 whatever the compute dtype: expert choice is sensitive to rounding.
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # [B, L, E]
+        k = self.top_k
+        inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [B, L, k]
+        scores = mx.take_along_axis(probs, inds, axis=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        y = self.switch_mlp(x, inds)  # [B, L, k, D]
+        return (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class Model(qwen3.Model):
+    def __init__(self, args: ModelArgs):
+        layers = [
+            qwen3.DecoderLayer(
+                args,
+                SparseMoeBlock(args) if args.is_sparse(i) else qwen3.MLP(args.hidden_size, args.intermediate_size),
+            )
+            for i in range(args.num_hidden_layers)
+        ]
+        super().__init__(args, qwen3.Qwen3Model(args, layers))
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Stack HF's per-expert tensors `mlp.experts.{e}.{proj}.*` into `mlp.switch_mlp.{proj}.*` [E, ...]."""
+        weights = super().sanitize(weights)
+        pattern = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+        groups: dict[tuple[str, str, str], dict[int, str]] = {}
+        for key in weights:
+            m = pattern.match(key)
+            if m:
+                prefix, e, proj, kind = m.groups()
+                groups.setdefault((prefix, proj, kind), {})[int(e)] = key
+        for (prefix, proj, kind), by_expert in groups.items():
+            n = self.args.num_experts
+            missing = [e for e in range(n) if e not in by_expert]
+            if missing:
+                raise ModelLoadError(f"missing tensor {prefix}.experts.{missing[0]}.{proj}.{kind} in the checkpoint")
+            extra = [e for e in by_expert if e >= n]
+            if extra:
+                raise ModelLoadError(f"unexpected tensor {by_expert[extra[0]]} (num_experts is {n})")
+            weights[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([weights.pop(by_expert[e]) for e in range(n)])
+        return weights

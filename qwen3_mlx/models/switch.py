@@ -1,0 +1,91 @@
+"""Stacked-expert layers for mixture-of-experts: one [E, out, in] weight per projection, gathered per token."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Below this many (token, expert) pairs sorting costs more than it saves; decode never sorts.
+SORT_THRESHOLD = 64
+
+
+class SwitchLinear(nn.Module):
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        scale = math.sqrt(1.0 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        # x [..., 1, in] with one row per (token, expert) pair; weight^T [E, in, out]
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        E, out_dims, in_dims = self.weight.shape
+        q = QuantizedSwitchLinear(in_dims, out_dims, E, group_size=group_size, bits=bits, mode=mode)
+        q.weight, q.scales, q.biases = mx.quantize(self.weight, group_size, bits, mode=mode)
+        return q
+
+
+class QuantizedSwitchLinear(nn.Module):
+    def __init__(self, input_dims, output_dims, num_experts, group_size=64, bits=4, mode="affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        # Placeholders with the exported shapes; load_weights fills them in.
+        w = mx.zeros((num_experts, output_dims, input_dims), dtype=mx.float32)
+        self.weight, self.scales, self.biases = mx.quantize(w, group_size, bits, mode=mode)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+
+class SwitchGLU(nn.Module):
+    """SwiGLU run for the k experts chosen per token."""
+
+    def __init__(self, input_dims: int, hidden_dims: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
+        self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts)
+        self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x [..., D], indices [..., k] -> [..., k, D]."""
+        k = indices.shape[-1]
+        do_sort = indices.size >= SORT_THRESHOLD
+        if do_sort:
+            # Prefill: lay the (token, expert) pairs out grouped by expert so each expert's
+            # weights are read once for a contiguous block of rows.
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            inverse = mx.argsort(order)
+            rows = x.reshape(-1, 1, x.shape[-1])[order // k]  # [N*k, 1, D]
+            idx = flat[order]
+        else:
+            rows = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D] broadcasts against [..., k]
+            idx = indices
+        g = self.gate_proj(rows, idx, sorted_indices=do_sort)
+        u = self.up_proj(rows, idx, sorted_indices=do_sort)
+        y = self.down_proj(nn.silu(g) * u, idx, sorted_indices=do_sort)
+        if do_sort:
+            return y[inverse].reshape(*indices.shape, -1)  # [N*k, 1, D] -> [..., k, D]
+        return y.squeeze(-2)
