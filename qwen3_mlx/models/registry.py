@@ -1,0 +1,101 @@
+"""The eight Qwen3 models (2504 release) as config.json dicts, and random-weight models of any shape."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from ..errors import Qwen3MLXError
+from . import build_model
+
+_COMMON = dict(
+    head_dim=128,
+    rope_theta=1000000.0,
+    max_position_embeddings=40960,
+    vocab_size=151936,
+    rms_norm_eps=1e-6,
+    attention_bias=False,
+    rope_scaling=None,
+)
+
+
+def _dense(layers, hidden, heads, kv_heads, inter, tied):
+    return dict(
+        _COMMON,
+        model_type="qwen3",
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        tie_word_embeddings=tied,
+    )
+
+
+def _moe(layers, hidden, heads, kv_heads, inter, experts, active, moe_inter):
+    return dict(
+        _dense(layers, hidden, heads, kv_heads, inter, False),
+        model_type="qwen3_moe",
+        num_experts=experts,
+        num_experts_per_tok=active,
+        moe_intermediate_size=moe_inter,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+    )
+
+
+SHAPES: dict[str, dict] = {
+    "qwen3-0.6b": _dense(28, 1024, 16, 8, 3072, True),
+    "qwen3-1.7b": _dense(28, 2048, 16, 8, 6144, True),
+    "qwen3-4b": _dense(36, 2560, 32, 8, 9728, True),
+    "qwen3-8b": _dense(36, 4096, 32, 8, 12288, False),
+    "qwen3-14b": _dense(40, 5120, 40, 8, 17408, False),
+    "qwen3-32b": _dense(64, 5120, 64, 8, 25600, False),
+    "qwen3-30b-a3b": _moe(48, 2048, 32, 4, 6144, 128, 8, 768),
+    "qwen3-235b-a22b": _moe(94, 4096, 64, 4, 12288, 128, 8, 1536),
+}
+
+# Hugging Face repo of each shape, for messages and defaults.
+HF_REPOS = {
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen3-14b": "Qwen/Qwen3-14B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
+}
+
+
+def shape_config(name: str, **overrides) -> dict:
+    """config.json dict of a registry shape (case-insensitive, "Qwen/Qwen3-8B" accepted), with overrides."""
+    key = name.lower().split("/")[-1]
+    if key not in SHAPES:
+        raise Qwen3MLXError(f"unknown model shape {name!r} (known: {', '.join(SHAPES)})")
+    return {**SHAPES[key], **overrides}
+
+
+def random_model(config: dict | str, dtype: mx.Dtype | None = None, seed: int = 0) -> nn.Module:
+    """A model of the given shape with random weights (scaled so activations stay finite), evaluated."""
+    from ..loader import default_dtype
+
+    if isinstance(config, str):
+        config = shape_config(config)
+    dtype = dtype or default_dtype()
+    mx.random.seed(seed)
+    model = build_model(config)
+    # Norm weights at 1 and projections from nn's default uniform init already keep activations bounded;
+    # only the cast is needed. Evaluate layer by layer to keep peak memory at one copy of the weights.
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.size for _, p in tree_flatten(model.parameters()))
