@@ -37,16 +37,16 @@ def rope_settings(args) -> tuple[float, dict | None]:
     Older configs: flat `rope_theta` plus `rope_scaling` ({"type"|"rope_type": ...}).
     transformers >= 5: nested `rope_parameters` holding `rope_theta` and `rope_type`.
     """
-    theta = args.rope_theta
     params = getattr(args, "rope_parameters", None) or {}
     scaling = getattr(args, "rope_scaling", None) or {}
-    if params:
-        theta = params.get("rope_theta", theta)
-        scaling = {**scaling, **params}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type in (None, "default"):
+    theta = params.get("rope_theta", args.rope_theta)
+    # An explicit rope_scaling wins over nested parameters: it is what users add to enable YaRN
+    # (Qwen's instructions), also to configs that transformers 5 saved with rope_parameters.
+    source = scaling or params
+    rope_type = source.get("rope_type") or source.get("type") or "default"
+    if rope_type == "default":
         return float(theta), None
-    return float(theta), {**scaling, "rope_type": rope_type}
+    return float(theta), {**params, **scaling, "rope_type": rope_type}
 
 
 def yarn_inv_freq(
