@@ -6,26 +6,64 @@ from typing import Any
 
 import mlx.nn as nn
 
-# The MoE router picks experts; 4-bit rounding there changes which experts run, so it gets 8 bits.
-ROUTER_BITS = 8
+from .recipes import ROUTER_BITS, QuantizeError, QuantSpec
+
+__all__ = ["ROUTER_BITS", "quantize_model", "quantization_dict"]
 
 
-def _is_router(path: str) -> bool:
-    return path.endswith("mlp.gate")
+def _check_divisible(path: str, module: nn.Module, group_size: int) -> None:
+    in_dims = module.weight.shape[-1]
+    if in_dims % group_size:
+        raise QuantizeError(
+            f"group size {group_size} does not divide the input dimension {in_dims} of {path}; "
+            "choose a group size among 32, 64, 128 that divides it"
+        )
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, mode: str = "affine") -> dict[str, Any]:
-    """Quantize `model` in place; return the config.json `quantization` dict describing it."""
-    quantization: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": mode}
+def quantize_model(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int = 64,
+    mode: str = "affine",
+    *,
+    spec: QuantSpec | None = None,
+    recipe: str = "uniform",
+    embed_bits: int | None = None,
+    lm_head_bits: int | None = None,
+    router_bits: int = ROUTER_BITS,
+) -> dict[str, Any]:
+    """Quantize `model` in place; return the config.json `quantization` dict describing it.
+
+    Either pass a `QuantSpec` or its fields (bits, group_size, recipe, ...). Every layer that differs from the
+    default is listed in the dict (MLX Swift does not infer bits from tensor shapes).
+    """
+    spec = spec or QuantSpec(bits, group_size, recipe, embed_bits, lm_head_bits, router_bits, mode)
+    quantization: dict[str, Any] = spec.defaults()
+    num_layers = len(model.layers)
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if _is_router(path) and bits < ROUTER_BITS:
-            override = {"group_size": group_size, "bits": ROUTER_BITS}
-            quantization[path] = override
-            return {**override, "mode": mode}
-        return True
+        decision = spec.layer(path, num_layers, tied)
+        if decision is not False:
+            _check_divisible(path, module, spec.group_size)
+        if decision is not True:
+            quantization[path] = decision
+        return decision
 
-    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
+    nn.quantize(model, group_size=spec.group_size, bits=spec.default_bits, mode=spec.mode, class_predicate=predicate)
     return quantization
+
+
+def quantization_dict(model: nn.Module, spec: QuantSpec) -> dict[str, Any]:
+    """The `quantization` dict `quantize_model(model, spec=spec)` would return, without touching `model`."""
+    quantization: dict[str, Any] = spec.defaults()
+    num_layers = len(model.layers)
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    for path, module in model.named_modules():
+        if hasattr(module, "to_quantized"):
+            decision = spec.layer(path, num_layers, tied)
+            if decision is not True:
+                quantization[path] = decision
+    return dict(sorted(quantization.items(), key=lambda kv: (kv[0] not in ("group_size", "bits", "mode"), kv[0])))

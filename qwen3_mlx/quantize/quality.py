@@ -1,0 +1,151 @@
+"""Quality report of an export: next-token KL divergence and top-1 agreement against the source model.
+
+Both models run layer by layer in float32, each layer's weights read from disk just before it runs and
+dropped after, so the report needs about one layer of each model in memory (plus a row block of lm_head).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ..loader import apply_quantization, load_config, resolve_model_path, weight_files
+from ..models import build_model
+from ..models.base import attention_mask
+from .safetensors_io import Reader, TensorInfo, scan
+
+# A fixed, varied English text (prose, numbers, code) so reports are comparable between runs.
+DEFAULT_TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at seven, counting all 214 steps "
+    "as his father had done before him. From the lamp room he could see the harbour, the fishing boats "
+    "returning with their catch, and the narrow road that wound up the cliff toward the village. "
+    "In Python, a list comprehension such as [x * x for x in range(10) if x % 2 == 0] builds a new list "
+    "from an iterable. The mitochondria convert nutrients into adenosine triphosphate, the energy currency "
+    "of the cell, while ribosomes translate messenger RNA into proteins."
+)
+_EXPERT = re.compile(r"^(.*\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_ROW_BLOCK = 8192
+
+
+@dataclass
+class QualityReport:
+    tokens: int
+    kl_mean: float  # mean over positions of KL(source || quantized), nats
+    kl_max: float
+    top1_agreement: float  # fraction of positions where both models pick the same next token
+
+    def __str__(self) -> str:
+        return (
+            f"KL(source || quantized) mean {self.kl_mean:.4g} nats (max {self.kl_max:.4g}), "
+            f"top-1 agreement {100 * self.top1_agreement:.1f}% over {self.tokens} tokens"
+        )
+
+
+def kl_and_top1(ref_logits: np.ndarray, q_logits: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-position KL(ref || q) from logits [T, V], and the top-1 agreement fraction."""
+    p = ref_logits - ref_logits.max(-1, keepdims=True)
+    q = q_logits - q_logits.max(-1, keepdims=True)
+    logp = p - np.log(np.exp(p).sum(-1, keepdims=True))
+    logq = q - np.log(np.exp(q).sum(-1, keepdims=True))
+    kl = (np.exp(logp) * (logp - logq)).sum(-1)
+    top1 = float((ref_logits.argmax(-1) == q_logits.argmax(-1)).mean())
+    return kl, top1
+
+
+def report_tokens(out: Path, vocab: int, text: str, max_tokens: int) -> list[int]:
+    """The text's token ids when the export has a tokenizer covering them, else fixed pseudo-random ids."""
+    if (out / "tokenizer.json").is_file():
+        from ..tokenizer import Tokenizer
+
+        ids = Tokenizer(out).encode(text)[:max_tokens]
+        if ids and max(ids) < vocab:
+            return ids
+    return np.random.default_rng(0).integers(0, vocab, size=max_tokens).tolist()
+
+
+class _Weights:
+    """Named tensors of a folder, read on demand (float tensors as float32)."""
+
+    def __init__(self, folder: Path, reader: Reader):
+        self.infos: dict[str, TensorInfo] = scan(weight_files(folder))
+        self.reader = reader
+
+    def get(self, name: str, r0: int = 0, r1: int | None = None) -> mx.array:
+        if name not in self.infos and (m := _EXPERT.match(name)):
+            # HF stores experts one by one; stack them like the model's sanitize does.
+            e, experts = 0, []
+            while (key := f"{m.group(1)}.experts.{e}.{m.group(2)}.weight") in self.infos:
+                experts.append(self.get(key))
+                e += 1
+            return mx.stack(experts)
+        a = self.reader.rows(self.infos[name], r0, r1)
+        return a if a.dtype == mx.uint32 else a.astype(mx.float32)
+
+
+def _load(module, prefix: str, weights: _Weights) -> None:
+    names = [k for k, _ in tree_flatten(module.parameters())]
+    module.load_weights([(k, weights.get(f"{prefix}{k}")) for k in names], strict=True)
+    mx.eval(module.parameters())
+
+
+def _drop(module) -> None:
+    module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
+
+
+def quality_report(
+    src: str | os.PathLike, out: str | os.PathLike, text: str = DEFAULT_TEXT, max_tokens: int = 96
+) -> QualityReport:
+    """Compare the export at `out` with its source `src` on `text` (next-token distributions)."""
+    src, out = resolve_model_path(src), Path(out)
+    src_cfg, out_cfg = load_config(src), load_config(out)
+    ref, q = build_model(src_cfg), build_model(out_cfg)
+    quantization = out_cfg.get("quantization") or {}
+    with Reader() as reader:
+        sw, qw = _Weights(src, reader), _Weights(out, reader)
+        if quantization:
+            apply_quantization(q, quantization, {k: None for k in qw.infos})
+        vocab = out_cfg["vocab_size"]
+        ids = report_tokens(out, vocab, text, max_tokens)
+        tokens = mx.array(ids)[None]
+
+        emb = sw.infos["model.embed_tokens.weight"]
+        h_ref = mx.concatenate([reader.rows(emb, i, i + 1) for i in ids]).astype(mx.float32)[None]
+        _load(q.model.embed_tokens, "model.embed_tokens.", qw)
+        h_q = q.model.embed_tokens(tokens)
+        mx.eval(h_ref, h_q)
+        if not q.args.tie_word_embeddings:
+            _drop(q.model.embed_tokens)
+        mask = attention_mask(len(ids))
+        for i, (lr, lq) in enumerate(zip(ref.layers, q.layers)):
+            prefix = f"model.layers.{i}."
+            _load(lr, prefix, sw)
+            _load(lq, prefix, qw)
+            h_ref, h_q = lr(h_ref, mask), lq(h_q, mask)
+            mx.eval(h_ref, h_q)
+            _drop(lr)
+            _drop(lq)
+        _load(ref.model.norm, "model.norm.", sw)
+        _load(q.model.norm, "model.norm.", qw)
+        h_ref, h_q = ref.model.norm(h_ref), q.model.norm(h_q)
+
+        head = "model.embed_tokens.weight" if ref.args.tie_word_embeddings else "lm_head.weight"
+        rows = sw.infos[head].shape[0]
+        blocks = []
+        for r0 in range(0, rows, _ROW_BLOCK):  # the float head can be GBs: multiply a row block at a time
+            w = sw.get(head, r0, min(rows, r0 + _ROW_BLOCK))
+            blocks.append(h_ref @ w.T)
+            mx.eval(blocks[-1])
+        ref_logits = mx.concatenate(blocks, axis=-1)
+        if q.args.tie_word_embeddings:
+            q_logits = q.model.embed_tokens.as_linear(h_q)
+        else:
+            _load(q.lm_head, "lm_head.", qw)
+            q_logits = q.lm_head(h_q)
+        kl, top1 = kl_and_top1(np.array(ref_logits[0]), np.array(q_logits[0].astype(mx.float32)))
+    return QualityReport(len(ids), float(kl.mean()), float(kl.max()), top1)
