@@ -1,0 +1,95 @@
+"""`qwen3-mlx quantize SRC OUT`: HF weights -> quantized MLX folder (also `--check OUT`, `--fit DEVICE`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import typer
+
+from .app import app, err, fail, out, show_progress
+
+
+def _progress_bar():
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("quantizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=err, transient=True,
+    )
+
+
+@app.command()
+def quantize(
+    src: Optional[str] = typer.Argument(None, help="HF model folder or repo id (bf16/fp16/fp32 safetensors)."),
+    out_dir: Optional[str] = typer.Argument(None, metavar="OUT", help="Output folder (must not exist)."),
+    bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight: 2, 3, 4, 5, 6 or 8 (affine)."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Quantization group size: 32, 64 or 128."),
+    recipe: str = typer.Option("uniform", help="uniform, or mixed_L_H (e.g. mixed_4_6: 4-bit, 6-bit where it matters)."),
+    embed_bits: Optional[int] = typer.Option(None, help="Bits for embed_tokens (0 = unquantized; default: recipe)."),
+    lm_head_bits: Optional[int] = typer.Option(None, help="Bits for lm_head (0 = unquantized; default: recipe)."),
+    router_bits: int = typer.Option(8, help="Bits for the MoE router mlp.gate: 8, or 0 for unquantized."),
+    max_shard_size: str = typer.Option("5GB", help="Largest output shard."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of scales and unquantized tensors (default: the source's)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the quality report (KL / top-1 vs the source)."),
+    fit: Optional[str] = typer.Option(None, "--fit", help="Pick the best precision that fits this device."),
+    context: int = typer.Option(4096, "--context", help="Context length for --fit."),
+    check: Optional[str] = typer.Option(None, "--check", help="Only check an exported folder against MLX Swift's rules."),
+):
+    """Quantize a Hugging Face Qwen3 checkpoint to MLX's format in bounded memory."""
+    from ..quantize import QuantSpec, check_export, convert, quality_report
+
+    if check:
+        problems = check_export(check)
+        if problems:
+            for p in problems:
+                err.print(f"[red]✗[/red] {p}")
+            fail(f"{check} would not load in MLX Swift ({len(problems)} problem(s))")
+        out.print(f"{check}: loadable by MLX Swift (config keys, quantization dict, strict tensor set, tokenizer)")
+        return
+    if not src or not out_dir:
+        fail("usage: qwen3-mlx quantize SRC OUT [options]  (or --check OUT)")
+    spec = QuantSpec(bits, group_size, recipe, embed_bits, lm_head_bits, router_bits)
+    if fit:
+        from ..fit import GB, choose, get_device
+        from ..loader import load_config, resolve_model_path
+
+        device = get_device(fit)
+        chosen = choose(load_config(resolve_model_path(src)), device, context)
+        spec = chosen.spec
+        err.print(
+            f"--fit {device.key}: {spec.label} needs {chosen.total / GB:.2f} GB of {device.usable_gb:g} GB at context {context}"
+        )
+
+    t0 = time.perf_counter()
+    if show_progress():
+        with _progress_bar() as bar:
+            task = bar.add_task("quantize", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            result = convert(src, out_dir, spec, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                             progress=progress, log=err.print)
+    else:
+        result = convert(src, out_dir, spec, dtype=dtype, max_shard_size=max_shard_size, force=force, log=err.print)
+    plan = result.plan
+    n_over = len([k for k in plan.quantization if k not in ("bits", "group_size", "mode")])
+    src_gb, out_gb = plan.source_bytes / 1e9, result.bytes_written / 1e9
+    err.print(
+        f"wrote {result.out}: {len(result.shard_files)} shard(s), {out_gb:.3f} GB from {src_gb:.3f} GB "
+        f"({spec.label}, {n_over} per-layer override(s)) in {result.seconds:.1f}s "
+        f"({src_gb / max(result.seconds, 1e-9):.2f} GB/s)"
+    )
+    if not no_eval:
+        report = quality_report(plan.source, result.out)
+        out.print(f"quality: {report}")
+    err.print(f"total {time.perf_counter() - t0:.1f}s")
