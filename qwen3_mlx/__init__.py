@@ -1,8 +1,9 @@
 """qwen3-mlx: run Qwen3 models locally on MLX."""
 
 from .errors import ModelLoadError, Qwen3MLXError
+from .generate import generate, stream_generate
 from .loader import load, load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelLoadError", "Qwen3MLXError", "load", "load_model", "__version__"]
+__all__ = ["ModelLoadError", "Qwen3MLXError", "generate", "load", "load_model", "stream_generate", "__version__"]

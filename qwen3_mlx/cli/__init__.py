@@ -9,6 +9,7 @@ from .app import app, fail
 # (command modules are imported below)
 from . import quantize  # noqa: E402,F401
 from . import fit  # noqa: E402,F401
+from . import generate  # noqa: E402,F401
 
 
 def main() -> None:

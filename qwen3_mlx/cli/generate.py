@@ -1,0 +1,129 @@
+"""`qwen3-mlx generate`: one prompt, the answer streamed to stdout, statistics to stderr."""
+
+from __future__ import annotations
+
+import typer
+
+from .app import app, err, out
+
+# Shared with `qwen3-mlx chat`.
+MAX_TOKENS = typer.Option(None, "--max-tokens", "-m", help="Most tokens to generate [default: 32768].", min=1)
+TEMPERATURE = typer.Option(None, "--temperature", "--temp", help="0 is greedy [default: Qwen's, 0.6 / 0.7].", min=0.0)
+TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling [default: 0.95 thinking, 0.8 not].", min=0.0, max=1.0)
+TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens, 0 = all [default: 20].", min=0)
+MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability [default: 0].", min=0.0, max=1.0)
+PRESENCE = typer.Option(0.0, "--presence-penalty", help="Subtracted from every token already generated (0 to 2).")
+SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
+NO_THINK = typer.Option(False, "--no-think", help="Thinking off (the template's hard switch).")
+BUDGET = typer.Option(None, "--thinking-budget", help="Cut reasoning after N tokens, then answer.", min=0)
+SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
+
+
+def sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed) -> dict:
+    options = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty)
+    if max_tokens is not None:
+        options["max_tokens"] = max_tokens
+    if seed is not None:
+        options["seed"] = seed
+    return options
+
+
+def load_for_cli(model: str):
+    """Load a model and its tokenizer, with a status line on stderr."""
+    from ..loader import load
+    from .app import show_progress
+
+    if show_progress():
+        with err.status(f"loading {model}"):
+            return load(model)
+    return load(model)
+
+
+def format_stats(r) -> str:
+    """One statistics line from the last GenerationResponse."""
+    return (
+        f"prompt {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+        f"generation {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+        f"first token {r.time_to_first_token:.2f} s | peak memory {r.peak_memory:.2f} GB"
+    )
+
+
+def write(text: str, dim: bool = False) -> None:
+    """Model text to stdout exactly as generated (no rich markup, emoji or highlighting), flushed at once;
+    dimmed only on a colour terminal."""
+    if not text:
+        return
+    if dim and out.is_terminal and not out.no_color:
+        text = f"\x1b[2m{text}\x1b[0m"
+    out.file.write(text)
+    out.file.flush()
+
+
+class ReasoningFilter:
+    """Display text for a stream: drops the think tags and the newlines around them, which only structure."""
+
+    def __init__(self):
+        self.segment = None
+        self.at_start = True  # strip leading newlines of each segment
+
+    def __call__(self, text: str, segment: str) -> str:
+        if segment != self.segment:
+            self.segment, self.at_start = segment, True
+        text = text.replace("<think>", "").replace("</think>", "")
+        if self.at_start:
+            text = text.lstrip("\n")
+            self.at_start = not text
+        return text
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+    system: str = SYSTEM,
+    no_think: bool = NO_THINK,
+    thinking_budget: int = BUDGET,
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the reasoning."),
+    max_tokens: int = MAX_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    presence_penalty: float = PRESENCE,
+    seed: int = SEED,
+) -> None:
+    """Answer one prompt (rendered with the model's chat template), streaming the text.
+
+    Reasoning is printed dimmed (or hidden with --hide-thinking), the answer normally; statistics go to stderr.
+    """
+    from ..generate import stream_generate
+
+    llm, tokenizer = load_for_cli(model)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    show = ReasoningFilter()
+    last = None
+    in_reasoning = False
+    for r in stream_generate(
+        llm,
+        tokenizer,
+        messages,
+        enable_thinking=not no_think,
+        thinking_budget=thinking_budget,
+        **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed),
+    ):
+        last = r
+        text = show(r.text, r.segment)
+        if r.segment == "reasoning":
+            in_reasoning = True
+            if not hide_thinking:
+                write(text, dim=True)
+        else:
+            if in_reasoning:
+                in_reasoning = False
+                if not hide_thinking:
+                    write("\n\n")
+            write(text)
+    write("\n")
+    if last is not None:
+        reason = {"stop": "", "length": " (stopped at --max-tokens)"}.get(last.finish_reason, "")
+        err.print(format_stats(last) + reason, markup=False)

@@ -1,0 +1,132 @@
+"""Sampling: small pure functions on logits [..., vocab].
+
+Filters return logits with removed tokens set to -inf, in the order transformers applies them
+(penalties, temperature, top-k, top-p, min-p), so a filter can be tested on a hand-written distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+NEG_INF = float("-inf")
+
+# Qwen's recommendations (model cards): never greedy, it repeats itself endlessly.
+THINKING_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+NON_THINKING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+
+
+def apply_presence_penalty(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
+    """Subtract `penalty` from every token that occurs in `seen` (a 0/1 mask [..., vocab]), once per token."""
+    if not penalty:
+        return logits
+    return logits - penalty * seen.astype(logits.dtype)
+
+
+def apply_repetition_penalty(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
+    """CTRL / transformers repetition penalty: seen tokens' logits divided by `penalty` when positive,
+    multiplied when negative."""
+    if penalty is None or penalty == 1.0:
+        return logits
+    penalised = mx.where(logits > 0, logits / penalty, logits * penalty)
+    return mx.where(seen.astype(mx.bool_), penalised, logits)
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the `k` highest logits (ties with the k-th are kept too)."""
+    vocab = logits.shape[-1]
+    if not k or k <= 0 or k >= vocab:
+        return logits
+    kth = mx.sort(logits, axis=-1)[..., vocab - k : vocab - k + 1]  # [..., 1]
+    return mx.where(logits < kth, NEG_INF, logits)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least `p`."""
+    if p is None or p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)  # most likely first
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    # A token stays when the mass strictly before it is below p: the first token always stays.
+    before = mx.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < p
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logits, NEG_INF)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Keep tokens whose probability is at least `min_p` times the most likely token's."""
+    if not min_p:
+        return logits
+    # In log space: logit - max >= log(min_p)
+    top = mx.max(logits, axis=-1, keepdims=True)
+    return mx.where(logits - top < mx.log(mx.array(min_p, logits.dtype)), NEG_INF, logits)
+
+
+def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+@dataclass
+class SamplingParams:
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float | None = None
+
+
+def resolve_sampling(
+    enable_thinking: bool,
+    generation_config: dict | None = None,
+    **given,
+) -> SamplingParams:
+    """Sampling parameters: explicit values, else the model's generation_config.json, else Qwen's recommendation.
+
+    Qwen ships its thinking-mode values in generation_config.json, so that file is consulted only in thinking mode;
+    with thinking off Qwen's non-thinking recommendation (0.7 / 0.8 / 20 / 0) applies unless set explicitly.
+    """
+    defaults = dict(THINKING_DEFAULTS if enable_thinking else NON_THINKING_DEFAULTS)
+    if enable_thinking and generation_config:
+        for key in defaults:
+            value = generation_config.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                defaults[key] = value
+    values = {k: (given[k] if given.get(k) is not None else v) for k, v in defaults.items()}
+    return SamplingParams(
+        temperature=float(values["temperature"]),
+        top_p=float(values["top_p"]),
+        top_k=int(values["top_k"]),
+        min_p=float(values["min_p"]),
+        presence_penalty=float(given.get("presence_penalty") or 0.0),
+        repetition_penalty=given.get("repetition_penalty"),
+    )
+
+
+def filter_logits(logits: mx.array, params: SamplingParams) -> mx.array:
+    """Temperature, top-k, top-p and min-p on full-vocabulary logits (the reference path)."""
+    logits = apply_temperature(logits, params.temperature)
+    logits = apply_top_k(logits, params.top_k)
+    logits = apply_top_p(logits, params.top_p)
+    return apply_min_p(logits, params.min_p)
+
+
+def sample(logits: mx.array, params: SamplingParams, key: mx.array | None = None) -> mx.array:
+    """One token id per row of `logits` [B, vocab] -> [B] (uint32). Temperature 0 is greedy.
+
+    With top-k set, the k candidates are gathered first and the other filters run on [B, k] instead of the
+    whole vocabulary: the same distribution as `filter_logits`, without sorting 152k logits per token.
+    """
+    if params.temperature == 0:
+        return mx.argmax(logits, axis=-1)
+    vocab = logits.shape[-1]
+    if params.top_k and 0 < params.top_k < vocab:
+        candidates = mx.argpartition(-logits, params.top_k - 1, axis=-1)[..., : params.top_k]  # [B, k]
+        values = mx.take_along_axis(logits, candidates, axis=-1)
+        reduced = SamplingParams(params.temperature, params.top_p, 0, params.min_p)
+        choice = mx.random.categorical(filter_logits(values, reduced), axis=-1, key=key)  # [B]
+        return mx.take_along_axis(candidates, choice[..., None], axis=-1)[..., 0]
+    return mx.random.categorical(filter_logits(logits, params), axis=-1, key=key)

@@ -1,0 +1,183 @@
+"""The official Qwen3 chat template rendered by us must give transformers' `apply_chat_template` strings."""
+
+import json
+
+import pytest
+
+from qwen3_mlx.tokenizer import ChatTemplateError, Tokenizer
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city. Uses <b>HTML</b> & 'quotes'.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name, e.g. Sofia / 北京"}},
+            "required": ["city"],
+        },
+    },
+}
+CALC = {
+    "type": "function",
+    "function": {
+        "name": "calculate",
+        "description": "Evaluate an arithmetic expression",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+    },
+}
+
+CONVERSATIONS = {
+    "single_turn": dict(messages=[{"role": "user", "content": "What is 2+2?"}]),
+    "system_prompt": dict(
+        messages=[
+            {"role": "system", "content": "You are a terse assistant. /no_think"},
+            {"role": "user", "content": "Name a prime."},
+        ]
+    ),
+    "multi_turn_thinking_stripped": dict(
+        messages=[
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke. /think"},
+            {"role": "assistant", "content": "<think>\nA short joke.\n</think>\n\nWhy did the chicken cross the road?"},
+            {"role": "user", "content": "Why?"},
+        ]
+    ),
+    "reasoning_content_field": dict(
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello", "reasoning_content": "be nice"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye", "reasoning_content": "say bye"},
+        ],
+        add_generation_prompt=False,
+    ),
+    "thinking_off": dict(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of Bulgaria?"},
+        ],
+        enable_thinking=False,
+    ),
+    "thinking_off_multi_turn": dict(
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"},
+            {"role": "user", "content": "你好吗？"},
+        ],
+        enable_thinking=False,
+    ),
+    "tools_first_call": dict(
+        messages=[
+            {"role": "system", "content": "You help with weather."},
+            {"role": "user", "content": "Weather in Sofia?"},
+        ],
+        tools=[WEATHER, CALC],
+    ),
+    "tools_with_calls_and_responses": dict(
+        messages=[
+            {"role": "user", "content": "Weather in Sofia and Paris?"},
+            {
+                "role": "assistant",
+                "content": "<think>\nTwo cities, two calls.\n</think>\n\nLet me check.",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Sofia"}}},
+                    {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                ],
+            },
+            {"role": "tool", "content": json.dumps({"temp": 21, "sky": "clear"})},
+            {"role": "tool", "content": "18 C, rain"},
+        ],
+        tools=[WEATHER],
+    ),
+    "multi_step_tool_loop": dict(
+        messages=[
+            {"role": "system", "content": "Use tools."},
+            {"role": "user", "content": "What is (3+4)*weather temp in Sofia?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "reasoning_content": "First the weather.",
+                "tool_calls": [{"name": "get_weather", "arguments": {"city": "Sofia"}}],
+            },
+            {"role": "tool", "content": "21"},
+            {
+                "role": "assistant",
+                "content": "<think>\nNow compute.\n</think>\n\n",
+                "tool_calls": [{"function": {"name": "calculate", "arguments": {"expression": "(3+4)*21"}}}],
+            },
+            {"role": "tool", "content": "147"},
+            {"role": "assistant", "content": "<think>\nDone.\n</think>\n\nThe answer is 147."},
+            {"role": "user", "content": "Thanks! And in Plovdiv?"},
+        ],
+        tools=[WEATHER, CALC],
+    ),
+    "tool_response_as_user_text": dict(
+        messages=[
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "<tool_call>\n{\"name\": \"calculate\", \"arguments\": {}}\n</tool_call>"},
+            {"role": "user", "content": "<tool_response>\n5\n</tool_response>"},
+        ],
+        tools=[CALC],
+    ),
+    "none_values_dropped": dict(
+        messages=[
+            {"role": "user", "content": "x", "name": None},
+            {"role": "assistant", "content": "y", "tool_calls": None, "reasoning_content": None},
+            {"role": "user", "content": "z"},
+        ]
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def ours(tokenizer_dir):
+    return Tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_template_matches_transformers(ours, reference, name):
+    case = CONVERSATIONS[name]
+    kwargs = {k: v for k, v in case.items() if k != "messages"}
+    kwargs.setdefault("add_generation_prompt", True)
+    kwargs.setdefault("enable_thinking", True)
+    expected = reference.apply_chat_template(case["messages"], tokenize=False, **kwargs)
+    got = ours.apply_chat_template(case["messages"], **kwargs)
+    assert got == expected
+    # and the token ids of the rendered prompt agree too
+    assert ours.encode(got) == reference.apply_chat_template(case["messages"], tokenize=True, return_dict=False, **kwargs)
+
+
+def test_thinking_switch_and_history(ours):
+    on = ours.apply_chat_template([{"role": "user", "content": "hi"}])
+    off = ours.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=False)
+    assert on.endswith("<|im_start|>assistant\n")
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    history = ours.apply_chat_template(CONVERSATIONS["multi_turn_thinking_stripped"]["messages"])
+    assert "The user greets me" not in history and "Hello! How can I help?" in history
+    assert "/think" in history  # soft switches pass through untouched
+
+
+def test_template_is_sandboxed(ours, tmp_path, tokenizer_dir):
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "chat_template.jinja").write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    evil = Tokenizer(tmp_path)
+    with pytest.raises(ChatTemplateError):
+        evil.apply_chat_template([{"role": "user", "content": "x"}])
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
+    with pytest.raises(ChatTemplateError, match="no system role"):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_missing_template(tmp_path, tokenizer_dir):
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
