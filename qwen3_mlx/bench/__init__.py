@@ -1,0 +1,7 @@
+"""Benchmarks: `run_bench` returns a JSON-able document (schema in the README); `report` renders it."""
+
+from .core import SCHEMA, run_bench
+from .models import BenchError
+from .report import markdown_table, save_json, save_plot, table
+
+__all__ = ["SCHEMA", "BenchError", "markdown_table", "run_bench", "save_json", "save_plot", "table"]

@@ -1,0 +1,179 @@
+"""`run_bench`: build or load the model, optionally its mlx-lm twin, run the sweep, return the JSON document."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Callable
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..blas import openblas_active
+from .harness import FIGURES, Runner, Trial, make_runner, our_tokens, ratio_row, run_alternated
+from .models import (
+    BenchError,
+    estimate_fit,
+    load_bench_model,
+    random_bench_model,
+    resolve_shape,
+)
+
+SCHEMA = "qwen3-mlx-bench/1"
+OURS, MLX_LM = "qwen3-mlx", "mlx-lm"
+
+
+def device_bandwidth_gbs() -> float | None:
+    """Peak memory bandwidth of this device in GB/s, when known (from the fit planner's device profiles)."""
+    for mod in ("..fit", "..quantize.fit"):
+        try:
+            from importlib import import_module
+
+            fit = import_module(mod, __package__)
+        except ImportError:
+            continue
+        for name in ("device_bandwidth_gbs", "detect_bandwidth_gbs"):
+            fn = getattr(fit, name, None)
+            if callable(fn):
+                try:
+                    value = fn()
+                except Exception:  # a profile lookup must never break a benchmark
+                    value = None
+                return float(value) if value else None
+    return None
+
+
+def environment() -> dict:
+    try:
+        import importlib.metadata as md
+
+        mlx_lm_version = md.version("mlx-lm")
+    except Exception:
+        mlx_lm_version = None
+    return {
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+        "device": str(mx.default_device()),
+        "openblas_preloaded": openblas_active(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpu_count": os.cpu_count(),
+        "device_bandwidth_gbs": device_bandwidth_gbs(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_bench(
+    model: str | None = None,
+    *,
+    shape: str | None = None,
+    random: bool = False,
+    bits: int | None = None,
+    group_size: int = 64,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 32,
+    trials: int = 2,
+    contexts: list[int] | None = None,
+    vs: str | None = None,
+    prefill_step_size: int = 512,
+    seed: int = 0,
+    generator: str = "auto",
+    on_trial: Callable[[str, int, int, Trial], None] | None = None,
+) -> dict:
+    """Benchmark a model and return the result document (schema in the README).
+
+    Either `model` (folder or repo id) or `shape` (registry name or config.json path, random weights).
+    `contexts` sweeps prompt lengths (overrides `prompt_tokens`). `vs="mlx-lm"` adds the same weights in
+    mlx-lm's models, trials alternated.
+    """
+    if (model is None) == (shape is None):
+        raise BenchError("give a MODEL or --shape (with --random), not both")
+    if shape is not None and not random:
+        raise BenchError("--shape benchmarks random weights: add --random (or give a MODEL folder instead)")
+    if vs not in (None, "mlx-lm"):
+        raise BenchError(f"--vs supports only mlx-lm, not {vs!r}")
+    if bits not in (None, 4, 8):
+        raise BenchError(f"--bits must be 4, 8 or none, not {bits}")
+    if min(prompt_tokens, gen_tokens, trials) < 1 or gen_tokens < 2:
+        raise BenchError("-p and -n must be at least 1 and -g at least 2")
+    contexts = sorted(set(contexts)) if contexts else [prompt_tokens]
+    if min(contexts) < 1:
+        raise BenchError("contexts must be positive")
+
+    if shape is not None:
+        name, config = resolve_shape(shape)
+        fit = estimate_fit(config, bits, group_size, max(contexts) + gen_tokens)
+        if not fit.fits:
+            gb = 1e9
+            raise BenchError(
+                f"{name} at {bits or 'float32'}{'-bit' if bits else ''} does not fit: needs ~{fit.total / gb:.1f} GB "
+                f"(weights {fit.weights / gb:.1f} GB + KV cache {fit.kv_cache / gb:.2f} GB + working memory "
+                f"{fit.overhead / gb:.2f} GB), {fit.available / gb:.1f} GB available"
+            )
+        net = random_bench_model(config, bits, group_size, seed)
+        source = "random"
+    else:
+        net, config = load_bench_model(model, bits, group_size)
+        name, source = str(model), str(getattr(net, "model_path", model))
+    config = {**config, **net.args.to_dict()}  # defaults filled in
+
+    used, tokens = our_tokens(net, prefill_step_size, generator)
+    runners = [make_runner(OURS, net, config, tokens)]
+    if vs == "mlx-lm":
+        from .mlx_lm_side import mlx_lm_tokens, mlx_lm_twin
+
+        twin = mlx_lm_twin(net)
+        runners.append(
+            make_runner(MLX_LM, twin, config, lambda p, n: mlx_lm_tokens(twin, p, n, prefill_step_size))
+        )
+
+    quantization = getattr(net, "quantization", None)
+    doc = {
+        "schema": SCHEMA,
+        "model": {
+            "name": name,
+            "source": source,
+            "model_type": config["model_type"],
+            "dtype": "float32",
+            "bits": (quantization or {}).get("bits"),
+            "group_size": (quantization or {}).get("group_size"),
+            "parameters": sum(p.size for _, p in tree_flatten(net.parameters())),
+            "weight_bytes": runners[0].weight_bytes,
+            "decode_read_bytes": runners[0].decode_read_bytes,
+            "kv_bytes_per_token": runners[0].kv_bytes_per_token,
+        },
+        "settings": {
+            "prompt_tokens": contexts if len(contexts) > 1 else contexts[0],
+            "gen_tokens": gen_tokens,
+            "trials": trials,
+            "warmup": 1,
+            "prefill_step_size": prefill_step_size,
+            "sampler": "greedy, eos ignored",
+            "generator": used,
+            "vs": vs,
+            "alternated": len(runners) > 1,
+        },
+        "environment": environment(),
+        "runs": [],
+    }
+    bandwidth = doc["environment"]["device_bandwidth_gbs"]
+    for ctx in contexts:
+
+        def report(r: Runner, i: int, t: Trial, ctx=ctx):
+            if on_trial:
+                on_trial(r.name, ctx, i, t)
+
+        run_alternated(runners, ctx, gen_tokens, trials, config["vocab_size"], seed, report)
+        results = {}
+        for r in runners:
+            summary = r.summary()
+            for f in FIGURES:
+                summary[f]["trials"] = [getattr(t, f) for t in r.trials]
+            if bandwidth:
+                summary["bandwidth_share"] = summary["bandwidth_gbs"]["median"] / bandwidth
+            results[r.name] = summary
+        run = {"prompt_tokens": ctx, "gen_tokens": gen_tokens, "results": results}
+        if len(runners) > 1:
+            run["ratio"] = ratio_row(results[OURS], results[MLX_LM])
+        doc["runs"].append(run)
+    return doc

@@ -1,0 +1,163 @@
+"""Models to benchmark: random weights of a registry shape or config.json, or a real checkpoint; and their sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import Qwen3MLXError
+from ..models import build_model
+from ..models.registry import SHAPES, shape_config
+
+
+class BenchError(Qwen3MLXError):
+    """A benchmark that cannot run as asked (unknown shape, does not fit, missing optional dependency)."""
+
+
+def resolve_shape(shape: str) -> tuple[str, dict]:
+    """(name, config dict) for a registry shape name or a path to a config.json (or a folder holding one)."""
+    path = Path(shape).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise BenchError(f"no such config file: {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise BenchError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise BenchError(f"{path} is not a Qwen3 config.json (no model_type)")
+        return (path.stem if path.stem != "config" else path.parent.name), config
+    if shape.lower().split("/")[-1] not in SHAPES:
+        raise BenchError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)}, or a path to a config.json)")
+    return shape.lower().split("/")[-1], shape_config(shape)
+
+
+def _bits_per_weight(bits: int | None, group_size: int, dtype: mx.Dtype) -> float:
+    if bits is None:
+        return dtype.size * 8
+    return bits + 2 * 32 / group_size  # packed weight + float32 scale and bias per group
+
+
+def predicted_weight_bytes(config: dict, bits: int | None, group_size: int, dtype: mx.Dtype = mx.float32) -> int:
+    """Bytes of weights a model of `config` takes in memory, from parameter shapes (nothing is allocated)."""
+    model = build_model(config)  # parameters are lazy random arrays: shapes only, no memory
+    total = 0.0
+    for path, p in tree_flatten(model.parameters()):
+        is_matrix = p.ndim >= 2 and p.shape[-1] % group_size == 0 and not path.endswith("norm.weight")
+        bpw = _bits_per_weight(bits, group_size, dtype) if is_matrix else dtype.size * 8
+        if bits is not None and bits < 8 and path.endswith("mlp.gate.weight"):
+            bpw = _bits_per_weight(8, group_size, dtype)  # router stays 8-bit (quantize_model)
+        total += p.size * bpw / 8
+    return int(total)
+
+
+def kv_bytes_per_token(config: dict, dtype: mx.Dtype = mx.float32) -> int:
+    """Bytes of keys and values one position occupies across all layers."""
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * heads * head_dim * dtype.size
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else total RAM)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class FitEstimate:
+    weights: int
+    kv_cache: int
+    overhead: int
+    available: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+
+def estimate_fit(config: dict, bits: int | None, group_size: int, context: int, copies: int = 1) -> FitEstimate:
+    """Memory a benchmark run needs. Building a random quantized model holds one float layer extra."""
+    weights = predicted_weight_bytes(config, bits, group_size) * copies
+    kv = kv_bytes_per_token(config) * context
+    # prefill activations and logits: a few [chunk, hidden] buffers plus [chunk, vocab] logits
+    chunk = min(context, 512)
+    overhead = 4 * chunk * (8 * config["hidden_size"] + config["vocab_size"]) + (256 << 20)
+    return FitEstimate(weights, kv, overhead, available_memory())
+
+
+def random_bench_model(config: dict, bits: int | None, group_size: int, seed: int = 0) -> nn.Module:
+    """Random-weight model of `config`, quantized layer by layer so the float copy never exists whole."""
+    from ..quantize import quantize_model
+
+    mx.random.seed(seed)
+    model = build_model(config)  # lazy: nothing is materialised yet
+    if bits is not None:
+        try:
+            model.quantization = quantize_model(model, bits=bits, group_size=group_size)
+        except ValueError as e:  # e.g. a dimension not divisible by the group size
+            raise BenchError(f"cannot quantize this shape to {bits} bits, group size {group_size}: {e}") from None
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+
+
+def decode_read_bytes(model: nn.Module, config: dict) -> int:
+    """Bytes of weights one decoded token reads: everything but the embedding table (one row), unless the
+    table doubles as the output projection; for MoE only the k active experts of each expert stack."""
+    tied = config.get("tie_word_embeddings", False)
+    experts = config.get("num_experts") or 0
+    active = config.get("num_experts_per_tok") or 0
+    total = 0.0
+    for path, p in tree_flatten(model.parameters()):
+        n = p.nbytes
+        if path.startswith("model.embed_tokens.") and not tied:
+            n = n / p.shape[0]
+        elif ".switch_mlp." in path and experts:
+            n = n * min(active, experts) / experts
+        total += n
+    return int(total)
+
+
+def load_bench_model(path: str, bits: int | None, group_size: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A real checkpoint (folder or repo id), optionally quantized in memory."""
+    from ..loader import load_model
+    from ..quantize import quantize_model
+
+    model, config = load_model(path)
+    already = config.get("quantization") or config.get("quantization_config")
+    if bits is not None:
+        if already:
+            raise BenchError(f"{path} is already quantized; drop --bits")
+        model.quantization = quantize_model(model, bits=bits, group_size=group_size)
+        mx.eval(model.parameters())
+    elif already and "bits" in already:
+        model.quantization = already
+    return model, config

@@ -1,0 +1,93 @@
+"""`qwen3-mlx bench`: tokens/s, time to first token, peak memory and bandwidth, optionally against mlx-lm."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .app import app, err, out, show_progress
+
+
+def _bits(value: str) -> int | None:
+    if value.lower() in ("none", "float", "float32", "0"):
+        return None
+    if value not in ("4", "8"):
+        raise typer.BadParameter("must be 4, 8 or none")
+    return int(value)
+
+
+def _contexts(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("a comma-separated list of prompt lengths, e.g. 128,1024,4096") from None
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Model folder or Hugging Face repo id."),
+    shape: Optional[str] = typer.Option(
+        None, "--shape", help="A registry shape (e.g. qwen3-0.6b) or a config.json path; needs --random."
+    ),
+    random: bool = typer.Option(False, "--random", help="Random weights of --shape (no download, no tokenizer)."),
+    bits: str = typer.Option("none", "--bits", help="Quantize in memory first: 4, 8 or none."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size."),
+    prompt_tokens: int = typer.Option(128, "-p", "--prompt-tokens", help="Prompt length in tokens."),
+    gen_tokens: int = typer.Option(32, "-g", "--gen-tokens", help="Tokens generated per trial."),
+    trials: int = typer.Option(2, "-n", "--trials", help="Timed trials after one warm-up."),
+    contexts: Optional[str] = typer.Option(None, "--contexts", help="Sweep prompt lengths, e.g. 128,1024,4096."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="Compare with mlx-lm on the same weights: --vs mlx-lm."),
+    json_file: Optional[str] = typer.Option(None, "--json", help="Write the results here (schema in the README)."),
+    plot_file: Optional[str] = typer.Option(None, "--plot", help="PNG of tokens/s per prompt length (needs matplotlib)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    generator: str = typer.Option("auto", "--generator", hidden=True, help="auto, stream or internal (dev)."),
+) -> None:
+    """Measure prefill and decode speed of a model (or a random-weight shape), optionally against mlx-lm."""
+    from ..bench import run_bench, save_json, save_plot, table
+
+    def on_trial(name, ctx, i, t):
+        err.print(
+            f"[dim]{name} p={ctx} trial {i + 1}: prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.2f} tok/s[/dim]"
+        )
+
+    if plot_file:  # fail before the long run, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            from ..bench import BenchError
+
+            raise BenchError("--plot needs matplotlib: pip install 'qwen3-mlx[plot]'") from None
+    with err.status("benchmarking...") if show_progress() else _nullcontext():
+        doc = run_bench(
+            model,
+            shape=shape,
+            random=random,
+            bits=_bits(bits),
+            group_size=group_size,
+            prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens,
+            trials=trials,
+            contexts=_contexts(contexts),
+            vs=vs,
+            seed=seed,
+            generator=generator,
+            on_trial=on_trial,
+        )
+    out.print(table(doc))
+    if json_file:
+        save_json(doc, json_file)
+        err.print(f"wrote {json_file}")
+    if plot_file:
+        save_plot(doc, plot_file)
+        err.print(f"wrote {plot_file}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,139 @@
+"""`qwen3-mlx bench` end to end through the real CLI, and the pieces its figures rest on."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from helpers import dense_config, moe_config
+
+from qwen3_mlx.bench.harness import FIGURES
+from qwen3_mlx.bench.models import (
+    BenchError,
+    decode_read_bytes,
+    predicted_weight_bytes,
+    random_bench_model,
+    resolve_shape,
+    weight_bytes,
+)
+
+
+def write_config(tmp_path, cfg, moe):
+    cfg = dict(cfg, model_type="qwen3_moe" if moe else "qwen3")
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run_cli(*args, timeout=120):
+    # The console script's own entry point (qwen3_mlx.cli:main), in a fresh process like a user's shell.
+    return subprocess.run(
+        [sys.executable, "-m", "qwen3_mlx", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def check_figures(results):
+    for f in FIGURES:
+        s = results[f]
+        assert s["min"] <= s["median"] <= s["max"], f
+        assert s["min"] > 0, f
+        assert len(s["trials"]) == 2
+
+
+@pytest.mark.parametrize("moe,bits", [(False, "none"), (True, "4")])
+def test_bench_cli_end_to_end_vs_mlx_lm(tmp_path, moe, bits):
+    cfg = moe_config(moe_intermediate_size=64) if moe else dense_config()
+    config = write_config(tmp_path, cfg, moe)
+    out = tmp_path / "bench.json"
+    r = run_cli(
+        "--shape", str(config), "--random", "--contexts", "8,20", "-g", "5", "-n", "2", "--bits", bits,
+        "--vs", "mlx-lm", "--json", str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "qwen3-mlx-bench/1"
+    assert doc["model"]["model_type"] == cfg.get("model_type", "qwen3_moe" if moe else "qwen3")
+    assert doc["model"]["bits"] == (None if bits == "none" else int(bits))
+    assert doc["settings"]["gen_tokens"] == 5 and doc["settings"]["alternated"]
+    assert [run["prompt_tokens"] for run in doc["runs"]] == [8, 20]
+    for run in doc["runs"]:
+        assert set(run["results"]) == {"qwen3-mlx", "mlx-lm"}
+        for res in run["results"].values():
+            check_figures(res)
+        for f in FIGURES:
+            assert run["ratio"][f] == pytest.approx(
+                run["results"]["qwen3-mlx"][f]["median"] / run["results"]["mlx-lm"][f]["median"]
+            )
+    assert "ours/mlx-lm" in r.stdout
+
+
+def test_bench_refuses_what_does_not_fit(monkeypatch):
+    from qwen3_mlx.bench import core
+
+    monkeypatch.setattr(core, "estimate_fit", _tiny_machine(core.estimate_fit))
+    with pytest.raises(BenchError, match=r"does not fit: needs ~[\d.]+ GB .* available"):
+        core.run_bench(shape="qwen3-235b-a22b", random=True, bits=4)
+
+
+def _tiny_machine(estimate):
+    def fake(*args, **kwargs):
+        fit = estimate(*args, **kwargs)
+        fit.available = 1 << 30
+        return fit
+
+    return fake
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_cli("--shape", "qwen3-9b", "--random")
+    assert r.returncode == 1
+    assert "unknown shape" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predicted_weight_bytes_match_the_built_model():
+    """The fit estimate (computed from shapes alone) against the bytes of real random models."""
+    for cfg, moe in ((dense_config(), False), (moe_config(moe_intermediate_size=64), True)):
+        cfg = dict(cfg, model_type="qwen3_moe" if moe else "qwen3")
+        for bits in (None, 4, 8):
+            model = random_bench_model(cfg, bits, 64)
+            assert predicted_weight_bytes(cfg, bits, 64) == pytest.approx(weight_bytes(model), rel=0.01), (moe, bits)
+
+
+def test_decode_read_bytes_counts_active_experts_only():
+    cfg = dict(moe_config(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2), model_type="qwen3_moe")
+    model = random_bench_model(cfg, None, 64)
+    params = dict(tree_flatten(model.parameters()))
+    experts = sum(p.nbytes for k, p in params.items() if ".switch_mlp." in k)
+    embed = params["model.embed_tokens.weight"]
+    expected = weight_bytes(model) - experts + experts * 2 / 8 - embed.nbytes + embed.nbytes / embed.shape[0]
+    assert decode_read_bytes(model, cfg) == int(expected)
+
+
+def test_resolve_shape_accepts_names_and_config_paths(tmp_path):
+    name, cfg = resolve_shape("Qwen/Qwen3-0.6B")
+    assert name == "qwen3-0.6b" and cfg["hidden_size"] == 1024
+    path = write_config(tmp_path, dense_config(), False)
+    assert resolve_shape(str(path))[1]["hidden_size"] == 64
+    with pytest.raises(BenchError):
+        resolve_shape(str(tmp_path / "missing.json"))
+
+
+def test_mlx_lm_twin_computes_the_same_logits():
+    """The comparison is only fair if mlx-lm runs the very same weights: same logits, float and quantized."""
+    from qwen3_mlx.bench.mlx_lm_side import mlx_lm_twin
+
+    ids = mx.array(np.random.default_rng(0).integers(0, 1000, size=(1, 70)))
+    for cfg, moe in ((dense_config(tie_word_embeddings=True), False), (moe_config(moe_intermediate_size=64), True)):
+        cfg = dict(cfg, model_type="qwen3_moe" if moe else "qwen3")
+        for bits in (None, 4):
+            model = random_bench_model(cfg, bits, 64)
+            twin = mlx_lm_twin(model)
+            np.testing.assert_allclose(np.array(model(ids)), np.array(twin(ids)), atol=1e-4, rtol=0)
