@@ -7,6 +7,7 @@ from .app import app, fail
 
 # Each module registers its commands on `app` when imported.
 # (command modules are imported below)
+from . import bench  # noqa: E402,F401
 from . import quantize  # noqa: E402,F401
 from . import fit  # noqa: E402,F401
 from . import generate  # noqa: E402,F401
