@@ -1,0 +1,190 @@
+"""A multi-turn chat session with a KV cache that survives between turns.
+
+The official Qwen3 template drops earlier turns' thinking from the history, so the prompt of turn N is not an
+extension of what the cache holds after turn N-1 (which saw the thinking). Each turn renders the whole
+conversation, keeps the longest common token prefix with the cache, trims the rest, and prefills only the
+tokens that really changed: time to first token stays proportional to the new tokens, not the history.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import Qwen3MLXError
+from .generate import GenerationResponse, stream_generate
+from .models.cache import make_cache, trim_cache
+
+SAVE_FORMAT = "qwen3-mlx-chat/1"
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost: the rendered prompt, how much of it came from the cache, and timings."""
+
+    prompt_tokens: int  # the whole rendered conversation
+    reused_tokens: int  # common prefix kept from the cache
+    prefill_tokens: int  # prompt_tokens - reused_tokens: what was actually computed
+    generation_tokens: int = 0
+    time_to_first_token: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    reasoning_tokens: int = 0
+    reasoning_seconds: float = 0.0
+    finish_reason: str | None = None  # "stop", "length" or "interrupted"
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """Conversation state (messages, mode, options) and the KV cache reused across turns."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system: str | None = None,
+        enable_thinking: bool = True,
+        thinking_budget: int | None = None,
+        **options,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.enable_thinking = enable_thinking
+        self.thinking_budget = thinking_budget
+        self.options = options  # max_tokens and sampling options for stream_generate
+        self.messages: list[dict] = []
+        self.cache = make_cache(model)
+        self.cached_tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
+        self.history: list[TurnStats] = []
+        self.last_reasoning = ""
+
+    # conversation -------------------------------------------------------------------------------------------
+
+    def conversation(self) -> list[dict]:
+        """The messages as the template sees them (system prompt first when set)."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and options stay)."""
+        self.messages = []
+        self.last_reasoning = ""
+
+    def save(self, path: str | Path) -> None:
+        data = {
+            "format": SAVE_FORMAT,
+            "system": self.system,
+            "enable_thinking": self.enable_thinking,
+            "thinking_budget": self.thinking_budget,
+            "messages": self.messages,
+        }
+        try:
+            Path(path).expanduser().write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        except OSError as e:
+            raise Qwen3MLXError(f"cannot write {path}: {e.strerror or e}") from None
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation with one saved by `save` (or a plain JSON list of messages)."""
+        try:
+            data = json.loads(Path(path).expanduser().read_text())
+        except OSError as e:
+            raise Qwen3MLXError(f"cannot read {path}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise Qwen3MLXError(f"{path} is not JSON: {e}") from None
+        if isinstance(data, list):
+            data = {"messages": data}
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool") and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise Qwen3MLXError(f"{path} does not hold a conversation (a list of {{role, content}} messages)")
+        if messages and messages[0]["role"] == "system":
+            self.system, messages = messages[0]["content"], messages[1:]
+        elif "system" in data:
+            self.system = data["system"]
+        if isinstance(data.get("enable_thinking"), bool):
+            self.enable_thinking = data["enable_thinking"]
+        if "thinking_budget" in data and (data["thinking_budget"] is None or isinstance(data["thinking_budget"], int)):
+            self.thinking_budget = data["thinking_budget"]
+        self.messages = messages
+        self.last_reasoning = ""
+
+    # cache reuse ----------------------------------------------------------------------------------------------
+
+    def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
+        """Render `messages` (with the generation prompt), trim the cache to the longest common prefix with it and
+        return (all prompt ids, number reused). At least one token is always left to prefill."""
+        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, enable_thinking=self.enable_thinking))
+        reused = min(common_prefix_length(self.cached_tokens, ids), len(ids) - 1)
+        offset = self.cache[0].offset if self.cache else 0
+        trim_cache(self.cache, offset - reused)
+        self.cached_tokens = ids[:reused]
+        return ids, reused
+
+    # a turn -------------------------------------------------------------------------------------------------
+
+    def send(self, text: str) -> Iterator[GenerationResponse]:
+        """Add a user message and stream the assistant's reply. The reply joins the conversation when the stream
+        ends, is closed early (`.close()`), or is interrupted (Ctrl-C): a partial answer is kept as the turn."""
+        messages = self.conversation() + [{"role": "user", "content": text}]
+        ids, reused = self.prepare(messages)
+        stats = TurnStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_tokens=len(ids) - reused)
+        self.messages.append({"role": "user", "content": text})
+        self.history.append(stats)
+        reasoning: list[str] = []
+        answer: list[str] = []
+        generated: list[int] = []
+        t_start = time.perf_counter()
+        t_answer = None
+        stats.finish_reason = "interrupted"
+        try:
+            for r in stream_generate(
+                self.model,
+                self.tokenizer,
+                ids[reused:],
+                prompt_cache=self.cache,
+                enable_thinking=self.enable_thinking,
+                thinking_budget=self.thinking_budget,
+                **self.options,
+            ):
+                generated.append(r.token)
+                if r.segment == "reasoning":
+                    reasoning.append(r.text)
+                    stats.reasoning_tokens += 1
+                elif t_answer is None:
+                    t_answer = time.perf_counter()
+                    answer.append(r.text)
+                else:
+                    answer.append(r.text)
+                stats.generation_tokens = r.generation_tokens
+                stats.time_to_first_token = r.time_to_first_token
+                stats.generation_tps = r.generation_tps
+                stats.peak_memory = r.peak_memory
+                if r.finish_reason:
+                    stats.finish_reason = r.finish_reason
+                yield r
+        finally:
+            if stats.reasoning_tokens:
+                stats.reasoning_seconds = (t_answer or time.perf_counter()) - t_start
+            # The cache holds the prompt then the generated tokens fed back so far (never the last sampled one).
+            offset = self.cache[0].offset if self.cache else 0
+            self.cached_tokens = (ids + generated)[:offset]
+            self.last_reasoning = "".join(reasoning).replace("<think>", "").replace("</think>", "").strip("\n")
+            content = "".join(answer).lstrip("\n")
+            message = {"role": "assistant", "content": content}
+            if self.last_reasoning:
+                message["reasoning_content"] = self.last_reasoning
+            self.messages.append(message)
+
+    def stats_table(self) -> list[dict]:
+        return [dict(turn=i + 1, **asdict(s)) for i, s in enumerate(self.history)]

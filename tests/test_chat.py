@@ -1,0 +1,211 @@
+"""Chat: cache reuse across turns (checked against a fresh prefill), the session, and the real `qwen3-mlx chat`
+driven in a pseudo-terminal and through a pipe."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pexpect
+import pytest
+from helpers import REAL_VOCAB, dense_config, save_checkpoint
+from test_generate import END_THINK, IM_END, THINK, ScriptedModel
+
+from qwen3_mlx.chat import ChatSession, common_prefix_length
+from qwen3_mlx.loader import load
+from qwen3_mlx.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-chat")
+    save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
+    model, tokenizer = load(path)
+    return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)
+
+
+def test_reused_cache_gives_fresh_prefill_logits(tiny):
+    """Turn 1 leaves thinking in the cache; turn 2's template drops it. Trimming to the common prefix and
+    prefilling the rest must give the next-token logits of a fresh prefill of the whole conversation."""
+    tok, model = tiny.tokenizer, tiny.model
+    session = ChatSession(model, tok, system="You are helpful.")
+    first = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "What is 2+2?"}]
+    ids, reused = session.prepare(first)
+    assert reused == 0
+    # As if the model had generated reasoning and an answer (all fed back into the cache but the last token).
+    generated = tok.encode("<think>\nSimple arithmetic.\n</think>\n\n2 + 2 = 4.") + [IM_END]
+    model(mx.array(ids + generated[:-1])[None], session.cache)
+    session.cached_tokens = ids + generated[:-1]
+    session.messages = first[1:] + [{"role": "assistant", "content": "2 + 2 = 4.", "reasoning_content": "Simple arithmetic."}]
+
+    second = session.conversation() + [{"role": "user", "content": "And 3+3?"}]
+    full, reused = session.prepare(second)
+    assert full == tok.encode(tok.apply_chat_template(second))
+    assert 0 < reused < len(ids) + 2  # the prefix stops where the thinking was dropped
+    assert session.cache[0].offset == reused
+    assert tok.decode(full[:reused]).endswith("<|im_start|>assistant\n")
+    reused_logits = model(mx.array(full[reused:])[None], session.cache)[0, -1]
+    fresh_logits = model(mx.array(full)[None])[0, -1]
+    np.testing.assert_allclose(np.array(reused_logits), np.array(fresh_logits), rtol=1e-4, atol=1e-4)
+    assert int(mx.argmax(reused_logits)) == int(mx.argmax(fresh_logits))
+
+
+def test_turns_reuse_the_cache_and_match_fresh_generation(tiny):
+    """Greedy turns through the session equal greedy generation from scratch on the same conversation."""
+    from qwen3_mlx.generate import generate
+
+    session = ChatSession(tiny.model, tiny.tokenizer, temperature=0, max_tokens=6, enable_thinking=False)
+    for i, question in enumerate(["Hi there", "Tell me more", "Thanks"]):
+        tokens = [r.token for r in session.send(question)]
+        expected = generate(tiny.model, tiny.tokenizer, session.conversation()[:-1], temperature=0, max_tokens=6,
+                            enable_thinking=False)
+        assert tokens == expected.tokens
+        stats = session.history[-1]
+        assert stats.prefill_tokens + stats.reused_tokens == stats.prompt_tokens
+        if i:
+            # everything before the previous turn's empty "<think>\n\n</think>\n\n" (4 tokens the template drops)
+            assert stats.reused_tokens >= session.history[i - 1].prompt_tokens - 4
+
+
+def test_interrupted_turn_keeps_partial_answer(tiny):
+    session = ChatSession(tiny.model, tiny.tokenizer, temperature=0, max_tokens=50, enable_thinking=False)
+    stream = session.send("Hello")
+    texts = [next(stream).text for _ in range(4)]
+    stream.close()
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(texts).lstrip("\n")}
+    assert session.history[-1].finish_reason == "interrupted" and session.history[-1].generation_tokens == 4
+    assert session.cached_tokens == session.cached_tokens[: session.cache[0].offset]
+    list(session.send("Go on"))  # the conversation continues
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_reasoning_is_separated_and_dropped_from_history(tokenizer_dir):
+    tok = Tokenizer(tokenizer_dir)
+    hmm, ok = tok.encode(" hmm")[0], tok.encode("ok")[0]
+
+    def rule(fed):
+        tail = fed[fed.index(THINK) :] if THINK in fed else []
+        if fed[-1] == IM_END or (tail and tail.count(ok) >= 2):
+            return IM_END
+        if END_THINK in tail:
+            return ok
+        if THINK in tail:
+            return hmm if tail.count(hmm) < 3 else END_THINK
+        return THINK
+
+    model = ScriptedModel(rule)
+    model.layers = [None, None]
+    session = ChatSession(model, tok)
+    list(session.send("Q1"))
+    assert session.last_reasoning == " hmm hmm hmm"
+    assert session.messages[-1] == {"role": "assistant", "content": "okok", "reasoning_content": " hmm hmm hmm"}
+    assert session.history[-1].reasoning_tokens == 5  # <think>, 3 x hmm, </think>
+    rendered = tok.apply_chat_template(session.conversation() + [{"role": "user", "content": "Q2"}])
+    assert "hmm" not in rendered and "okok" in rendered
+
+
+def test_save_load_roundtrip(tiny, tmp_path):
+    session = ChatSession(tiny.model, tiny.tokenizer, system="Sys", temperature=0, max_tokens=3, thinking_budget=7)
+    list(session.send("Hello"))
+    session.save(tmp_path / "c.json")
+    other = ChatSession(tiny.model, tiny.tokenizer)
+    other.load(tmp_path / "c.json")
+    assert other.conversation() == session.conversation() and other.thinking_budget == 7
+    (tmp_path / "bad.json").write_text('{"messages": [{"role": "wizard"}]}')
+    with pytest.raises(Exception, match="does not hold a conversation"):
+        other.load(tmp_path / "bad.json")
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+# ---- the real command line -------------------------------------------------------------------------------------
+
+
+def spawn(path, *args):
+    env = dict(os.environ, TERM="xterm", NO_COLOR="")
+    child = pexpect.spawn(
+        sys.executable, ["-m", "qwen3_mlx", "chat", str(path), *args], env=env, encoding="utf-8", timeout=60,
+        dimensions=(40, 120),
+    )
+    child.expect("/help for commands")
+    child.expect_exact(">>> ")
+    return child
+
+
+def test_chat_in_a_pty(tiny, tmp_path):
+    child = spawn(tiny.path, "--max-tokens", "6", "--seed", "0", "--no-think")
+    child.sendline("Hello!")
+    child.expect(r"6 tokens, [\d.]+ tok/s, first token [\d.]+ s \(prefilled \d+ of \d+ prompt tokens\), peak memory")
+    child.expect_exact(">>> ")
+    child.sendline("Tell me \\")  # a trailing backslash continues the message
+    child.expect_exact("... ")
+    child.sendline("more")
+    child.expect(r"prefilled (\d+) of (\d+) prompt tokens")
+    prefilled, total = map(int, child.match.groups())
+    assert prefilled < total  # the first turn came from the cache
+    for command, reply in [
+        ("/help", "/budget N|off"),
+        ("/think", "thinking on"),
+        ("/no_think", "thinking off"),
+        ("/budget 12", "thinking budget 12"),
+        ("/budget off", "thinking budget off"),
+        ("/budget soon", "usage: /budget N"),
+        ("/system Be terse.", "system prompt set"),
+        ("/show", "no reasoning"),
+        ("/stats", "turn 2: prompt"),
+        ("/frobnicate", "unknown command /frobnicate"),
+        ("/save", "usage: /save FILE"),
+        (f"/save {tmp_path / 'conv.json'}", "saved to"),
+    ]:
+        child.expect_exact(">>> ")
+        child.sendline(command)
+        child.expect_exact(reply)
+    saved = json.loads((tmp_path / "conv.json").read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2
+    assert saved["messages"][2]["content"] == "Tell me \nmore" and saved["system"] == "Be terse."
+    child.expect_exact(">>> ")
+    child.sendline("/reset")
+    child.expect_exact("conversation cleared")
+    child.expect_exact(">>> ")
+    child.sendline(f"/load {tmp_path / 'conv.json'}")
+    child.expect_exact("loaded 4 messages")
+    child.expect_exact(">>> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_answer_and_keeps_turn(tiny, tmp_path):
+    child = spawn(tiny.path, "--max-tokens", "100000", "--no-think", "--temperature", "1.5", "--top-k", "0", "--top-p", "1")
+    child.sendline("Write forever")
+    child.expect(r"\S{10}")  # the answer is streaming
+    child.sendintr()
+    child.expect(r"\(interrupted\)")
+    child.expect_exact(">>> ")
+    child.sendline(f"/save {tmp_path / 'c.json'}")
+    child.expect_exact("saved to")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["messages"][1]["role"] == "assistant" and saved["messages"][1]["content"]
+    child.expect_exact(">>> ")
+    child.sendintr()  # at the prompt: a hint, not an exit
+    child.expect_exact("Ctrl-D or /quit")
+    child.expect_exact(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_through_a_pipe(tiny):
+    script = "Hello\n/no_think\nSecond\n/stats\n/nope\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen3_mlx", "chat", str(tiny.path), "--max-tokens", "5", "--temperature", "0"],
+        input=script, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stdout + proc.stderr  # no colours, no cursor movement
+    assert ">>>" not in proc.stdout
+    assert proc.stderr.count("5 tokens,") == 2 and "turn 2: prompt" in proc.stderr and "unknown command /nope" in proc.stderr
