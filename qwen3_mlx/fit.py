@@ -183,13 +183,18 @@ def predict(
     dtype_bytes: int = 2,
     prefill_step: int = 512,
     runtime_bytes: int = RUNTIME_BYTES,
+    fused_attention: bool | None = None,
     name: str | None = None,
 ) -> Fit:
     """Memory prediction for `config` (a config dict or registry name) at `bits`/`group_size` or a `spec`.
 
     `dtype_bytes` is the size of scales, unquantized tensors, KV cache and activations (2 for bf16 on Apple
-    GPUs, 4 for float32 on MLX's CPU backend). `bits=16` (or 0) means unquantized.
+    GPUs, 4 for float32 on MLX's CPU backend). `bits=16` (or 0) means unquantized. `fused_attention`: the
+    attention kernel never materialises the [heads, chunk, context] score matrix (MLX's Metal kernels);
+    default: true for dtype_bytes 2 (GPU), false for 4 (the CPU backend materialises it in float32).
     """
+    if fused_attention is None:
+        fused_attention = dtype_bytes == 2
     c = _cfg(config)
     name = name or (config if isinstance(config, str) else c.get("_name_or_path") or c.get("model_type"))
     unquantized = spec is None and bits in (0, 16)
@@ -216,11 +221,11 @@ def predict(
     chunk = min(prefill_step, context)
     inter = c["moe_intermediate_size"] * k if E else c["intermediate_size"]
     activation = (
-        H * chunk * positions * 4  # attention scores (float32 softmax)
+        (0 if fused_attention else H * chunk * positions * 4)  # attention scores (float32 softmax)
         + 3 * chunk * inter * dtype_bytes  # gate, up, product
-        + chunk * (H + 2 * KV) * hd * dtype_bytes * 2  # q, k, v before and after norm/rope
-        + 4 * chunk * D * dtype_bytes  # residual stream and norms
-        + 2 * L * KV * hd * KV_STEP * dtype_bytes  # cache growth step
+        + chunk * (H + 2 * KV) * hd * dtype_bytes  # q, k, v
+        + 2 * chunk * D * dtype_bytes  # residual stream and its norm
+        + 2 * KV * hd * (positions + KV_STEP) * dtype_bytes  # one layer's cache while it grows (old + new)
         + c["vocab_size"] * 4 * 2  # last-position logits in float32 for sampling
     )
     return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv)
