@@ -209,3 +209,40 @@ def test_chat_through_a_pipe(tiny):
     assert "\x1b[" not in proc.stdout + proc.stderr  # no colours, no cursor movement
     assert ">>>" not in proc.stdout
     assert proc.stderr.count("5 tokens,") == 2 and "turn 2: prompt" in proc.stderr and "unknown command /nope" in proc.stderr
+
+
+def scripted_thinking_session(tokenizer_dir):
+    tok = Tokenizer(tokenizer_dir)
+    hmm, ok = tok.encode(" hmm")[0], tok.encode("ok")[0]
+
+    def rule(fed):
+        tail = fed[len(fed) - fed[::-1].index(THINK) - 1 :] if THINK in fed else []
+        if tail and tail.count(ok) >= 2:
+            return IM_END
+        if END_THINK in tail:
+            return ok
+        if tail:
+            return hmm if tail.count(hmm) < 3 else END_THINK
+        return THINK
+
+    return ChatSession(ScriptedModel(rule), tok)
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_reasoning_view_folds_to_summary(tokenizer_dir, interactive, capsys):
+    from qwen3_mlx.cli.chat import Terminal, handle_command, run_turn
+
+    session = scripted_thinking_session(tokenizer_dir)
+    term = Terminal(interactive)
+    term.colour = interactive
+    run_turn(session, term, "Q1")
+    out = capsys.readouterr().out
+    assert "thought for 5 tokens" in out and out.rstrip().endswith("okok")
+    if interactive:
+        assert "thinking" in out and " hmm hmm hmm" in out  # streamed live, dimmed
+        assert "\x1b[J" in out  # then erased and replaced by the summary
+        assert out.index("\x1b[J") < out.index("thought for")
+    else:
+        assert "hmm" not in out and "\x1b" not in out  # plain lines: only the summary
+    handle_command(session, term, "/show")
+    assert "hmm hmm hmm" in capsys.readouterr().out
