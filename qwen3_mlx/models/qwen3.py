@@ -10,6 +10,7 @@ import mlx.nn as nn
 
 from .base import BaseModelArgs, attention_mask, make_rope
 from .cache import KVCache
+from .layers import Embedding, Linear
 
 
 @dataclass
@@ -46,10 +47,10 @@ class Attention(nn.Module):
         self.scale = hd**-0.5
         bias = args.attention_bias
         # q_proj/o_proj are not square when heads * head_dim != hidden (4B, 14B, 32B, 235B).
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=bias)
+        self.q_proj = Linear(dim, self.n_heads * hd, bias=bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * hd, dim, bias=bias)
         self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = make_rope(args)
@@ -74,9 +75,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=False)
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -98,7 +99,7 @@ class DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     def __init__(self, args: ModelArgs, layers: list[nn.Module] | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers if layers is not None else [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -118,7 +119,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = model if model is not None else Qwen3Model(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """Logits [B, L, vocab] for token ids [B, L], appending to `cache` when given."""

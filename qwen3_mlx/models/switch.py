@@ -7,6 +7,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import layers
+
 # Below this many (token, expert) pairs sorting costs more than it saves; decode never sorts.
 SORT_THRESHOLD = 64
 
@@ -45,6 +47,10 @@ class QuantizedSwitchLinear(nn.Module):
         return self.weight.shape[0]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if sorted_indices and layers.DEQUANT_EXPERTS and layers._on_cpu() and self.mode == "affine":
+            # CPU prefill: the quantized gather kernel is a single-threaded loop; float experts go to BLAS.
+            w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)  # [E, out, in]
+            return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=True)
         return mx.gather_qmm(
             x,
             self.weight,
@@ -83,6 +89,17 @@ class SwitchGLU(nn.Module):
         else:
             rows = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D] broadcasts against [..., k]
             idx = indices
+            streams = layers.cpu_split_streams()
+            if len(streams) > 1 and k >= len(streams):
+                # CPU decode: each stream (thread) runs a share of the k experts.
+                step = -(-k // len(streams))
+                parts = []
+                for i, st in zip(range(0, k, step), streams):
+                    with mx.stream(st):
+                        part = idx[..., i : i + step]
+                        h = nn.silu(self.gate_proj(rows, part)) * self.up_proj(rows, part)
+                        parts.append(self.down_proj(h, part))
+                return mx.concatenate(parts, axis=-3).squeeze(-2)  # [..., k, 1, D] -> [..., k, D]
         g = self.gate_proj(rows, idx, sorted_indices=do_sort)
         u = self.up_proj(rows, idx, sorted_indices=do_sort)
         y = self.down_proj(nn.silu(g) * u, idx, sorted_indices=do_sort)
