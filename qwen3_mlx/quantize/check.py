@@ -109,6 +109,8 @@ def check_export(folder: str | Path) -> list[str]:
         return problems + ["no .safetensors files"]
     for f in files:
         m = _SHARD.match(f.name)
+        if f.name == "model.safetensors" and len(files) == 1:
+            continue  # mlx-lm's single-file name; Swift loads every *.safetensors
         if not m or int(m.group(2)) != len(files):
             problems.append(f"shard {f.name} is not named model-0000i-of-{len(files):05d}.safetensors")
     try:

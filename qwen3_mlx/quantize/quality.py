@@ -98,6 +98,25 @@ def _drop(module) -> None:
     module.update(tree_map(lambda _: mx.zeros((0,)), module.parameters()))
 
 
+def _head_logits(h: mx.array, weights: _Weights, head: str, module) -> mx.array:
+    """h [1, T, D] @ head^T a row block at a time: the float head can be GBs, and MLX's CPU quantized
+    matmul dequantizes the whole weight (1.2 GB for Qwen3's vocabulary at hidden 2048)."""
+    rows = weights.infos[f"{head}.weight"].shape[0]
+    quantized = f"{head}.scales" in weights.infos
+    blocks = []
+    for r0 in range(0, rows, _ROW_BLOCK):
+        r1 = min(rows, r0 + _ROW_BLOCK)
+        w = weights.get(f"{head}.weight", r0, r1)
+        if quantized:
+            s, b = weights.get(f"{head}.scales", r0, r1), weights.get(f"{head}.biases", r0, r1)
+            y = mx.quantized_matmul(h, w, s, b, transpose=True, group_size=module.group_size, bits=module.bits)
+        else:
+            y = h @ w.T
+        mx.eval(y)
+        blocks.append(y)
+    return mx.concatenate(blocks, axis=-1)
+
+
 def quality_report(
     src: str | os.PathLike, out: str | os.PathLike, text: str = DEFAULT_TEXT, max_tokens: int = 96
 ) -> QualityReport:
@@ -106,6 +125,17 @@ def quality_report(
     src_cfg, out_cfg = load_config(src), load_config(out)
     ref, q = build_model(src_cfg), build_model(out_cfg)
     quantization = out_cfg.get("quantization") or {}
+    # Dropped layers must not stay in MLX's buffer cache, or resident memory grows to the whole model.
+    old_limit = mx.set_cache_limit(256 << 20)
+    try:
+        return _report(src, out, ref, q, quantization, text, max_tokens)
+    finally:
+        mx.set_cache_limit(old_limit)
+        mx.clear_cache()
+
+
+def _report(src, out, ref, q, quantization, text, max_tokens) -> QualityReport:
+    out_cfg = load_config(out)
     with Reader() as reader:
         sw, qw = _Weights(src, reader), _Weights(out, reader)
         if quantization:
@@ -119,8 +149,7 @@ def quality_report(
         _load(q.model.embed_tokens, "model.embed_tokens.", qw)
         h_q = q.model.embed_tokens(tokens)
         mx.eval(h_ref, h_q)
-        if not q.args.tie_word_embeddings:
-            _drop(q.model.embed_tokens)
+        _drop(q.model.embed_tokens)
         mask = attention_mask(len(ids))
         for i, (lr, lq) in enumerate(zip(ref.layers, q.layers)):
             prefix = f"model.layers.{i}."
@@ -134,18 +163,9 @@ def quality_report(
         _load(q.model.norm, "model.norm.", qw)
         h_ref, h_q = ref.model.norm(h_ref), q.model.norm(h_q)
 
-        head = "model.embed_tokens.weight" if ref.args.tie_word_embeddings else "lm_head.weight"
-        rows = sw.infos[head].shape[0]
-        blocks = []
-        for r0 in range(0, rows, _ROW_BLOCK):  # the float head can be GBs: multiply a row block at a time
-            w = sw.get(head, r0, min(rows, r0 + _ROW_BLOCK))
-            blocks.append(h_ref @ w.T)
-            mx.eval(blocks[-1])
-        ref_logits = mx.concatenate(blocks, axis=-1)
-        if q.args.tie_word_embeddings:
-            q_logits = q.model.embed_tokens.as_linear(h_q)
-        else:
-            _load(q.lm_head, "lm_head.", qw)
-            q_logits = q.lm_head(h_q)
+        head = "model.embed_tokens" if ref.args.tie_word_embeddings else "lm_head"
+        ref_logits = _head_logits(h_ref, sw, head, None)
+        q_head = q.model.embed_tokens if q.args.tie_word_embeddings else q.lm_head
+        q_logits = _head_logits(h_q, qw, head, q_head)
         kl, top1 = kl_and_top1(np.array(ref_logits[0]), np.array(q_logits[0].astype(mx.float32)))
     return QualityReport(len(ids), float(kl.mean()), float(kl.max()), top1)
