@@ -79,7 +79,7 @@ def test_bench_refuses_what_does_not_fit(monkeypatch):
     from qwen3_mlx.bench import core
 
     monkeypatch.setattr(core, "estimate_fit", _tiny_machine(core.estimate_fit))
-    with pytest.raises(BenchError, match=r"does not fit: needs ~[\d.]+ GB .* available"):
+    with pytest.raises(BenchError, match=r"does not fit: the fit planner predicts ~[\d.]+ GB .* available"):
         core.run_bench(shape="qwen3-235b-a22b", random=True, bits=4)
 
 
@@ -169,6 +169,7 @@ def test_quantized_moe_decode_equals_full_forward_with_and_without_speed_paths(m
         steps = [model(ids[:, i : i + 1], cache)[:, -1] for i in range(24, 30)]
         return np.array(first), np.array(mx.stack(steps, axis=1))
 
+    monkeypatch.setattr(layers, "DEQUANT_BLOCK", 5 * 64 * 64)  # expert blocks [0, 5) and [5, 8)
     fast_prefill, fast_decode = run()
     monkeypatch.setattr(layers, "SPLIT_STREAMS", 1)
     monkeypatch.setattr(layers, "DEQUANT_EXPERTS", False)

@@ -24,27 +24,16 @@ SCHEMA = "qwen3-mlx-bench/1"
 OURS, MLX_LM = "qwen3-mlx", "mlx-lm"
 
 
-def device_bandwidth_gbs() -> float | None:
-    """Peak memory bandwidth of this device in GB/s, when known (from the fit planner's device profiles)."""
-    for mod in ("..fit", "..quantize.fit"):
-        try:
-            from importlib import import_module
+def device_bandwidth_gbs(device: str | None) -> float | None:
+    """Memory bandwidth (GB/s) of a fit-planner device profile, e.g. "m4-pro-48gb"; None when not given."""
+    if not device:
+        return None
+    from ..fit import get_device
 
-            fit = import_module(mod, __package__)
-        except ImportError:
-            continue
-        for name in ("device_bandwidth_gbs", "detect_bandwidth_gbs"):
-            fn = getattr(fit, name, None)
-            if callable(fn):
-                try:
-                    value = fn()
-                except Exception:  # a profile lookup must never break a benchmark
-                    value = None
-                return float(value) if value else None
-    return None
+    return get_device(device).bandwidth_gbs
 
 
-def environment() -> dict:
+def environment(device: str | None = None) -> dict:
     try:
         import importlib.metadata as md
 
@@ -58,7 +47,8 @@ def environment() -> dict:
         "openblas_preloaded": openblas_active(),
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu_count": os.cpu_count(),
-        "device_bandwidth_gbs": device_bandwidth_gbs(),
+        "device_profile": device,
+        "device_bandwidth_gbs": device_bandwidth_gbs(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -78,14 +68,17 @@ def run_bench(
     prefill_step_size: int = 512,
     seed: int = 0,
     generator: str = "auto",
+    device: str | None = None,
     on_trial: Callable[[str, int, int, Trial], None] | None = None,
 ) -> dict:
     """Benchmark a model and return the result document (schema in the README).
 
     Either `model` (folder or repo id) or `shape` (registry name or config.json path, random weights).
     `contexts` sweeps prompt lengths (overrides `prompt_tokens`). `vs="mlx-lm"` adds the same weights in
-    mlx-lm's models, trials alternated.
+    mlx-lm's models, trials alternated. `device` names a fit-planner device profile whose bandwidth the
+    effective bandwidth is compared with.
     """
+    device_bandwidth_gbs(device)  # an unknown profile fails now, not after the run
     if (model is None) == (shape is None):
         raise BenchError("give a MODEL or --shape (with --random), not both")
     if shape is not None and not random:
@@ -106,7 +99,7 @@ def run_bench(
         if not fit.fits:
             gb = 1e9
             raise BenchError(
-                f"{name} at {bits or 'float32'}{'-bit' if bits else ''} does not fit: needs ~{fit.total / gb:.1f} GB "
+                f"{name} at {bits or 'float32'}{'-bit' if bits else ''} does not fit: the fit planner predicts ~{fit.total / gb:.1f} GB "
                 f"(weights {fit.weights / gb:.1f} GB + KV cache {fit.kv_cache / gb:.2f} GB + working memory "
                 f"{fit.overhead / gb:.2f} GB), {fit.available / gb:.1f} GB available"
             )
@@ -153,7 +146,7 @@ def run_bench(
             "vs": vs,
             "alternated": len(runners) > 1,
         },
-        "environment": environment(),
+        "environment": environment(device),
         "runs": [],
     }
     bandwidth = doc["environment"]["device_bandwidth_gbs"]

@@ -83,6 +83,8 @@ def available_memory() -> int | None:
 
 @dataclass
 class FitEstimate:
+    """The fit planner's prediction for a benchmark run, against the memory available here."""
+
     weights: int
     kv_cache: int
     overhead: int
@@ -97,14 +99,17 @@ class FitEstimate:
         return self.available is None or self.total <= self.available
 
 
-def estimate_fit(config: dict, bits: int | None, group_size: int, context: int, copies: int = 1) -> FitEstimate:
-    """Memory a benchmark run needs. Building a random quantized model holds one float layer extra."""
-    weights = predicted_weight_bytes(config, bits, group_size) * copies
-    kv = kv_bytes_per_token(config) * context
-    # prefill activations and logits: a few [chunk, hidden] buffers plus [chunk, vocab] logits
-    chunk = min(context, 512)
-    overhead = 4 * chunk * (8 * config["hidden_size"] + config["vocab_size"]) + (256 << 20)
-    return FitEstimate(weights, kv, overhead, available_memory())
+def estimate_fit(config: dict, bits: int | None, group_size: int, context: int) -> FitEstimate:
+    """Memory a run needs, from the fit planner (float32 on CPU). Building random quantized weights also
+    holds one layer in float32 until it is quantized."""
+    from ..fit import predict
+
+    f = predict(config, bits=bits or 16, group_size=group_size, context=context, dtype_bytes=4)
+    overhead = f.overhead
+    if bits is not None:
+        per_layer = predicted_weight_bytes(config, None, group_size) // max(config["num_hidden_layers"], 1)
+        overhead += per_layer
+    return FitEstimate(f.weight_bytes, f.kv_bytes, overhead, available_memory())
 
 
 def random_bench_model(config: dict, bits: int | None, group_size: int, seed: int = 0) -> nn.Module:

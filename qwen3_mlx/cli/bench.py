@@ -43,6 +43,9 @@ def bench(
     json_file: Optional[str] = typer.Option(None, "--json", help="Write the results here (schema in the README)."),
     plot_file: Optional[str] = typer.Option(None, "--plot", help="PNG of tokens/s per prompt length (needs matplotlib)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="Device profile (see `qwen3-mlx fit`) for the bandwidth share, e.g. m4-pro-48gb."
+    ),
     generator: str = typer.Option("auto", "--generator", hidden=True, help="auto, stream or internal (dev)."),
 ) -> None:
     """Measure prefill and decode speed of a model (or a random-weight shape), optionally against mlx-lm."""
@@ -74,6 +77,7 @@ def bench(
             vs=vs,
             seed=seed,
             generator=generator,
+            device=device,
             on_trial=on_trial,
         )
     out.print(table(doc))

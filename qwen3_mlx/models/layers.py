@@ -61,6 +61,9 @@ def quantized_linear(x: mx.array, weight, scales, biases, group_size: int, bits:
     def part(lo: int, hi: int, stream):
         w, s, b = weight[lo:hi], scales[lo:hi], None if biases is None else biases[lo:hi]
         if dequant:
+            # Depending on x makes the float copy wait for its layer's input: without it the scheduler may
+            # dequantize every layer's weights up front (they depend on nothing else) and hold them all.
+            w = mx.depends(w, x)
             wf = mx.dequantize(w, s, b, group_size, bits, mode=mode, stream=stream)  # [hi-lo, in] float
             return mx.matmul(x, wf.T, stream=stream)
         return mx.quantized_matmul(

@@ -48,9 +48,7 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         if sorted_indices and layers.DEQUANT_EXPERTS and layers._on_cpu() and self.mode == "affine":
-            # CPU prefill: the quantized gather kernel is a single-threaded loop; float experts go to BLAS.
-            w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)  # [E, out, in]
-            return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=True)
+            return self._dequantized_sorted(x, indices)
         return mx.gather_qmm(
             x,
             self.weight,
@@ -63,6 +61,41 @@ class QuantizedSwitchLinear(nn.Module):
             mode=self.mode,
             sorted_indices=sorted_indices,
         )
+
+
+    def _dequantized_sorted(self, x: mx.array, indices: mx.array) -> mx.array:
+        """CPU prefill: the quantized gather kernel is a single-threaded loop, so dequantize blocks of experts
+        and use float gather_mm (BLAS). Rows are sorted by expert, so each block of experts owns a contiguous
+        range of rows; finding the ranges costs one small synchronisation, and keeps the float copy to one
+        block per stream instead of the whole [E, out, in] stack.
+
+        x [N, 1, in] (rows sorted by expert), indices [N] sorted -> [N, 1, out].
+        """
+        E, out_dims, packed = self.weight.shape
+        in_dims = packed * 32 // self.bits
+        per_block = max(1, layers.DEQUANT_BLOCK // (out_dims * in_dims))
+        starts = list(range(0, E, per_block))
+        if len(starts) == 1:
+            bounds = [0, indices.shape[0]]
+        else:
+            edges = mx.array(starts[1:], dtype=indices.dtype)
+            bounds = [0, *(indices[None, :] < edges[:, None]).sum(axis=1).tolist(), indices.shape[0]]
+        streams = layers.cpu_split_streams() or [mx.default_stream(mx.cpu)]
+        ys = []
+        for b, e0 in enumerate(starts):
+            lo, hi = bounds[b], bounds[b + 1]
+            if hi == lo:
+                continue
+            st = streams[len(ys) % len(streams)]
+            e1 = min(e0 + per_block, E)
+            w = mx.depends(self.weight[e0:e1], x)  # dequantize when this layer runs, not up front
+            wf = mx.dequantize(w, self.scales[e0:e1], self.biases[e0:e1], self.group_size, self.bits, stream=st)
+            ys.append(
+                mx.gather_mm(
+                    x[lo:hi], wf.swapaxes(-1, -2), rhs_indices=indices[lo:hi] - e0, sorted_indices=True, stream=st
+                )
+            )
+        return mx.concatenate(ys, axis=0) if len(ys) > 1 else ys[0]
 
 
 class SwitchGLU(nn.Module):
