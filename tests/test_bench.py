@@ -179,3 +179,17 @@ def test_quantized_moe_decode_equals_full_forward_with_and_without_speed_paths(m
     np.testing.assert_allclose(fast_decode, plain_decode, atol=1e-4, rtol=0)
     full = np.array(model(ids))
     np.testing.assert_allclose(fast_decode, full[:, 24:], atol=1e-4, rtol=0)
+
+
+def test_plot_needs_matplotlib_or_writes_a_png(tmp_path):
+    config = write_config(tmp_path, dense_config(), False)
+    png = tmp_path / "bench.png"
+    r = run_cli("--shape", str(config), "--random", "--contexts", "8,16", "-g", "3", "-n", "1", "--plot", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert r.returncode == 1 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
+        assert not png.exists()
+    else:
+        assert r.returncode == 0, r.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -80,7 +80,7 @@ def save_plot(doc: dict, path: str | Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BenchError("--plot needs matplotlib: pip install 'qwen3-mlx[plot]'") from None
+        raise BenchError("--plot needs matplotlib (the plot extra): pip install matplotlib") from None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ctx = [run["prompt_tokens"] for run in doc["runs"]]
     names = list(doc["runs"][0]["results"])
@@ -94,6 +94,7 @@ def save_plot(doc: dict, path: str | Path) -> None:
         ax.set_ylabel(LABELS[f])
         if len(ctx) > 1:
             ax.set_xscale("log", base=2)
+        ax.set_xticks(ctx, [str(c) for c in ctx])
         ax.grid(alpha=0.3)
         ax.legend()
     m = doc["model"]

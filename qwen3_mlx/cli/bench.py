@@ -62,7 +62,7 @@ def bench(
         except ImportError:
             from ..bench import BenchError
 
-            raise BenchError("--plot needs matplotlib: pip install 'qwen3-mlx[plot]'") from None
+            raise BenchError("--plot needs matplotlib (the plot extra): pip install matplotlib") from None
     with err.status("benchmarking...") if show_progress() else _nullcontext():
         doc = run_bench(
             model,
