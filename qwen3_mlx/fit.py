@@ -219,10 +219,14 @@ def predict(
     positions = math.ceil(context / KV_STEP) * KV_STEP
     kv = 2 * L * KV * hd * positions * dtype_bytes
     chunk = min(prefill_step, context)
+    # Largest score matrix of the chunked prefill: chunk length x keys cached so far, over all chunks.
+    score_cells = max(
+        min(prefill_step, context - s) * min(s + prefill_step, context) for s in range(0, context, prefill_step)
+    )
     inter = c["moe_intermediate_size"] * k if E else c["intermediate_size"]
     activation = (
-        (0 if fused_attention else H * chunk * positions * 4)  # attention scores (float32 softmax)
-        + 3 * chunk * inter * dtype_bytes  # gate, up, product
+        (0 if fused_attention else H * score_cells * 4)  # attention scores (float32 softmax)
+        + 2 * chunk * inter * dtype_bytes  # gate and up (their product reuses a buffer)
         + chunk * (H + 2 * KV) * hd * dtype_bytes  # q, k, v
         + 2 * chunk * D * dtype_bytes  # residual stream and its norm
         + 2 * KV * hd * (positions + KV_STEP) * dtype_bytes  # one layer's cache while it grows (old + new)

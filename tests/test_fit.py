@@ -5,13 +5,13 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import dense_config, moe_config, save_checkpoint
+from helpers import moe_config, save_checkpoint
 
 from qwen3_mlx.errors import Qwen3MLXError
 from qwen3_mlx.fit import DEVICES, GB, choose, get_device, predict
 from qwen3_mlx.models.registry import SHAPES, random_model, shape_config
 from qwen3_mlx.quantize import QuantSpec, convert, quantize_model
-from qwen3_mlx.quantize.convert import plan_model, _split, Unit
+from qwen3_mlx.quantize.convert import Unit, _split, plan_model
 from qwen3_mlx.quantize.safetensors_io import header_bytes
 
 

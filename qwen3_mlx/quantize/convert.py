@@ -242,8 +242,8 @@ def plan_export(
     ignorable = {"lm_head.weight"} if tied else set()
     extra = sorted(n for n in set(infos) - used - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise ModelLoadError(f"unexpected tensor {extra[0]} in the source checkpoint (and {len(extra) - 1} more)"
-                             if len(extra) > 1 else f"unexpected tensor {extra[0]} in the source checkpoint")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ModelLoadError(f"unexpected tensor {extra[0]} in the source checkpoint{more}")
     plan = Plan(source, config, spec, dtype, quantization, units)
     plan.shards = _split(units, parse_size(max_shard_size))
     return plan
@@ -308,9 +308,10 @@ def _copy_support_files(source: Path, tmp: Path) -> list[str]:
     if gen.is_file():
         shutil.copyfile(gen, tmp / "generation_config.json")
     else:
-        eos = [i for i in (151645, 151643)]
+        # <|im_end|> ends a chat turn, <|endoftext|> a document (Qwen3's own generation_config.json).
         (tmp / "generation_config.json").write_text(
-            json.dumps({**GENERATION_DEFAULTS, "eos_token_id": eos, "pad_token_id": 151643}, indent=2) + "\n"
+            json.dumps({**GENERATION_DEFAULTS, "eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2)
+            + "\n"
         )
     return warnings
 

@@ -60,7 +60,8 @@ def scan(files: list[Path]) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for f in files:
         header = read_safetensors_header(f)
-        base = 8 + struct.unpack("<Q", open(f, "rb").read(8))[0]
+        with open(f, "rb") as fh:
+            base = 8 + struct.unpack("<Q", fh.read(8))[0]
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
