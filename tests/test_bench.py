@@ -169,16 +169,19 @@ def test_quantized_moe_decode_equals_full_forward_with_and_without_speed_paths(m
         steps = [model(ids[:, i : i + 1], cache)[:, -1] for i in range(24, 30)]
         return np.array(first), np.array(mx.stack(steps, axis=1))
 
-    monkeypatch.setattr(layers, "DEQUANT_BLOCK", 5 * 64 * 64)  # expert blocks [0, 5) and [5, 8)
-    fast_prefill, fast_decode = run()
+    split_prefill, split_decode = run()  # 96 sorted rows over 8 experts: quantized kernel, rows split
+    monkeypatch.setattr(layers, "DEQUANT_MIN_ROWS_PER_EXPERT", 1)
+    monkeypatch.setattr(layers, "DEQUANT_BLOCK", 5 * 64 * 64)  # dequantized expert blocks [0, 5) and [5, 8)
+    dequant_prefill, dequant_decode = run()
     monkeypatch.setattr(layers, "SPLIT_STREAMS", 1)
     monkeypatch.setattr(layers, "DEQUANT_EXPERTS", False)
     monkeypatch.setattr(layers, "DEQUANT_MIN_ROWS", 1 << 30)
     plain_prefill, plain_decode = run()
-    np.testing.assert_allclose(fast_prefill, plain_prefill, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(fast_decode, plain_decode, atol=1e-4, rtol=0)
+    for prefill, decode in ((split_prefill, split_decode), (dequant_prefill, dequant_decode)):
+        np.testing.assert_allclose(prefill, plain_prefill, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(decode, plain_decode, atol=1e-4, rtol=0)
     full = np.array(model(ids))
-    np.testing.assert_allclose(fast_decode, full[:, 24:], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(split_decode, full[:, 24:], atol=1e-4, rtol=0)
 
 
 def test_plot_needs_matplotlib_or_writes_a_png(tmp_path):

@@ -25,8 +25,9 @@ SPLIT_STREAMS = max(1, min(int(os.environ.get("QWEN3_MLX_CPU_STREAMS", min(os.cp
 SPLIT_MIN_OUT = 1024
 # Largest float copy (elements) the dequantize route makes of one weight at a time.
 DEQUANT_BLOCK = 1 << 24
-# Dequantize expert stacks for sorted (prefill) MoE matmuls on CPU.
+# Dequantize expert stacks for sorted (prefill) MoE matmuls on CPU, from this many rows per expert on.
 DEQUANT_EXPERTS = True
+DEQUANT_MIN_ROWS_PER_EXPERT = 32
 
 _local = threading.local()  # MLX streams belong to the thread that made them
 
@@ -58,12 +59,12 @@ def quantized_linear(x: mx.array, weight, scales, biases, group_size: int, bits:
     rows = x.size // x.shape[-1]
     dequant = rows >= DEQUANT_MIN_ROWS
 
-    def part(lo: int, hi: int, stream):
+    def part(lo: int, hi: int, stream, after: list):
         w, s, b = weight[lo:hi], scales[lo:hi], None if biases is None else biases[lo:hi]
         if dequant:
-            # Depending on x makes the float copy wait for its layer's input: without it the scheduler may
-            # dequantize every layer's weights up front (they depend on nothing else) and hold them all.
-            w = mx.depends(w, x)
+            # The float copy waits for this layer's input and for the previous block on its stream: without
+            # that the scheduler may dequantize many blocks (of every layer) ahead and hold them all.
+            w = mx.depends(w, [x, *after])
             wf = mx.dequantize(w, s, b, group_size, bits, mode=mode, stream=stream)  # [hi-lo, in] float
             return mx.matmul(x, wf.T, stream=stream)
         return mx.quantized_matmul(
@@ -80,9 +81,12 @@ def quantized_linear(x: mx.array, weight, scales, biases, group_size: int, bits:
     if dequant:
         blocks = max(blocks, -(-out * in_dims // DEQUANT_BLOCK))
     if blocks == 1:
-        return part(0, out, streams[0])
+        return part(0, out, streams[0], [])
     step = -(-out // blocks)
-    ys = [part(lo, min(lo + step, out), streams[i % len(streams)]) for i, lo in enumerate(range(0, out, step))]
+    ys: list[mx.array] = []
+    for i, lo in enumerate(range(0, out, step)):
+        prev = ys[i - len(streams)] if i >= len(streams) else None
+        ys.append(part(lo, min(lo + step, out), streams[i % len(streams)], [prev] if prev is not None else []))
     return mx.concatenate(ys, axis=-1)
 
 
@@ -115,3 +119,25 @@ class Embedding(nn.Embedding):
         if quantize_input:
             raise ValueError("Quantized input is not supported.")
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+_swiglu_compiled = mx.compile(_swiglu, shapeless=True)
+_swiglu_impl = None
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up as one fused kernel when MLX can compile (on CPU that needs a C++ compiler at run
+    time; without one the plain three-op version is used)."""
+    global _swiglu_impl
+    if _swiglu_impl is None:
+        try:
+            probe = mx.ones((2,))
+            mx.eval(_swiglu_compiled(probe, probe))
+            _swiglu_impl = _swiglu_compiled
+        except Exception:  # no compiler, or compilation disabled
+            _swiglu_impl = _swiglu
+    return _swiglu_impl(gate, up)
