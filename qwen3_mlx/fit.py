@@ -7,6 +7,7 @@ exports and `mx.get_peak_memory()`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -235,13 +236,16 @@ def predict(
     return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv)
 
 
-def choose(config: dict[str, Any] | str, device: Device | str, context: int = 4096, **kw) -> Fit:
+def choose(
+    config: dict[str, Any] | str, device: Device | str, context: int = 4096, group_size: int = 64, **kw
+) -> Fit:
     """The best-quality candidate (8-bit, 6-bit, mixed_4_6, 4-bit, ... 2-bit) that fits `device` at `context`.
 
     Raises Qwen3MLXError saying what the smallest candidate needs when nothing fits.
     """
     device = get_device(device) if isinstance(device, str) else device
-    fits = [predict(config, spec=s, context=context, **kw) for s in FIT_CANDIDATES]
+    candidates = [dataclasses.replace(s, group_size=group_size) for s in FIT_CANDIDATES]
+    fits = [predict(config, spec=s, context=context, **kw) for s in candidates]
     for f in fits:
         if f.fits(device):
             return f

@@ -138,7 +138,7 @@ def test_mixed_recipe_bits_per_layer(dense_src, tmp_path):
     q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
     assert q["bits"] == 4
     high = {k for k, v in q.items() if isinstance(v, dict) and v["bits"] == 6}
-    # 3 layers: layers 0 and 2 (first / last eighth rounds to 0 layers; (i - 0) % 3 == 2) ... plus tied embedding
+    # 3 layers: only layer 2 is "last eighth" / every third; the tied embedding is also the output head
     assert "model.embed_tokens" in high
     assert "model.layers.2.self_attn.v_proj" in high and "model.layers.2.mlp.down_proj" in high
     assert "model.layers.0.self_attn.q_proj" not in q
@@ -287,6 +287,8 @@ def test_cli_quantize_check_and_errors(dense_src, tmp_path):
     r = runner.invoke(app, ["quantize", str(dense_src), str(out)])
     assert r.exit_code != 0 and isinstance(r.exception, Qwen3MLXError)
     # --fit picks the best candidate: a tiny model fits at 8 bits
-    r = runner.invoke(app, ["quantize", str(dense_src), str(tmp_path / "fit"), "--fit", "iphone-15-pro", "--no-eval"])
+    r = runner.invoke(app, ["quantize", str(dense_src), str(tmp_path / "fit"), "--fit", "iphone-15-pro", "--no-eval",
+                            "--group-size", "32"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "fit" / "config.json").read_text())["quantization"]["bits"] == 8
+    q = json.loads((tmp_path / "fit" / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"]) == (8, 32)

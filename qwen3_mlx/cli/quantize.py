@@ -26,6 +26,10 @@ def _progress_bar():
     )
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 @app.command()
 def quantize(
     src: Optional[str] = typer.Argument(None, help="HF model folder or repo id (bf16/fp16/fp32 safetensors)."),
@@ -63,7 +67,7 @@ def quantize(
         from ..loader import load_config, resolve_model_path
 
         device = get_device(fit)
-        chosen = choose(load_config(resolve_model_path(src)), device, context)
+        chosen = choose(load_config(resolve_model_path(src)), device, context, group_size=group_size)
         spec = chosen.spec
         err.print(
             f"--fit {device.key}: {spec.label} needs {chosen.total / GB:.2f} GB of {device.usable_gb:g} GB at context {context}"
@@ -83,11 +87,10 @@ def quantize(
         result = convert(src, out_dir, spec, dtype=dtype, max_shard_size=max_shard_size, force=force, log=err.print)
     plan = result.plan
     n_over = len([k for k in plan.quantization if k not in ("bits", "group_size", "mode")])
-    src_gb, out_gb = plan.source_bytes / 1e9, result.bytes_written / 1e9
     err.print(
-        f"wrote {result.out}: {len(result.shard_files)} shard(s), {out_gb:.3f} GB from {src_gb:.3f} GB "
-        f"({spec.label}, {n_over} per-layer override(s)) in {result.seconds:.1f}s "
-        f"({src_gb / max(result.seconds, 1e-9):.2f} GB/s)"
+        f"wrote {result.out}: {len(result.shard_files)} shard(s), {_size(result.bytes_written)} from "
+        f"{_size(plan.source_bytes)} ({spec.label}, {n_over} per-layer override(s)) in {result.seconds:.1f}s "
+        f"({_size(plan.source_bytes / max(result.seconds, 1e-9))}/s)"
     )
     if not no_eval:
         report = quality_report(plan.source, result.out)
