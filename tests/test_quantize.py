@@ -234,11 +234,16 @@ def test_killed_run_never_looks_finished(dense_src, tmp_path):
     assert all(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
 
 
-def test_streaming_keeps_mlx_memory_at_row_blocks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe-sharded"])
+def test_streaming_keeps_mlx_memory_at_row_blocks(tmp_path, monkeypatch, moe):
     """With 256 KB row blocks, converting a ~20 MB model never holds more than a few blocks in MLX."""
     src = tmp_path / "src"
-    save_checkpoint(src, dense_config(vocab_size=16000, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                      head_dim=64))
+    kw = dict(vocab_size=16000, hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64)
+    if moe:
+        save_checkpoint(src, moe_config(**kw, moe_intermediate_size=256, num_experts=16), moe=True,
+                        max_shard_size="5MB")
+    else:
+        save_checkpoint(src, dense_config(**kw))
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert size > 20e6
     monkeypatch.setattr(importlib.import_module("qwen3_mlx.quantize.convert"), "CHUNK_BYTES", 256 << 10)
@@ -246,7 +251,7 @@ def test_streaming_keeps_mlx_memory_at_row_blocks(tmp_path, monkeypatch):
     mx.reset_peak_memory()
     convert(src, tmp_path / "out", QuantSpec(bits=4, group_size=64))
     peak = mx.get_peak_memory()
-    print(f"source {size / 1e6:.1f} MB, MLX peak during convert {peak / 1e6:.2f} MB")
+    print(f"source {size / 1e6:.1f} MB ({'moe' if moe else 'dense'}), MLX peak during convert {peak / 1e6:.2f} MB")
     assert peak < 3e6
 
 
