@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="qwen3-mlx",
@@ -23,7 +24,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def fail(message: str) -> None:
     """One red line on stderr, exit code 1."""
-    err.print(f"[bold red]error:[/bold red] {message}", markup=True)
+    # The message is plain text (it may hold "[...]", e.g. a shape or an extra name): escape it from markup.
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True)
     raise SystemExit(1)
 
 
