@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import Qwen3MLXError
 from ..models import build_model
-from ..models.registry import SHAPES, shape_config
+from ..models.registry import SHAPES, random_model, shape_config
 
 
 class BenchError(Qwen3MLXError):
@@ -113,21 +113,11 @@ def estimate_fit(config: dict, bits: int | None, group_size: int, context: int) 
 
 
 def random_bench_model(config: dict, bits: int | None, group_size: int, seed: int = 0) -> nn.Module:
-    """Random-weight model of `config`, quantized layer by layer so the float copy never exists whole."""
-    from ..quantize import quantize_model
-
-    mx.random.seed(seed)
-    model = build_model(config)  # lazy: nothing is materialised yet
-    if bits is not None:
-        try:
-            model.quantization = quantize_model(model, bits=bits, group_size=group_size)
-        except ValueError as e:  # e.g. a dimension not divisible by the group size
-            raise BenchError(f"cannot quantize this shape to {bits} bits, group size {group_size}: {e}") from None
-    for layer in model.layers:
-        mx.eval(layer.parameters())
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+    """Random-weight model of `config` (see `registry.random_model`), with the benchmark's error."""
+    try:
+        return random_model(config, seed=seed, bits=bits, group_size=group_size)
+    except ValueError as e:  # e.g. a dimension not divisible by the group size
+        raise BenchError(f"cannot quantize this shape to {bits} bits, group size {group_size}: {e}") from None
 
 
 def weight_bytes(model: nn.Module) -> int:

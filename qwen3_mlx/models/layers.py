@@ -24,7 +24,7 @@ SPLIT_STREAMS = max(1, min(int(os.environ.get("QWEN3_MLX_CPU_STREAMS", min(os.cp
 # Below this many output rows a split costs more in synchronisation than it saves.
 SPLIT_MIN_OUT = 1024
 # Largest float copy (elements) the dequantize route makes of one weight at a time.
-DEQUANT_BLOCK = 1 << 24
+DEQUANT_BLOCK = 1 << 18  # 1 MB float blocks: peak memory at parity with the quantized kernel (see README)
 # Dequantize expert stacks for sorted (prefill) MoE matmuls on CPU, from this many rows per expert on.
 DEQUANT_EXPERTS = True
 DEQUANT_MIN_ROWS_PER_EXPERT = 32

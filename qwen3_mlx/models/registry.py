@@ -78,18 +78,31 @@ def shape_config(name: str, **overrides) -> dict:
     return {**SHAPES[key], **overrides}
 
 
-def random_model(config: dict | str, dtype: mx.Dtype | None = None, seed: int = 0) -> nn.Module:
-    """A model of the given shape with random weights (scaled so activations stay finite), evaluated."""
+def random_model(
+    config: dict | str,
+    dtype: mx.Dtype | None = None,
+    seed: int = 0,
+    bits: int | None = None,
+    group_size: int = 64,
+) -> nn.Module:
+    """A model of the given shape with random weights, evaluated; quantized in memory when `bits` is given.
+
+    nn's default init (uniform +-1/sqrt(fan_in), norms at 1) keeps activations bounded. Weights are made and
+    (optionally) quantized layer by layer, so a float copy of the whole model never exists.
+    """
     from ..loader import default_dtype
 
     if isinstance(config, str):
         config = shape_config(config)
     dtype = dtype or default_dtype()
     mx.random.seed(seed)
-    model = build_model(config)
-    # Norm weights at 1 and projections from nn's default uniform init already keep activations bounded;
-    # only the cast is needed. Evaluate layer by layer to keep peak memory at one copy of the weights.
-    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    model = build_model(config)  # lazy: nothing is materialised yet
+    if dtype != mx.float32:
+        model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+    if bits is not None:
+        from ..quantize import quantize_model
+
+        model.quantization = quantize_model(model, bits=bits, group_size=group_size)
     for layer in model.layers:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
