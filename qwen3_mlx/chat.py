@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import Qwen3MLXError
 from .generate import GenerationResponse, stream_generate
-from .models.cache import make_cache, trim_cache
+from .models.cache import make_cache, truncate_cache
 
 SAVE_FORMAT = "qwen3-mlx-chat/1"
 
@@ -125,9 +125,7 @@ class ChatSession:
         """Render `messages` (with the generation prompt), trim the cache to the longest common prefix with it and
         return (all prompt ids, number reused). At least one token is always left to prefill."""
         ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, enable_thinking=self.enable_thinking))
-        reused = min(common_prefix_length(self.cached_tokens, ids), len(ids) - 1)
-        offset = self.cache[0].offset if self.cache else 0
-        trim_cache(self.cache, offset - reused)
+        reused = truncate_cache(self.cache, min(common_prefix_length(self.cached_tokens, ids), len(ids) - 1))
         self.cached_tokens = ids[:reused]
         return ids, reused
 

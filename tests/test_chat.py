@@ -77,7 +77,8 @@ def test_interrupted_turn_keeps_partial_answer(tiny):
     stream.close()
     assert session.messages[-1] == {"role": "assistant", "content": "".join(texts).lstrip("\n")}
     assert session.history[-1].finish_reason == "interrupted" and session.history[-1].generation_tokens == 4
-    assert session.cached_tokens == session.cached_tokens[: session.cache[0].offset]
+    # the cache holds exactly the prompt and the tokens fed back (the last sampled one is never fed)
+    assert all(c.offset == len(session.cached_tokens) for c in session.cache)
     list(session.send("Go on"))  # the conversation continues
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
 
@@ -246,3 +247,19 @@ def test_reasoning_view_folds_to_summary(tokenizer_dir, interactive, capsys):
         assert "hmm" not in out and "\x1b" not in out  # plain lines: only the summary
     handle_command(session, term, "/show")
     assert "hmm hmm hmm" in capsys.readouterr().out
+
+
+def test_layers_left_uneven_by_an_interrupt_realign(tiny):
+    """Ctrl-C while a forward graph is built can leave early layers one position ahead; the next turn must
+    bring every layer back to the same length and still match a fresh prefill."""
+    session = ChatSession(tiny.model, tiny.tokenizer, temperature=0, max_tokens=5, enable_thinking=False)
+    list(session.send("Hello"))
+    k, v = session.cache[0].state
+    session.cache[0].update_and_fetch(k[..., -1:, :], v[..., -1:, :])  # layer 0 got one stray position
+    assert session.cache[0].offset == session.cache[1].offset + 1
+    ids, reused = session.prepare(session.conversation() + [{"role": "user", "content": "More"}])
+    assert len({c.offset for c in session.cache}) == 1 and session.cache[0].offset == reused
+    rest = mx.array(ids[reused:])[None]
+    reused_logits = tiny.model(rest, session.cache)[:, -1]
+    fresh = tiny.model(mx.array(ids)[None])[:, -1]
+    np.testing.assert_allclose(np.array(reused_logits), np.array(fresh), atol=1e-4)

@@ -6,7 +6,7 @@ from types import ModuleType
 
 from ..errors import ModelLoadError
 from . import qwen3, qwen3_moe
-from .cache import KVCache, make_cache, trim_cache
+from .cache import KVCache, make_cache, truncate_cache
 
 MODEL_TYPES: dict[str, ModuleType] = {"qwen3": qwen3, "qwen3_moe": qwen3_moe}
 
@@ -29,4 +29,4 @@ def build_model(config: dict):
     return arch.Model(arch.ModelArgs.from_dict(config))
 
 
-__all__ = ["MODEL_TYPES", "KVCache", "build_model", "get_architecture", "make_cache", "trim_cache"]
+__all__ = ["MODEL_TYPES", "KVCache", "build_model", "get_architecture", "make_cache", "truncate_cache"]

@@ -38,12 +38,6 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    def trim(self, n: int) -> int:
-        """Forget the last `n` positions (used to reuse a shared prompt prefix); returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
         if self.keys is None:
@@ -60,6 +54,15 @@ def make_cache(model) -> list[KVCache]:
     return [KVCache() for _ in model.layers]
 
 
-def trim_cache(cache: list[KVCache], n: int) -> int:
-    """Drop the last `n` positions from every layer's cache."""
-    return min(c.trim(n) for c in cache) if cache else 0
+def truncate_cache(cache: list[KVCache], length: int) -> int:
+    """Keep at most the first `length` positions in every layer; returns the length all layers now share.
+
+    Absolute, not relative: after an interrupted forward pass (Ctrl-C while the graph was being built) early
+    layers may hold a position the later ones lack, and the layers must agree again before the next step.
+    """
+    if not cache:
+        return 0
+    length = min(length, *(c.offset for c in cache))
+    for c in cache:
+        c.offset = length
+    return length
