@@ -297,3 +297,44 @@ def test_cli_quantize_check_and_errors(dense_src, tmp_path):
     assert r.exit_code == 0, r.output
     q = json.loads((tmp_path / "fit" / "config.json").read_text())["quantization"]
     assert (q["bits"], q["group_size"]) == (8, 32)
+
+
+@pytest.mark.parametrize("layout", ["src-in-out", "out-is-src", "out-in-src"])
+def test_out_overlapping_source_refused_even_with_force(dense_src, tmp_path, layout):
+    """`quantize models/Qwen3-8B models --force` must not rename and delete the folder holding the source."""
+    import shutil
+
+    parent = tmp_path / "models"
+    src = parent / "Qwen3-tiny"
+    shutil.copytree(dense_src, src)
+    out = {"src-in-out": parent, "out-is-src": src, "out-in-src": src / "q4"}[layout]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(Qwen3MLXError, match="inside|is the source"):
+        convert(src, out, QuantSpec(bits=4, group_size=32), force=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # the same through the CLI: one line, exit 1, source intact
+    from typer.testing import CliRunner
+
+    from qwen3_mlx.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", str(src), str(out), "--force", "--no-eval"])
+    assert r.exit_code != 0 and isinstance(r.exception, Qwen3MLXError)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_failed_write_closes_shard_file(dense_src, tmp_path, monkeypatch):
+    """An error inside a shard (here: a write past a tensor's end) leaves no open file descriptor behind."""
+    from qwen3_mlx.quantize import convert as convert_mod
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def bad_write(unit, reader, writer, dtype, progress):
+        writer.write(unit.outputs[0].name, unit.outputs[0].nbytes, mx.zeros((4,)))
+
+    monkeypatch.setattr(importlib.import_module("qwen3_mlx.quantize.convert"), "_write_unit", bad_write)
+    n = open_fds()
+    with pytest.raises(ValueError, match="write past the end"):
+        convert_mod(dense_src, tmp_path / "out", QuantSpec(bits=4, group_size=32))
+    assert open_fds() == n
+    assert list(tmp_path.iterdir()) == []

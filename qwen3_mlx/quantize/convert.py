@@ -316,6 +316,17 @@ def _copy_support_files(source: Path, tmp: Path) -> list[str]:
     return warnings
 
 
+def _refuse_overlap(source: Path, out: Path) -> None:
+    """OUT must be apart from the source: --force renames and deletes OUT, which would take a source inside it."""
+    src_r, out_r = source.resolve(), out.resolve()
+    if src_r == out_r:
+        raise QuantizeError(f"the output folder {out} is the source folder")
+    if out_r in src_r.parents:
+        raise QuantizeError(f"the source {source} is inside the output folder {out}; choose an output folder beside it")
+    if src_r in out_r.parents:
+        raise QuantizeError(f"the output folder {out} is inside the source {source}; choose a folder outside it")
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -338,8 +349,7 @@ def convert(
     if out.exists() and not force:
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
     plan = plan_export(src, spec, dtype=dtype, max_shard_size=max_shard_size)
-    if out.exists() and out.resolve() == plan.source.resolve():
-        raise QuantizeError("the output folder is the source folder")
+    _refuse_overlap(plan.source, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -361,12 +371,11 @@ def convert(
         with Reader() as reader:
             for i, units in enumerate(plan.shards):
                 name = shard_name(i, n)
-                writer = ShardWriter(tmp / name, [t for u in units for t in u.outputs], SHARD_METADATA)
-                for u in units:
-                    _write_unit(u, reader, writer, plan.dtype, advance)
-                    for t in u.outputs:
-                        weight_map[t.name] = name
-                writer.close()
+                with ShardWriter(tmp / name, [t for u in units for t in u.outputs], SHARD_METADATA) as writer:
+                    for u in units:
+                        _write_unit(u, reader, writer, plan.dtype, advance)
+                        for t in u.outputs:
+                            weight_map[t.name] = name
                 files.append(out / name)
         index = {"metadata": {"total_size": plan.weight_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")

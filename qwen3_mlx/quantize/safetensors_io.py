@@ -149,9 +149,13 @@ class ShardWriter:
         self._data_start = len(head)
         self._written = 0
         self.size = len(head) + sum(self._sizes.values())
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, head, 0)
-        os.ftruncate(self._fd, self.size)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(self._fd, head, 0)
+            os.ftruncate(self._fd, self.size)
+        except BaseException:
+            self._release()
+            raise
 
     def write(self, name: str, offset: int, data: mx.array) -> None:
         """Write the bytes of (evaluated) `data` at byte `offset` within tensor `name`."""
@@ -162,10 +166,25 @@ class ShardWriter:
         self._written += buf.nbytes
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Close the file; raises if any tensor byte was left unwritten."""
+        self._release()
         expected = self.size - self._data_start
         if self._written != expected:
             raise RuntimeError(f"{self.path.name}: wrote {self._written} of {expected} data bytes")
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:  # a failed write: release the descriptor, keep the original error (the shard is discarded)
+            self._release()
 
 
 def parse_size(text: str | int) -> int:
