@@ -43,15 +43,20 @@ def apply_top_k(logits: mx.array, k: int) -> mx.array:
 
 
 def apply_top_p(logits: mx.array, p: float) -> mx.array:
-    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least `p`."""
+    """Nucleus: keep the smallest set of most likely tokens whose probabilities sum to at least `p`.
+
+    The most likely token always stays (transformers' `min_tokens_to_keep=1`), so `p=0` is greedy-like
+    rather than an empty set that `categorical` would turn into a uniform draw over the vocabulary.
+    """
     if p is None or p >= 1.0:
         return logits
     order = mx.argsort(-logits, axis=-1)  # most likely first
     sorted_logits = mx.take_along_axis(logits, order, axis=-1)
     probs = mx.softmax(sorted_logits, axis=-1)
-    # A token stays when the mass strictly before it is below p: the first token always stays.
+    # A token stays when the mass strictly before it is below p; the first one stays whatever p is.
     before = mx.cumsum(probs, axis=-1) - probs
-    keep_sorted = before < p
+    first = mx.arange(logits.shape[-1]) == 0  # [vocab]
+    keep_sorted = mx.logical_or(before < p, first)
     keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
     return mx.where(keep, logits, NEG_INF)
 

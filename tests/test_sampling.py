@@ -5,6 +5,9 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from qwen3_mlx.sample import (
     NON_THINKING_DEFAULTS,
@@ -44,6 +47,62 @@ def test_top_k():
 )
 def test_top_p(p, expected):
     assert kept(apply_top_p(logits_of(PROBS), p)) == expected
+
+
+def test_top_p_zero_keeps_the_top_token():
+    # An empty nucleus would make `categorical` draw uniformly from the whole vocabulary.
+    assert kept(apply_top_p(logits_of(PROBS), 0.0)) == {1}
+    draws = np.array(sample(mx.repeat(logits_of(PROBS), 200, axis=0), SamplingParams(1.0, top_p=0.0), mx.random.key(0)))
+    assert set(draws.tolist()) == {1}
+
+
+# Distinct float32 logits: with ties the set a filter keeps depends on how ties are broken, not on the rule.
+LOGITS = arrays(np.float32, st.integers(2, 64), elements=st.floats(-12, 12, width=32), unique=True)
+
+
+def reference_kept(warper, logits: np.ndarray) -> set[int]:
+    import torch
+
+    out = warper(torch.zeros((1, 0), dtype=torch.long), torch.tensor(logits[None]))[0].numpy()
+    return {i for i, v in enumerate(out) if np.isfinite(v)}
+
+
+def probs64(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits.astype(np.float64) - logits.max())
+    return e / e.sum()
+
+
+@settings(max_examples=150, deadline=None)
+@given(logits=LOGITS, k=st.integers(1, 80))
+def test_top_k_matches_transformers(logits, k):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    assert kept(apply_top_k(mx.array(logits[None]), k)) == reference_kept(TopKLogitsWarper(k), logits)
+
+
+@settings(max_examples=150, deadline=None)
+@given(logits=LOGITS, p=st.floats(0.0, 1.0))
+@example(logits=np.array([3.0, 1.0, -2.0, 0.5], np.float32), p=0.0)
+def test_top_p_matches_transformers(logits, p):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    # Skip draws where a token's preceding mass is within float32 rounding of p (either answer is right);
+    # the first token's (0) is exempt: it is kept whatever p is.
+    probs = np.sort(probs64(logits))[::-1]
+    before = np.cumsum(probs) - probs
+    assume(np.all(np.abs(before[1:] - p) > 1e-4))
+    assert kept(apply_top_p(mx.array(logits[None]), p)) == reference_kept(TopPLogitsWarper(p), logits)
+
+
+@settings(max_examples=150, deadline=None)
+@given(logits=LOGITS, min_p=st.floats(0.0, 1.0))
+def test_min_p_matches_transformers(logits, min_p):
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    # Skip draws with a token within rounding of the threshold (we compare in log space, transformers in probs).
+    ratio = probs64(logits) / probs64(logits).max()
+    assume(np.all(np.abs(ratio - min_p) > 1e-5 * max(min_p, 1e-30)) or min_p == 0)
+    assert kept(apply_min_p(mx.array(logits[None]), min_p)) == reference_kept(MinPLogitsWarper(min_p), logits)
 
 
 @pytest.mark.parametrize("min_p, expected", [(0.0, {0, 1, 2, 3, 4}), (0.24, {1, 3, 4, 2}), (0.26, {1, 3, 4}), (0.5, {1, 3}), (0.8, {1})])
