@@ -120,7 +120,10 @@ def read_safetensors_header(file: Path) -> dict[str, Any]:
             raise ModelLoadError(f"{file.name} is not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{file.name} is not a safetensors file")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ModelLoadError(f"{file.name} is not a safetensors file (malformed header)") from None
     if 8 + n + end > size:
         raise ModelLoadError(
             f"{file.name} is truncated: its header describes {8 + n + end:,} bytes but the file has {size:,}"
@@ -200,7 +203,14 @@ def load_model(
     model = build_model(config)
     weights = model.sanitize(load_weights(model_path))
     quantization = config.get("quantization") or config.get("quantization_config")
-    if quantization and "bits" in quantization:
+    if quantization:
+        method = quantization.get("quant_method")
+        if method is not None or "bits" not in quantization:
+            # Qwen's own -AWQ / -GPTQ / -FP8 repos: transformers formats, not MLX affine shards.
+            raise ModelLoadError(
+                f"{model_path.name} is quantized as {method or 'an unknown format'}, which qwen3-mlx cannot load; "
+                "use the bf16 checkpoint (qwen3-mlx quantize makes MLX 4/8-bit shards from it)"
+            )
         apply_quantization(model, quantization, weights)
     check_weights(model, weights)
     weights = {k: v.astype(dtype) if v.dtype in _FLOAT_DTYPES else v for k, v in weights.items()}

@@ -228,3 +228,28 @@ def test_repo_from_hub_cache(tmp_path, monkeypatch, dense_ckpt):
     )
     model, tokenizer = load("Qwen/Tiny")
     assert model.args.hidden_size == 64
+
+
+def test_unsupported_rope_type(broken):
+    edit_config(broken, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
+    with pytest.raises(ModelLoadError, match=r"unsupported rope_scaling type 'linear'"):
+        load_model(broken)
+
+
+def test_config_missing_required_key(broken):
+    edit_config(broken, vocab_size=None)
+    with pytest.raises(ModelLoadError, match=r"config.json lacks 'vocab_size'"):
+        load_model(broken)
+
+
+def test_malformed_safetensors_header(broken):
+    header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [64]}}).encode()  # no data_offsets
+    (broken / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 256)
+    with pytest.raises(ModelLoadError, match=r"model.safetensors is not a safetensors file \(malformed header\)"):
+        load_model(broken)
+
+
+def test_transformers_quantized_checkpoint_is_refused(broken):
+    edit_config(broken, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128})
+    with pytest.raises(ModelLoadError, match=r"quantized as awq, which qwen3-mlx cannot load"):
+        load_model(broken)

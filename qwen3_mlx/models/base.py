@@ -10,6 +10,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import ModelLoadError
+
 # transformers 5 writes some keys under new names; real Qwen3 checkpoints use the old ones.
 _KEY_ALIASES = {"num_local_experts": "num_experts"}
 
@@ -25,6 +27,9 @@ class BaseModelArgs:
             key = _KEY_ALIASES.get(key, key) if key not in names else key
             if key in names and key not in kwargs:
                 kwargs[key] = value
+        required = [n for n, p in names.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+        if required:
+            raise ModelLoadError(f"config.json lacks {', '.join(repr(n) for n in required)}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +110,7 @@ class RoPE(nn.Module):
         if scaling is not None:
             rope_type = scaling["rope_type"]
             if rope_type != "yarn":
-                raise ValueError(f"unsupported rope type {rope_type!r} (supported: default, yarn)")
+                raise ModelLoadError(f"unsupported rope_scaling type {rope_type!r} (supported: default, yarn)")
             inv_freq, self.mscale = yarn_inv_freq(dims, base, scaling, max_position_embeddings)
             # mx.fast.rope takes wavelengths (1 / inv_freq), not inverse frequencies.
             self._freqs = 1.0 / inv_freq
