@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .errors import Qwen3MLXError
 from .models.cache import make_cache
-from .sample import SamplingParams, resolve_sampling, sample
+from .sample import SamplingParams, apply_presence_penalty, apply_repetition_penalty, resolve_sampling, sample
 from .tools import ToolCall, parse_tool_calls
 
 # Qwen's early-stop text for a thinking budget (Qwen3 README): it closes the reasoning and the answer follows.
@@ -157,6 +157,11 @@ def stream_generate(
 
     `thinking_budget=N`: once N reasoning tokens (the opening `<think>` included) have been sampled without
     `</think>`, Qwen's early-stop text is appended as tokens and the model continues with the answer.
+
+    `seed`: each call starts its own random stream from `mx.random.key(seed)`, so one call is reproducible on
+    its own, and two calls with the same seed draw the same random numbers (a multi-turn caller passing one seed
+    every turn replays the same stream each turn: vary it per turn, e.g. `seed + turn`). Without a seed the
+    global MLX random state is used.
 
     `prompt_cache`: a list of KVCache to extend (the caller passes only the tokens not already cached);
     a fresh cache is made otherwise. `ignore_eos=True` generates exactly `max_tokens` tokens.
@@ -295,10 +300,9 @@ class _Sampler:
         logits = self.model(inputs[None], self.cache)[:, -1, :].astype(mx.float32)  # [1, vocab]
         p = self.params
         if self.generated is not None:
-            logits = logits - p.presence_penalty * self.generated
+            logits = apply_presence_penalty(logits, self.generated, p.presence_penalty)
         if self.context is not None:
-            penalised = mx.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = mx.where(self.context > 0, penalised, logits)
+            logits = apply_repetition_penalty(logits, self.context, p.repetition_penalty)
         subkey = None
         if self.key is not None:
             self.key, subkey = mx.random.split(self.key)

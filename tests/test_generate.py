@@ -60,6 +60,24 @@ def test_greedy_matches_transformers(tiny):
     assert len(ref) == 32  # random weights never picked eos, so this compared all 32 steps
 
 
+def test_greedy_repetition_penalty_matches_transformers(tiny):
+    import torch
+
+    ids = tiny.tokenizer.encode("the the the cat sat on the mat the cat")
+    with torch.no_grad():
+        ref = tiny.torch.generate(
+            torch.tensor([ids]),
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=1.8,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )[0, len(ids) :].tolist()
+    result = generate(tiny.model, tiny.tokenizer, ids, max_tokens=16, temperature=0.0, repetition_penalty=1.8)
+    assert result.tokens == ref and len(ref) == 16
+    # the penalty changed the greedy path, so this compared penalised steps, not plain argmax
+    assert generate(tiny.model, tiny.tokenizer, ids, max_tokens=16, temperature=0.0).tokens != ref
+
+
 def test_greedy_small_prefill_chunks_same_tokens(tiny):
     prompt = "The quick brown fox jumps over the lazy dog. " * 3
     a = generate(tiny.model, tiny.tokenizer, prompt, max_tokens=12, temperature=0)
