@@ -338,3 +338,21 @@ def test_failed_write_closes_shard_file(dense_src, tmp_path, monkeypatch):
         convert_mod(dense_src, tmp_path / "out", QuantSpec(bits=4, group_size=32))
     assert open_fds() == n
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "tokenizer_config.json", "config.json"])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_check_reports_broken_json_as_a_problem(dense_src, tmp_path, name, content):
+    out = tmp_path / "out"
+    convert(dense_src, out, QuantSpec(bits=8, group_size=32))
+    assert check_export(out) == []
+    (out / name).write_text(content)
+    problems = check_export(out)
+    assert any(p.startswith(name) for p in problems), problems
+    from typer.testing import CliRunner
+
+    from qwen3_mlx.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", "--check", str(out)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert name in r.output

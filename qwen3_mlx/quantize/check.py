@@ -67,10 +67,9 @@ def check_export(folder: str | Path) -> list[str]:
     """Problems that would stop MLX Swift (or make it load wrongly); an empty list means loadable."""
     folder = Path(folder)
     problems: list[str] = []
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"config.json unreadable: {e}"]
+    config = _read_json(folder / "config.json", problems)
+    if config is None:
+        return problems
     mt = config.get("model_type")
     if mt not in ("qwen3", "qwen3_moe"):
         return [f"model_type {mt!r} is not qwen3 / qwen3_moe"]
@@ -89,6 +88,8 @@ def check_export(folder: str | Path) -> list[str]:
 
     q = config.get("quantization")
     if q is not None:
+        if not isinstance(q, dict):
+            return problems + ["quantization must be an object with bits and group_size"]
         if not (isinstance(q.get("bits"), int) and isinstance(q.get("group_size"), int)):
             problems.append("quantization needs integer bits and group_size")
             return problems
@@ -117,16 +118,20 @@ def check_export(folder: str | Path) -> list[str]:
         infos = scan(files)
     except Exception as e:  # noqa: BLE001 - any unreadable shard is a problem to report
         return problems + [str(e)]
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
+    index = _read_json(index_file, problems) if index_file.is_file() else None
+    if index is not None:
         wm = index.get("weight_map", {})
+        if not isinstance(wm, dict):
+            problems.append(f"{WEIGHT_INDEX}: weight_map is not an object")
+            wm = {}
         if list(wm) != sorted(wm):
             problems.append("index weight_map is not sorted")
         if set(wm) != set(infos) or any(infos[k].file.name != v for k, v in wm.items() if k in infos):
             problems.append("index weight_map does not match the shards' contents")
-        if index.get("metadata", {}).get("total_size") != sum(i.nbytes for i in infos.values()):
+        meta = index.get("metadata")
+        if not isinstance(meta, dict) or meta.get("total_size") != sum(i.nbytes for i in infos.values()):
             problems.append("index metadata.total_size is not the sum of tensor bytes")
-    else:
+    elif not index_file.is_file():
         problems.append(f"no {WEIGHT_INDEX}")
 
     # Strict module/tensor set, quantization derivable from the dict alone.
@@ -170,7 +175,21 @@ def check_export(folder: str | Path) -> list[str]:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if not (folder / name).is_file():
             problems.append(f"no {name}")
-    tc = folder / "tokenizer_config.json"
-    if tc.is_file() and not json.loads(tc.read_text()).get("chat_template"):
+    tc_file = folder / "tokenizer_config.json"
+    tc = _read_json(tc_file, problems) if tc_file.is_file() else None
+    if tc is not None and not tc.get("chat_template"):
         problems.append("tokenizer_config.json has no inline chat_template")
     return problems
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    """The JSON object in `path`, or None after recording why it cannot be used."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{path.name} unreadable: {e}")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} is not a JSON object")
+        return None
+    return data
