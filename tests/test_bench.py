@@ -196,3 +196,32 @@ def test_plot_needs_matplotlib_or_writes_a_png(tmp_path):
     else:
         assert r.returncode == 0, r.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing-folder", "is-a-folder"])
+def test_unwritable_output_fails_before_the_run(tmp_path, option, where):
+    """A bad --json / --plot path is refused up front (one line, exit 1), not after the results were measured."""
+    config = write_config(tmp_path, dense_config(), False)
+    target = tmp_path / "nope" / "bench.out" if where == "missing-folder" else tmp_path
+    r = run_cli("--shape", str(config), "--random", "-p", "8", "-g", "3", "-n", "1", option, str(target))
+    assert r.returncode == 1, r.stderr
+    assert option in r.stderr and "Traceback" not in r.stderr
+    assert "trial" not in r.stderr and r.stdout == ""  # nothing was run
+
+
+def test_check_output_path_accepts_a_new_file_in_an_existing_folder(tmp_path):
+    from qwen3_mlx.bench import check_output_path
+
+    assert check_output_path(tmp_path / "new.json", "--json") == tmp_path / "new.json"
+    with pytest.raises(BenchError, match="does not exist"):
+        check_output_path(tmp_path / "a" / "b.json", "--json")
+
+
+def test_bad_group_size_for_the_shape_is_one_line(tmp_path):
+    config = write_config(tmp_path, dense_config(), False)  # hidden 64: group 128 cannot divide it
+    r = run_cli("--shape", str(config), "--random", "--bits", "4", "--group-size", "128", "-p", "8", "-g", "3")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot quantize this shape to 4 bits, group size 128" in lines[0] and "does not divide" in lines[0]

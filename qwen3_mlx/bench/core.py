@@ -67,7 +67,6 @@ def run_bench(
     vs: str | None = None,
     prefill_step_size: int = 512,
     seed: int = 0,
-    generator: str = "auto",
     device: str | None = None,
     on_trial: Callable[[str, int, int, Trial], None] | None = None,
 ) -> dict:
@@ -110,7 +109,7 @@ def run_bench(
         name, source = str(model), str(getattr(net, "model_path", model))
     config = {**config, **net.args.to_dict()}  # defaults filled in
 
-    used, tokens = our_tokens(net, prefill_step_size, generator)
+    tokens = our_tokens(net, prefill_step_size)
     runners = [make_runner(OURS, net, config, tokens)]
     if vs == "mlx-lm":
         from .mlx_lm_side import mlx_lm_tokens, mlx_lm_twin
@@ -142,7 +141,7 @@ def run_bench(
             "warmup": 1,
             "prefill_step_size": prefill_step_size,
             "sampler": "greedy, eos ignored",
-            "generator": used,
+            "generator": "stream_generate",
             "vs": vs,
             "alternated": len(runners) > 1,
         },

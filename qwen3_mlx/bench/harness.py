@@ -12,7 +12,7 @@ import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -129,44 +129,9 @@ def ratio_row(ours: dict, theirs: dict) -> dict[str, float]:
 # ---- our side --------------------------------------------------------------------------------------------
 
 
-def internal_tokens(model: nn.Module, prompt: list[int], max_tokens: int, prefill_step_size: int = 512) -> Iterator[int]:
-    """Greedy generation loop used until qwen3_mlx.generate.stream_generate exists."""
-    from ..models import make_cache
-
-    cache = make_cache(model)
-    ids = mx.array(prompt)
-    while ids.size > prefill_step_size:
-        model(ids[None, :prefill_step_size], cache)
-        mx.eval([c.keys for c in cache])
-        ids = ids[prefill_step_size:]
-
-    def step(x):
-        logits = model(x[None], cache)[:, -1, :]
-        return mx.argmax(logits, axis=-1)
-
-    y = step(ids)
-    mx.async_eval(y)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_y = step(y)
-            mx.async_eval(next_y)
-        yield y.item()
-        if n + 1 < max_tokens:
-            y = next_y
-
-
-def our_tokens(model: nn.Module, prefill_step_size: int = 512, generator: str = "auto") -> tuple[str, TokenSource]:
-    """(generator used, token source): the shared generator (stream_generate) when available, else the
-    internal loop. `generator` forces one: "stream" or "internal"."""
-    stream_generate = None
-    if generator in ("auto", "stream"):
-        try:
-            from ..generate import stream_generate
-        except ImportError:
-            if generator == "stream":
-                raise
-    if stream_generate is None:
-        return "internal", lambda prompt, n: internal_tokens(model, prompt, n, prefill_step_size)
+def our_tokens(model: nn.Module, prefill_step_size: int = 512) -> TokenSource:
+    """Token source of our side: the shared generator (stream_generate), greedy, eos ignored."""
+    from ..generate import stream_generate
 
     def run(prompt, n):
         for r in stream_generate(
@@ -174,4 +139,4 @@ def our_tokens(model: nn.Module, prefill_step_size: int = 512, generator: str = 
         ):
             yield r.token
 
-    return "stream_generate", run
+    return run

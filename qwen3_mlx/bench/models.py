@@ -114,9 +114,13 @@ def estimate_fit(config: dict, bits: int | None, group_size: int, context: int) 
 
 def random_bench_model(config: dict, bits: int | None, group_size: int, seed: int = 0) -> nn.Module:
     """Random-weight model of `config` (see `registry.random_model`), with the benchmark's error."""
+    from ..quantize.recipes import QuantizeError
+
     try:
         return random_model(config, seed=seed, bits=bits, group_size=group_size)
-    except ValueError as e:  # e.g. a dimension not divisible by the group size
+    # quantize_model checks bits / group size / divisibility first (QuantizeError); mx.quantize's own
+    # ValueError is the fallback for anything it lets through.
+    except (QuantizeError, ValueError) as e:
         raise BenchError(f"cannot quantize this shape to {bits} bits, group size {group_size}: {e}") from None
 
 

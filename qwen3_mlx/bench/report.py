@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.table import Table
@@ -68,8 +69,24 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def check_output_path(path: str | Path, option: str) -> Path:
+    """Fail before a long run if `path` cannot be written: its folder must exist and be writable."""
+    p = Path(path).expanduser()
+    parent = p.absolute().parent
+    if p.is_dir():
+        raise BenchError(f"{option} {path}: is a folder, give a file name")
+    if not parent.is_dir():
+        raise BenchError(f"{option} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise BenchError(f"{option} {path}: not writable")
+    return p
+
+
 def save_json(doc: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    try:
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as e:
+        raise BenchError(f"cannot write {path}: {e}") from None
 
 
 def save_plot(doc: dict, path: str | Path) -> None:
@@ -100,5 +117,9 @@ def save_plot(doc: dict, path: str | Path) -> None:
     m = doc["model"]
     fig.suptitle(f"{m['name']} ({m['bits'] and str(m['bits']) + '-bit' or m['dtype']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise BenchError(f"cannot write {path}: {e}") from None
+    finally:
+        plt.close(fig)

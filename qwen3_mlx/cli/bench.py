@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import typer
@@ -46,24 +47,27 @@ def bench(
     device: Optional[str] = typer.Option(
         None, "--device", help="Device profile (see `qwen3-mlx fit`) for the bandwidth share, e.g. m4-pro-48gb."
     ),
-    generator: str = typer.Option("auto", "--generator", hidden=True, help="auto, stream or internal (dev)."),
 ) -> None:
     """Measure prefill and decode speed of a model (or a random-weight shape), optionally against mlx-lm."""
-    from ..bench import run_bench, save_json, save_plot, table
+    from ..bench import check_output_path, run_bench, save_json, save_plot, table
 
     def on_trial(name, ctx, i, t):
         err.print(
             f"[dim]{name} p={ctx} trial {i + 1}: prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.2f} tok/s[/dim]"
         )
 
-    if plot_file:  # fail before the long run, not after
+    # Fail before the long run, not after it (the results would be lost).
+    if json_file:
+        check_output_path(json_file, "--json")
+    if plot_file:
+        check_output_path(plot_file, "--plot")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             from ..bench import BenchError
 
             raise BenchError("--plot needs matplotlib (the plot extra): pip install matplotlib") from None
-    with err.status("benchmarking...") if show_progress() else _nullcontext():
+    with err.status("benchmarking...") if show_progress() else nullcontext():
         doc = run_bench(
             model,
             shape=shape,
@@ -76,7 +80,6 @@ def bench(
             contexts=_contexts(contexts),
             vs=vs,
             seed=seed,
-            generator=generator,
             device=device,
             on_trial=on_trial,
         )
@@ -87,11 +90,3 @@ def bench(
     if plot_file:
         save_plot(doc, plot_file)
         err.print(f"wrote {plot_file}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
