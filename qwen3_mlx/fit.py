@@ -131,6 +131,15 @@ def tensor_bytes(t: Tensor, bits: int, group_size: int, dtype_bytes: int) -> int
     return rows * (cols * bits // 32) * 4 + 2 * rows * (cols // group_size) * dtype_bytes
 
 
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2) -> int:
+    """Bytes of keys and values one position occupies across all layers."""
+    c = _cfg(config)
+    H = c["num_attention_heads"]
+    KV = c.get("num_key_value_heads") or H
+    hd = c.get("head_dim") or c["hidden_size"] // H
+    return 2 * c["num_hidden_layers"] * KV * hd * dtype_bytes
+
+
 def _header_bytes(path: str, quantized: bool) -> int:
     # safetensors JSON entry per tensor: name + dtype/shape/offsets (~70 bytes); measured on real exports.
     names = [f"{path}.weight"] + ([f"{path}.scales", f"{path}.biases"] if quantized else [])
@@ -218,7 +227,7 @@ def predict(
     KV = c.get("num_key_value_heads") or H
     hd = c.get("head_dim") or D // H
     positions = math.ceil(context / KV_STEP) * KV_STEP
-    kv = 2 * L * KV * hd * positions * dtype_bytes
+    kv = kv_bytes_per_token(c, dtype_bytes) * positions
     chunk = min(prefill_step, context)
     # Largest score matrix of the chunked prefill: chunk length x keys cached so far, over all chunks.
     score_cells = max(

@@ -168,3 +168,19 @@ def test_cli_fit_all():
         assert f"| {label} | 4-bit g64 |" in r.output
     r = CliRunner().invoke(app, ["fit", "qwen3-4b", "--device", "iphone-15-pro", "--bits", "4"])
     assert r.exit_code == 0 and r.output.count("| Qwen3-4B |") == 1
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-30b-a3b"])
+def test_kv_bytes_per_token_is_the_real_cache_per_position(name):
+    """The per-position KV size the planner and bench share, against a real cache of a (shrunk) shape."""
+    from qwen3_mlx.fit import kv_bytes_per_token
+    from qwen3_mlx.models import make_cache
+
+    cfg = dict(shape_config(name), num_hidden_layers=2, vocab_size=512, num_experts=16, intermediate_size=64,
+               moe_intermediate_size=64)
+    model = random_model(cfg, seed=0)
+    cache = make_cache(model)
+    n = 256  # one KVCache step: exactly this many positions allocated
+    model(mx.zeros((1, n), dtype=mx.int32), cache)
+    real = sum(a.nbytes for c in cache for a in c.state)
+    assert kv_bytes_per_token(cfg, 4) * n == real

@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .models import decode_read_bytes, kv_bytes_per_token, weight_bytes
+from ..fit import kv_bytes_per_token
+from .models import decode_read_bytes, weight_bytes
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "bandwidth_gbs")
 # Higher is better for these; for the others (time, memory) lower is better.
@@ -63,7 +64,7 @@ class Runner:
 
 
 def make_runner(name: str, model: nn.Module, config: dict, tokens: TokenSource) -> Runner:
-    return Runner(name, tokens, weight_bytes(model), decode_read_bytes(model, config), kv_bytes_per_token(config))
+    return Runner(name, tokens, weight_bytes(model), decode_read_bytes(model, config), kv_bytes_per_token(config, 4))
 
 
 def random_prompt(length: int, vocab_size: int, seed: int) -> list[int]:

@@ -13,7 +13,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import Qwen3MLXError
-from ..models import build_model
 from ..models.registry import SHAPES, random_model, shape_config
 
 
@@ -41,30 +40,18 @@ def resolve_shape(shape: str) -> tuple[str, dict]:
     return shape.lower().split("/")[-1], shape_config(shape)
 
 
-def _bits_per_weight(bits: int | None, group_size: int, dtype: mx.Dtype) -> float:
-    if bits is None:
-        return dtype.size * 8
-    return bits + 2 * 32 / group_size  # packed weight + float32 scale and bias per group
+def predicted_weight_bytes(config: dict, bits: int | None, group_size: int, dtype_bytes: int = 4) -> int:
+    """Bytes of weights a model of `config` takes in memory: the fit planner's module shapes and byte counts
+    (no file headers), with the exporter's per-layer bits (the MoE router stays 8-bit)."""
+    from ..fit import model_tensors, tensor_bytes
+    from ..quantize.recipes import QuantSpec
 
-
-def predicted_weight_bytes(config: dict, bits: int | None, group_size: int, dtype: mx.Dtype = mx.float32) -> int:
-    """Bytes of weights a model of `config` takes in memory, from parameter shapes (nothing is allocated)."""
-    model = build_model(config)  # parameters are lazy random arrays: shapes only, no memory
-    total = 0.0
-    for path, p in tree_flatten(model.parameters()):
-        is_matrix = p.ndim >= 2 and p.shape[-1] % group_size == 0 and not path.endswith("norm.weight")
-        bpw = _bits_per_weight(bits, group_size, dtype) if is_matrix else dtype.size * 8
-        if bits is not None and bits < 8 and path.endswith("mlp.gate.weight"):
-            bpw = _bits_per_weight(8, group_size, dtype)  # router stays 8-bit (quantize_model)
-        total += p.size * bpw / 8
-    return int(total)
-
-
-def kv_bytes_per_token(config: dict, dtype: mx.Dtype = mx.float32) -> int:
-    """Bytes of keys and values one position occupies across all layers."""
-    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * heads * head_dim * dtype.size
+    spec = QuantSpec(bits=bits, group_size=group_size) if bits else None
+    layers, tied = config["num_hidden_layers"], bool(config.get("tie_word_embeddings", False))
+    return sum(
+        tensor_bytes(t, spec.layer_bits(t.path, layers, tied) if spec and t.quantizable else 0, group_size, dtype_bytes)
+        for t in model_tensors(config)
+    )
 
 
 def available_memory() -> int | None:
