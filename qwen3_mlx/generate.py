@@ -186,6 +186,8 @@ def stream_generate(
     )
     if params.temperature < 0:
         raise Qwen3MLXError(f"temperature must be 0 or more, got {params.temperature}")
+    if params.repetition_penalty is not None and params.repetition_penalty <= 0:
+        raise Qwen3MLXError(f"repetition_penalty must be above 0, got {params.repetition_penalty}")
 
     cache = prompt_cache if prompt_cache is not None else make_cache(model)
     eos = set() if (ignore_eos or tokenizer is None) else set(tokenizer.eos_token_ids)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REAL_VOCAB, dense_config, save_checkpoint
+from helpers import REAL_VOCAB, TOKENIZER_DIR, dense_config, save_checkpoint
 
 from qwen3_mlx.cli.generate import ReasoningFilter
 
@@ -17,10 +17,50 @@ def tiny(tmp_path_factory):
     return path
 
 
-def run(*args):
-    env = dict(os.environ, NO_COLOR="1")
+THINK, END_THINK, IM_END = 151667, 151668, 151645
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """A checkpoint that always thinks "Let", then answers "ok": a bigram model written as transformers weights.
+
+    With every attention and MLP output projection zeroed the residual stream is the current token's embedding,
+    so the next token depends on the current one only. Embeddings are one-hot "states" (RMSNorm makes them 8x
+    one-hot), and lm_head row t points at the state whose successor is t:
+    "\n" (end of the prompt) -> <think> -> "Let" -> </think> -> "ok" -> <|im_end|>, anything else -> <|im_end|>.
+    """
+    import torch
+
+    from qwen3_mlx.tokenizer import Tokenizer
+
+    tok = Tokenizer(TOKENIZER_DIR)
+    (newline,), (let,), (ok,) = tok.encode("\n"), tok.encode("Let"), tok.encode("ok")
+    path = tmp_path_factory.mktemp("thinker")
+    model = save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
+    chain = [newline, THINK, let, END_THINK, ok]  # state i + 1 belongs to chain[i]; state 0 to every other token
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        embed[:, 0] = 1.0
+        head.zero_()
+        for state, token in enumerate(chain, start=1):
+            embed[token] = 0.0
+            embed[token, state] = 1.0
+        for state, successor in enumerate(chain[1:] + [IM_END], start=1):
+            head[successor, state] = 10.0
+        head[IM_END, 0] = 10.0
+    model.save_pretrained(path)
+    return path
+
+
+def run(*args, command="generate"):
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
     return subprocess.run(
-        [sys.executable, "-m", "qwen3_mlx", "generate", *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "qwen3_mlx", command, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
     )
 
 
@@ -38,13 +78,55 @@ def test_generate_streams_answer_and_stats(tiny):
     assert "max-tokens" in proc.stderr
 
 
-def test_generate_sampling_options_and_seed(tiny):
-    common = [tiny, "--prompt", "Hi", "--max-tokens", "10", "--top-p", "0.9", "--top-k", "5", "--min-p", "0.01",
-              "--presence-penalty", "0.5", "--thinking-budget", "4", "--hide-thinking"]
-    a = run(*common, "--seed", "1", "--temperature", "0.9")
-    b = run(*common, "--seed", "1", "--temperature", "0.9")
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout and a.stdout.strip()
+# Each case: options for one run, and those of them whose removal must change the output (a fixed seed makes
+# sampling robust to filters that do not bind, so every option is shown to matter in a case where it binds).
+OPTION_CASES = [
+    (
+        dict(temperature=1.5, top_p=0.5, presence_penalty=1.0, repetition_penalty=1.5),
+        ["temperature", "top_p", "presence_penalty", "repetition_penalty", "seed"],
+    ),
+    (dict(temperature=1.5, top_p=1.0, top_k=50), ["top_k"]),
+    (dict(temperature=1.5, top_p=1.0, top_k=0, min_p=0.5), ["min_p"]),
+]
+UNSET = dict(temperature=None, top_p=None, top_k=None, min_p=None, presence_penalty=0.0, repetition_penalty=None)
+
+
+@pytest.mark.parametrize("options, binding", OPTION_CASES)
+def test_generate_sampling_options_and_seed(tiny, options, binding):
+    """Every sampling option reaches the library: the CLI prints what `generate` gives with the same options."""
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load
+
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+    proc = run(tiny, "--prompt", "Hi", "--max-tokens", "12", "--thinking-budget", "4", "--seed", "1", *flags)
+    assert proc.returncode == 0, proc.stderr
+    model, tokenizer = load(tiny)
+
+    def answer(**changed):
+        kw = dict(options, max_tokens=12, thinking_budget=4, seed=1) | changed
+        return generate(model, tokenizer, [{"role": "user", "content": "Hi"}], **kw).answer.lstrip("\n") + "\n"
+
+    assert proc.stdout == answer() and proc.stdout.strip()
+    # the comparison can fail: the output depends on each of these options (and on the seed)
+    for name in binding:
+        assert answer(**{name: UNSET.get(name, 2)}) != proc.stdout, name
+
+
+def test_reasoning_goes_to_stderr_when_piped(thinker):
+    proc = run(thinker, "--prompt", "Hi", "--max-tokens", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ok\n"  # `> answer.txt` holds the answer only
+    assert "Let" in proc.stderr
+    hidden = run(thinker, "--prompt", "Hi", "--max-tokens", "20", "--hide-thinking")
+    assert hidden.stdout == "ok\n" and "Let" not in hidden.stderr
+
+
+def test_help_shows_defaults_and_repetition_penalty():
+    for command in ("generate", "chat"):
+        proc = run("--help", command=command)
+        assert proc.returncode == 0, proc.stderr
+        assert "[default: 32768]" in proc.stdout and "[default: 20]" in proc.stdout
+        assert "--repetition-penalty" in proc.stdout
 
 
 def test_generate_bad_input_is_one_line(tiny, tmp_path):

@@ -21,6 +21,7 @@ from .generate import (
     MIN_P,
     NO_THINK,
     PRESENCE,
+    REPETITION,
     SEED,
     SYSTEM,
     TEMPERATURE,
@@ -270,6 +271,7 @@ def chat(
     top_k: int = TOP_K,
     min_p: float = MIN_P,
     presence_penalty: float = PRESENCE,
+    repetition_penalty: float = REPETITION,
     seed: int = SEED,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits."""
@@ -282,7 +284,7 @@ def chat(
         system=system,
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
-        **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed),
+        **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
     )
     if interactive:
         try:

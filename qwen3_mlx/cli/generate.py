@@ -6,21 +6,45 @@ import typer
 
 from .app import app, err, out
 
-# Shared with `qwen3-mlx chat`.
-MAX_TOKENS = typer.Option(None, "--max-tokens", "-m", help="Most tokens to generate [default: 32768].", min=1)
-TEMPERATURE = typer.Option(None, "--temperature", "--temp", help="0 is greedy [default: Qwen's, 0.6 / 0.7].", min=0.0)
-TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling [default: 0.95 thinking, 0.8 not].", min=0.0, max=1.0)
-TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens, 0 = all [default: 20].", min=0)
-MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min_p x the top probability [default: 0].", min=0.0, max=1.0)
+# Shared with `qwen3-mlx chat`. Help text is rich markup: a literal "[" must be written "\\[" or rich eats the tag.
+MAX_TOKENS = typer.Option(None, "--max-tokens", "-m", help="Most tokens to generate \\[default: 32768].", min=1)
+TEMPERATURE = typer.Option(
+    None, "--temperature", "--temp", help="0 is greedy \\[default: Qwen's, 0.6 thinking / 0.7 not].", min=0.0
+)
+TOP_P = typer.Option(
+    None,
+    "--top-p",
+    help="Nucleus sampling; 0 keeps only the most likely token \\[default: 0.95 thinking / 0.8 not].",
+    min=0.0,
+    max=1.0,
+)
+TOP_K = typer.Option(None, "--top-k", help="Keep the k most likely tokens, 0 = all \\[default: 20].", min=0)
+MIN_P = typer.Option(
+    None, "--min-p", help="Drop tokens below min_p x the top probability \\[default: 0].", min=0.0, max=1.0
+)
 PRESENCE = typer.Option(0.0, "--presence-penalty", help="Subtracted from every token already generated (0 to 2).")
+REPETITION = typer.Option(
+    None,
+    "--repetition-penalty",
+    help="Divides the logits of tokens in the prompt or output (transformers' semantics; 1 = off, >1 penalises).",
+)
 SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 NO_THINK = typer.Option(False, "--no-think", help="Thinking off (the template's hard switch).")
 BUDGET = typer.Option(None, "--thinking-budget", help="Cut reasoning after N tokens, then answer.", min=0)
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
 
 
-def sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed) -> dict:
-    options = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty)
+def sampling_options(
+    max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty=None
+) -> dict:
+    options = dict(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        presence_penalty=presence_penalty,
+        repetition_penalty=repetition_penalty,
+    )
     if max_tokens is not None:
         options["max_tokens"] = max_tokens
     if seed is not None:
@@ -48,15 +72,15 @@ def format_stats(r) -> str:
     )
 
 
-def write(text: str, dim: bool = False) -> None:
-    """Model text to stdout exactly as generated (no rich markup, emoji or highlighting), flushed at once;
-    dimmed only on a colour terminal."""
+def write(text: str, dim: bool = False, console=out) -> None:
+    """Model text to `console` (stdout by default) exactly as generated (no rich markup, emoji or highlighting),
+    flushed at once; dimmed only on a colour terminal."""
     if not text:
         return
-    if dim and out.is_terminal and not out.no_color:
+    if dim and console.is_terminal and not console.no_color:
         text = f"\x1b[2m{text}\x1b[0m"
-    out.file.write(text)
-    out.file.flush()
+    console.file.write(text)
+    console.file.flush()
 
 
 class ReasoningFilter:
@@ -83,24 +107,33 @@ def generate(
     system: str = SYSTEM,
     no_think: bool = NO_THINK,
     thinking_budget: int = BUDGET,
-    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not print the reasoning."),
+    hide_thinking: bool = typer.Option(
+        False,
+        "--hide-thinking",
+        help="Do not print the reasoning. When stdout is not a terminal (a pipe or a file) the reasoning goes to "
+        "stderr anyway, so stdout holds only the answer.",
+    ),
     max_tokens: int = MAX_TOKENS,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     top_k: int = TOP_K,
     min_p: float = MIN_P,
     presence_penalty: float = PRESENCE,
+    repetition_penalty: float = REPETITION,
     seed: int = SEED,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
 
     Reasoning is printed dimmed (or hidden with --hide-thinking), the answer normally; statistics go to stderr.
+    Piped or redirected, stdout gets only the answer: the reasoning goes to stderr.
     """
     from ..generate import stream_generate
 
     llm, tokenizer = load_for_cli(model)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     show = ReasoningFilter()
+    # `> answer.txt` must capture the answer, not the thinking: off a terminal reasoning goes to stderr.
+    thoughts = out if out.is_terminal else err
     last = None
     in_reasoning = False
     for r in stream_generate(
@@ -109,19 +142,19 @@ def generate(
         messages,
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
-        **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed),
+        **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
     ):
         last = r
         text = show(r.text, r.segment)
         if r.segment == "reasoning":
             in_reasoning = True
             if not hide_thinking:
-                write(text, dim=True)
+                write(text, dim=True, console=thoughts)
         else:
             if in_reasoning:
                 in_reasoning = False
                 if not hide_thinking:
-                    write("\n\n")
+                    write("\n\n", console=thoughts)
             write(text)
     write("\n")
     if last is not None:
