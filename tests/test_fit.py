@@ -184,3 +184,25 @@ def test_kv_bytes_per_token_is_the_real_cache_per_position(name):
     model(mx.zeros((1, n), dtype=mx.int32), cache)
     real = sum(a.nbytes for c in cache for a in c.state)
     assert kv_bytes_per_token(cfg, 4) * n == real
+
+
+@pytest.mark.parametrize("command", ["fit", "quantize", "bench"])
+def test_help_shows_every_option_text_whole(command):
+    """Typer renders help as rich markup: a literal "[...]" in a help string silently disappears. Every visible
+    parameter must have help, and each help text must appear in full in `--help`."""
+    import os
+    import subprocess
+    import sys
+
+    import typer
+
+    from qwen3_mlx.cli import app
+
+    params = [p for p in typer.main.get_command(app).commands[command].params
+              if not getattr(p, "hidden", False) and p.name != "help"]
+    r = subprocess.run([sys.executable, "-m", "qwen3_mlx", command, "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "400"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for p in params:
+        assert p.help, f"{command} {p.name} has no help text"
+        assert p.help.replace("\\[", "[") in r.stdout, (p.name, p.help)

@@ -37,7 +37,9 @@ def fit(
     device: Optional[str] = typer.Option(None, "--device", "-d", help="One device (default: all)."),
     context: int = typer.Option(4096, "--context", "-c", help="Context length (tokens) for the KV cache."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="One precision (16 = bf16); default 16, 8, 6, 4, 3."),
-    group_size: int = typer.Option(64, "--group-size", "-g"),
+    group_size: int = typer.Option(
+        64, "--group-size", "-g", help="Quantization group size (32, 64 or 128): one scale and bias per group."
+    ),
     all_models: bool = typer.Option(False, "--all", help="All eight Qwen3 models."),
 ):
     """Predicted memory (weights, KV cache, overhead) per precision, fit per device, decode tok/s bound."""

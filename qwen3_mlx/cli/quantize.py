@@ -33,7 +33,9 @@ def _size(n: float) -> str:
 @app.command()
 def quantize(
     src: Optional[str] = typer.Argument(None, help="HF model folder or repo id (bf16/fp16/fp32 safetensors)."),
-    out_dir: Optional[str] = typer.Argument(None, metavar="OUT", help="Output folder (must not exist)."),
+    out_dir: Optional[str] = typer.Argument(
+        None, metavar="OUT", help="Output folder: new (or --force), apart from the source folder."
+    ),
     bits: int = typer.Option(4, "--bits", "-b", help="Bits per weight: 2, 3, 4, 5, 6 or 8 (affine)."),
     group_size: int = typer.Option(64, "--group-size", "-g", help="Quantization group size: 32, 64 or 128."),
     recipe: str = typer.Option("uniform", help="uniform, or mixed_L_H (e.g. mixed_4_6: 4-bit, 6-bit where it matters)."),
