@@ -45,7 +45,7 @@ def test_mlx_lm_loads_export_with_same_logits(export):
     a = np.array(ours(IDS))
     b = np.array(theirs(IDS).astype(mx.float32))
     print(f"mlx-lm vs ours max|diff| {np.abs(a - b).max():.2e}")
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)  # measured ~2e-6: float32 rounding of a different op order
     assert tokenizer.encode("hello")  # the tokenizer loads too
 
 

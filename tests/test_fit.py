@@ -25,7 +25,7 @@ def folder_bytes(path):
     ids=lambda s: s.label,
 )
 def test_predicted_weight_bytes_equal_export_size(tmp_path, spec):
-    """A small MoE shape with random weights: prediction vs the output folder's shard sizes (within 1%)."""
+    """A small MoE shape with random weights: prediction vs the output folder's shard sizes (measured < 0.05%)."""
     cfg = moe_config(hidden_size=128, num_attention_heads=4, head_dim=32, moe_intermediate_size=64,
                      intermediate_size=256, decoder_sparse_step=2, vocab_size=2048)
     save_checkpoint(tmp_path / "src", cfg, moe=True, torch_dtype="bfloat16")
@@ -34,7 +34,7 @@ def test_predicted_weight_bytes_equal_export_size(tmp_path, spec):
     full = {**cfg, "model_type": "qwen3_moe"}
     predicted = predict(full, spec=spec, dtype_bytes=2).weight_bytes
     print(f"FIT small MoE {spec.label}: predicted {predicted} actual {actual} ({(predicted - actual) / actual:+.3%})")
-    assert abs(predicted - actual) / actual < 0.01
+    assert abs(predicted - actual) / actual < 0.001
 
 
 @pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-30b-a3b"])
@@ -49,7 +49,7 @@ def test_predicted_weight_bytes_equal_export_plan(name):
                 for s in shards)
     predicted = predict(cfg, spec=spec).weight_bytes
     print(f"FIT {name} 4-bit: predicted {predicted / GB:.4f} GB, export layout {exact / GB:.4f} GB")
-    assert abs(predicted - exact) / exact < 0.01
+    assert abs(predicted - exact) / exact < 0.001
 
 
 @pytest.mark.slow
@@ -85,7 +85,8 @@ def _measure_peak(cfg, prompt_len, gen):
 
 @pytest.mark.parametrize("prompt_len,gen", [(100, 8), (600, 8), (300, 40)])
 def test_predicted_peak_memory_during_generation(prompt_len, gen):
-    """A 4-layer model with Qwen3's real vocabulary, 4-bit, float32 on CPU: peak within 10% of measured."""
+    """A 4-layer model with Qwen3's real vocabulary, 4-bit, float32 on CPU: peak within 5% of measured (was -0.6%
+    to +3.2%)."""
     cfg = shape_config("qwen3-0.6b", num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=768)
     peak = _measure_peak(cfg, prompt_len, gen)
@@ -93,7 +94,7 @@ def test_predicted_peak_memory_during_generation(prompt_len, gen):
     err = (f.peak_mlx_bytes - peak) / peak
     print(f"PEAK prompt {prompt_len} + {gen}: measured {peak / 1e6:.1f} MB, predicted {f.peak_mlx_bytes / 1e6:.1f} MB "
           f"({err:+.1%})")
-    assert abs(err) < 0.10
+    assert abs(err) < 0.05
 
 
 @pytest.mark.slow
