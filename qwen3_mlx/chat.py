@@ -145,6 +145,11 @@ class ChatSession:
         t_start = time.perf_counter()
         t_answer = None
         stats.finish_reason = "interrupted"
+        options = dict(self.options)
+        if options.get("seed") is not None:
+            # Each turn its own random stream (a fixed seed per call would replay the same one every turn),
+            # still reproducible for the whole conversation.
+            options["seed"] += len(self.history) - 1
         try:
             for r in stream_generate(
                 self.model,
@@ -153,7 +158,7 @@ class ChatSession:
                 prompt_cache=self.cache,
                 enable_thinking=self.enable_thinking,
                 thinking_budget=self.thinking_budget,
-                **self.options,
+                **options,
             ):
                 generated.append(r.token)
                 if r.segment == "reasoning":
