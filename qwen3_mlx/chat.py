@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import Qwen3MLXError
-from .generate import GenerationResponse, stream_generate
+from .generate import GenerationResponse, stream_generate, tidy_segments
 from .models.cache import make_cache, truncate_cache
 
 SAVE_FORMAT = "qwen3-mlx-chat/1"
@@ -182,8 +182,7 @@ class ChatSession:
             # The cache holds the prompt then the generated tokens fed back so far (never the last sampled one).
             offset = self.cache[0].offset if self.cache else 0
             self.cached_tokens = (ids + generated)[:offset]
-            self.last_reasoning = "".join(reasoning).replace("<think>", "").replace("</think>", "").strip("\n")
-            content = "".join(answer).lstrip("\n")
+            self.last_reasoning, content = tidy_segments("".join(reasoning), "".join(answer))
             message = {"role": "assistant", "content": content}
             if self.last_reasoning:
                 message["reasoning_content"] = self.last_reasoning

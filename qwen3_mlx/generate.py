@@ -311,6 +311,11 @@ class _Sampler:
         return sample(logits, p, subkey)
 
 
+def tidy_segments(reasoning: str, answer: str) -> tuple[str, str]:
+    """Streamed reasoning and answer text without the think tags and the newlines that only frame them."""
+    return reasoning.replace("<think>", "").replace("</think>", "").strip("\n"), answer.lstrip("\n")
+
+
 def generate(model, tokenizer, prompt, **options) -> GenerationResult:
     """Run `stream_generate` to the end and return the whole result (same keyword options)."""
     pieces = {"reasoning": [], "answer": []}
@@ -321,8 +326,7 @@ def generate(model, tokenizer, prompt, **options) -> GenerationResult:
         tokens.append(last.token)
         text.append(last.text)
         pieces[last.segment].append(last.text)
-    reasoning = "".join(pieces["reasoning"]).replace("<think>", "").replace("</think>", "").strip("\n")
-    answer = "".join(pieces["answer"]).lstrip("\n")
+    reasoning, answer = tidy_segments("".join(pieces["reasoning"]), "".join(pieces["answer"]))
     result = GenerationResult(
         text="".join(text), reasoning=reasoning, answer=answer, tool_calls=parse_tool_calls(answer), tokens=tokens
     )
