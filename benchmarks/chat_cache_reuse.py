@@ -5,13 +5,15 @@ Random-weight Qwen3-0.6B shape (float32, CPU), the real tokenizer, a thinking-st
 (as Qwen3-Thinking-2507 does) and a thinking budget of 24 so every turn has reasoning the template then drops.
 """
 import sys, time, json
+from pathlib import Path
 import mlx.core as mx
 from qwen3_mlx.models.registry import random_model
 from qwen3_mlx.tokenizer import Tokenizer
 from qwen3_mlx.chat import ChatSession
 from qwen3_mlx.models.cache import make_cache
 
-tok = Tokenizer("/work/shared/fixtures/qwen3-tokenizer")
+# the tokenizer fixture beside the checkout (../shared), as in the tests
+tok = Tokenizer(Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen3-tokenizer")
 old = "{{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking"
 assert old in tok.chat_template
 tok.chat_template = tok.chat_template.replace(old, "{{- '<|im_start|>assistant\\n<think>\\n' }}\n    {%- if enable_thinking")
