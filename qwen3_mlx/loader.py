@@ -73,6 +73,11 @@ def load_config(model_path: Path) -> dict[str, Any]:
     file = model_path / "config.json"
     if not file.is_file():
         raise ModelLoadError(f"{model_path} has no config.json")
+    return read_config_file(file)
+
+
+def read_config_file(file: Path) -> dict[str, Any]:
+    """A config.json file as a dict, with one clear error for invalid JSON."""
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as e:

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import Qwen3MLXError
+from ..loader import read_config_file
 from ..models.registry import SHAPES, random_model, shape_config
 
 
@@ -28,11 +29,8 @@ def resolve_shape(shape: str) -> tuple[str, dict]:
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise BenchError(f"no such config file: {path}")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise BenchError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict) or "model_type" not in config:
+        config = read_config_file(path)
+        if "model_type" not in config:
             raise BenchError(f"{path} is not a Qwen3 config.json (no model_type)")
         return (path.stem if path.stem != "config" else path.parent.name), config
     if shape.lower().split("/")[-1] not in SHAPES:
