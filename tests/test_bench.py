@@ -171,7 +171,7 @@ def test_quantized_moe_decode_equals_full_forward_with_and_without_speed_paths(m
 
     split_prefill, split_decode = run()  # 96 sorted rows over 8 experts: quantized kernel, rows split
     monkeypatch.setattr(layers, "DEQUANT_MIN_ROWS_PER_EXPERT", 1)
-    monkeypatch.setattr(layers, "DEQUANT_BLOCK", 5 * 64 * 64)  # dequantized expert blocks [0, 5) and [5, 8)
+    monkeypatch.setattr(layers, "DEQUANT_EXPERT_BLOCK", 5 * 64 * 64)  # dequantized expert blocks [0, 5) and [5, 8)
     dequant_prefill, dequant_decode = run()
     monkeypatch.setattr(layers, "SPLIT_STREAMS", 1)
     monkeypatch.setattr(layers, "DEQUANT_EXPERTS", False)

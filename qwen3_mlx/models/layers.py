@@ -25,6 +25,9 @@ SPLIT_STREAMS = max(1, min(int(os.environ.get("QWEN3_MLX_CPU_STREAMS", min(os.cp
 SPLIT_MIN_OUT = 1024
 # Largest float copy (elements) the dequantize route makes of one weight at a time.
 DEQUANT_BLOCK = 1 << 18  # 1 MB float blocks: peak memory at parity with the quantized kernel (see README)
+# The same bound for blocks of MoE experts (switch.py). Kept at the size it was measured with: a block of
+# several experts per gather keeps long prefills fast, and one expert alone already exceeds DEQUANT_BLOCK.
+DEQUANT_EXPERT_BLOCK = 1 << 24
 # Dequantize expert stacks for sorted (prefill) MoE matmuls on CPU, from this many rows per expert on.
 DEQUANT_EXPERTS = True
 DEQUANT_MIN_ROWS_PER_EXPERT = 32

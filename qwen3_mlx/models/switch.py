@@ -58,14 +58,13 @@ class QuantizedSwitchLinear(nn.Module):
             if len(streams) > 1 and n >= 2 * len(streams):
                 step = -(-n // len(streams))
                 parts = [
-                    mx.gather_qmm(
-                        x[lo : lo + step], self.weight, self.scales, self.biases, rhs_indices=indices[lo : lo + step],
-                        transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-                        sorted_indices=True, stream=st,
-                    )
+                    self._gather_qmm(x[lo : lo + step], indices[lo : lo + step], True, stream=st)
                     for lo, st in zip(range(0, n, step), streams)
                 ]
                 return mx.concatenate(parts, axis=0)
+        return self._gather_qmm(x, indices, sorted_indices)
+
+    def _gather_qmm(self, x: mx.array, indices: mx.array, sorted_indices: bool, stream=None) -> mx.array:
         return mx.gather_qmm(
             x,
             self.weight,
@@ -77,8 +76,8 @@ class QuantizedSwitchLinear(nn.Module):
             bits=self.bits,
             mode=self.mode,
             sorted_indices=sorted_indices,
+            stream=stream,
         )
-
 
     def _dequantized_sorted(self, x: mx.array, indices: mx.array) -> mx.array:
         """CPU prefill: the quantized gather kernel is a single-threaded loop, so dequantize blocks of experts
@@ -90,7 +89,7 @@ class QuantizedSwitchLinear(nn.Module):
         """
         E, out_dims, packed = self.weight.shape
         in_dims = packed * 32 // self.bits
-        per_block = max(1, layers.DEQUANT_BLOCK // (out_dims * in_dims))
+        per_block = max(1, layers.DEQUANT_EXPERT_BLOCK // (out_dims * in_dims))
         starts = list(range(0, E, per_block))
         if len(starts) == 1:
             bounds = [0, indices.shape[0]]
