@@ -207,3 +207,32 @@ def test_help_shows_every_option_text_whole(command):
     for p in params:
         assert p.help, f"{command} {p.name} has no help text"
         assert p.help.replace("\\[", "[") in r.stdout, (p.name, p.help)
+
+
+# Qwen's model cards: (total parameters, non-embedding parameters) in billions, as the cards round them.
+MODEL_CARDS = {
+    "qwen3-0.6b": (0.6, 0.44),
+    "qwen3-1.7b": (1.7, 1.4),
+    "qwen3-4b": (4.0, 3.6),
+    "qwen3-8b": (8.2, 6.95),
+    "qwen3-14b": (14.8, 13.2),
+    "qwen3-32b": (32.8, 31.2),
+    "qwen3-30b-a3b": (30.5, None),
+    "qwen3-235b-a22b": (235.0, None),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_CARDS))
+def test_registry_shapes_have_the_model_cards_parameter_counts(name):
+    """The registry's configs against an independent source: the parameter counts Qwen publishes."""
+    from mlx.utils import tree_flatten
+
+    from qwen3_mlx.models import build_model
+
+    params = dict(tree_flatten(build_model(SHAPES[name]).parameters()))  # lazy: shapes only, no memory
+    total = sum(p.size for p in params.values()) / 1e9
+    embeddings = sum(params[k].size for k in ("model.embed_tokens.weight", "lm_head.weight") if k in params) / 1e9
+    card_total, card_non_embedding = MODEL_CARDS[name]
+    assert total == pytest.approx(card_total, abs=0.05 + 0.005 * card_total)
+    if card_non_embedding is not None:
+        assert total - embeddings == pytest.approx(card_non_embedding, abs=0.05)
