@@ -139,51 +139,6 @@ def test_mlx_lm_twin_computes_the_same_logits():
             np.testing.assert_allclose(np.array(model(ids)), np.array(twin(ids)), atol=1e-4, rtol=0)
 
 
-# ---- the speed paths in models/ compute what the plain MLX kernels compute ----------------------------------
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 3, 40])
-def test_quantized_linear_routes_match_the_quantized_kernel(bits, rows):
-    from qwen3_mlx.models import layers
-
-    w = mx.random.normal((2048, 256), key=mx.random.key(1)) * 0.05
-    wq, s, b = mx.quantize(w, 64, bits)
-    x = mx.random.normal((1, rows, 256), key=mx.random.key(2))
-    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=bits)
-    ours = layers.quantized_linear(x, wq, s, b, 64, bits, "affine")
-    np.testing.assert_allclose(np.array(ours), np.array(ref), atol=1e-4, rtol=1e-4)
-
-
-def test_quantized_moe_decode_equals_full_forward_with_and_without_speed_paths(monkeypatch):
-    """Split-stream expert decode and dequantized-expert prefill against the plain kernels, end to end."""
-    from qwen3_mlx.models import layers, make_cache
-
-    cfg = dict(moe_config(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=4), model_type="qwen3_moe")
-    model = random_bench_model(cfg, 4, 64)
-    ids = mx.array(np.random.default_rng(3).integers(0, 1000, size=(1, 30)))
-
-    def run():
-        cache = make_cache(model)
-        first = model(ids[:, :24], cache)
-        steps = [model(ids[:, i : i + 1], cache)[:, -1] for i in range(24, 30)]
-        return np.array(first), np.array(mx.stack(steps, axis=1))
-
-    split_prefill, split_decode = run()  # 96 sorted rows over 8 experts: quantized kernel, rows split
-    monkeypatch.setattr(layers, "DEQUANT_MIN_ROWS_PER_EXPERT", 1)
-    monkeypatch.setattr(layers, "DEQUANT_EXPERT_BLOCK", 5 * 64 * 64)  # dequantized expert blocks [0, 5) and [5, 8)
-    dequant_prefill, dequant_decode = run()
-    monkeypatch.setattr(layers, "SPLIT_STREAMS", 1)
-    monkeypatch.setattr(layers, "DEQUANT_EXPERTS", False)
-    monkeypatch.setattr(layers, "DEQUANT_MIN_ROWS", 1 << 30)
-    plain_prefill, plain_decode = run()
-    for prefill, decode in ((split_prefill, split_decode), (dequant_prefill, dequant_decode)):
-        np.testing.assert_allclose(prefill, plain_prefill, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(decode, plain_decode, atol=1e-4, rtol=0)
-    full = np.array(model(ids))
-    np.testing.assert_allclose(split_decode, full[:, 24:], atol=1e-4, rtol=0)
-
-
 def test_plot_needs_matplotlib_or_writes_a_png(tmp_path):
     config = write_config(tmp_path, dense_config(), False)
     png = tmp_path / "bench.png"

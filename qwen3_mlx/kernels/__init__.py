@@ -1,0 +1,134 @@
+"""The one seam between the model and the matmul kernels.
+
+On the CPU, our compiled MLX primitives (`_ext`, built from `src/` by `pip install`) run the quantized,
+float and expert matmuls multi-threaded at memory speed; MLX's own CPU kernels for these are
+single-threaded reference loops. Everywhere else (Metal, CUDA), and for formats ours do not cover,
+MLX's own ops run. Both compute the same values to float32 rounding.
+
+`QWEN3_MLX_KERNELS=0` (or `set_enabled(False)`) turns ours off, for comparisons; `QWEN3_MLX_THREADS`
+sets their thread count (default: the usable cores). If the extension was not built or does not
+import, the package still works on MLX's kernels and says why once on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+
+try:
+    from . import _ext
+except ImportError as e:  # no compiler at install time, another platform, a mismatched MLX
+    _ext = None
+    _IMPORT_ERROR = str(e) or type(e).__name__
+else:
+    _IMPORT_ERROR = None
+
+_enabled = os.environ.get("QWEN3_MLX_KERNELS", "1") != "0"
+_warned = False
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+# Below this many (token, expert) pairs MLX's gather kernels run unsorted; decode never sorts.
+SORT_THRESHOLD = 64
+
+
+def set_enabled(flag: bool) -> None:
+    """Use our kernels on the CPU (True, the default) or MLX's own everywhere (False)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def available() -> bool:
+    """Whether the compiled extension imported."""
+    return _ext is not None
+
+
+def active() -> bool:
+    """Whether matmuls issued now run on our kernels: built, enabled, and the default device is the CPU."""
+    if not _enabled or mx.default_device() != mx.cpu:
+        return False
+    if _ext is None:
+        _warn_missing()
+        return False
+    return True
+
+
+def describe() -> dict:
+    """Which kernels run here, for benchmark tables and JSON."""
+    if active():
+        return {"kernels": "qwen3-mlx", "isa": _ext.isa(), "threads": _ext.threads()}
+    reason = "disabled" if not _enabled else ("not on the CPU" if _ext is not None else _IMPORT_ERROR)
+    return {"kernels": "mlx", "isa": None, "threads": None, "reason": reason}
+
+
+def _warn_missing() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(
+            f"qwen3-mlx: CPU kernels unavailable ({_IMPORT_ERROR}); using MLX's own CPU kernels, which are "
+            "single-threaded and many times slower. Reinstall with a C++ compiler present to build them.",
+            file=sys.stderr,
+        )
+
+
+def _ours_quantized(mode: str, bits: int, group_size: int) -> bool:
+    return mode == "affine" and bits in BITS and group_size in GROUP_SIZES and active()
+
+
+def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """x [..., K] @ dequantize(w [N, K*bits/32], scales, biases)^T -> [..., N] (MLX affine layout)."""
+    if _ours_quantized(mode, bits, group_size):
+        return _ext.quantized_matmul(x, w, scales, biases, group_size, bits)
+    return mx.quantized_matmul(
+        x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+    )
+
+
+def linear(x: mx.array, w: mx.array) -> mx.array:
+    """x [..., K] @ w [N, K]^T for float weights (float32 or bfloat16 run on ours on the CPU)."""
+    if active() and w.dtype in (mx.float32, mx.bfloat16) and x.dtype in (mx.float32, mx.bfloat16):
+        y = _ext.matmul(x, w)
+        return y if x.dtype == mx.float32 else y.astype(x.dtype)
+    return x @ w.T
+
+
+def gather_qmm(x, w, scales, biases, indices, *, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """Expert matmuls: out[..., j, :] = x_row @ dequantize(w[indices[..., j]])^T -> indices.shape + [N].
+
+    w [E, N, K*bits/32]; x [..., K] holds one row per (token, expert) pair (x.shape[:-1] ==
+    indices.shape) or one row per token shared by its k experts (x.shape[:-1] == indices.shape[:-1]).
+    """
+    if _ours_quantized(mode, bits, group_size):
+        return _ext.gather_qmm(x, w, scales, biases, indices, group_size, bits)
+
+    def run(rows, idx, sorted_indices):
+        return mx.gather_qmm(
+            rows, w, scales, biases, rhs_indices=idx, transpose=True, group_size=group_size, bits=bits,
+            mode=mode, sorted_indices=sorted_indices,
+        )
+
+    return _gather_mlx(x, indices, run)
+
+
+def gather_mm(x: mx.array, w: mx.array, indices: mx.array) -> mx.array:
+    """The float form of gather_qmm: w [E, N, K] -> indices.shape + [N] (MLX's gather_mm)."""
+    return _gather_mlx(
+        x, indices, lambda rows, idx, s: mx.gather_mm(rows, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=s)
+    )
+
+
+def _gather_mlx(x: mx.array, indices: mx.array, run) -> mx.array:
+    per_pair = tuple(x.shape[:-1]) == tuple(indices.shape)
+    if indices.size >= SORT_THRESHOLD:
+        # Prefill: lay the pairs out grouped by expert so MLX reads each expert's weights once.
+        k = 1 if per_pair else indices.shape[-1]
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inverse = mx.argsort(order)
+        rows = x.reshape(-1, 1, x.shape[-1])[order // k]  # [P, 1, K]
+        return run(rows, flat[order], True)[inverse].reshape(*indices.shape, -1)
+    rows = mx.expand_dims(x, -2) if per_pair else mx.expand_dims(x, (-2, -3))  # [..., k|1, 1, K]
+    return run(rows, indices, False).squeeze(-2)

@@ -1,0 +1,23 @@
+// Python bindings (nanobind, in MLX's domain so mx.array passes through unchanged).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/variant.h>
+
+#include "ops.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "qwen3-mlx CPU kernels: quantized and float matmuls as MLX primitives";
+  m.def("quantized_matmul", &q3k::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "group_size"_a,
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x [..., K] @ dequantize(w, scales, biases)^T (MLX affine layout, 4/8 bits, groups 32/64/128).");
+  m.def("gather_qmm", &q3k::gather_qmm, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "indices"_a, "group_size"_a,
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Per-expert quantized matmul: out[i] = x_row(i) @ dequantize(w[indices[i]])^T -> indices.shape + [N].");
+  m.def("matmul", &q3k::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x [..., K] @ w^T for float32 or bfloat16 w [N, K]; float32 result.");
+  m.def("isa", &q3k::isa_name, "Instruction set the kernels run with (avx512, avx2 or generic).");
+  m.def("threads", &q3k::threads, "Threads the kernels use (QWEN3_MLX_THREADS, else the usable cores).");
+}

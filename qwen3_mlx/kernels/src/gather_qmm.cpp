@@ -1,0 +1,133 @@
+// GatherQMatmul: the experts of a mixture-of-experts layer, each (token, expert) pair multiplied by
+// only its expert's quantized weight. Pairs are grouped by expert inside the kernel, so each chosen
+// expert's weight is read once per call whether the pairs arrive sorted or not.
+#include <cstring>
+
+#include "common.h"
+#include "driver.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace q3k {
+namespace {
+
+class GatherQMatmul : public mx::Primitive {
+ public:
+  GatherQMatmul(mx::Stream s, int group_size, int bits, bool has_biases, int pairs_per_row)
+      : mx::Primitive(s), gs_(group_size), bits_(bits), has_biases_(has_biases), per_row_(pairs_per_row) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& x = in[0];
+    const auto& w = in[1];
+    const auto& scales = in[2];
+    const auto& idx = in[has_biases_ ? 4 : 3];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
+    const int P = static_cast<int>(idx.size());
+    enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<uint8_t>(),
+                  bp = has_biases_ ? in[3].data<uint8_t>() : nullptr, ip = idx.data<int32_t>(), yp = y.data<float>(),
+                  st = scale_type(scales.dtype()), ssize = static_cast<int>(scales.itemsize()), E, N, K, P,
+                  gs = gs_, bits = bits_, per_row = per_row_]() {
+      thread_local std::vector<int32_t> count, order, srcrow;
+      thread_local Scratch xbuf, sums;
+      thread_local std::vector<MatArgs> mats;
+      const Kernels& k = kernels();
+      const int G = K / gs;
+      // Counting sort of the pairs by expert; ids out of range get zero rows.
+      count.assign(E + 1, 0);
+      for (int p = 0; p < P; ++p) {
+        const int e = ip[p];
+        if (e >= 0 && e < E) ++count[e + 1];
+      }
+      for (int e = 0; e < E; ++e) count[e + 1] += count[e];
+      order.resize(P), srcrow.resize(P);
+      thread_local std::vector<int32_t> fill;
+      fill.assign(count.begin(), count.end() - 1);
+      const int valid = count[E];
+      for (int p = 0; p < P; ++p) {
+        const int e = ip[p];
+        if (e >= 0 && e < E) {
+          order[fill[e]++] = p;
+        } else {
+          std::memset(yp + static_cast<int64_t>(p) * N, 0, sizeof(float) * N);
+        }
+      }
+      for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
+      const bool perm = bits == 4;
+      float* xq = xbuf.get(static_cast<size_t>(valid) * K);
+      float* xs = bp ? sums.get(static_cast<size_t>(valid) * G) : nullptr;
+      prepare_x(k, xp, srcrow.data(), valid, K, gs, perm, xq, xs);
+      const int64_t row_bytes = static_cast<int64_t>(K) * bits / 8;
+      mats.clear();
+      for (int e = 0; e < E; ++e) {
+        const int lo = count[e], n = count[e + 1] - lo;
+        if (n == 0) continue;
+        MatArgs a;
+        a.x = xq + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n;
+        a.xsum = xs ? xs + static_cast<int64_t>(lo) * G : nullptr;
+        a.w = wp + static_cast<int64_t>(e) * N * row_bytes, a.w_row_bytes = row_bytes;
+        a.wt = bits == 4 ? WType::Q4 : WType::Q8;
+        a.scales = sp + static_cast<int64_t>(e) * N * G * ssize;
+        a.biases = bp ? bp + static_cast<int64_t>(e) * N * G * ssize : nullptr;
+        a.st = st, a.N = N, a.K = K, a.gs = gs;
+        a.y = yp, a.ldy = N, a.yrows = order.data() + lo;
+        mats.push_back(a);
+      }
+      run_products(k, mats);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
+  }
+  const char* name() const override { return "Qwen3GatherQMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const GatherQMatmul&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_ && has_biases_ == o.has_biases_ && per_row_ == o.per_row_;
+  }
+
+ private:
+  int gs_, bits_;
+  bool has_biases_;
+  int per_row_;
+};
+
+}  // namespace
+
+mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales,
+                     const std::optional<mx::array>& biases, const mx::array& indices, int group_size, int bits,
+                     mx::StreamOrDevice s) {
+  require(x.ndim() >= 1, "x must have at least one dim");
+  require(indices.ndim() >= 1, "indices must have at least one dim");
+  require(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
+  const int K = x.shape(-1);
+  const int N = check_quantized(w, scales, biases, K, group_size, bits, 1);
+  // x rows: one per pair (x.shape[:-1] == indices.shape) or one per token, shared by its k pairs
+  // (x.shape[:-1] == indices.shape[:-1]).
+  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
+  int per_row;
+  if (lead == indices.shape()) {
+    per_row = 1;
+  } else {
+    mx::Shape tokens(indices.shape().begin(), indices.shape().end() - 1);
+    require(lead == tokens, "x " + shape_str(x) + " does not match indices " + shape_str(indices));
+    per_row = indices.shape(-1);
+  }
+  auto stream = mx::to_stream(s);
+  auto shape = indices.shape();
+  shape.push_back(N);
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+                                   mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream)};
+  if (biases) inputs.push_back(mx::contiguous(*biases, false, stream));
+  inputs.push_back(mx::contiguous(mx::astype(indices, mx::int32, stream), false, stream));
+  auto y = mx::array(shape, mx::float32,
+                     std::make_shared<GatherQMatmul>(stream, group_size, bits, biases.has_value(), per_row),
+                     std::move(inputs));
+  return mx::astype(y, float_out(x.dtype()), stream);
+}
+
+}  // namespace q3k

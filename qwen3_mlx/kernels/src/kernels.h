@@ -1,0 +1,59 @@
+// The matmul kernels behind every primitive, one table per instruction set (chosen at run time).
+//
+// One computation covers all weight formats: y[m, n] = sum_k x[m, k] * w[n, k], with w a row of
+// MLX's affine quantization (w = scale * q + bias per group of `gs` values), bfloat16 or float32.
+#pragma once
+
+#include <cstdint>
+
+namespace q3k {
+
+enum class WType { Q4, Q8, BF16, F32 };
+enum class SType { F32, BF16, F16 };  // dtype of scales and biases
+
+struct MatArgs {
+  // Activations after prepare_x: M rows of K floats, row stride ldx; for Q4 in the kernel's lane order.
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  int M = 0;
+  const float* xsum = nullptr;  // [M, K / gs] group sums of x (quantized weights with biases)
+  // Weights: N rows of K values; row n starts at w + n * w_row_bytes.
+  const void* w = nullptr;
+  int64_t w_row_bytes = 0;
+  WType wt = WType::F32;
+  const void* scales = nullptr;  // [N, K / gs]
+  const void* biases = nullptr;  // [N, K / gs] or null
+  SType st = SType::F32;
+  int N = 0, K = 0, gs = 0;
+  // Output: x row m goes to y + (yrows ? yrows[m] : m) * ldy.
+  float* y = nullptr;
+  int64_t ldy = 0;
+  const int32_t* yrows = nullptr;
+};
+
+struct Kernels {
+  const char* name;
+  // Q4 activations are reordered in blocks of 2 * lanes values: the even ones, then the odd ones
+  // (the low and high nibbles of `lanes` packed bytes).
+  int lanes;
+  // Rows [n0, n1) of the output for all M rows, reading each weight once (M small: decode).
+  void (*gemv)(const MatArgs& a, int n0, int n1);
+  // The same for many rows: rows [n0, n1) of the weight are expanded to floats into `tile`
+  // ((n1 - n0) * K floats; unused for F32) and reused across all M rows.
+  void (*gemm)(const MatArgs& a, int n0, int n1, float* tile);
+};
+
+const Kernels& kernels_avx512();
+const Kernels& kernels_avx2();
+const Kernels& kernels_generic();
+
+// The best table this CPU runs (QWEN3_MLX_ISA=avx512|avx2|generic caps it, for tests).
+const Kernels& kernels();
+
+// x rows (xrows ? xrows[i] : i) of a row-major [*, K] float matrix -> out rows i in [0, M), in the
+// lane order of `k` when perm4 (out may be null to compute only the sums), plus the group sums
+// xsum [M, K / gs] when xsum is not null.
+void prepare_x(const Kernels& k, const float* x, const int32_t* xrows, int M, int K, int gs, bool perm4,
+               float* out, float* xsum);
+
+}  // namespace q3k

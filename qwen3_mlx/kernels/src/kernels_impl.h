@@ -1,0 +1,470 @@
+// The kernel bodies, included once per instruction set by kernels_<isa>.cpp, each compiled with its
+// own target flags. Only the small vector layer at the top differs between them.
+//
+// Numerics: float32 accumulation throughout. Quantized rows use, per group of gs values,
+//   sum_k x_k (s q_k + b) = s * sum_k x_k q_k + b * sum_k x_k
+// (gemv), or expand the weight to floats first (gemm); both equal MLX's quantized_matmul to float32
+// rounding.
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(Q3K_AVX512)
+#include <immintrin.h>
+namespace q3k::avx512 {
+constexpr int W = 16;
+using VF = __m512;
+static inline VF vzero() { return _mm512_setzero_ps(); }
+static inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
+static inline VF vset1(float f) { return _mm512_set1_ps(f); }
+static inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(VF v) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// W packed bytes -> 2W 4-bit values: lo holds the low nibbles (even elements), hi the high (odd).
+static inline void dec4(const uint8_t* p, VF& lo, VF& hi) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+static inline VF dec8(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// 4-bit decode by table: one 16-entry table per group holds s * q + b for q = 0..15, and vpermps
+// picks entries by the low 4 bits of each lane, so a nibble becomes its dequantized float in one
+// shuffle (no mask, no int->float convert; the ALU ports, not memory, bound the plain decode).
+constexpr bool kLut4 = true;
+static inline VF lut4(float s, float b) {
+  const VF q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b));
+}
+static inline void deq4(const uint8_t* p, VF lut, VF& lo, VF& hi) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_permutexvar_ps(v, lut);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+}
+static inline VF decbf16(const uint16_t* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#define Q3K_NAME "avx512"
+#define Q3K_MR 6
+#define Q3K_NR 4
+#elif defined(Q3K_AVX2)
+#include <immintrin.h>
+namespace q3k::avx2 {
+constexpr int W = 8;
+using VF = __m256;
+static inline VF vzero() { return _mm256_setzero_ps(); }
+static inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+static inline VF vset1(float f) { return _mm256_set1_ps(f); }
+static inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(VF v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline void dec4(const uint8_t* p, VF& lo, VF& hi) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+static inline VF dec8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline VF decbf16(const uint16_t* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+constexpr bool kLut4 = false;
+struct NoLut {};
+static inline NoLut lut4(float, float) { return {}; }
+static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
+#define Q3K_NAME "avx2"
+#define Q3K_MR 4
+#define Q3K_NR 3
+#else
+// Portable C++: fixed-size loops the compiler vectorizes for whatever the target is (SSE2, NEON).
+namespace q3k::generic {
+constexpr int W = 8;
+struct VF {
+  float v[W];
+};
+static inline VF vzero() { return VF{}; }
+static inline VF vload(const float* p) {
+  VF r;
+  std::memcpy(r.v, p, sizeof(r.v));
+  return r;
+}
+static inline void vstore(float* p, VF v) { std::memcpy(p, v.v, sizeof(v.v)); }
+static inline VF vset1(float f) {
+  VF r;
+  for (int i = 0; i < W; ++i) r.v[i] = f;
+  return r;
+}
+static inline VF vadd(VF a, VF b) {
+  for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+  return a;
+}
+static inline VF vfma(VF a, VF b, VF c) {
+  for (int i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+static inline float vsum(VF v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v.v[i];
+  return s;
+}
+static inline void dec4(const uint8_t* p, VF& lo, VF& hi) {
+  for (int i = 0; i < W; ++i) {
+    lo.v[i] = static_cast<float>(p[i] & 15);
+    hi.v[i] = static_cast<float>(p[i] >> 4);
+  }
+}
+static inline VF dec8(const uint8_t* p) {
+  VF r;
+  for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]);
+  return r;
+}
+static inline VF decbf16(const uint16_t* p) {
+  VF r;
+  for (int i = 0; i < W; ++i) {
+    uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&r.v[i], &u, 4);
+  }
+  return r;
+}
+constexpr bool kLut4 = false;
+struct NoLut {};
+static inline NoLut lut4(float, float) { return {}; }
+static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
+#define Q3K_NAME "generic"
+#define Q3K_MR 2
+#define Q3K_NR 4
+#endif
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
+  if (exp == 0x1F) {
+    u = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400) == 0);
+    u = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct F32S {
+  using T = float;
+  static float get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+};
+struct BF16S {
+  static float get(const void* p, int64_t i) { return bf16_to_float(static_cast<const uint16_t*>(p)[i]); }
+};
+struct F16S {
+  static float get(const void* p, int64_t i) { return f16_to_float(static_cast<const uint16_t*>(p)[i]); }
+};
+
+inline float* out_row(const MatArgs& a, int m) {
+  return a.y + static_cast<int64_t>(a.yrows ? a.yrows[m] : m) * a.ldy;
+}
+
+// ---- decode: each weight row is read once and decoded in registers for up to MR activation rows ----
+
+template <int MR, class S>
+void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
+  const int K = a.K, gs = a.gs, G = K / gs;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
+    const int64_t sg = static_cast<int64_t>(n) * G;
+    VF acc0[MR], acc1[MR];
+    float bsum[MR];
+    for (int m = 0; m < MR; ++m) acc0[m] = vzero(), acc1[m] = vzero(), bsum[m] = 0.f;
+    for (int g = 0; g < G; ++g) {
+      const float sc = S::get(a.scales, sg + g), bi = a.biases ? S::get(a.biases, sg + g) : 0.f;
+      if constexpr (kLut4) {
+        // Dequantize (MLX's s * q + b) and accumulate x * w directly.
+        const auto lut = lut4(sc, bi);
+        for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+          VF lo, hi;
+          deq4(wr + (k >> 1), lut, lo, hi);
+          for (int m = 0; m < MR; ++m) {
+            const float* xr = a.x + (m0 + m) * a.ldx + k;
+            acc0[m] = vfma(lo, vload(xr), acc0[m]);
+            acc1[m] = vfma(hi, vload(xr + W), acc1[m]);
+          }
+        }
+      } else {
+        // s * sum(x q) + b * sum(x): the scale is applied once per group.
+        VF g0[MR], g1[MR];
+        for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
+        for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+          VF lo, hi;
+          dec4(wr + (k >> 1), lo, hi);
+          for (int m = 0; m < MR; ++m) {
+            const float* xr = a.x + (m0 + m) * a.ldx + k;
+            g0[m] = vfma(lo, vload(xr), g0[m]);
+            g1[m] = vfma(hi, vload(xr + W), g1[m]);
+          }
+        }
+        const VF s = vset1(sc);
+        for (int m = 0; m < MR; ++m) acc0[m] = vfma(s, vadd(g0[m], g1[m]), acc0[m]);
+        for (int m = 0; m < MR; ++m) bsum[m] += bi * a.xsum[(m0 + m) * G + g];
+      }
+    }
+    for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(vadd(acc0[m], acc1[m])) + bsum[m];
+  }
+}
+
+template <int MR, class S>
+void gemv_q8(const MatArgs& a, int n0, int n1, int m0) {
+  const int K = a.K, gs = a.gs, G = K / gs;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
+    const int64_t sg = static_cast<int64_t>(n) * G;
+    VF acc[MR];
+    float bsum[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = vzero(), bsum[m] = 0.f;
+    for (int g = 0; g < G; ++g) {
+      VF g0[MR], g1[MR];
+      for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
+      for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+        const VF q0 = dec8(wr + k), q1 = dec8(wr + k + W);
+        for (int m = 0; m < MR; ++m) {
+          const float* xr = a.x + (m0 + m) * a.ldx + k;
+          g0[m] = vfma(q0, vload(xr), g0[m]);
+          g1[m] = vfma(q1, vload(xr + W), g1[m]);
+        }
+      }
+      const VF s = vset1(S::get(a.scales, sg + g));
+      for (int m = 0; m < MR; ++m) acc[m] = vfma(s, vadd(g0[m], g1[m]), acc[m]);
+      if (a.biases) {
+        const float b = S::get(a.biases, sg + g);
+        for (int m = 0; m < MR; ++m) bsum[m] += b * a.xsum[(m0 + m) * G + g];
+      }
+    }
+    for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(acc[m]) + bsum[m];
+  }
+}
+
+// Float weights; K need not be a multiple of the vector width.
+template <int MR, bool BF16>
+void gemv_float(const MatArgs& a, int n0, int n1, int m0) {
+  const int K = a.K, Kv = K - K % (2 * W);
+  for (int n = n0; n < n1; ++n) {
+    const char* wr = static_cast<const char*>(a.w) + n * a.w_row_bytes;
+    const float* wf = reinterpret_cast<const float*>(wr);
+    const uint16_t* wb = reinterpret_cast<const uint16_t*>(wr);
+    VF g0[MR], g1[MR];
+    for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
+    for (int k = 0; k < Kv; k += 2 * W) {
+      VF w0, w1;
+      if constexpr (BF16) {
+        w0 = decbf16(wb + k), w1 = decbf16(wb + k + W);
+      } else {
+        w0 = vload(wf + k), w1 = vload(wf + k + W);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const float* xr = a.x + (m0 + m) * a.ldx + k;
+        g0[m] = vfma(w0, vload(xr), g0[m]);
+        g1[m] = vfma(w1, vload(xr + W), g1[m]);
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      const float* xr = a.x + (m0 + m) * a.ldx;
+      float s = vsum(vadd(g0[m], g1[m]));
+      for (int k = Kv; k < K; ++k) s += xr[k] * (BF16 ? bf16_to_float(wb[k]) : wf[k]);
+      out_row(a, m0 + m)[n] = s;
+    }
+  }
+}
+
+template <int MR, class S>
+void gemv_mr(const MatArgs& a, int n0, int n1, int m0) {
+  switch (a.wt) {
+    case WType::Q4: return gemv_q4<MR, S>(a, n0, n1, m0);
+    case WType::Q8: return gemv_q8<MR, S>(a, n0, n1, m0);
+    case WType::BF16: return gemv_float<MR, true>(a, n0, n1, m0);
+    case WType::F32: return gemv_float<MR, false>(a, n0, n1, m0);
+  }
+}
+
+template <class S>
+void gemv_s(const MatArgs& a, int n0, int n1) {
+  // Four activation rows per pass over the weight rows (these rows stay in L1 between passes).
+  int m = 0;
+  for (; m + 4 <= a.M; m += 4) gemv_mr<4, S>(a, n0, n1, m);
+  switch (a.M - m) {
+    case 3: gemv_mr<3, S>(a, n0, n1, m); break;
+    case 2: gemv_mr<2, S>(a, n0, n1, m); break;
+    case 1: gemv_mr<1, S>(a, n0, n1, m); break;
+    default: break;
+  }
+}
+
+void gemv(const MatArgs& a, int n0, int n1) {
+  switch (a.st) {
+    case SType::F32: return gemv_s<F32S>(a, n0, n1);
+    case SType::BF16: return gemv_s<BF16S>(a, n0, n1);
+    case SType::F16: return gemv_s<F16S>(a, n0, n1);
+  }
+}
+
+// ---- prefill: expand a block of weight rows to floats once, then an MR x NR register-blocked kernel ----
+
+template <class S>
+void expand_rows(const MatArgs& a, int n0, int n1, float* tile) {
+  const int K = a.K, gs = a.gs, G = gs > 0 ? K / gs : 0;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
+    float* t = tile + static_cast<int64_t>(n - n0) * K;
+    if (a.wt == WType::BF16) {
+      const uint16_t* wb = reinterpret_cast<const uint16_t*>(wr);
+      int k = 0;
+      for (; k + W <= K; k += W) vstore(t + k, decbf16(wb + k));
+      for (; k < K; ++k) t[k] = bf16_to_float(wb[k]);
+      continue;
+    }
+    const int64_t sg = static_cast<int64_t>(n) * G;
+    for (int g = 0; g < G; ++g) {
+      const float sc = S::get(a.scales, sg + g), bi = a.biases ? S::get(a.biases, sg + g) : 0.f;
+      if (kLut4 && a.wt == WType::Q4) {
+        const auto lut = lut4(sc, bi);
+        for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+          VF lo, hi;
+          deq4(wr + (k >> 1), lut, lo, hi);
+          vstore(t + k, lo);
+          vstore(t + k + W, hi);
+        }
+        continue;
+      }
+      const VF s = vset1(sc), b = vset1(bi);
+      for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+        VF lo, hi;
+        if (a.wt == WType::Q4) {
+          dec4(wr + (k >> 1), lo, hi);
+        } else {
+          lo = dec8(wr + k), hi = dec8(wr + k + W);
+        }
+        vstore(t + k, vfma(lo, s, b));
+        vstore(t + k + W, vfma(hi, s, b));
+      }
+    }
+  }
+}
+
+// out[m][j] = sum_k x[m][k] t[j][k] for an MR x NR block; K tails (float weights) done in scalar.
+template <int MR, int NR>
+void micro(const float* x, int64_t ldx, const float* t, int64_t ldt, int K, float* const* out, int j0) {
+  const int Kv = K - K % W;
+  VF acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = vzero();
+  for (int k = 0; k < Kv; k += W) {
+    VF tv[NR];
+    for (int j = 0; j < NR; ++j) tv[j] = vload(t + j * ldt + k);
+    for (int m = 0; m < MR; ++m) {
+      const VF xv = vload(x + m * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[m][j] = vfma(xv, tv[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) {
+      float s = vsum(acc[m][j]);
+      for (int k = Kv; k < K; ++k) s += x[m * ldx + k] * t[j * ldt + k];
+      out[m][j0 + j] = s;
+    }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, int, float* const*, int);
+
+template <int MR>
+MicroFn pick_nr(int nr) {
+  switch (nr) {
+    case 1: return &micro<MR, 1>;
+    case 2: if constexpr (Q3K_NR >= 2) return &micro<MR, 2>; break;
+    case 3: if constexpr (Q3K_NR >= 3) return &micro<MR, 3>; break;
+    case 4: if constexpr (Q3K_NR >= 4) return &micro<MR, 4>; break;
+  }
+  return nullptr;
+}
+
+// Plain switches, not std containers: every function here has internal linkage, so no inline
+// function compiled with this file's instruction set can be picked by the linker for another file.
+MicroFn pick_micro(int mr, int nr) {
+  switch (mr) {
+    case 1: return pick_nr<1>(nr);
+    case 2: if constexpr (Q3K_MR >= 2) return pick_nr<2>(nr); break;
+    case 3: if constexpr (Q3K_MR >= 3) return pick_nr<3>(nr); break;
+    case 4: if constexpr (Q3K_MR >= 4) return pick_nr<4>(nr); break;
+    case 5: if constexpr (Q3K_MR >= 5) return pick_nr<5>(nr); break;
+    case 6: if constexpr (Q3K_MR >= 6) return pick_nr<6>(nr); break;
+  }
+  return nullptr;
+}
+
+inline int imin(int a, int b) { return a < b ? a : b; }
+
+void gemm(const MatArgs& a, int n0, int n1, float* tile) {
+  const float* t = tile;
+  int64_t ldt = a.K;
+  if (a.wt == WType::F32) {
+    t = reinterpret_cast<const float*>(static_cast<const char*>(a.w) + n0 * a.w_row_bytes);
+    ldt = a.w_row_bytes / 4;
+  } else {
+    switch (a.st) {
+      case SType::F32: expand_rows<F32S>(a, n0, n1, tile); break;
+      case SType::BF16: expand_rows<BF16S>(a, n0, n1, tile); break;
+      case SType::F16: expand_rows<F16S>(a, n0, n1, tile); break;
+    }
+  }
+  const int nt = n1 - n0;
+  for (int m0 = 0; m0 < a.M; m0 += Q3K_MR) {
+    const int mr = imin(Q3K_MR, a.M - m0);
+    float* rows[Q3K_MR];
+    for (int m = 0; m < mr; ++m) rows[m] = out_row(a, m0 + m) + n0;
+    for (int j = 0; j < nt; j += Q3K_NR) {
+      const int nr = imin(Q3K_NR, nt - j);
+      pick_micro(mr, nr)(a.x + m0 * a.ldx, a.ldx, t + j * ldt, ldt, a.K, rows, j);
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& table() {
+  static const Kernels k{Q3K_NAME, W, &gemv, &gemm};
+  return k;
+}
+
+}  // namespace q3k::(isa)

@@ -1,0 +1,36 @@
+// The operations the extension adds to MLX. Each is one Primitive (eval_cpu only: the Python side
+// routes GPU streams to MLX's own kernels), defined in the .cpp of the same name.
+#pragma once
+
+#include <optional>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace q3k {
+
+namespace mx = mlx::core;
+
+// x [..., K] @ dequantize(w [N, K * bits / 32], scales, biases [N, K / group_size])^T -> [..., N],
+// MLX's affine layout; bits 4 or 8, group_size 32, 64 or 128. Result in x's dtype.
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const std::optional<mx::array>& biases, int group_size, int bits,
+                           mx::StreamOrDevice s = {});
+
+// Mixture-of-experts: for each index i of `indices` (expert ids into w [E, N, K * bits / 32]),
+// out[i] = x_row(i) @ dequantize(w[indices[i]])^T, where x [..., K] has either the shape of
+// indices (one row per pair) or that shape without its last axis (a row shared by the pair's k
+// experts). Output indices.shape + [N], in x's dtype. An id outside [0, E) gives a row of zeros.
+mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales,
+                     const std::optional<mx::array>& biases, const mx::array& indices, int group_size,
+                     int bits, mx::StreamOrDevice s = {});
+
+// x [..., K] @ w^T for float32 or bfloat16 weights w [N, K] -> [..., N] in float32
+// (bfloat16 weights are widened in registers, never copied).
+mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+
+// Name of the instruction set the kernels run with, and the threads they use.
+const char* isa_name();
+int threads();
+
+}  // namespace q3k

@@ -1,0 +1,77 @@
+// QuantizedMatmul: a dense layer with MLX-affine-quantized weights.
+#include "common.h"
+#include "driver.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/allocator.h"
+
+namespace q3k {
+namespace {
+
+class QuantizedMatmul : public mx::Primitive {
+ public:
+  QuantizedMatmul(mx::Stream s, int group_size, int bits, bool has_biases)
+      : mx::Primitive(s), gs_(group_size), bits_(bits), has_biases_(has_biases) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& x = in[0];
+    const auto& w = in[1];
+    const auto& scales = in[2];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    const int K = x.shape(-1), N = w.shape(0);
+    const int M = K > 0 ? static_cast<int>(x.size() / K) : 0;
+    enc.dispatch([xp = x.data<float>(), wp = w.data<uint32_t>(), sp = scales.data<void>(),
+                  bp = has_biases_ ? in[3].data<void>() : nullptr, yp = y.data<float>(), st = scale_type(scales.dtype()),
+                  M, N, K, gs = gs_, bits = bits_]() {
+      thread_local Scratch xbuf, sums;
+      const Kernels& k = kernels();
+      MatArgs a;
+      a.M = M, a.N = N, a.K = K, a.gs = gs;
+      a.wt = bits == 4 ? WType::Q4 : WType::Q8;
+      a.w = wp, a.w_row_bytes = static_cast<int64_t>(K) * bits / 8;
+      a.scales = sp, a.biases = bp, a.st = st;
+      a.y = yp, a.ldy = N;
+      float* xs = bp ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
+      float* xq = xbuf.get(static_cast<size_t>(M) * K);
+      prepare_x(k, xp, nullptr, M, K, gs, bits == 4, xq, xs);
+      a.x = xq, a.ldx = K, a.xsum = xs;
+      run_products(k, {a});
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
+  }
+  const char* name() const override { return "Qwen3QuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedMatmul&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_ && has_biases_ == o.has_biases_;
+  }
+
+ private:
+  int gs_, bits_;
+  bool has_biases_;
+};
+
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
+  require(x.ndim() >= 1, "x must have at least one dim");
+  const int K = x.shape(-1);
+  const int N = check_quantized(w, scales, biases, K, group_size, bits, 0);
+  auto stream = mx::to_stream(s);
+  auto shape = x.shape();
+  shape.back() = N;
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+                                   mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream)};
+  if (biases) inputs.push_back(mx::contiguous(*biases, false, stream));
+  auto y = mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, group_size, bits, biases.has_value()),
+                     std::move(inputs));
+  return mx::astype(y, float_out(x.dtype()), stream);
+}
+
+}  // namespace q3k

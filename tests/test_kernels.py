@@ -1,0 +1,254 @@
+"""Our CPU kernels (qwen3_mlx/kernels) against MLX's own ops on the same inputs, and the models with them on/off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen3_mlx import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the compiled extension is not built")
+ext = kernels._ext
+
+ROWS = [1, 2, 3, 7, 64, 130]
+SCALE_DTYPES = [mx.float32, mx.bfloat16, mx.float16]
+RTOL = 1e-5  # the issue's bound on layer outputs, relative to the output's scale
+
+
+def rel_err(ours: mx.array, ref: mx.array) -> float:
+    a, b = np.array(ours.astype(mx.float32)), np.array(ref.astype(mx.float32))
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def quantized(shape, bits, gs, sdtype, seed):
+    w = mx.random.normal(shape, key=mx.random.key(seed)) * 0.05
+    wq, s, b = mx.quantize(w, gs, bits)
+    return wq, s.astype(sdtype), b.astype(sdtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.sampled_from(ROWS),
+    n=st.integers(1, 300),
+    groups=st.integers(1, 4),
+    bits=st.sampled_from([4, 8]),
+    gs=st.sampled_from([32, 64, 128]),
+    sdtype=st.sampled_from(SCALE_DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_quantized_matmul_equals_mlx(rows, n, groups, bits, gs, sdtype, seed):
+    k = groups * gs
+    wq, s, b = quantized((n, k), bits, gs, sdtype, seed)
+    x = mx.random.normal((rows, k), key=mx.random.key(seed + 1)).astype(sdtype)
+    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)
+    ours = ext.quantized_matmul(x, wq, s, b, gs, bits)
+    assert ours.dtype == ref.dtype
+    # MLX computes in the activations' dtype; compare in float32 where the kernels' bound applies.
+    if sdtype == mx.float32:
+        assert rel_err(ours, ref) <= RTOL
+    else:
+        ref32 = mx.quantized_matmul(
+            x.astype(mx.float32), wq, s.astype(mx.float32), b.astype(mx.float32), transpose=True,
+            group_size=gs, bits=bits,
+        )
+        assert rel_err(ext.quantized_matmul(x.astype(mx.float32), wq, s, b, gs, bits), ref32) <= RTOL
+
+
+def test_quantized_matmul_batched_shapes_and_no_biases():
+    wq, s, b = quantized((96, 256), 4, 64, mx.float32, 0)
+    x = mx.random.normal((2, 5, 256), key=mx.random.key(1))
+    ref = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)
+    assert rel_err(ext.quantized_matmul(x, wq, s, b, 64, 4), ref) <= RTOL
+    zeros = mx.zeros_like(b)
+    ref0 = mx.quantized_matmul(x, wq, s, zeros, transpose=True, group_size=64, bits=4)
+    assert rel_err(ext.quantized_matmul(x, wq, s, None, 64, 4), ref0) <= RTOL
+
+
+def test_outputs_join_the_lazy_graph_and_take_views():
+    """An mx.array goes in and out (the nanobind pin is right) and composes with MLX ops, views included."""
+    wq, s, b = quantized((64, 128), 8, 32, mx.float32, 2)
+    x = mx.random.normal((8, 256), key=mx.random.key(3))[:, ::2]  # a strided view
+    y = ext.quantized_matmul(x, wq, s, b, 32, 8) + 1
+    ref = mx.quantized_matmul(mx.array(np.array(x)), wq, s, b, transpose=True, group_size=32, bits=8) + 1
+    assert rel_err(y, ref) <= RTOL
+    assert rel_err(mx.compile(lambda v: ext.quantized_matmul(v, wq, s, b, 32, 8) * 2)(x), ref * 2 - 2) <= RTOL
+
+
+def test_bad_arguments_raise_clear_errors():
+    wq, s, b = quantized((16, 64), 4, 32, mx.float32, 4)
+    x = mx.zeros((1, 64))
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        ext.quantized_matmul(x, wq, s, b, 32, 3)
+    with pytest.raises(ValueError, match="does not match input dims"):
+        ext.quantized_matmul(mx.zeros((1, 128)), wq, s, b, 32, 4)
+    with pytest.raises(ValueError, match="scales"):
+        ext.quantized_matmul(x, wq, s[:, :1], b, 32, 4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokens=st.sampled_from([1, 2, 3, 7, 40]),
+    experts=st.integers(1, 9),
+    top_k=st.integers(1, 4),
+    n=st.integers(1, 100),
+    bits=st.sampled_from([4, 8]),
+    gs=st.sampled_from([32, 64]),
+    shared=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gather_qmm_equals_mlx(tokens, experts, top_k, n, bits, gs, shared, seed):
+    k = 2 * gs
+    wq, s, b = quantized((experts, n, k), bits, gs, mx.float32, seed)
+    rng = np.random.default_rng(seed)
+    idx = mx.array(rng.integers(0, experts, size=(tokens, top_k)), dtype=mx.uint32)  # unsorted, repeats
+    x = mx.random.normal((tokens, k) if shared else (tokens, top_k, k), key=mx.random.key(seed + 1))
+    rows = mx.expand_dims(x, (-2, -3)) if shared else mx.expand_dims(x, -2)
+    ref = mx.gather_qmm(rows, wq, s, b, rhs_indices=idx, transpose=True, group_size=gs, bits=bits).squeeze(-2)
+    ours = ext.gather_qmm(x, wq, s, b, idx, gs, bits)
+    assert ours.shape == (tokens, top_k, n)
+    assert rel_err(ours, ref) <= RTOL
+
+
+def test_gather_qmm_out_of_range_expert_gives_zeros():
+    wq, s, b = quantized((3, 8, 64), 4, 32, mx.float32, 5)
+    idx = mx.array([[0, 7], [2, -1]], dtype=mx.int32)
+    y = np.array(ext.gather_qmm(mx.ones((2, 64)), wq, s, b, idx, 32, 4))
+    assert np.all(y[0, 1] == 0) and np.all(y[1, 1] == 0) and np.any(y[0, 0] != 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.sampled_from(ROWS), n=st.integers(1, 200), k=st.integers(1, 300),
+    bf16=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_float_matmul_equals_mlx(rows, n, k, bf16, seed):
+    w = mx.random.normal((n, k), key=mx.random.key(seed))
+    w = w.astype(mx.bfloat16) if bf16 else w
+    x = mx.random.normal((rows, k), key=mx.random.key(seed + 1))
+    ref = x @ w.astype(mx.float32).T
+    assert rel_err(ext.matmul(x, w), ref) <= RTOL
+
+
+# ---- every instruction set and thread count gives MLX's values -------------------------------------------
+
+CHECK = textwrap.dedent(
+    """
+    import mlx.core as mx, numpy as np
+    from qwen3_mlx import kernels
+    ext = kernels._ext
+    worst = 0.0
+    for i, (m, n, k, bits, gs) in enumerate([(1, 37, 128, 4, 32), (7, 300, 256, 8, 64), (130, 65, 256, 4, 128),
+                                              (3, 151, 384, 4, 64), (64, 9, 64, 8, 32)]):
+        w = mx.random.normal((n, k), key=mx.random.key(i)) * 0.05
+        wq, s, b = mx.quantize(w, gs, bits)
+        x = mx.random.normal((m, k), key=mx.random.key(i + 100))
+        ref = np.array(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits))
+        out = np.array(ext.quantized_matmul(x, wq, s, b, gs, bits))
+        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+        e = mx.array(np.random.default_rng(i).integers(0, 4, size=(m, 2)), dtype=mx.uint32)
+        wq3, s3, b3 = mx.quantize(mx.random.normal((4, n, k), key=mx.random.key(i)) * 0.05, gs, bits)
+        ref = np.array(mx.gather_qmm(mx.expand_dims(x, (-2, -3)), wq3, s3, b3, rhs_indices=e, transpose=True,
+                                     group_size=gs, bits=bits).squeeze(-2))
+        out = np.array(ext.gather_qmm(x, wq3, s3, b3, e, gs, bits))
+        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+        wf = mx.random.normal((n, k + 3), key=mx.random.key(i))
+        xf = mx.random.normal((m, k + 3), key=mx.random.key(i + 7))
+        worst = max(worst, float(np.abs(np.array(ext.matmul(xf, wf) - xf @ wf.T)).max() / np.abs(np.array(xf @ wf.T)).max()))
+    print(ext.isa(), ext.threads(), worst)
+    """
+)
+
+
+@pytest.mark.parametrize("isa,threads", [("avx512", 2), ("avx2", 2), ("generic", 2), ("avx512", 1), ("avx512", 3)])
+def test_each_instruction_set_and_thread_count(isa, threads):
+    env = dict(os.environ, QWEN3_MLX_ISA=isa, QWEN3_MLX_THREADS=str(threads))
+    r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got_isa, got_threads, worst = r.stdout.split()
+    if got_isa != isa:
+        pytest.skip(f"this CPU has no {isa} (ran {got_isa})")
+    assert int(got_threads) == threads
+    assert float(worst) <= RTOL
+
+
+# ---- models: kernels on and off give the same logits -------------------------------------------------------
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_quantized_model_logits_with_kernels_on_and_off(moe):
+    from helpers import dense_config, moe_config
+
+    from qwen3_mlx.bench.models import random_bench_model
+    from qwen3_mlx.models import make_cache
+
+    cfg = moe_config(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=4) if moe else dense_config()
+    cfg = dict(cfg, model_type="qwen3_moe" if moe else "qwen3", tie_word_embeddings=True)
+    model = random_bench_model(cfg, 4, 64)
+    ids = mx.array(np.random.default_rng(3).integers(0, 1000, size=(1, 30)))
+
+    def run():
+        cache = make_cache(model)
+        prefill = model(ids[:, :24], cache)  # 24 x 4 = 96 (token, expert) pairs: MLX's sorted path when off
+        steps = [model(ids[:, i : i + 1], cache)[:, -1] for i in range(24, 30)]
+        return prefill, mx.stack(steps, axis=1)
+
+    on = run()
+    kernels.set_enabled(False)
+    try:
+        off = run()
+    finally:
+        kernels.set_enabled(True)
+    for a, b in zip(on, off):
+        assert rel_err(a, b) <= RTOL
+    assert rel_err(on[1], model(ids)[:, 24:]) <= 1e-4  # cached decode = full forward
+
+
+def test_float_model_logits_with_kernels_on_and_off():
+    from helpers import moe_config
+
+    from qwen3_mlx.bench.models import random_bench_model
+
+    model = random_bench_model(dict(moe_config(), model_type="qwen3_moe", tie_word_embeddings=True), None, 64)
+    ids = mx.array(np.random.default_rng(4).integers(0, 1000, size=(2, 17)))
+    on = model(ids)
+    kernels.set_enabled(False)
+    try:
+        off = model(ids)
+    finally:
+        kernels.set_enabled(True)
+    assert rel_err(on, off) <= RTOL
+
+
+# ---- without the extension the package still runs, and says so once --------------------------------------
+
+BLOCKED = textwrap.dedent(
+    """
+    import sys
+    sys.modules["qwen3_mlx.kernels._ext"] = None  # as if it had not been built
+    import mlx.core as mx
+    from qwen3_mlx import kernels
+    from qwen3_mlx.bench.models import random_bench_model
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, model_type="qwen3", tie_word_embeddings=True)
+    model = random_bench_model(cfg, 4, 64)
+    a = model(mx.array([[1, 2, 3]]))
+    b = model(mx.array([[1, 2, 3]]))
+    print(kernels.describe()["kernels"], float(mx.abs(a - b).max()), a.shape)
+    """
+)
+
+
+def test_package_runs_without_the_extension():
+    r = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "mlx"
+    assert r.stderr.count("CPU kernels unavailable") == 1, r.stderr
