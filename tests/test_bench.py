@@ -73,6 +73,11 @@ def test_bench_cli_end_to_end_vs_mlx_lm(tmp_path, moe, bits):
                 run["results"]["qwen3-mlx"][f]["median"] / run["results"]["mlx-lm"][f]["median"]
             )
     assert "ours/mlx-lm" in r.stdout
+    # which kernels ran is in the JSON and the table's title
+    from qwen3_mlx import kernels
+
+    assert doc["environment"]["kernels"] == kernels.describe()
+    assert ("qwen3-mlx kernels" if kernels.available() else "MLX's kernels") in " ".join(r.stdout.split())
 
 
 def test_bench_refuses_what_does_not_fit(monkeypatch):

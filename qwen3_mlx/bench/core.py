@@ -10,6 +10,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .. import kernels
 from ..blas import openblas_active
 from .harness import FIGURES, Runner, Trial, make_runner, our_tokens, ratio_row, run_alternated
 from .models import (
@@ -45,6 +46,8 @@ def environment(device: str | None = None) -> dict:
         "mlx_lm": mlx_lm_version,
         "device": str(mx.default_device()),
         "openblas_preloaded": openblas_active(),
+        # Which matmul kernels qwen3-mlx ran: ours ("qwen3-mlx", with the instruction set and threads) or MLX's.
+        "kernels": kernels.describe(),
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu_count": os.cpu_count(),
         "device_profile": device,

@@ -31,6 +31,13 @@ def table(doc: dict) -> Table:
     m = doc["model"]
     quant = f"{m['bits']}-bit g{m['group_size']}" if m["bits"] else m["dtype"]
     title = f"{m['name']} ({m['source']}, {quant}), {doc['settings']['gen_tokens']} generated, " f"median of {doc['settings']['trials']}"
+    k = doc["environment"].get("kernels") or {}
+    if k.get("kernels") == "qwen3-mlx":
+        title += f"; qwen3-mlx kernels ({k['isa']}, {k['threads']} threads)"
+        if doc["settings"].get("vs"):
+            title += f", {doc['settings']['vs']} on MLX's"
+    elif k:
+        title += f"; MLX's kernels ({k.get('reason')})"
     t = Table(title=title, title_justify="left")
     t.add_column("prompt", justify="right")
     t.add_column("runtime")

@@ -95,6 +95,31 @@ def linear(x: mx.array, w: mx.array) -> mx.array:
     return x @ w.T
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None) -> mx.array:
+    """softmax(q k^T * scale + mask) v: q [B, H, L, D], k and v [B, Hkv, S, D] (Hkv divides H) -> [B, H, L, D].
+
+    mask: None, "causal" (aligned to the end of the keys, as MLX's) or an additive / boolean array.
+    On the CPU in float32 the two products run on our batched matmul; MLX's CPU attention runs them
+    through the BLAS the wheel links (a reference BLAS on Linux), which made prefill attention cost
+    more than all the weight matmuls together.
+    """
+    L, S = q.shape[-2], k.shape[-2]
+    # One query row (decode): MLX's attention is as fast and reads the cache in place, where ours
+    # would first copy the keys and transposed values.
+    if L == 1 or not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    scores = _ext.matmul(q * scale, k)  # [B, H, L, S]
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        allowed = mx.arange(S)[None, :] <= mx.arange(S - L, S)[:, None]  # [L, S]
+        scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
+    elif mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype)) if mask.dtype == mx.bool_ else scores + mask
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
+
+
 def gather_qmm(x, w, scales, biases, indices, *, group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """Expert matmuls: out[..., j, :] = x_row @ dequantize(w[indices[..., j]])^T -> indices.shape + [N].
 

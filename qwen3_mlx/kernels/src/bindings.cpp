@@ -18,6 +18,8 @@ NB_MODULE(_ext, m) {
         "Per-expert quantized matmul: out[i] = x_row(i) @ dequantize(w[indices[i]])^T -> indices.shape + [N].");
   m.def("matmul", &q3k::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ w^T for float32 or bfloat16 w [N, K]; float32 result.");
+  m.def("read_bandwidth", &q3k::read_bandwidth_gbs, "nbytes"_a = int64_t(1) << 30, "repeats"_a = 5,
+        "Memory read bandwidth (GB/s, best of `repeats`) on the kernels' threads: the decode roofline.");
   m.def("isa", &q3k::isa_name, "Instruction set the kernels run with (avx512, avx2 or generic).");
   m.def("threads", &q3k::threads, "Threads the kernels use (QWEN3_MLX_THREADS, else the usable cores).");
 }

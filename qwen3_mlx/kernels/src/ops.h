@@ -25,9 +25,13 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
                      const std::optional<mx::array>& biases, const mx::array& indices, int group_size,
                      int bits, mx::StreamOrDevice s = {});
 
-// x [..., K] @ w^T for float32 or bfloat16 weights w [N, K] -> [..., N] in float32
-// (bfloat16 weights are widened in registers, never copied).
+// x [..., K] @ w^T for float32 or bfloat16 weights w [N, K] -> [..., N] in float32 (bfloat16
+// weights are widened in registers, never copied). Batched: x [..., H, M, K] @ w [..., Hw, N, K]^T
+// with Hw dividing H (x batch h uses weight batch h / (H / Hw), as grouped-query attention needs).
 mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+
+// Best of `repeats` reads of an nbytes buffer on the kernels' threads, in GB/s.
+double read_bandwidth_gbs(int64_t nbytes, int repeats);
 
 // Name of the instruction set the kernels run with, and the threads they use.
 const char* isa_name();

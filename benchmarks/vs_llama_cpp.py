@@ -1,0 +1,116 @@
+"""qwen3-mlx against llama.cpp on the same shapes, interleaved in one run, plus a memory read test.
+
+    python benchmarks/make_peer_checkpoints.py            # transformers checkpoints at the real shapes
+    python benchmarks/vs_llama_cpp.py [--ckpt /tmp/peer-ckpt] [--only q4,moe-q4]
+
+For each case it runs llama.cpp's llama-bench (through ../shared/peers/llama-bench.sh, which builds
+llama.cpp once and converts the checkpoint to GGUF) and then `qwen3-mlx bench` on the same shape with
+the same prompt / generation lengths and threads, so both see the machine in the same state; then the
+read test of our kernels' thread pool (the decode roofline). Prints a markdown table of tok/s and
+ours / llama.cpp ratios. Only ratios from one run mean anything: the machine drifts by 30% or more.
+
+llama-bench gets `--repack 0` by default: on CPUs with AMX, llama.cpp 0.3.36's AMX path segfaults on
+the first batched matmul (llama.cpp issue #20824); pass `--llama-extra ""` where it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = ROOT.parent / "shared" / "peers" / "llama-bench.sh"
+
+# name: (checkpoint folder, llama.cpp type, our bits or None for float32)
+CASES = {
+    "q4": ("qwen3-0.6b", "Q4_0", 4),
+    "q8": ("qwen3-0.6b", "Q8_0", 8),
+    "f32": ("qwen3-0.6b", "F32", None),
+    "moe-q4": ("moe-12l-64e-a8", "Q4_0", 4),
+}
+
+
+def llama_bench(ckpt: Path, quant: str, prompt: int, gen: int, threads: int, extra: list[str]) -> dict:
+    args = ["bash", str(PEER), str(ckpt), quant, "--", "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+            "-r", "3", *extra]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    res = {}
+    for line in out.splitlines():
+        m = re.search(r"\|\s*(pp|tg)(\d+)\s*\|\s*([\d.]+)\s*±", line)
+        if m:
+            res["prefill_tps" if m.group(1) == "pp" else "decode_tps"] = float(m.group(3))
+    if len(res) != 2:
+        raise SystemExit(f"could not read llama-bench's table:\n{out}")
+    return res
+
+
+def ours(ckpt: Path, bits: int | None, prompt: int, gen: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        js = Path(tmp) / "bench.json"
+        cmd = ["qwen3-mlx", "bench", "--shape", str(ckpt / "config.json"), "--random", "-p", str(prompt),
+               "-g", str(gen), "-n", "3", "--json", str(js)]
+        if bits:
+            cmd += ["--bits", str(bits)]
+        env = dict(os.environ, QWEN3_MLX_THREADS=str(threads))
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        doc = json.loads(js.read_text())
+    r = doc["runs"][0]["results"]["qwen3-mlx"]
+    return {
+        "prefill_tps": r["prefill_tps"]["median"],
+        "decode_tps": r["decode_tps"]["median"],
+        "bandwidth_gbs": r["bandwidth_gbs"]["median"],
+        "peak_gb": r["peak_memory_gb"]["median"],
+        "kernels": doc["environment"].get("kernels"),
+    }
+
+
+def read_test(threads: int) -> float:
+    code = "from qwen3_mlx import kernels; print(kernels._ext.read_bandwidth(1 << 30, 5))"
+    env = dict(os.environ, QWEN3_MLX_THREADS=str(threads))
+    return float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", type=Path, default=Path("/tmp/peer-ckpt"), help="make_peer_checkpoints.py's --out")
+    ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated cases of {', '.join(CASES)}")
+    ap.add_argument("-p", type=int, default=128, help="prompt tokens")
+    ap.add_argument("-g", type=int, default=32, help="generated tokens")
+    ap.add_argument("-t", type=int, default=2, help="threads, both runtimes")
+    ap.add_argument("--llama-extra", default="--repack 0", help="more llama-bench arguments")
+    args = ap.parse_args()
+    rows = []
+    for name in args.only.split(","):
+        folder, quant, bits = CASES[name]
+        ckpt = args.ckpt / folder
+        if not (ckpt / "config.json").exists():
+            raise SystemExit(f"{ckpt} missing: run benchmarks/make_peer_checkpoints.py first")
+        print(f"[{name}] llama.cpp {quant} ...", file=sys.stderr, flush=True)
+        peer = llama_bench(ckpt, quant, args.p, args.g, args.t, args.llama_extra.split())
+        print(f"[{name}] qwen3-mlx ...", file=sys.stderr, flush=True)
+        mine = ours(ckpt, bits, args.p, args.g, args.t)
+        rows.append((name, folder, quant, bits, peer, mine))
+    gbs = read_test(args.t)
+    k = rows[0][5]["kernels"] if rows else {}
+    print(f"\n{args.t} threads, prompt {args.p}, {args.g} generated; qwen3-mlx kernels: {k}; "
+          f"read test {gbs:.1f} GB/s\n")
+    print("| case | llama.cpp prefill / decode tok/s | qwen3-mlx prefill / decode tok/s | ours / llama.cpp "
+          "prefill / decode | our decode GB/s (share of read test) | our peak GB |")
+    print("|---|---|---|---|---|---|")
+    for name, folder, quant, bits, peer, mine in rows:
+        ours_q = f"{bits}-bit g64" if bits else "float32"
+        print(f"| {folder} {quant} vs {ours_q} | {peer['prefill_tps']:.1f} / {peer['decode_tps']:.1f} | "
+              f"{mine['prefill_tps']:.1f} / {mine['decode_tps']:.2f} | "
+              f"{mine['prefill_tps'] / peer['prefill_tps']:.2f}x / {mine['decode_tps'] / peer['decode_tps']:.2f}x | "
+              f"{mine['bandwidth_gbs']:.1f} ({100 * mine['bandwidth_gbs'] / gbs:.0f}%) | {mine['peak_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
