@@ -91,6 +91,15 @@ def test_outputs_join_the_lazy_graph_and_take_views():
     ref = mx.quantized_matmul(mx.array(np.array(x)), wq, s, b, transpose=True, group_size=32, bits=8) + 1
     assert rel_err(y, ref) <= RTOL
     assert rel_err(mx.compile(lambda v: ext.quantized_matmul(v, wq, s, b, 32, 8) * 2)(x), ref * 2 - 2) <= RTOL
+    # evaluated weights that are strided views (every other row) are copied, not read as if contiguous
+    w2, s2, b2 = wq[::2], s[::2], b[::2]
+    mx.eval(w2, s2, b2)
+    ref2 = mx.quantized_matmul(x, mx.array(np.array(w2)), mx.array(np.array(s2)), mx.array(np.array(b2)),
+                               transpose=True, group_size=32, bits=8)
+    assert rel_err(ext.quantized_matmul(x, w2, s2, b2, 32, 8), ref2) <= RTOL
+    wf = mx.random.normal((128, 40), key=mx.random.key(8))
+    mx.eval(wf)
+    assert rel_err(ext.matmul(x, wf.T), x @ wf) <= RTOL  # a transposed float weight
 
 
 def test_bad_arguments_raise_clear_errors():

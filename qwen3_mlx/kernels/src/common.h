@@ -55,6 +55,14 @@ inline int check_quantized(const mx::array& w, const mx::array& scales, const st
   return N;
 }
 
+// The array as a row-contiguous input. Weights are evaluated parameters that are already contiguous:
+// passing them as they are spares a graph node per input per call (~8 us each on the CPU, ~600 per
+// decoded token of the 0.6B model). Anything else (lazy or strided) goes through MLX's contiguous op.
+inline mx::array as_input(const mx::array& a, mx::Stream s) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, s);
+}
+
 inline mx::Dtype float_out(mx::Dtype d) {
   return (d == mx::bfloat16 || d == mx::float16 || d == mx::float32) ? d : mx::float32;
 }

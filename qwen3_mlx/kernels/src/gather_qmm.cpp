@@ -121,8 +121,8 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
   auto shape = indices.shape();
   shape.push_back(N);
   std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream)};
-  if (biases) inputs.push_back(mx::contiguous(*biases, false, stream));
+                                   as_input(w, stream), as_input(scales, stream)};
+  if (biases) inputs.push_back(as_input(*biases, stream));
   inputs.push_back(mx::contiguous(mx::astype(indices, mx::int32, stream), false, stream));
   auto y = mx::array(shape, mx::float32,
                      std::make_shared<GatherQMatmul>(stream, group_size, bits, biases.has_value(), per_row),

@@ -80,7 +80,7 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
   auto shape = x.shape();
   shape.back() = w.shape(-2);
   return mx::array(shape, mx::float32, std::make_shared<FloatMatmul>(stream),
-                   {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream), mx::contiguous(w, false, stream)});
+                   {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream), as_input(w, stream)});
 }
 
 const char* isa_name() { return kernels().name; }

@@ -67,8 +67,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   auto shape = x.shape();
   shape.back() = N;
   std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream)};
-  if (biases) inputs.push_back(mx::contiguous(*biases, false, stream));
+                                   as_input(w, stream), as_input(scales, stream)};
+  if (biases) inputs.push_back(as_input(*biases, stream));
   auto y = mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, group_size, bits, biases.has_value()),
                      std::move(inputs));
   return mx::astype(y, float_out(x.dtype()), stream);
