@@ -195,6 +195,11 @@ struct F16S {
   static float get(const void* p, int64_t i) { return f16_to_float(static_cast<const uint16_t*>(p)[i]); }
 };
 
+// Bytes ahead that quantized decode prefetches (twice that for 8-bit): measured 1.2-1.8x on weights
+// streamed from memory (4-bit lm_head 8.8 -> 15.5 GB/s on 2 threads). Float rows, a plain stream
+// already near the read test, are left to the hardware prefetcher.
+constexpr int kPrefetch = 1024;
+
 inline float* out_row(const MatArgs& a, int m) {
   return a.y + static_cast<int64_t>(a.yrows ? a.yrows[m] : m) * a.ldy;
 }
@@ -217,6 +222,8 @@ void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
         const auto lut = lut4(sc, bi);
         for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
           VF lo, hi;
+          // The next rows' bytes, well ahead of the hardware prefetcher's ramp-up at each task's start.
+          __builtin_prefetch(wr + (k >> 1) + kPrefetch);
           deq4(wr + (k >> 1), lut, lo, hi);
           for (int m = 0; m < MR; ++m) {
             const float* xr = a.x + (m0 + m) * a.ldx + k;
@@ -259,6 +266,7 @@ void gemv_q8(const MatArgs& a, int n0, int n1, int m0) {
       VF g0[MR], g1[MR];
       for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
       for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+        __builtin_prefetch(wr + k + 2 * kPrefetch);
         const VF q0 = dec8(wr + k), q1 = dec8(wr + k + W);
         for (int m = 0; m < MR; ++m) {
           const float* xr = a.x + (m0 + m) * a.ldx + k;
