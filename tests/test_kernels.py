@@ -276,7 +276,9 @@ def test_package_runs_without_the_extension():
     assert r.stderr.count("CPU kernels unavailable") == 1, r.stderr
 
 
-@pytest.mark.parametrize("L,S,heads,kv_heads", [(2, 2, 4, 2), (3, 37, 8, 2), (13, 13, 4, 4), (5, 40, 6, 3)])
+@pytest.mark.parametrize(
+    "L,S,heads,kv_heads", [(1, 1, 4, 2), (1, 37, 8, 2), (1, 300, 16, 1), (2, 2, 4, 2), (3, 37, 8, 2), (13, 13, 4, 4), (5, 40, 6, 3)]
+)
 @pytest.mark.parametrize("mask", [None, "causal", "array"])
 def test_attention_equals_mlx_sdpa(L, S, heads, kv_heads, mask):
     q = mx.random.normal((2, heads, L, 32), key=mx.random.key(L))
@@ -286,6 +288,20 @@ def test_attention_equals_mlx_sdpa(L, S, heads, kv_heads, mask):
         mask = mx.random.normal((L, S), key=mx.random.key(9))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5, mask=mask)
     assert rel_err(kernels.attention(q, k, v, scale=32**-0.5, mask=mask), ref) <= RTOL
+
+
+def test_decode_attention_reads_a_cache_slice_in_place():
+    """The KV cache hands attention a slice of a larger buffer (and may be strided): same values as SDPA."""
+    buf = mx.random.normal((2, 4, 64, 32), key=mx.random.key(0))
+    vbuf = mx.random.normal((2, 4, 64, 32), key=mx.random.key(1))
+    mx.eval(buf, vbuf)
+    tbuf = mx.random.normal((2, 4, 32, 64), key=mx.random.key(3))  # transposed: the head dim is strided
+    mx.eval(tbuf)
+    q = mx.random.normal((2, 8, 1, 32), key=mx.random.key(2))
+    for k, v in ((buf[:, :, :23], vbuf[:, :, :23]), (buf[:, :, ::2], vbuf[:, :, 1::2]),
+                 (tbuf.swapaxes(-1, -2), vbuf)):
+        ref = mx.fast.scaled_dot_product_attention(q, mx.array(np.array(k)), mx.array(np.array(v)), scale=0.3)
+        assert rel_err(ext.decode_attention(q, k, v, 0.3), ref) <= RTOL
 
 
 def test_batched_matmul_broadcasts_grouped_weights():

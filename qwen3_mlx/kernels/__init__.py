@@ -104,10 +104,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     more than all the weight matmuls together.
     """
     L, S = q.shape[-2], k.shape[-2]
-    # One query row (decode): MLX's attention is as fast and reads the cache in place, where ours
-    # would first copy the keys and transposed values.
-    if L == 1 or not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
+    if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if L == 1 and (mask is None or isinstance(mask, str)) and q.shape[1] // k.shape[1] <= 16:
+        # Decode: one fused kernel reading the cache in place (one causal query row sees every key).
+        return _ext.decode_attention(q, k, v, scale)
     scores = _ext.matmul(q * scale, k)  # [B, H, L, S]
     if isinstance(mask, str):
         if mask != "causal":

@@ -31,6 +31,20 @@ struct MatArgs {
   const int32_t* yrows = nullptr;
 };
 
+// One query row per head against a cache: out = softmax(scale * q k^T) v for the `rep` query heads
+// that share one key/value head (grouped-query attention). k and v rows (D floats, contiguous) are
+// `ks` / `vs` floats apart, so a slice of a larger cache buffer is read in place.
+struct AttnArgs {
+  const float* q = nullptr;  // [rep, D]
+  const float* k = nullptr;  // S rows
+  const float* v = nullptr;  // S rows
+  int64_t ks = 0, vs = 0;
+  int rep = 0, S = 0, D = 0;
+  float scale = 1.f;
+  float* out = nullptr;     // [rep, D]
+  float* scores = nullptr;  // scratch [rep, S]
+};
+
 struct Kernels {
   const char* name;
   // Q4 activations are reordered in blocks of 2 * lanes values: the even ones, then the odd ones
@@ -41,6 +55,7 @@ struct Kernels {
   // The same for many rows: rows [n0, n1) of the weight are expanded to floats into `tile`
   // ((n1 - n0) * K floats; unused for F32) and reused across all M rows.
   void (*gemm)(const MatArgs& a, int n0, int n1, float* tile);
+  void (*attend)(const AttnArgs& a);
 };
 
 const Kernels& kernels_avx512();

@@ -6,6 +6,7 @@
 // (gemv), or expand the weight to floats first (gemm); both equal MLX's quantized_matmul to float32
 // rounding.
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #include "kernels.h"
@@ -468,10 +469,59 @@ void gemm(const MatArgs& a, int n0, int n1, float* tile) {
   }
 }
 
+// ---- decode attention ----
+
+inline float dot(const float* a, const float* b, int D) {
+  VF acc0 = vzero(), acc1 = vzero();
+  int d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    acc0 = vfma(vload(a + d), vload(b + d), acc0);
+    acc1 = vfma(vload(a + d + W), vload(b + d + W), acc1);
+  }
+  for (; d + W <= D; d += W) acc0 = vfma(vload(a + d), vload(b + d), acc0);
+  float s = vsum(vadd(acc0, acc1));
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+void attend(const AttnArgs& a) {
+  const int D = a.D, S = a.S;
+  // Scores: each key row is read once for all `rep` query heads.
+  for (int s = 0; s < S; ++s) {
+    const float* kr = a.k + s * a.ks;
+    for (int j = 0; j < a.rep; ++j) a.scores[j * S + s] = a.scale * dot(a.q + j * D, kr, D);
+  }
+  // Softmax in float32 (max subtracted), normalised at the end.
+  float inv[16];
+  for (int j = 0; j < a.rep; ++j) {
+    float* sc = a.scores + j * S;
+    float mx = sc[0];
+    for (int s = 1; s < S; ++s) mx = sc[s] > mx ? sc[s] : mx;
+    float sum = 0.f;
+    for (int s = 0; s < S; ++s) sum += (sc[s] = __builtin_expf(sc[s] - mx));  // libm expf, no inline copy
+    inv[j] = 1.f / sum;
+    for (int d = 0; d < D; ++d) a.out[j * D + d] = 0.f;
+  }
+  // out += p_s * v_s: each value row is read once for all query heads.
+  for (int s = 0; s < S; ++s) {
+    const float* vr = a.v + s * a.vs;
+    for (int j = 0; j < a.rep; ++j) {
+      const float p = a.scores[j * S + s];
+      float* o = a.out + j * D;
+      int d = 0;
+      const VF pv = vset1(p);
+      for (; d + W <= D; d += W) vstore(o + d, vfma(pv, vload(vr + d), vload(o + d)));
+      for (; d < D; ++d) o[d] += p * vr[d];
+    }
+  }
+  for (int j = 0; j < a.rep; ++j)
+    for (int d = 0; d < D; ++d) a.out[j * D + d] *= inv[j];
+}
+
 }  // namespace
 
 const Kernels& table() {
-  static const Kernels k{Q3K_NAME, W, &gemv, &gemm};
+  static const Kernels k{Q3K_NAME, W, &gemv, &gemm, &attend};
   return k;
 }
 

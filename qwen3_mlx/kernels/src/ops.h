@@ -30,6 +30,11 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
 // with Hw dividing H (x batch h uses weight batch h / (H / Hw), as grouped-query attention needs).
 mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
 
+// softmax(scale * q k^T) v for one query row per head: q [B, H, 1, D], k and v [B, Hkv, S, D] float32
+// (any strides: the cache is read in place), Hkv dividing H -> [B, H, 1, D] float32.
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                           mx::StreamOrDevice s = {});
+
 // Best of `repeats` reads of an nbytes buffer on the kernels' threads, in GB/s.
 double read_bandwidth_gbs(int64_t nbytes, int repeats);
 

@@ -1,0 +1,100 @@
+// DecodeAttention: one query row per head against the KV cache, read in place (a slice of the
+// cache's larger buffer, no copy), fused scores + softmax + weighted sum. MLX's CPU attention runs
+// these products through the BLAS the wheel links, a reference one on Linux.
+#include "common.h"
+#include "driver.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "pool.h"
+
+namespace q3k {
+namespace {
+
+constexpr int kMaxRep = 16;  // query heads per key/value head (Qwen3 goes up to 16)
+
+struct Job {
+  const float *q, *k, *v;
+  float* out;
+  int64_t kst[4], vst[4];  // element strides [b, h, s, d]
+  int B, H, Hkv, S, D;
+  float scale;
+};
+
+// Rows of a strided [S, D] view as contiguous rows (only when its last axis is strided).
+const float* rows(const float* p, const int64_t* st, int S, int D, Scratch& buf, int64_t* row_stride) {
+  if (st[3] == 1) {
+    *row_stride = st[2];
+    return p;
+  }
+  float* c = buf.get(static_cast<size_t>(S) * D);
+  for (int s = 0; s < S; ++s)
+    for (int d = 0; d < D; ++d) c[static_cast<int64_t>(s) * D + d] = p[s * st[2] + d * st[3]];
+  *row_stride = D;
+  return c;
+}
+
+void run_head(void* ctx, int t, int) {
+  thread_local Scratch scores, kbuf, vbuf;
+  const Job& j = *static_cast<Job*>(ctx);
+  const int b = t / j.Hkv, h = t % j.Hkv, rep = j.H / j.Hkv;
+  AttnArgs a;
+  a.rep = rep, a.S = j.S, a.D = j.D, a.scale = j.scale;
+  a.q = j.q + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
+  a.out = j.out + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
+  a.k = rows(j.k + b * j.kst[0] + h * j.kst[1], j.kst, j.S, j.D, kbuf, &a.ks);
+  a.v = rows(j.v + b * j.vst[0] + h * j.vst[1], j.vst, j.S, j.D, vbuf, &a.vs);
+  a.scores = scores.get(static_cast<size_t>(rep) * j.S);
+  kernels().attend(a);
+}
+
+class DecodeAttention : public mx::Primitive {
+ public:
+  DecodeAttention(mx::Stream s, float scale) : mx::Primitive(s), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& q = in[0];
+    const auto& k = in[1];
+    const auto& v = in[2];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    Job job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, q.shape(0), q.shape(1),
+            k.shape(1), k.shape(2), q.shape(3), scale_};
+    for (int i = 0; i < 4; ++i) job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
+    enc.dispatch([job]() mutable { Pool::get().run(job.B * job.Hkv, &run_head, &job); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
+  }
+  const char* name() const override { return "Qwen3DecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+  }
+
+ private:
+  float scale_;
+};
+
+}  // namespace
+
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                           mx::StreamOrDevice s) {
+  require(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k, v must be [B, heads, length, head_dim]");
+  require(q.shape(2) == 1, "decode attention takes one query row per head, got " + shape_str(q));
+  require(k.shape() == v.shape(), "k " + shape_str(k) + " and v " + shape_str(v) + " differ");
+  require(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q " + shape_str(q) + " does not match k " + shape_str(k));
+  require(k.shape(2) >= 1, "no keys");
+  const int H = q.shape(1), Hkv = k.shape(1);
+  require(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep,
+          "query heads " + std::to_string(H) + " must be a multiple (at most 16x) of key/value heads " + std::to_string(Hkv));
+  require(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
+  auto stream = mx::to_stream(s);
+  // k and v are taken as they are (any strides, typically a slice of the cache); q is tiny.
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale),
+                   {mx::contiguous(mx::astype(q, mx::float32, stream), false, stream), k, v});
+}
+
+}  // namespace q3k
