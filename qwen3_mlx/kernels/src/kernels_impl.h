@@ -46,6 +46,11 @@ static inline VF lut4(float s, float b) {
   const VF q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return _mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b));
 }
+// The same from a float32 (scale, bias) pair in memory (broadcast loads, no shuffle).
+static inline VF lut4m(const float* sb) {
+  const VF q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_fmadd_ps(q, _mm512_set1_ps(sb[0]), _mm512_set1_ps(sb[1]));
+}
 static inline void deq4(const uint8_t* p, VF lut, VF& lo, VF& hi) {
   __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   lo = _mm512_permutexvar_ps(v, lut);
@@ -90,6 +95,7 @@ static inline VF decbf16(const uint16_t* p) {
 constexpr bool kLut4 = false;
 struct NoLut {};
 static inline NoLut lut4(float, float) { return {}; }
+static inline NoLut lut4m(const float*) { return {}; }
 static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
 #define Q3K_NAME "avx2"
 #define Q3K_MR 4
@@ -148,6 +154,7 @@ static inline VF decbf16(const uint16_t* p) {
 constexpr bool kLut4 = false;
 struct NoLut {};
 static inline NoLut lut4(float, float) { return {}; }
+static inline NoLut lut4m(const float*) { return {}; }
 static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
 #define Q3K_NAME "generic"
 #define Q3K_MR 2
@@ -200,6 +207,7 @@ struct F16S {
 // streamed from memory (4-bit lm_head 8.8 -> 15.5 GB/s on 2 threads). Float rows, a plain stream
 // already near the read test, are left to the hardware prefetcher.
 constexpr int kPrefetch = 1024;
+constexpr int kMaxGroups = 1024;  // per row, staged on the stack (K up to 32768 at group size 32)
 
 inline float* out_row(const MatArgs& a, int m) {
   return a.y + static_cast<int64_t>(a.yrows ? a.yrows[m] : m) * a.ldy;
@@ -207,27 +215,40 @@ inline float* out_row(const MatArgs& a, int m) {
 
 // ---- decode: each weight row is read once and decoded in registers for up to MR activation rows ----
 
-template <int MR, class S>
+// GS (the group size) is a template argument so the chunk loops unroll and no integer arithmetic is
+// left in them: scalar ops share ports with the vector decode, which is what bounds this kernel.
+template <int MR, class S, int GS>
 void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
-  const int K = a.K, gs = a.gs, G = K / gs;
+  constexpr int C = GS / (2 * W);  // chunks of 2W values per group
+  const int G = a.K / GS;
+  const float* xb[MR];
+  for (int m = 0; m < MR; ++m) xb[m] = a.x + (m0 + m) * a.ldx;
+  const float* xs = a.xsum ? a.xsum + static_cast<int64_t>(m0) * G : nullptr;
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
     const int64_t sg = static_cast<int64_t>(n) * G;
     VF acc0[MR], acc1[MR];
     float bsum[MR];
     for (int m = 0; m < MR; ++m) acc0[m] = vzero(), acc1[m] = vzero(), bsum[m] = 0.f;
+    // The row's scales and biases as float32 first: a broadcast from memory costs only a load, where
+    // one from a register (after a bf16/f16 conversion) takes the shuffle port the decode needs.
+    float sb[2 * kMaxGroups];
+    const bool staged = kLut4 && G <= kMaxGroups;
+    if (staged)
+      for (int g = 0; g < G; ++g)
+        sb[2 * g] = S::get(a.scales, sg + g), sb[2 * g + 1] = a.biases ? S::get(a.biases, sg + g) : 0.f;
     for (int g = 0; g < G; ++g) {
-      const float sc = S::get(a.scales, sg + g), bi = a.biases ? S::get(a.biases, sg + g) : 0.f;
+      const uint8_t* wg = wr + g * (GS / 2);
+      __builtin_prefetch(wg + kPrefetch);
       if constexpr (kLut4) {
         // Dequantize (MLX's s * q + b) and accumulate x * w directly.
-        const auto lut = lut4(sc, bi);
-        for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+        const auto lut = staged ? lut4m(sb + 2 * g)
+                                : lut4(S::get(a.scales, sg + g), a.biases ? S::get(a.biases, sg + g) : 0.f);
+        for (int c = 0; c < C; ++c) {
           VF lo, hi;
-          // The next rows' bytes, well ahead of the hardware prefetcher's ramp-up at each task's start.
-          __builtin_prefetch(wr + (k >> 1) + kPrefetch);
-          deq4(wr + (k >> 1), lut, lo, hi);
+          deq4(wg + c * W, lut, lo, hi);
           for (int m = 0; m < MR; ++m) {
-            const float* xr = a.x + (m0 + m) * a.ldx + k;
+            const float* xr = xb[m] + g * GS + c * 2 * W;
             acc0[m] = vfma(lo, vload(xr), acc0[m]);
             acc1[m] = vfma(hi, vload(xr + W), acc1[m]);
           }
@@ -236,27 +257,34 @@ void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
         // s * sum(x q) + b * sum(x): the scale is applied once per group.
         VF g0[MR], g1[MR];
         for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
-        for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
+        for (int c = 0; c < C; ++c) {
           VF lo, hi;
-          dec4(wr + (k >> 1), lo, hi);
+          dec4(wg + c * W, lo, hi);
           for (int m = 0; m < MR; ++m) {
-            const float* xr = a.x + (m0 + m) * a.ldx + k;
+            const float* xr = xb[m] + g * GS + c * 2 * W;
             g0[m] = vfma(lo, vload(xr), g0[m]);
             g1[m] = vfma(hi, vload(xr + W), g1[m]);
           }
         }
-        const VF s = vset1(sc);
-        for (int m = 0; m < MR; ++m) acc0[m] = vfma(s, vadd(g0[m], g1[m]), acc0[m]);
-        for (int m = 0; m < MR; ++m) bsum[m] += bi * a.xsum[(m0 + m) * G + g];
+        const VF sv = vset1(S::get(a.scales, sg + g));
+        for (int m = 0; m < MR; ++m) acc0[m] = vfma(sv, vadd(g0[m], g1[m]), acc0[m]);
+        if (a.biases) {
+          const float bi = S::get(a.biases, sg + g);
+          for (int m = 0; m < MR; ++m) bsum[m] += bi * xs[m * G + g];
+        }
       }
     }
     for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(vadd(acc0[m], acc1[m])) + bsum[m];
   }
 }
 
-template <int MR, class S>
+template <int MR, class S, int GS>
 void gemv_q8(const MatArgs& a, int n0, int n1, int m0) {
-  const int K = a.K, gs = a.gs, G = K / gs;
+  constexpr int C = GS / (2 * W);
+  const int G = a.K / GS;
+  const float* xb[MR];
+  for (int m = 0; m < MR; ++m) xb[m] = a.x + (m0 + m) * a.ldx;
+  const float* xs = a.xsum ? a.xsum + static_cast<int64_t>(m0) * G : nullptr;
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
     const int64_t sg = static_cast<int64_t>(n) * G;
@@ -264,22 +292,23 @@ void gemv_q8(const MatArgs& a, int n0, int n1, int m0) {
     float bsum[MR];
     for (int m = 0; m < MR; ++m) acc[m] = vzero(), bsum[m] = 0.f;
     for (int g = 0; g < G; ++g) {
+      const uint8_t* wg = wr + g * GS;
+      __builtin_prefetch(wg + 2 * kPrefetch);
       VF g0[MR], g1[MR];
       for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
-      for (int k = g * gs; k < (g + 1) * gs; k += 2 * W) {
-        __builtin_prefetch(wr + k + 2 * kPrefetch);
-        const VF q0 = dec8(wr + k), q1 = dec8(wr + k + W);
+      for (int c = 0; c < C; ++c) {
+        const VF q0 = dec8(wg + c * 2 * W), q1 = dec8(wg + c * 2 * W + W);
         for (int m = 0; m < MR; ++m) {
-          const float* xr = a.x + (m0 + m) * a.ldx + k;
+          const float* xr = xb[m] + g * GS + c * 2 * W;
           g0[m] = vfma(q0, vload(xr), g0[m]);
           g1[m] = vfma(q1, vload(xr + W), g1[m]);
         }
       }
-      const VF s = vset1(S::get(a.scales, sg + g));
-      for (int m = 0; m < MR; ++m) acc[m] = vfma(s, vadd(g0[m], g1[m]), acc[m]);
+      const VF sv = vset1(S::get(a.scales, sg + g));
+      for (int m = 0; m < MR; ++m) acc[m] = vfma(sv, vadd(g0[m], g1[m]), acc[m]);
       if (a.biases) {
-        const float b = S::get(a.biases, sg + g);
-        for (int m = 0; m < MR; ++m) bsum[m] += b * a.xsum[(m0 + m) * G + g];
+        const float bi = S::get(a.biases, sg + g);
+        for (int m = 0; m < MR; ++m) bsum[m] += bi * xs[m * G + g];
       }
     }
     for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(acc[m]) + bsum[m];
@@ -318,11 +347,20 @@ void gemv_float(const MatArgs& a, int n0, int n1, int m0) {
   }
 }
 
+template <int MR, class S, int GS>
+void gemv_quant(const MatArgs& a, int n0, int n1, int m0) {
+  if (a.wt == WType::Q4) return gemv_q4<MR, S, GS>(a, n0, n1, m0);
+  return gemv_q8<MR, S, GS>(a, n0, n1, m0);
+}
+
 template <int MR, class S>
 void gemv_mr(const MatArgs& a, int n0, int n1, int m0) {
   switch (a.wt) {
-    case WType::Q4: return gemv_q4<MR, S>(a, n0, n1, m0);
-    case WType::Q8: return gemv_q8<MR, S>(a, n0, n1, m0);
+    case WType::Q4:
+    case WType::Q8:
+      if (a.gs == 32) return gemv_quant<MR, S, 32>(a, n0, n1, m0);
+      if (a.gs == 64) return gemv_quant<MR, S, 64>(a, n0, n1, m0);
+      return gemv_quant<MR, S, 128>(a, n0, n1, m0);
     case WType::BF16: return gemv_float<MR, true>(a, n0, n1, m0);
     case WType::F32: return gemv_float<MR, false>(a, n0, n1, m0);
   }
