@@ -311,3 +311,23 @@ def test_batched_matmul_broadcasts_grouped_weights():
     assert rel_err(ext.matmul(x, w), ref) <= RTOL
     with pytest.raises(ValueError, match="does not divide"):
         ext.matmul(x, mx.zeros((2, 4, 7, 48)))
+
+
+def test_strided_activations_and_indices_are_read_by_their_strides():
+    """Activations and expert ids reach the kernels as views (transposes, slices): read by their strides."""
+    wq, s, b = quantized((40, 128), 4, 64, mx.float32, 11)
+    xt = mx.random.normal((128, 6), key=mx.random.key(12)).T  # [6, 128], column-major
+    ref = mx.quantized_matmul(mx.array(np.array(xt)), wq, s, b, transpose=True, group_size=64, bits=4)
+    assert rel_err(ext.quantized_matmul(xt, wq, s, b, 64, 4), ref) <= RTOL
+    we, se, be = quantized((5, 40, 128), 8, 64, mx.float32, 13)
+    idx = mx.array(np.random.default_rng(0).integers(0, 5, size=(6, 7)), dtype=mx.uint32)[:, 1:6:2]  # strided
+    rows = mx.expand_dims(mx.array(np.array(xt)), (-2, -3))
+    ref = mx.gather_qmm(rows, we, se, be, rhs_indices=mx.array(np.array(idx)), transpose=True, group_size=64,
+                        bits=8).squeeze(-2)
+    assert rel_err(ext.gather_qmm(xt, we, se, be, idx, 64, 8), ref) <= RTOL
+    wf = mx.random.normal((9, 128), key=mx.random.key(14))
+    assert rel_err(ext.matmul(xt, wf), mx.array(np.array(xt)) @ wf.T) <= RTOL
+    q = mx.random.normal((2, 1, 4, 32), key=mx.random.key(15)).swapaxes(1, 2)  # [2, 4, 1, 32] strided
+    k = mx.random.normal((2, 2, 9, 32), key=mx.random.key(16))
+    ref = mx.fast.scaled_dot_product_attention(mx.array(np.array(q)), k, k, scale=0.2)
+    assert rel_err(ext.decode_attention(q, k, k, 0.2), ref) <= RTOL

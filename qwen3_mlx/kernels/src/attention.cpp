@@ -63,7 +63,15 @@ class DecodeAttention : public mx::Primitive {
     Job job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, q.shape(0), q.shape(1),
             k.shape(1), k.shape(2), q.shape(3), scale_};
     for (int i = 0; i < 4; ++i) job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
-    enc.dispatch([job]() mutable { Pool::get().run(job.B * job.Hkv, &run_head, &job); });
+    enc.dispatch([job, ql = Layout(q)]() mutable {
+      thread_local Scratch qbuf;
+      if (!ql.contiguous) {
+        float* c = qbuf.get(static_cast<size_t>(job.B) * job.H * job.D);
+        copy_rows(job.q, ql, c);
+        job.q = c;
+      }
+      Pool::get().run(job.B * job.Hkv, &run_head, &job);
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -92,9 +100,9 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
           "query heads " + std::to_string(H) + " must be a multiple (at most 16x) of key/value heads " + std::to_string(Hkv));
   require(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
   auto stream = mx::to_stream(s);
-  // k and v are taken as they are (any strides, typically a slice of the cache); q is tiny.
+  // q, k and v are taken as they are (any strides; k and v typically a slice of the cache).
   return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale),
-                   {mx::contiguous(mx::astype(q, mx::float32, stream), false, stream), k, v});
+                   {mx::astype(q, mx::float32, stream), k, v});
 }
 
 }  // namespace q3k

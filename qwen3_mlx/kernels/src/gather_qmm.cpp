@@ -28,14 +28,28 @@ class GatherQMatmul : public mx::Primitive {
     enc.set_output_array(y);
     const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
     const int P = static_cast<int>(idx.size());
-    enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<uint8_t>(),
+    enc.dispatch([xp = x.data<float>(), xl = Layout(x), il = Layout(idx), wp = w.data<uint8_t>(), sp = scales.data<uint8_t>(),
                   bp = has_biases_ ? in[3].data<uint8_t>() : nullptr, ip = idx.data<int32_t>(), yp = y.data<float>(),
                   st = scale_type(scales.dtype()), ssize = static_cast<int>(scales.itemsize()), E, N, K, P,
-                  gs = gs_, bits = bits_, per_row = per_row_]() {
+                  gs = gs_, bits = bits_, per_row = per_row_]() mutable {
       thread_local std::vector<int32_t> count, order, srcrow;
       thread_local Scratch xbuf, sums;
       thread_local std::vector<MatArgs> mats;
+      thread_local Scratch xraw;
+      thread_local std::vector<int32_t> iraw;
       const Kernels& k = kernels();
+      if (!xl.contiguous) {
+        int64_t n = 1;
+        for (auto d : xl.shape) n *= d;
+        float* c = xraw.get(static_cast<size_t>(n));
+        copy_rows(xp, xl, c);
+        xp = c;
+      }
+      if (!il.contiguous) {
+        iraw.resize(P);
+        copy_rows(ip, il, iraw.data());
+        ip = iraw.data();
+      }
       const int G = K / gs;
       // Counting sort of the pairs by expert; ids out of range get zero rows.
       count.assign(E + 1, 0);
@@ -120,10 +134,10 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
   auto stream = mx::to_stream(s);
   auto shape = indices.shape();
   shape.push_back(N);
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream),
                                    as_input(w, stream), as_input(scales, stream)};
   if (biases) inputs.push_back(as_input(*biases, stream));
-  inputs.push_back(mx::contiguous(mx::astype(indices, mx::int32, stream), false, stream));
+  inputs.push_back(mx::astype(indices, mx::int32, stream));
   auto y = mx::array(shape, mx::float32,
                      std::make_shared<GatherQMatmul>(stream, group_size, bits, biases.has_value(), per_row),
                      std::move(inputs));

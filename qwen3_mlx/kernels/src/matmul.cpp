@@ -28,7 +28,7 @@ class FloatMatmul : public mx::Primitive {
     const int64_t Bw = w.size() / (static_cast<int64_t>(N) * K > 0 ? static_cast<int64_t>(N) * K : 1);
     const int M = x.ndim() >= 2 ? x.shape(-2) : 1;
     const int64_t B = K > 0 && M > 0 ? static_cast<int64_t>(x.size()) / (static_cast<int64_t>(M) * K) : 0;
-    enc.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), bf16 = w.dtype() == mx::bfloat16,
+    enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint8_t>(), bf16 = w.dtype() == mx::bfloat16,
                   isz = static_cast<int64_t>(w.itemsize()), yp = y.data<float>(), B, Bw, M, N, K]() {
       if (K == 0 || B == 0) {
         std::fill(yp, yp + B * M * N, 0.f);
@@ -37,7 +37,11 @@ class FloatMatmul : public mx::Primitive {
       thread_local Scratch xbuf;
       thread_local std::vector<MatArgs> mats;
       float* xa = xbuf.get(static_cast<size_t>(B) * M * K);
-      std::memcpy(xa, xp, sizeof(float) * B * M * K);  // aligned copy, see Scratch
+      if (xl.contiguous) {
+        std::memcpy(xa, xp, sizeof(float) * B * M * K);  // aligned copy, see Scratch
+      } else {
+        copy_rows(xp, xl, xa);
+      }
       mats.clear();
       const int64_t group = B / Bw;  // x batches sharing one weight batch (grouped-query attention)
       for (int64_t b = 0; b < B; ++b) {
@@ -80,7 +84,7 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
   auto shape = x.shape();
   shape.back() = w.shape(-2);
   return mx::array(shape, mx::float32, std::make_shared<FloatMatmul>(stream),
-                   {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream), as_input(w, stream)});
+                   {mx::astype(x, mx::float32, stream), as_input(w, stream)});
 }
 
 const char* isa_name() { return kernels().name; }

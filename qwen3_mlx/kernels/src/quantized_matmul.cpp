@@ -23,11 +23,17 @@ class QuantizedMatmul : public mx::Primitive {
     enc.set_output_array(y);
     const int K = x.shape(-1), N = w.shape(0);
     const int M = K > 0 ? static_cast<int>(x.size() / K) : 0;
-    enc.dispatch([xp = x.data<float>(), wp = w.data<uint32_t>(), sp = scales.data<void>(),
+    enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint32_t>(), sp = scales.data<void>(),
                   bp = has_biases_ ? in[3].data<void>() : nullptr, yp = y.data<float>(), st = scale_type(scales.dtype()),
                   M, N, K, gs = gs_, bits = bits_]() {
-      thread_local Scratch xbuf, sums;
+      thread_local Scratch xbuf, sums, xraw;
       const Kernels& k = kernels();
+      const float* xsrc = xp;
+      if (!xl.contiguous) {
+        float* c = xraw.get(static_cast<size_t>(M) * K);
+        copy_rows(xp, xl, c);
+        xsrc = c;
+      }
       MatArgs a;
       a.M = M, a.N = N, a.K = K, a.gs = gs;
       a.wt = bits == 4 ? WType::Q4 : WType::Q8;
@@ -36,7 +42,7 @@ class QuantizedMatmul : public mx::Primitive {
       a.y = yp, a.ldy = N;
       float* xs = bp ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
       float* xq = xbuf.get(static_cast<size_t>(M) * K);
-      prepare_x(k, xp, nullptr, M, K, gs, bits == 4, xq, xs);
+      prepare_x(k, xsrc, nullptr, M, K, gs, bits == 4, xq, xs);
       a.x = xq, a.ldx = K, a.xsum = xs;
       run_products(k, {a});
     });
@@ -66,7 +72,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   auto stream = mx::to_stream(s);
   auto shape = x.shape();
   shape.back() = N;
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+  std::vector<mx::array> inputs = {mx::astype(x, mx::float32, stream),
                                    as_input(w, stream), as_input(scales, stream)};
   if (biases) inputs.push_back(as_input(*biases, stream));
   auto y = mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, group_size, bits, biases.has_value()),
