@@ -27,11 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT.parent / "shared" / "peers" / "llama-bench.sh"
 
-# name: (checkpoint folder, llama.cpp type, our bits or None for float32)
+# name: (checkpoint folder, llama.cpp type, ours: bits, None for float32, or "bf16" to load the bf16
+# checkpoint itself, whose matmul weights stay bf16 on the CPU)
 CASES = {
     "q4": ("qwen3-0.6b", "Q4_0", 4),
     "q8": ("qwen3-0.6b", "Q8_0", 8),
     "f32": ("qwen3-0.6b", "F32", None),
+    "bf16": ("qwen3-0.6b", "BF16", "bf16"),
     "moe-q4": ("moe-12l-64e-a8", "Q4_0", 4),
 }
 
@@ -50,12 +52,12 @@ def llama_bench(ckpt: Path, quant: str, prompt: int, gen: int, threads: int, ext
     return res
 
 
-def ours(ckpt: Path, bits: int | None, prompt: int, gen: int, threads: int) -> dict:
+def ours(ckpt: Path, bits, prompt: int, gen: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(tmp) / "bench.json"
-        cmd = ["qwen3-mlx", "bench", "--shape", str(ckpt / "config.json"), "--random", "-p", str(prompt),
-               "-g", str(gen), "-n", "3", "--json", str(js)]
-        if bits:
+        model = [str(ckpt)] if bits == "bf16" else ["--shape", str(ckpt / "config.json"), "--random"]
+        cmd = ["qwen3-mlx", "bench", *model, "-p", str(prompt), "-g", str(gen), "-n", "3", "--json", str(js)]
+        if isinstance(bits, int):
             cmd += ["--bits", str(bits)]
         env = dict(os.environ, QWEN3_MLX_THREADS=str(threads))
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
@@ -105,7 +107,7 @@ def main() -> None:
           "prefill / decode | our decode GB/s (share of read test) | our peak GB |")
     print("|---|---|---|---|---|---|")
     for name, folder, quant, bits, peer, mine in rows:
-        ours_q = f"{bits}-bit g64" if bits else "float32"
+        ours_q = "bf16 weights" if bits == "bf16" else f"{bits}-bit g64" if bits else "float32"
         print(f"| {folder} {quant} vs {ours_q} | {peer['prefill_tps']:.1f} / {peer['decode_tps']:.1f} | "
               f"{mine['prefill_tps']:.1f} / {mine['decode_tps']:.2f} | "
               f"{mine['prefill_tps'] / peer['prefill_tps']:.2f}x / {mine['decode_tps'] / peer['decode_tps']:.2f}x | "

@@ -26,6 +26,22 @@ def default_dtype() -> mx.Dtype:
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
 
 
+def cpu_bf16_weights(model: nn.Module) -> set[str]:
+    """Float matmul weights a bfloat16 checkpoint keeps in bfloat16 on the CPU.
+
+    Our CPU kernels widen bfloat16 weights to float32 in registers, so Linear and Embedding weights need
+    not be upcast: half the memory and half the bytes per decoded token, computed in float32 all the same
+    (measured on the Qwen3-0.6B shape: decode 135 -> 81 ms a token, prefill 1.7 -> 1.2 s for 128 tokens).
+    Everything else (norms, expert stacks) becomes float32. Empty where the kernels do not run.
+    """
+    from . import kernels
+    from .models.layers import Embedding, Linear
+
+    if not kernels.active():
+        return set()
+    return {f"{name}.weight" for name, m in model.named_modules() if type(m) in (Linear, Embedding)}
+
+
 def _looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
@@ -201,9 +217,11 @@ def load_model(
     path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Model and its config from a folder or repo id. Floating tensors are cast to `dtype`
-    (default: `default_dtype()`); quantized tensors stay packed."""
+    (default: `default_dtype()`, except that on the CPU a bfloat16 checkpoint's matmul weights stay
+    bfloat16, see `cpu_bf16_weights`); quantized tensors stay packed."""
     model_path = resolve_model_path(path_or_repo)
     config = load_config(model_path)
+    keep_bf16 = dtype is None
     dtype = dtype or default_dtype()
     model = build_model(config)
     weights = model.sanitize(load_weights(model_path))
@@ -218,7 +236,11 @@ def load_model(
             )
         apply_quantization(model, quantization, weights)
     check_weights(model, weights)
-    weights = {k: v.astype(dtype) if v.dtype in _FLOAT_DTYPES else v for k, v in weights.items()}
+    keep = cpu_bf16_weights(model) if keep_bf16 and dtype == mx.float32 else set()
+    weights = {
+        k: v if (k in keep and v.dtype == mx.bfloat16) else v.astype(dtype) if v.dtype in _FLOAT_DTYPES else v
+        for k, v in weights.items()
+    }
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())

@@ -253,3 +253,30 @@ def test_transformers_quantized_checkpoint_is_refused(broken):
     edit_config(broken, quantization_config={"quant_method": "awq", "bits": 4, "group_size": 128})
     with pytest.raises(ModelLoadError, match=r"quantized as awq, which qwen3-mlx cannot load"):
         load_model(broken)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_checkpoint_keeps_bf16_matmul_weights_on_cpu(tmp_path, tied):
+    """On the CPU a bf16 checkpoint's Linear/Embedding weights stay bf16 (our kernels widen them in registers);
+    the logits equal those of the float32 upcast (whose parity with transformers test_models checks on a bf16
+    checkpoint; transformers itself cannot be the reference here, its bf16 cast also rounds RoPE's frequencies)."""
+    from qwen3_mlx import kernels
+
+    if not kernels.active():
+        pytest.skip("the CPU kernels are not active here")
+    save_checkpoint(tmp_path, dense_config(tie_word_embeddings=tied), torch_dtype="bfloat16")
+    ids = np.random.default_rng(0).integers(0, 1000, (1, 30))
+    model, _ = load_model(tmp_path)
+    layer = model.layers[0]
+    assert layer.self_attn.q_proj.weight.dtype == mx.bfloat16
+    assert model.model.embed_tokens.weight.dtype == mx.bfloat16
+    assert layer.input_layernorm.weight.dtype == mx.float32
+    mixed = np.array(model(mx.array(ids)))
+    assert mixed.dtype == np.float32
+    upcast = np.array(load_model(tmp_path, dtype=mx.float32)[0](mx.array(ids)))
+    assert np.abs(mixed - upcast).max() <= 1e-5 * np.abs(upcast).max()
+    kernels.set_enabled(False)
+    try:  # without our kernels nothing stays bf16 on the CPU (MLX emulates bf16 arithmetic there)
+        assert load_model(tmp_path)[0].layers[0].self_attn.q_proj.weight.dtype == mx.float32
+    finally:
+        kernels.set_enabled(True)

@@ -129,7 +129,8 @@ def run_bench(
             "name": name,
             "source": source,
             "model_type": config["model_type"],
-            "dtype": "float32",
+            # float32 compute; "bfloat16" when a bf16 checkpoint's matmul weights stay bf16 (loader)
+            "dtype": "bfloat16" if any(p.dtype == mx.bfloat16 for _, p in tree_flatten(net.parameters())) else "float32",
             "bits": (quantization or {}).get("bits"),
             "group_size": (quantization or {}).get("group_size"),
             "parameters": sum(p.size for _, p in tree_flatten(net.parameters())),

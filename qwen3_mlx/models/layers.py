@@ -41,6 +41,11 @@ class Linear(nn.Linear):
 
 
 class Embedding(nn.Embedding):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = super().__call__(x)
+        # A bfloat16 table kept for the CPU kernels (loader.cpu_bf16_weights): the model computes in float32.
+        return y.astype(mx.float32) if y.dtype == mx.bfloat16 and kernels.active() else y
+
     def as_linear(self, x: mx.array) -> mx.array:
         return kernels.linear(x, self.weight)
 
