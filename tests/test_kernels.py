@@ -331,3 +331,13 @@ def test_strided_activations_and_indices_are_read_by_their_strides():
     k = mx.random.normal((2, 2, 9, 32), key=mx.random.key(16))
     ref = mx.fast.scaled_dot_product_attention(mx.array(np.array(q)), k, k, scale=0.2)
     assert rel_err(ext.decode_attention(q, k, k, 0.2), ref) <= RTOL
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 3, 3072), (2, 130, 200)])
+def test_swiglu_equals_mlx(shape):
+    g = mx.random.normal(shape, key=mx.random.key(1)) * 6  # well into both tails of the sigmoid
+    u = mx.random.normal(shape, key=mx.random.key(2))
+    ref = g * mx.sigmoid(g) * u
+    ours = ext.swiglu(g, u)
+    assert float(mx.abs(ours - ref).max()) <= 1e-6 * float(mx.abs(ref).max()) + 1e-7
+    assert rel_err(ext.swiglu(g.swapaxes(0, 1), u.swapaxes(0, 1)), ref.swapaxes(0, 1)) <= 1e-6

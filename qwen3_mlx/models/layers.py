@@ -55,23 +55,6 @@ class Embedding(nn.Embedding):
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
 
 
-def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
-
-
-_swiglu_compiled = mx.compile(_swiglu, shapeless=True)
-_swiglu_impl = None
-
-
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up as one fused kernel when MLX can compile (on CPU that needs a C++ compiler at run
-    time; without one the plain three-op version is used)."""
-    global _swiglu_impl
-    if _swiglu_impl is None:
-        try:
-            probe = mx.ones((2,))
-            mx.eval(_swiglu_compiled(probe, probe))
-            _swiglu_impl = _swiglu_compiled
-        except Exception:  # no compiler, or compilation disabled
-            _swiglu_impl = _swiglu
-    return _swiglu_impl(gate, up)
+    """silu(gate) * up (the MLP's and the experts' activation)."""
+    return kernels.swiglu(gate, up)

@@ -56,6 +56,8 @@ struct Kernels {
   // ((n1 - n0) * K floats; unused for F32) and reused across all M rows.
   void (*gemm)(const MatArgs& a, int n0, int n1, float* tile);
   void (*attend)(const AttnArgs& a);
+  // out[i] = silu(g[i]) * u[i]
+  void (*swiglu)(const float* g, const float* u, float* out, int64_t n);
 };
 
 const Kernels& kernels_avx512();

@@ -60,6 +60,22 @@ static inline VF decbf16(const uint16_t* p) {
   __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
+// exp(x) to ~2 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (Cephes' coefficients).
+static inline VF vexp(VF x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const VF n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  VF r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  VF p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+static inline VF vdiv(VF a, VF b) { return _mm512_div_ps(a, b); }
 #define Q3K_NAME "avx512"
 #define Q3K_MR 6
 #define Q3K_NR 4
@@ -92,6 +108,22 @@ static inline VF decbf16(const uint16_t* p) {
   __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
+static inline VF vexp(VF x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const VF n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  VF r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  VF p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline VF vdiv(VF a, VF b) { return _mm256_div_ps(a, b); }
 constexpr bool kLut4 = false;
 struct NoLut {};
 static inline NoLut lut4(float, float) { return {}; }
@@ -150,6 +182,14 @@ static inline VF decbf16(const uint16_t* p) {
     std::memcpy(&r.v[i], &u, 4);
   }
   return r;
+}
+static inline VF vexp(VF x) {
+  for (int i = 0; i < W; ++i) x.v[i] = __builtin_expf(x.v[i] < 88.3f ? (x.v[i] > -87.3f ? x.v[i] : -87.3f) : 88.3f);
+  return x;
+}
+static inline VF vdiv(VF a, VF b) {
+  for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
+  return a;
 }
 constexpr bool kLut4 = false;
 struct NoLut {};
@@ -556,10 +596,23 @@ void attend(const AttnArgs& a) {
     for (int d = 0; d < D; ++d) a.out[j * D + d] *= inv[j];
 }
 
+// ---- SwiGLU: silu(g) * u = g * u / (1 + exp(-g)) ----
+
+void swiglu(const float* g, const float* u, float* out, int64_t n) {
+  const VF one = vset1(1.f), zero = vzero();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const VF gv = vload(g + i);
+    const VF e = vexp(vfma(gv, vset1(-1.f), zero));
+    vstore(out + i, vdiv(vfma(gv, vload(u + i), zero), vadd(one, e)));
+  }
+  for (; i < n; ++i) out[i] = g[i] * u[i] / (1.f + __builtin_expf(-g[i]));
+}
+
 }  // namespace
 
 const Kernels& table() {
-  static const Kernels k{Q3K_NAME, W, &gemv, &gemm, &attend};
+  static const Kernels k{Q3K_NAME, W, &gemv, &gemm, &attend, &swiglu};
   return k;
 }
 

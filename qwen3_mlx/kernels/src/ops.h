@@ -35,6 +35,9 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            mx::StreamOrDevice s = {});
 
+// silu(gate) * up, float32, same shapes.
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
+
 // Best of `repeats` reads of an nbytes buffer on the kernels' threads, in GB/s.
 double read_bandwidth_gbs(int64_t nbytes, int repeats);
 
