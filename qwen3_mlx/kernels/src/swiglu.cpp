@@ -29,7 +29,15 @@ class SwiGLU : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    // Write over gate's (or up's) buffer when nothing else holds it, as MLX's elementwise ops do: a
+    // fresh output would keep three [tokens, hidden] arrays alive at the MLP's peak instead of two.
+    if (in[0].is_donatable() && in[0].flags().row_contiguous) {
+      y.copy_shared_buffer(in[0]);
+    } else if (in[1].is_donatable() && in[1].flags().row_contiguous) {
+      y.copy_shared_buffer(in[1]);
+    } else {
+      y.set_data(mx::allocator::malloc(y.nbytes()));
+    }
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : in) enc.set_input_array(a);
     enc.set_output_array(y);
