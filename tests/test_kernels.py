@@ -83,34 +83,6 @@ def test_quantized_matmul_batched_shapes_and_no_biases():
     assert rel_err(ext.quantized_matmul(x, wq, s, None, 64, 4), ref0) <= RTOL
 
 
-def test_several_weights_in_one_call_equal_separate_calls():
-    ws = [quantized((n, 256), 4, 64, mx.bfloat16, i) for i, n in enumerate((96, 32, 7))]
-    x = mx.random.normal((3, 256), key=mx.random.key(5))
-    ys = ext.quantized_matmuls(x, [w for w, _, _ in ws], [s for _, s, _ in ws], [b for _, _, b in ws], 64, 4)
-    assert len(ys) == 3
-    for y, (w, s, b) in zip(ys, ws):
-        assert rel_err(y, ext.quantized_matmul(x, w, s, b, 64, 4)) == 0.0
-
-
-def test_linears_groups_alike_layers_and_falls_back_for_mixed_ones():
-    import mlx.nn as nn
-
-    from qwen3_mlx.models.layers import Linear
-
-    x = mx.random.normal((2, 128), key=mx.random.key(6))
-    layers = [Linear(128, n, bias=False) for n in (64, 32)]
-    for l in layers:
-        l.weight = mx.random.normal(l.weight.shape, key=mx.random.key(l.weight.shape[0])) * 0.1
-    floats = kernels.linears(x, layers)  # float layers: one call each
-    q = [l.to_quantized(64, bits) for l, bits in zip(layers, (4, 8))]  # mixed bits: separate calls
-    alike = [l.to_quantized(64, 4) for l in layers]
-    for group in (q, alike):
-        for y, l in zip(kernels.linears(x, group), group):
-            assert rel_err(y, l(x)) <= RTOL
-    for y, l in zip(floats, layers):
-        assert isinstance(l, nn.Linear) and rel_err(y, x @ l.weight.T) <= RTOL
-
-
 def test_outputs_join_the_lazy_graph_and_take_views():
     """An mx.array goes in and out (the nanobind pin is right) and composes with MLX ops, views included."""
     wq, s, b = quantized((64, 128), 8, 32, mx.float32, 2)

@@ -16,7 +16,6 @@ import os
 import sys
 
 import mlx.core as mx
-import mlx.nn as nn
 
 try:
     from . import _ext
@@ -85,26 +84,6 @@ def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: 
         return _ext.quantized_matmul(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(
         x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
-    )
-
-
-def linears(x: mx.array, layers: list) -> list[mx.array]:
-    """[layer(x) for layer in layers] for layers that share their input (q/k/v, gate/up).
-
-    Quantized alike (same bits, group size, no bias) on the CPU, they run as one kernel call: one
-    graph node instead of several (MLX's CPU scheduling costs ~10-20 us a node) and x prepared once.
-    """
-    first = layers[0]
-    alike = all(
-        isinstance(l, nn.QuantizedLinear) and "bias" not in l and (l.bits, l.group_size, l.mode)
-        == (first.bits, first.group_size, first.mode) and ("biases" in l) == ("biases" in first)
-        for l in layers
-    )
-    if not (alike and _ours_quantized(first.mode, first.bits, first.group_size)):
-        return [layer(x) for layer in layers]
-    biases = [l["biases"] for l in layers] if "biases" in first else None
-    return _ext.quantized_matmuls(
-        x, [l["weight"] for l in layers], [l["scales"] for l in layers], biases, first.group_size, first.bits
     )
 
 

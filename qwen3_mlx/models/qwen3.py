@@ -58,11 +58,10 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = kernels.linears(x, [self.q_proj, self.k_proj, self.v_proj])
         # [B, L, H*D] -> [B, H, L, D]; QK-norm is per head, before RoPE.
-        q = self.q_norm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_norm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
@@ -82,8 +81,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = kernels.linears(x, [self.gate_proj, self.up_proj])
-        return self.down_proj(swiglu(gate, up))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

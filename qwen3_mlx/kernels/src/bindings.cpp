@@ -2,7 +2,6 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
-#include <nanobind/stl/vector.h>
 
 #include "ops.h"
 
@@ -14,9 +13,6 @@ NB_MODULE(_ext, m) {
   m.def("quantized_matmul", &q3k::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases)^T (MLX affine layout, 4/8 bits, groups 32/64/128).");
-  m.def("quantized_matmuls", &q3k::quantized_matmuls, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "group_size"_a,
-        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
-        "quantized_matmul for several weights sharing x: one graph node, x prepared once; returns a list.");
   m.def("gather_qmm", &q3k::gather_qmm, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "indices"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Per-expert quantized matmul: out[i] = x_row(i) @ dequantize(w[indices[i]])^T -> indices.shape + [N].");

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <optional>
-#include <vector>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -17,12 +16,6 @@ namespace mx = mlx::core;
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const std::optional<mx::array>& biases, int group_size, int bits,
                            mx::StreamOrDevice s = {});
-
-// The same for several weights sharing x (q/k/v, gate/up): one graph node and one pass over x.
-std::vector<mx::array> quantized_matmuls(const mx::array& x, const std::vector<mx::array>& w,
-                                         const std::vector<mx::array>& scales,
-                                         const std::optional<std::vector<mx::array>>& biases, int group_size,
-                                         int bits, mx::StreamOrDevice s = {});
 
 // Mixture-of-experts: for each index i of `indices` (expert ids into w [E, N, K * bits / 32]),
 // out[i] = x_row(i) @ dequantize(w[indices[i]])^T, where x [..., K] has either the shape of
