@@ -341,3 +341,15 @@ def test_swiglu_equals_mlx(shape):
     ours = ext.swiglu(g, u)
     assert float(mx.abs(ours - ref).max()) <= 1e-6 * float(mx.abs(ref).max()) + 1e-7
     assert rel_err(ext.swiglu(g.swapaxes(0, 1), u.swapaxes(0, 1)), ref.swapaxes(0, 1)) <= 1e-6
+
+
+def test_float_matmul_reads_batched_weights_by_their_strides():
+    """Prefill attention hands the keys over as a slice of the cache buffer: read in place, any batch strides."""
+    buf = mx.random.normal((2, 3, 50, 16), key=mx.random.key(20))
+    x = mx.random.normal((2, 6, 4, 16), key=mx.random.key(21))
+    tbuf = mx.random.normal((2, 3, 16, 40), key=mx.random.key(22))
+    mx.eval(buf, tbuf)
+    for w in (buf[:, :, :37], buf[:, :, 5:40:2], tbuf.swapaxes(-1, -2)):
+        wc = mx.array(np.array(w))
+        ref = x @ mx.repeat(wc, 2, axis=1).swapaxes(-1, -2)
+        assert rel_err(ext.matmul(x, w), ref) <= RTOL

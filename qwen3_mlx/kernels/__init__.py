@@ -109,7 +109,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     if L == 1 and (mask is None or isinstance(mask, str)) and q.shape[1] // k.shape[1] <= 16:
         # Decode: one fused kernel reading the cache in place (one causal query row sees every key).
         return _ext.decode_attention(q, k, v, scale)
-    scores = _ext.matmul(q * scale, k)  # [B, H, L, S]
+    scores = _ext.matmul(q, k) * scale  # [B, H, L, S]; k read in place, the product scaled in place
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unknown attention mask {mask!r}")

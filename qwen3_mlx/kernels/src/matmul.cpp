@@ -28,8 +28,16 @@ class FloatMatmul : public mx::Primitive {
     const int64_t Bw = w.size() / (static_cast<int64_t>(N) * K > 0 ? static_cast<int64_t>(N) * K : 1);
     const int M = x.ndim() >= 2 ? x.shape(-2) : 1;
     const int64_t B = K > 0 && M > 0 ? static_cast<int64_t>(x.size()) / (static_cast<int64_t>(M) * K) : 0;
+    // Weight rows must be contiguous (unit stride within a row); the rows themselves and the batches
+    // may sit anywhere, so a slice of the KV cache (prefill attention's keys) is read in place.
+    const auto& ws = w.strides();
+    const int nd = static_cast<int>(w.ndim());
+    const bool rows_ok = ws[nd - 1] == 1 || w.shape(-1) == 1;
+    // Batch b of the weight starts at batch_off(b): its leading indices by w's strides.
+    std::vector<int64_t> wshape(w.shape().begin(), w.shape().end() - 2), wstr(ws.begin(), ws.end() - 2);
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint8_t>(), bf16 = w.dtype() == mx::bfloat16,
-                  isz = static_cast<int64_t>(w.itemsize()), yp = y.data<float>(), B, Bw, M, N, K]() {
+                  isz = static_cast<int64_t>(w.itemsize()), yp = y.data<float>(), B, Bw, M, N, K, rows_ok,
+                  row_stride = static_cast<int64_t>(nd >= 2 ? ws[nd - 2] : K), wshape, wstr, wl = Layout(w)]() {
       if (K == 0 || B == 0) {
         std::fill(yp, yp + B * M * N, 0.f);
         return;
@@ -43,11 +51,28 @@ class FloatMatmul : public mx::Primitive {
         copy_rows(xp, xl, xa);
       }
       mats.clear();
+      thread_local Scratch wbuf;
+      const uint8_t* wbase = wp;
+      int64_t rs = row_stride;
+      std::vector<int64_t> bstr = wstr;
+      if (!rows_ok) {  // a transposed weight: copy it row-major (float32 only: bf16 ones come contiguous)
+        float* c = wbuf.get(static_cast<size_t>(Bw) * N * K);
+        copy_rows(reinterpret_cast<const float*>(wp), wl, c);
+        wbase = reinterpret_cast<const uint8_t*>(c), rs = K;
+        int64_t acc = static_cast<int64_t>(N) * K;
+        for (int i = static_cast<int>(bstr.size()) - 1; i >= 0; --i) bstr[i] = acc, acc *= wshape[i];
+      }
       const int64_t group = B / Bw;  // x batches sharing one weight batch (grouped-query attention)
       for (int64_t b = 0; b < B; ++b) {
+        // Element offset of weight batch b / group from its leading indices.
+        int64_t wb = b / group, off = 0;
+        for (int i = static_cast<int>(wshape.size()) - 1; i >= 0; --i) {
+          off += (wb % wshape[i]) * bstr[i];
+          wb /= wshape[i];
+        }
         MatArgs a;
         a.x = xa + b * M * K, a.ldx = K, a.M = M;
-        a.w = wp + (b / group) * N * K * isz, a.w_row_bytes = K * isz;
+        a.w = wbase + off * isz, a.w_row_bytes = rs * isz;
         a.wt = bf16 ? WType::BF16 : WType::F32;
         a.N = N, a.K = K;
         a.y = yp + b * M * N, a.ldy = N;
@@ -84,7 +109,7 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
   auto shape = x.shape();
   shape.back() = w.shape(-2);
   return mx::array(shape, mx::float32, std::make_shared<FloatMatmul>(stream),
-                   {mx::astype(x, mx::float32, stream), as_input(w, stream)});
+                   {mx::astype(x, mx::float32, stream), w.dtype() == mx::bfloat16 ? as_input(w, stream) : w});
 }
 
 const char* isa_name() { return kernels().name; }
