@@ -81,6 +81,28 @@ def test_quantized_matmul_batched_shapes_and_no_biases():
     zeros = mx.zeros_like(b)
     ref0 = mx.quantized_matmul(x, wq, s, zeros, transpose=True, group_size=64, bits=4)
     assert rel_err(ext.quantized_matmul(x, wq, s, None, 64, 4), ref0) <= RTOL
+    # the seam leaves a bias-less affine call to MLX, which refuses it, kernels on or off
+    with pytest.raises(ValueError, match="[Bb]iases"):
+        kernels.quantized_matmul(x, wq, s, None, group_size=64, bits=4)
+
+
+def test_output_dtypes_follow_mlx_promotion():
+    wq, s, b = quantized((16, 64), 4, 32, mx.float32, 1)
+    xb = mx.ones((2, 64), dtype=mx.bfloat16)
+    ref = mx.quantized_matmul(xb, wq, s, b, transpose=True, group_size=32, bits=4)
+    assert ext.quantized_matmul(xb, wq, s, b, 32, 4).dtype == ref.dtype == mx.float32
+    w = mx.ones((3, 64))
+    assert kernels.linear(xb, w).dtype == (xb @ w.T).dtype == mx.float32
+    assert kernels.linear(xb, w.astype(mx.bfloat16)).dtype == mx.bfloat16
+
+
+def test_empty_shapes_give_mlx_results():
+    x, w = mx.ones((2, 4)), mx.ones((0, 4))
+    assert ext.matmul(x, w).shape == (2, 0)
+    assert np.array_equal(np.array(ext.matmul(mx.ones((2, 0)), mx.ones((3, 0)))), np.zeros((2, 3)))
+    assert ext.matmul(mx.ones((0, 4)), mx.ones((3, 4))).shape == (0, 3)
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        kernels.attention(mx.ones((1, 2, 1, 8)), mx.ones((1, 1, 3, 8)), mx.ones((1, 1, 3, 8)), scale=1.0, mask="nope")
 
 
 def test_outputs_join_the_lazy_graph_and_take_views():

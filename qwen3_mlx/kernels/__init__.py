@@ -74,13 +74,14 @@ def _warn_missing() -> None:
         )
 
 
-def _ours_quantized(mode: str, bits: int, group_size: int) -> bool:
-    return mode == "affine" and bits in BITS and group_size in GROUP_SIZES and active()
+def _ours_quantized(mode: str, bits: int, group_size: int, biases) -> bool:
+    # Without biases MLX refuses affine quantization; so do we (by leaving the call to MLX).
+    return mode == "affine" and biases is not None and bits in BITS and group_size in GROUP_SIZES and active()
 
 
 def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """x [..., K] @ dequantize(w [N, K*bits/32], scales, biases)^T -> [..., N] (MLX affine layout)."""
-    if _ours_quantized(mode, bits, group_size):
+    if _ours_quantized(mode, bits, group_size, biases):
         return _ext.quantized_matmul(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(
         x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
@@ -90,8 +91,8 @@ def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: 
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x [..., K] @ w [N, K]^T for float weights (float32 or bfloat16 run on ours on the CPU)."""
     if active() and w.dtype in (mx.float32, mx.bfloat16) and x.dtype in (mx.float32, mx.bfloat16):
-        y = _ext.matmul(x, w)
-        return y if x.dtype == mx.float32 else y.astype(x.dtype)
+        y = _ext.matmul(x, w)  # float32, as MLX promotes any float32 operand
+        return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
     return x @ w.T
 
 
@@ -106,13 +107,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     L, S = q.shape[-2], k.shape[-2]
     if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"unknown attention mask {mask!r}")
     if L == 1 and (mask is None or isinstance(mask, str)) and q.shape[1] // k.shape[1] <= 16:
         # Decode: one fused kernel reading the cache in place (one causal query row sees every key).
         return _ext.decode_attention(q, k, v, scale)
     scores = _ext.matmul(q, k) * scale  # [B, H, L, S]; k read in place, the product scaled in place
     if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unknown attention mask {mask!r}")
         allowed = mx.arange(S)[None, :] <= mx.arange(S - L, S)[:, None]  # [L, S]
         scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
     elif mask is not None:
@@ -156,7 +157,7 @@ def gather_qmm(x, w, scales, biases, indices, *, group_size: int, bits: int, mod
     w [E, N, K*bits/32]; x [..., K] holds one row per (token, expert) pair (x.shape[:-1] ==
     indices.shape) or one row per token shared by its k experts (x.shape[:-1] == indices.shape[:-1]).
     """
-    if _ours_quantized(mode, bits, group_size):
+    if _ours_quantized(mode, bits, group_size, biases):
         return _ext.gather_qmm(x, w, scales, biases, indices, group_size, bits)
 
     def run(rows, idx, sorted_indices):

@@ -41,6 +41,7 @@ inline int check_quantized(const mx::array& w, const mx::array& scales, const st
   require(static_cast<int>(w.ndim()) == 2 + lead_dims, "weight must have " + std::to_string(2 + lead_dims) +
                                                             " dims, got " + shape_str(w));
   const int N = w.shape(-2);
+  require(K > 0, "input dims must be positive");
   require(K % group_size == 0, "input dims " + std::to_string(K) + " not a multiple of the group size");
   require(static_cast<int64_t>(w.shape(-1)) * 32 == static_cast<int64_t>(K) * bits,
           "weight " + shape_str(w) + " does not match input dims " + std::to_string(K) + " at " +

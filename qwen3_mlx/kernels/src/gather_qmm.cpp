@@ -141,7 +141,7 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
   auto y = mx::array(shape, mx::float32,
                      std::make_shared<GatherQMatmul>(stream, group_size, bits, biases.has_value(), per_row),
                      std::move(inputs));
-  return mx::astype(y, float_out(x.dtype()), stream);
+  return mx::astype(y, float_out(mx::promote_types(x.dtype(), scales.dtype())), stream);
 }
 
 }  // namespace q3k

@@ -37,9 +37,11 @@ class FloatMatmul : public mx::Primitive {
     std::vector<int64_t> wshape(w.shape().begin(), w.shape().end() - 2), wstr(ws.begin(), ws.end() - 2);
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint8_t>(), bf16 = w.dtype() == mx::bfloat16,
                   isz = static_cast<int64_t>(w.itemsize()), yp = y.data<float>(), B, Bw, M, N, K, rows_ok,
-                  row_stride = static_cast<int64_t>(nd >= 2 ? ws[nd - 2] : K), wshape, wstr, wl = Layout(w)]() {
-      if (K == 0 || B == 0) {
-        std::fill(yp, yp + B * M * N, 0.f);
+                  row_stride = static_cast<int64_t>(nd >= 2 ? ws[nd - 2] : K), wshape, wstr, wl = Layout(w),
+                  ysize = static_cast<int64_t>(y.size())]() {
+      if (ysize == 0) return;
+      if (K == 0 || B == 0 || Bw == 0) {  // empty sums are zero (as MLX's matmul gives)
+        std::fill(yp, yp + ysize, 0.f);
         return;
       }
       thread_local Scratch xbuf;

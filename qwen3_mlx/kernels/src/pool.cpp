@@ -100,7 +100,12 @@ void Pool::drain(uint32_t gen, int thread) {
   int task;
   while (claim(gen, &task)) {
     // fn_/ctx_ are stable here: the region cannot end while a task of it is unfinished.
-    fn_(ctx_, task, thread);
+    try {
+      fn_(ctx_, task, thread);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
     done_.fetch_add(1, std::memory_order_acq_rel);
   }
 }
@@ -166,6 +171,11 @@ void Pool::run(int ntasks, TaskFn fn, void* ctx) {
     }
     drain(gen, 0);
     while (done_.load(std::memory_order_acquire) < n) Q3K_PAUSE();
+    if (error_) {
+      std::exception_ptr e;
+      std::swap(e, error_);  // every task of the region is done: no worker touches error_ now
+      std::rethrow_exception(e);
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <cstdint>
 #include <mutex>
 #include <thread>
@@ -27,7 +28,8 @@ class Pool {
 
   // Runs fn(ctx, t, thread) for t in [0, ntasks) and returns when all are done (`thread` is the
   // pool index of the thread running the task; scratch memory is thread_local, not indexed by it).
-  // If another thread is already running a region, the tasks run on the caller alone.
+  // If another thread is already running a region, the tasks run on the caller alone. A task's
+  // exception (out of memory for scratch) is rethrown here after the whole region has finished.
   void run(int ntasks, TaskFn fn, void* ctx);
 
   ~Pool();
@@ -50,6 +52,9 @@ class Pool {
   std::condition_variable sleep_cv_;
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
+  // The first exception a task threw in the current region, rethrown by run() once every task is done.
+  std::mutex error_mu_;
+  std::exception_ptr error_;
 };
 
 // Threads the kernels use (the pool's size).

@@ -77,7 +77,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   if (biases) inputs.push_back(as_input(*biases, stream));
   auto y = mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, group_size, bits, biases.has_value()),
                      std::move(inputs));
-  return mx::astype(y, float_out(x.dtype()), stream);
+  return mx::astype(y, float_out(mx::promote_types(x.dtype(), scales.dtype())), stream);
 }
 
 }  // namespace q3k
