@@ -100,9 +100,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     """softmax(q k^T * scale + mask) v: q [B, H, L, D], k and v [B, Hkv, S, D] (Hkv divides H) -> [B, H, L, D].
 
     mask: None, "causal" (aligned to the end of the keys, as MLX's) or an additive / boolean array.
-    On the CPU in float32 the two products run on our batched matmul; MLX's CPU attention runs them
-    through the BLAS the wheel links (a reference BLAS on Linux), which made prefill attention cost
-    more than all the weight matmuls together.
+    On the CPU in float32 ours run: one fused kernel for a single query row (decode), the batched matmul
+    for the two products otherwise. MLX's CPU attention runs them through the BLAS the wheel links (a
+    reference BLAS on Linux), which made prefill attention cost more than all the weight matmuls.
     """
     L, S = q.shape[-2], k.shape[-2]
     if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
