@@ -375,3 +375,22 @@ def test_float_matmul_reads_batched_weights_by_their_strides():
         wc = mx.array(np.array(w))
         ref = x @ mx.repeat(wc, 2, axis=1).swapaxes(-1, -2)
         assert rel_err(ext.matmul(x, w), ref) <= RTOL
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("experts,k,lead", [(8, 2, (1, 1)), (64, 8, (2, 33)), (128, 8, (3,)), (5, 5, (4, 1))])
+def test_route_equals_mlx_ops(experts, k, lead, norm):
+    logits = mx.random.normal((*lead, experts), key=mx.random.key(experts + k)) * 3
+    inds, scores = ext.route(logits, k, norm)
+    probs = mx.softmax(logits, axis=-1)
+    ref = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    ref_scores = mx.take_along_axis(probs, ref, axis=-1)
+    if norm:
+        ref_scores = ref_scores / ref_scores.sum(axis=-1, keepdims=True)
+    # the same experts (ours in descending order, argpartition's in its own) with the same probabilities
+    a, b = np.array(inds), np.array(ref)
+    np.testing.assert_array_equal(np.sort(a, axis=-1), np.sort(b, axis=-1))
+    assert np.all(np.diff(np.take_along_axis(np.array(probs), a.astype(np.int64), -1), axis=-1) <= 0)
+    order_a, order_b = np.argsort(a, axis=-1), np.argsort(b, axis=-1)
+    np.testing.assert_allclose(np.take_along_axis(np.array(scores), order_a, -1),
+                               np.take_along_axis(np.array(ref_scores), order_b, -1), rtol=1e-6, atol=1e-7)

@@ -122,6 +122,24 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
 
 
+def route(logits: mx.array, k: int, norm_topk_prob: bool) -> tuple[mx.array, mx.array]:
+    """Mixture-of-experts routing in float32: softmax over logits [..., E], the k most probable experts and
+    their probabilities (renormalised to sum 1 when norm_topk_prob) -> (indices [..., k], scores [..., k]).
+
+    One kernel on the CPU (in descending order), MLX's five ops elsewhere (in argpartition's order).
+    """
+    logits = logits.astype(mx.float32)  # expert choice is sensitive to rounding, whatever the compute dtype
+    if active():
+        inds, scores = _ext.route(logits, k, norm_topk_prob)
+        return inds, scores
+    probs = mx.softmax(logits, axis=-1)  # [..., E]
+    inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    scores = mx.take_along_axis(probs, inds, axis=-1)
+    if norm_topk_prob:
+        scores = scores / scores.sum(axis=-1, keepdims=True)
+    return inds, scores
+
+
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up: ours on the CPU in float32 (MLX's compiled CPU kernel evaluates exp one element at
     a time, ~10% of a prefill), else MLX's, fused by mx.compile where it can compile."""

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelLoadError
+from .. import kernels
 from . import qwen3
 from .layers import Linear
 from .switch import SwitchGLU
@@ -41,13 +42,7 @@ class SparseMoeBlock(nn.Module):
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
 
     def __call__(self, x: mx.array) -> mx.array:
-        # Router in float32 whatever the compute dtype: expert choice is sensitive to rounding.
-        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # [B, L, E]
-        k = self.top_k
-        inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]  # [B, L, k]
-        scores = mx.take_along_axis(probs, inds, axis=-1)
-        if self.norm_topk_prob:
-            scores = scores / scores.sum(axis=-1, keepdims=True)
+        inds, scores = kernels.route(self.gate(x), self.top_k, self.norm_topk_prob)  # [B, L, k] each
         y = self.switch_mlp(x, inds)  # [B, L, k, D]
         return (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
 

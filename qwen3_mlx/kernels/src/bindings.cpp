@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "ops.h"
 
@@ -21,6 +22,8 @@ NB_MODULE(_ext, m) {
   m.def("decode_attention", &q3k::decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(scale * q k^T) v for one query row per head (q [B, H, 1, D], k/v [B, Hkv, S, D], read in place).");
+  m.def("route", &q3k::route, "logits"_a, "k"_a, "norm_topk_prob"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "MoE routing: softmax, top-k (descending) and optional renormalisation -> [indices, probabilities].");
   m.def("swiglu", &q3k::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up for float32 arrays of one shape.");
   m.def("read_bandwidth", &q3k::read_bandwidth_gbs, "nbytes"_a = int64_t(1) << 30, "repeats"_a = 5,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -34,6 +35,10 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = 
 // (any strides: the cache is read in place), Hkv dividing H -> [B, H, 1, D] float32.
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            mx::StreamOrDevice s = {});
+
+// Expert routing: softmax over logits [..., E] (float32), the k most probable experts (descending) ->
+// (indices [..., k] uint32, probabilities [..., k] float32, renormalised to sum 1 if norm_topk_prob).
+std::vector<mx::array> route(const mx::array& logits, int k, bool norm_topk_prob, mx::StreamOrDevice s = {});
 
 // silu(gate) * up, float32, same shapes.
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
