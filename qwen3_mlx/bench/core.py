@@ -123,6 +123,7 @@ def run_bench(
         )
 
     quantization = getattr(net, "quantization", None)
+    params = [p for _, p in tree_flatten(net.parameters())]
     doc = {
         "schema": SCHEMA,
         "model": {
@@ -130,10 +131,10 @@ def run_bench(
             "source": source,
             "model_type": config["model_type"],
             # float32 compute; "bfloat16" when a bf16 checkpoint's matmul weights stay bf16 (loader)
-            "dtype": "bfloat16" if any(p.dtype == mx.bfloat16 for _, p in tree_flatten(net.parameters())) else "float32",
+            "dtype": "bfloat16" if any(p.dtype == mx.bfloat16 for p in params) else "float32",
             "bits": (quantization or {}).get("bits"),
             "group_size": (quantization or {}).get("group_size"),
-            "parameters": sum(p.size for _, p in tree_flatten(net.parameters())),
+            "parameters": sum(p.size for p in params),
             "weight_bytes": runners[0].weight_bytes,
             "decode_read_bytes": runners[0].decode_read_bytes,
             "kv_bytes_per_token": runners[0].kv_bytes_per_token,

@@ -130,8 +130,7 @@ def route(logits: mx.array, k: int, norm_topk_prob: bool) -> tuple[mx.array, mx.
     """
     logits = logits.astype(mx.float32)  # expert choice is sensitive to rounding, whatever the compute dtype
     if active():
-        inds, scores = _ext.route(logits, k, norm_topk_prob)
-        return inds, scores
+        return tuple(_ext.route(logits, k, norm_topk_prob))
     probs = mx.softmax(logits, axis=-1)  # [..., E]
     inds = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
     scores = mx.take_along_axis(probs, inds, axis=-1)

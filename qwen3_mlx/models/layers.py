@@ -54,7 +54,3 @@ class Embedding(nn.Embedding):
             raise ValueError("Quantized input is not supported.")
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
 
-
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up (the MLP's and the experts' activation)."""
-    return kernels.swiglu(gate, up)

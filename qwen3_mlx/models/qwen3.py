@@ -11,7 +11,7 @@ import mlx.nn as nn
 from .. import kernels
 from .base import BaseModelArgs, attention_mask, make_rope
 from .cache import KVCache
-from .layers import Embedding, Linear, swiglu
+from .layers import Embedding, Linear
 
 
 @dataclass
@@ -81,7 +81,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

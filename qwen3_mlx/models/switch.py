@@ -8,7 +8,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
-from .layers import swiglu
 
 
 class SwitchLinear(nn.Module):
@@ -63,5 +62,5 @@ class SwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [..., D], indices [..., k] -> [..., k, D]."""
-        h = swiglu(self.gate_proj(x, indices), self.up_proj(x, indices))  # [..., k, hidden]
+        h = kernels.swiglu(self.gate_proj(x, indices), self.up_proj(x, indices))  # [..., k, hidden]
         return self.down_proj(h, indices)

@@ -27,8 +27,7 @@ const float* rows(const float* p, const int64_t* st, int S, int D, Scratch& buf,
     return p;
   }
   float* c = buf.get(static_cast<size_t>(S) * D);
-  for (int s = 0; s < S; ++s)
-    for (int d = 0; d < D; ++d) c[static_cast<int64_t>(s) * D + d] = p[s * st[2] + d * st[3]];
+  copy_rows(p, Layout({S, D}, {st[2], st[3]}), c);
   *row_stride = D;
   return c;
 }

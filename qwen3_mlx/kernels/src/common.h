@@ -4,6 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -73,6 +74,7 @@ struct Layout {
   mx::Strides strides;
   explicit Layout(const mx::array& a)
       : contiguous(a.flags().row_contiguous), shape(a.shape()), strides(a.strides()) {}
+  Layout(mx::Shape s, mx::Strides st) : contiguous(false), shape(std::move(s)), strides(std::move(st)) {}
 };
 
 // All elements of a strided array into dst, row-major.

@@ -73,7 +73,7 @@ class GatherQMatmul : public mx::Primitive {
       for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
       const bool perm = bits == 4;
       float* xq = xbuf.get(static_cast<size_t>(valid) * K);
-      float* xs = bp ? sums.get(static_cast<size_t>(valid) * G) : nullptr;
+      float* xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(valid) * G) : nullptr;
       prepare_x(k, xp, srcrow.data(), valid, K, gs, perm, xq, xs);
       const int64_t row_bytes = static_cast<int64_t>(K) * bits / 8;
       mats.clear();

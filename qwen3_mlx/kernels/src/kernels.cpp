@@ -41,15 +41,15 @@ void prepare_x(const Kernels& k, const float* x, const int32_t* xrows, int M, in
   const int block = 2 * k.lanes;
   for (int i = 0; i < M; ++i) {
     const float* src = x + static_cast<int64_t>(xrows ? xrows[i] : i) * K;
-    float* dst = out ? out + static_cast<int64_t>(i) * K : nullptr;
-    if (perm4 && out) {
+    float* dst = out + static_cast<int64_t>(i) * K;
+    if (perm4) {
       // Block of 2L values: x[2t] to t, x[2t+1] to L + t (t < L), the order dec4 produces.
       for (int b = 0; b + block <= K; b += block)
         for (int t = 0; t < k.lanes; ++t) {
           dst[b + t] = src[b + 2 * t];
           dst[b + k.lanes + t] = src[b + 2 * t + 1];
         }
-    } else if (out) {
+    } else {
       std::memcpy(dst, src, sizeof(float) * K);
     }
     if (xsum) {

@@ -50,6 +50,9 @@ struct Kernels {
   // Q4 activations are reordered in blocks of 2 * lanes values: the even ones, then the odd ones
   // (the low and high nibbles of `lanes` packed bytes).
   int lanes;
+  // Whether 4-bit rows read the activations' group sums (the s * sum(xq) + b * sum(x) form); the
+  // table-lookup decode applies the bias per weight and needs none.
+  bool q4_sums;
   // Rows [n0, n1) of the output for all M rows, reading each weight once (M small: decode).
   void (*gemv)(const MatArgs& a, int n0, int n1);
   // The same for many rows: rows [n0, n1) of the weight are expanded to floats into `tile`
@@ -68,8 +71,7 @@ const Kernels& kernels_generic();
 const Kernels& kernels();
 
 // x rows (xrows ? xrows[i] : i) of a row-major [*, K] float matrix -> out rows i in [0, M), in the
-// lane order of `k` when perm4 (out may be null to compute only the sums), plus the group sums
-// xsum [M, K / gs] when xsum is not null.
+// lane order of `k` when perm4, plus the group sums xsum [M, K / gs] when xsum is not null.
 void prepare_x(const Kernels& k, const float* x, const int32_t* xrows, int M, int K, int gs, bool perm4,
                float* out, float* xsum);
 

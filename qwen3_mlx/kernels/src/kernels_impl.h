@@ -233,7 +233,6 @@ inline float f16_to_float(uint16_t h) {
 }
 
 struct F32S {
-  using T = float;
   static float get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
 };
 struct BF16S {
@@ -612,7 +611,7 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const Kernels& table() {
-  static const Kernels k{Q3K_NAME, W, &gemv, &gemm, &attend, &swiglu};
+  static const Kernels k{Q3K_NAME, W, !kLut4, &gemv, &gemm, &attend, &swiglu};
   return k;
 }
 

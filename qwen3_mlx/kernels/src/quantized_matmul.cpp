@@ -40,7 +40,9 @@ class QuantizedMatmul : public mx::Primitive {
       a.w = wp, a.w_row_bytes = static_cast<int64_t>(K) * bits / 8;
       a.scales = sp, a.biases = bp, a.st = st;
       a.y = yp, a.ldy = N;
-      float* xs = bp ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
+      // Group sums only where the kernel reads them (not per call in the AVX-512 4-bit decode).
+      const bool need_sums = bp && (bits == 8 || k.q4_sums);
+      float* xs = need_sums ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
       float* xq = xbuf.get(static_cast<size_t>(M) * K);
       prepare_x(k, xsrc, nullptr, M, K, gs, bits == 4, xq, xs);
       a.x = xq, a.ldx = K, a.xsum = xs;
