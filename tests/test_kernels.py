@@ -394,3 +394,69 @@ def test_route_equals_mlx_ops(experts, k, lead, norm):
     order_a, order_b = np.argsort(a, axis=-1), np.argsort(b, axis=-1)
     np.testing.assert_allclose(np.take_along_axis(np.array(scores), order_a, -1),
                                np.take_along_axis(np.array(ref_scores), order_b, -1), rtol=1e-6, atol=1e-7)
+
+
+# ---- RMSNorm and RoPE: MLX composes them from many small ops on the CPU --------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (1, 1), (3,), (2, 7), (130,), (1, 16)]),
+    d=st.sampled_from([1, 7, 16, 64, 128, 1000, 1024]),
+    bf16=st.booleans(),
+    strided=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_rms_norm_equals_mlx(lead, d, bf16, strided, seed):
+    x = mx.random.normal((*lead, d), key=mx.random.key(seed)) * 3
+    w = mx.random.normal((d,), key=mx.random.key(seed + 1))
+    if bf16:
+        w = w.astype(mx.bfloat16)
+    if strided and len(lead) == 2:
+        x = x.swapaxes(0, 1)  # rows read through strides (copied in the kernel)
+    ref = mx.fast.rms_norm(x, w, 1e-6)  # MLX's own composition on the CPU
+    assert rel_err(ext.rms_norm(x, w, 1e-6), ref) <= RTOL
+
+
+def test_rms_norm_over_a_donated_input_and_lazy_inputs():
+    x = mx.random.normal((5, 64), key=mx.random.key(3))
+    w = mx.random.normal((64,), key=mx.random.key(4))
+    ref = mx.fast.rms_norm(x * 2, w * 1, 1e-5)
+    assert rel_err(ext.rms_norm(x * 2, w * 1, 1e-5), ref) <= RTOL  # x * 2 is written over; w is lazy
+    assert ext.rms_norm(mx.zeros((0, 64)), w, 1e-5).shape == (0, 64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    h=st.sampled_from([1, 2, 8, 16]),
+    length=st.sampled_from([1, 2, 7, 64, 130]),
+    d=st.sampled_from([2, 16, 64, 128]),
+    offset=st.sampled_from([0, 1, 17, 511, 4000]),
+    yarn=st.booleans(),
+    transposed=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_rope_equals_mlx(b, h, length, d, offset, yarn, transposed, seed):
+    shape = (b, length, h, d) if transposed else (b, h, length, d)
+    x = mx.random.normal(shape, key=mx.random.key(seed))
+    if transposed:
+        x = x.swapaxes(1, 2)  # [B, L, H, D] -> [B, H, L, D], as the model hands the projections over
+    if yarn:  # wavelengths and an input scale, as YaRN gives them
+        freqs = 1e4 ** (mx.arange(0, d, 2, dtype=mx.float32) / d) * mx.linspace(1, 4, d // 2)
+        ours = kernels.rope(x, offset=offset, freqs=freqs, mscale=1.13)
+        ref = mx.fast.rope(x * 1.13, d, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+    else:
+        ours = kernels.rope(x, offset=offset, base=1e6)
+        ref = mx.fast.rope(x, d, traditional=False, base=1e6, scale=1.0, offset=offset)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) <= RTOL
+
+
+def test_rope_and_rms_norm_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        ext.rope(mx.zeros((1, 1, 1, 3)), mx.zeros((1,)), 0, 1.0)
+    with pytest.raises(ValueError, match="inv_freq"):
+        ext.rope(mx.zeros((1, 1, 1, 4)), mx.zeros((3,)), 0, 1.0)
+    with pytest.raises(ValueError, match="does not match"):
+        ext.rms_norm(mx.zeros((2, 8)), mx.zeros((7,)), 1e-6)

@@ -1,8 +1,9 @@
-"""The one seam between the model and the matmul kernels.
+"""The one seam between the model and the CPU kernels.
 
 On the CPU, our compiled MLX primitives (`_ext`, built from `src/` by `pip install`) run the quantized,
-float and expert matmuls multi-threaded at memory speed; MLX's own CPU kernels for these are
-single-threaded reference loops. Everywhere else (Metal, CUDA), and for formats ours do not cover,
+float and expert matmuls multi-threaded at memory speed (MLX's own CPU kernels for these are
+single-threaded reference loops), attention, SwiGLU, MoE routing, RMSNorm and RoPE (which MLX's CPU
+backend composes from many small ops, each a graph node per call). Everywhere else (Metal, CUDA), and for formats ours do not cover,
 MLX's own ops run. Both compute the same values to float32 rounding.
 
 `QWEN3_MLX_KERNELS=0` (or `set_enabled(False)`) turns ours off, for comparisons; `QWEN3_MLX_THREADS`
@@ -16,6 +17,7 @@ import os
 import sys
 
 import mlx.core as mx
+import numpy as np
 
 try:
     from . import _ext
@@ -120,6 +122,48 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype)) if mask.dtype == mx.bool_ else scores + mask
     probs = mx.softmax(scores, axis=-1, precise=True)
     return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
+
+
+def rms_norm(x: mx.array, weight: mx.array, *, eps: float) -> mx.array:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight over the last axis: ours on the CPU in float32, else
+    mx.fast.rms_norm (which on the CPU MLX composes from seven ops, each a graph node per call)."""
+    if active() and x.dtype == mx.float32 and weight.dtype in (mx.float32, mx.bfloat16) and x.ndim >= 1:
+        return _ext.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, *, offset: int, base: float | None = None, freqs: mx.array | None = None,
+         mscale: float = 1.0) -> mx.array:
+    """Rotary embedding of whole heads, HF's half-split layout, of (x * mscale) [B, H, L, D] at positions
+    offset..offset+L-1; `base` (default frequencies) or `freqs` (wavelengths, as mx.fast.rope takes them).
+
+    Ours on the CPU in float32 (one node instead of MLX's ~20-op CPU composition), else mx.fast.rope.
+    """
+    if active() and x.dtype == mx.float32 and x.ndim == 4 and isinstance(offset, int):
+        return _ext.rope(x, _inv_freq(x.shape[-1], base, freqs), offset, mscale)
+    if mscale != 1.0:
+        x = x * mscale
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=base, scale=1.0, offset=offset, freqs=freqs)
+
+
+# Inverse frequencies per (head_dim, base) or per freqs array (held here, so its id stays unique).
+_inv_freqs: dict = {}
+
+
+def _inv_freq(dims: int, base: float | None, freqs: mx.array | None) -> mx.array:
+    key = (dims, base) if freqs is None else id(freqs)
+    hit = _inv_freqs.get(key)
+    if hit is None:
+        if freqs is None:
+            # MLX's formula: exp(-i * log(base) / (dims / 2)), all in float32.
+            half = dims // 2
+            coef = np.float32(np.log(np.float32(base))) / np.float32(half)
+            inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(coef, mx.float32))
+        else:
+            inv = mx.reciprocal(freqs.astype(mx.float32))
+        mx.eval(inv)
+        hit = _inv_freqs[key] = (freqs, inv)
+    return hit[1]
 
 
 def route(logits: mx.array, k: int, norm_topk_prob: bool) -> tuple[mx.array, mx.array]:

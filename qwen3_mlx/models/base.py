@@ -10,6 +10,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..errors import ModelLoadError
 
 # transformers 5 writes some keys under new names; real Qwen3 checkpoints use the old ones.
@@ -103,7 +104,6 @@ class RoPE(nn.Module):
 
     def __init__(self, dims: int, base: float, scaling: dict | None, max_position_embeddings: int):
         super().__init__()
-        self.dims = dims
         self.base = base
         self.mscale = 1.0
         self._freqs = None
@@ -116,13 +116,8 @@ class RoPE(nn.Module):
             self._freqs = 1.0 / inv_freq
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        if self.mscale != 1.0:
-            x = x * self.mscale
-        if self._freqs is None:
-            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
-        return mx.fast.rope(
-            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs
-        )
+        base = self.base if self._freqs is None else None
+        return kernels.rope(x, offset=offset, base=base, freqs=self._freqs, mscale=self.mscale)
 
 
 def make_rope(args) -> RoPE:

@@ -1,7 +1,7 @@
-"""Linear and embedding layers whose matmuls go through the kernel seam (qwen3_mlx/kernels).
+"""Linear, embedding and norm layers that compute through the kernel seam (qwen3_mlx/kernels).
 
 The parameters (and so the checkpoint tensor names and shapes) are exactly those of mlx.nn's layers; only
-the matmul differs: on the CPU it runs our multi-threaded kernels, elsewhere MLX's own.
+the computation differs: on the CPU it runs our kernels, elsewhere MLX's own.
 """
 
 from __future__ import annotations
@@ -54,3 +54,8 @@ class Embedding(nn.Embedding):
             raise ValueError("Quantized input is not supported.")
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
 
+
+
+class RMSNorm(nn.RMSNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, self["weight"], eps=self.eps)

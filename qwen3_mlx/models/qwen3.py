@@ -11,7 +11,7 @@ import mlx.nn as nn
 from .. import kernels
 from .base import BaseModelArgs, attention_mask, make_rope
 from .cache import KVCache
-from .layers import Embedding, Linear
+from .layers import Embedding, Linear, RMSNorm
 
 
 @dataclass
@@ -52,8 +52,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(dim, self.n_kv_heads * hd, bias=bias)
         self.v_proj = Linear(dim, self.n_kv_heads * hd, bias=bias)
         self.o_proj = Linear(self.n_heads * hd, dim, bias=bias)
-        self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.q_norm = RMSNorm(hd, eps=args.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = make_rope(args)
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
@@ -89,8 +89,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache: KVCache | None = None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -102,7 +102,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers if layers is not None else [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)  # [B, L] -> [B, L, hidden]

@@ -10,7 +10,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 NB_MODULE(_ext, m) {
-  m.doc() = "qwen3-mlx CPU kernels: quantized and float matmuls as MLX primitives";
+  m.doc() = "qwen3-mlx CPU kernels: matmuls, attention, norms, RoPE and MoE routing as MLX primitives";
   m.def("quantized_matmul", &q3k::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ dequantize(w, scales, biases)^T (MLX affine layout, 4/8 bits, groups 32/64/128).");
@@ -26,6 +26,11 @@ NB_MODULE(_ext, m) {
         "MoE routing: softmax, top-k (descending) and optional renormalisation -> [indices, probabilities].");
   m.def("swiglu", &q3k::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up for float32 arrays of one shape.");
+  m.def("rms_norm", &q3k::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x * rsqrt(mean(x^2, -1) + eps) * weight for float32 x [..., D] and a float32/bfloat16 weight [D].");
+  m.def("rope", &q3k::rope, "x"_a, "inv_freq"_a, "offset"_a, "mscale"_a = 1.0f, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "Rotary embedding (HF half-split layout) of x [B, H, L, D] at positions offset.. with inv_freq [D/2].");
   m.def("read_bandwidth", &q3k::read_bandwidth_gbs, "nbytes"_a = int64_t(1) << 30, "repeats"_a = 5,
         "Memory read bandwidth (GB/s, best of `repeats`) on the kernels' threads: the decode roofline.");
   m.def("isa", &q3k::isa_name, "Instruction set the kernels run with (avx512, avx2 or generic).");

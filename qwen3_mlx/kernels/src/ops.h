@@ -43,6 +43,14 @@ std::vector<mx::array> route(const mx::array& logits, int k, bool norm_topk_prob
 // silu(gate) * up, float32, same shapes.
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 
+// x * rsqrt(mean(x^2, -1) + eps) * weight: x [..., D] float32, weight [D] float32 or bfloat16 -> float32.
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
+
+// Rotary embedding of whole heads in HF's half-split layout: x [B, H, L, D] float32 (any strides),
+// times mscale, rotated by angles (offset + l) * inv_freq [D / 2] -> [B, H, L, D] float32.
+mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, float mscale,
+               mx::StreamOrDevice s = {});
+
 // Best of `repeats` reads of an nbytes buffer on the kernels' threads, in GB/s.
 double read_bandwidth_gbs(int64_t nbytes, int repeats);
 
