@@ -193,18 +193,16 @@ def predict(
     dtype_bytes: int = 2,
     prefill_step: int = 512,
     runtime_bytes: int = RUNTIME_BYTES,
-    fused_attention: bool | None = None,
+    fused_attention: bool = True,
     name: str | None = None,
 ) -> Fit:
     """Memory prediction for `config` (a config dict or registry name) at `bits`/`group_size` or a `spec`.
 
     `dtype_bytes` is the size of scales, unquantized tensors, KV cache and activations (2 for bf16 on Apple
     GPUs, 4 for float32 on MLX's CPU backend). `bits=16` (or 0) means unquantized. `fused_attention`: the
-    attention kernel never materialises the [heads, chunk, context] score matrix (MLX's Metal kernels);
-    default: true for dtype_bytes 2 (GPU), false for 4 (the CPU backend materialises it in float32).
+    attention kernel never materialises the [heads, chunk, context] score matrix (MLX's Metal kernels and
+    our CPU kernels; false for MLX's own CPU attention, which holds it in float32).
     """
-    if fused_attention is None:
-        fused_attention = dtype_bytes == 2
     c = _cfg(config)
     name = name or (config if isinstance(config, str) else c.get("_name_or_path") or c.get("model_type"))
     unquantized = spec is None and bits in (0, 16)
@@ -234,14 +232,17 @@ def predict(
         min(prefill_step, context - s) * min(s + prefill_step, context) for s in range(0, context, prefill_step)
     )
     inter = c["moe_intermediate_size"] * k if E else c["intermediate_size"]
-    activation = (
+    # One layer's transients at a time (the kernels let MLX run only a few nodes ahead on large outputs):
+    # the residual stream, plus the larger of the attention half and the MLP half, or the last logits.
+    attention_half = (
         (0 if fused_attention else H * score_cells * 4)  # attention scores (float32 softmax)
-        + 2 * chunk * inter * dtype_bytes  # gate and up (their product reuses a buffer)
-        + chunk * (H + 2 * KV) * hd * dtype_bytes  # q, k, v
-        + 2 * chunk * D * dtype_bytes  # residual stream and its norm
+        + chunk * D * dtype_bytes  # the norm's output
+        + chunk * (2 * H + 2 * KV) * hd * dtype_bytes  # q, k, v and the attention output
         + 2 * KV * hd * (positions + KV_STEP) * dtype_bytes  # one layer's cache while it grows (old + new)
-        + c["vocab_size"] * 4 * 2  # last-position logits in float32 for sampling
     )
+    mlp_half = chunk * D * dtype_bytes + 2 * chunk * inter * dtype_bytes  # norm, gate and up (silu*up reuses gate)
+    logits = c["vocab_size"] * 4 * 2  # last-position logits in float32 for sampling
+    activation = chunk * D * dtype_bytes + max(attention_half, mlp_half, logits)
     return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv)
 
 

@@ -207,6 +207,13 @@ CHECK = textwrap.dedent(
         wf = mx.random.normal((n, k + 3), key=mx.random.key(i))
         xf = mx.random.normal((m, k + 3), key=mx.random.key(i + 7))
         worst = max(worst, float(np.abs(np.array(ext.matmul(xf, wf) - xf @ wf.T)).max() / np.abs(np.array(xf @ wf.T)).max()))
+    for i, (h, hkv, l, s_, d) in enumerate([(4, 2, 7, 7, 16), (8, 1, 70, 133, 128), (2, 2, 3, 65, 64)]):
+        q = mx.random.normal((1, h, l, d), key=mx.random.key(i))
+        k = mx.random.normal((1, hkv, s_, d), key=mx.random.key(i + 1))
+        v = mx.random.normal((1, hkv, s_, d), key=mx.random.key(i + 2))
+        ref = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask="causal"))
+        out = np.array(ext.attention(q, k, v, d**-0.5, True))
+        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
     print(ext.isa(), ext.threads(), worst)
     """
 )
@@ -310,6 +317,45 @@ def test_attention_equals_mlx_sdpa(L, S, heads, kv_heads, mask):
         mask = mx.random.normal((L, S), key=mx.random.key(9))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=32**-0.5, mask=mask)
     assert rel_err(kernels.attention(q, k, v, scale=32**-0.5, mask=mask), ref) <= RTOL
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv_heads=st.sampled_from([1, 2, 8]),
+    rep=st.sampled_from([1, 2, 4, 8]),
+    d=st.sampled_from([64, 128]),
+    length=st.sampled_from([1, 2, 7, 64, 130]),
+    cached=st.sampled_from([0, 1, 63, 64, 65, 300, 471]),
+    causal=st.booleans(),
+    in_cache=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_prefill_attention_equals_mlx_sdpa(kv_heads, rep, d, length, cached, causal, in_cache, seed):
+    """Every GQA ratio Qwen3 uses, both head sizes, odd key counts and cache offsets; K and V either fresh or a
+    slice of a larger cache buffer (read in place by their strides)."""
+    S = length + cached
+    q = mx.random.normal((1, kv_heads * rep, length, d), key=mx.random.key(seed))
+    if in_cache:
+        buf = mx.random.normal((2, 1, kv_heads, S + 40, d), key=mx.random.key(seed + 1))
+        k, v = buf[0, :, :, :S], buf[1, :, :, :S]
+    else:
+        k = mx.random.normal((1, kv_heads, S, d), key=mx.random.key(seed + 1))
+        v = mx.random.normal((1, kv_heads, S, d), key=mx.random.key(seed + 2))
+    mask = "causal" if causal else None
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
+    ours = ext.attention(q, k, v, d**-0.5, causal)
+    assert rel_err(ours, ref) <= RTOL
+
+
+def test_prefill_attention_reads_strided_queries_and_refuses_bad_shapes():
+    q = mx.random.normal((1, 9, 4, 16), key=mx.random.key(1)).swapaxes(1, 2)  # [1, 4, 9, 16], strided
+    k = mx.random.normal((1, 2, 12, 16), key=mx.random.key(2))
+    ref = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.25, mask="causal")
+    assert rel_err(ext.attention(q, k, k, 0.25, True), ref) <= RTOL
+    with pytest.raises(ValueError, match="at least as many keys"):
+        ext.attention(mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)), 1.0, True)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        ext.attention(mx.zeros((1, 3, 5, 8)), mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 5, 8)), 1.0, False)
 
 
 def test_decode_attention_reads_a_cache_slice_in_place():

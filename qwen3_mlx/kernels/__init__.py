@@ -102,9 +102,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     """softmax(q k^T * scale + mask) v: q [B, H, L, D], k and v [B, Hkv, S, D] (Hkv divides H) -> [B, H, L, D].
 
     mask: None, "causal" (aligned to the end of the keys, as MLX's) or an additive / boolean array.
-    On the CPU in float32 ours run: one fused kernel for a single query row (decode), the batched matmul
-    for the two products otherwise. MLX's CPU attention runs them through the BLAS the wheel links (a
-    reference BLAS on Linux), which made prefill attention cost more than all the weight matmuls.
+    On the CPU in float32 ours run, reading k and v in place: a fused kernel for a single query row
+    (decode), a blocked one with an online softmax for many (prefill: no [H, L, S] score matrix, multi-threaded
+    over heads and query blocks). MLX's CPU attention materialises the scores and runs both products through
+    the BLAS the wheel links (a reference BLAS on Linux): 10x slower at a 512-token chunk.
     """
     L, S = q.shape[-2], k.shape[-2]
     if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
@@ -114,12 +115,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     if L == 1 and (mask is None or isinstance(mask, str)) and q.shape[1] // k.shape[1] <= 16:
         # Decode: one fused kernel reading the cache in place (one causal query row sees every key).
         return _ext.decode_attention(q, k, v, scale)
+    if mask is None or isinstance(mask, str):
+        if mask == "causal" and S < L:  # queries before the first key: MLX's definition, rows of NaN
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _ext.attention(q, k, v, scale, mask == "causal")
+    # An explicit mask array: the two products on our batched matmul, MLX's softmax between them.
     scores = _ext.matmul(q, k) * scale  # [B, H, L, S]; k read in place, the product scaled in place
-    if isinstance(mask, str):
-        allowed = mx.arange(S)[None, :] <= mx.arange(S - L, S)[:, None]  # [L, S]
-        scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
-    elif mask is not None:
-        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype)) if mask.dtype == mx.bool_ else scores + mask
+    scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype)) if mask.dtype == mx.bool_ else scores + mask
     probs = mx.softmax(scores, axis=-1, precise=True)
     return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
 

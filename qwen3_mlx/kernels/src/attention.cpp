@@ -1,6 +1,8 @@
-// DecodeAttention: one query row per head against the KV cache, read in place (a slice of the
-// cache's larger buffer, no copy), fused scores + softmax + weighted sum. MLX's CPU attention runs
-// these products through the BLAS the wheel links, a reference one on Linux.
+// Attention on the CPU, K and V read in place (a slice of the cache's larger buffer, no copy):
+// - DecodeAttention: one query row per head, fused scores + softmax + weighted sum;
+// - FlashAttention: many query rows (prefill), blocked over keys with an online softmax, so no
+//   [heads, queries, keys] score matrix is ever held (MLX's CPU attention materialises it in float32 and
+//   runs both products through the BLAS the wheel links, a reference one on Linux).
 #include "common.h"
 #include "driver.h"
 #include "mlx/allocator.h"
@@ -55,7 +57,7 @@ class DecodeAttention : public mx::Primitive {
     const auto& k = in[1];
     const auto& v = in[2];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    alloc_output(y);
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : in) enc.set_input_array(a);
     enc.set_output_array(y);
@@ -85,7 +87,109 @@ class DecodeAttention : public mx::Primitive {
   float scale_;
 };
 
+// ---- prefill ----
+
+struct FlashJob {
+  const float *q, *k, *v;
+  float* out;
+  int64_t qst[4], kst[4], vst[4];  // element strides [b, h, l, d]
+  int B, H, Hkv, L, S, D;
+  int nq;       // query positions per task
+  int nblocks;  // query blocks per (b, kv head)
+  bool causal;
+  float scale;
+};
+
+void run_flash(void* ctx, int t, int) {
+  thread_local Scratch qbuf, kt, vp, sbuf, obuf, mbuf, lbuf;
+  const FlashJob& j = *static_cast<FlashJob*>(ctx);
+  const Kernels& K = kernels();
+  // Causal blocks late in the sequence see the most keys: hand those out first.
+  const int blk = j.nblocks - 1 - t % j.nblocks, bh = t / j.nblocks;
+  const int b = bh / j.Hkv, hkv = bh % j.Hkv, rep = j.H / j.Hkv;
+  const int l0 = blk * j.nq, nq = std::min(j.nq, j.L - l0);
+  FlashArgs a;
+  a.R = rep * nq, a.nq = nq, a.D = j.D, a.S = j.S, a.causal = j.causal;
+  a.Dp = (j.D + K.flash_dpad - 1) / K.flash_dpad * K.flash_dpad;
+  a.first_limit = j.S - j.L + l0;  // the keys end where the queries end
+  // The task's query rows, scaled first as MLX does (q * scale, then the product).
+  float* q = qbuf.get(static_cast<size_t>(a.R) * j.D);
+  for (int h = 0; h < rep; ++h)
+    for (int i = 0; i < nq; ++i) {
+      const float* src = j.q + b * j.qst[0] + (hkv * rep + h) * j.qst[1] + (l0 + i) * j.qst[2];
+      float* dst = q + (static_cast<int64_t>(h) * nq + i) * j.D;
+      for (int d = 0; d < j.D; ++d) dst[d] = src[d * j.qst[3]] * j.scale;
+    }
+  a.q = q;
+  a.k = j.k + b * j.kst[0] + hkv * j.kst[1], a.ks = j.kst[2], a.kd = j.kst[3];
+  a.v = j.v + b * j.vst[0] + hkv * j.vst[1], a.vs = j.vst[2], a.vd = j.vst[3];
+  a.out = j.out + ((static_cast<int64_t>(b) * j.H + hkv * rep) * j.L + l0) * j.D;
+  a.out_head = static_cast<int64_t>(j.L) * j.D;
+  a.kt = kt.get(static_cast<size_t>(j.D) * kFlashKeys);
+  a.vp = vp.get(static_cast<size_t>(kFlashKeys) * a.Dp);
+  a.s = sbuf.get(static_cast<size_t>(a.R) * kFlashKeys);
+  a.o = obuf.get(static_cast<size_t>(a.R) * a.Dp);
+  a.m = mbuf.get(a.R);
+  a.l = lbuf.get(a.R);
+  K.flash(a);
+}
+
+class FlashAttention : public mx::Primitive {
+ public:
+  FlashAttention(mx::Stream s, float scale, bool causal) : mx::Primitive(s), scale_(scale), causal_(causal) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& q = in[0];
+    const auto& k = in[1];
+    const auto& v = in[2];
+    auto& y = out[0];
+    alloc_output(y);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    FlashJob job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, {}, q.shape(0),
+                 q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), 1, 1, causal_, scale_};
+    for (int i = 0; i < 4; ++i) job.qst[i] = q.strides()[i], job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
+    // ~64 rows per task (rep heads x nq positions) share each key block.
+    const int rep = job.H / job.Hkv;
+    job.nq = std::max(1, 64 / rep);
+    job.nblocks = (job.L + job.nq - 1) / job.nq;
+    enc.dispatch([job]() mutable {
+      if (job.L == 0 || job.S == 0) return;
+      Pool::get().run(job.B * job.Hkv * job.nblocks, &run_flash, &job);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
+  }
+  const char* name() const override { return "Qwen3FlashAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const FlashAttention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
 }  // namespace
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    mx::StreamOrDevice s) {
+  require(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k, v must be [B, heads, length, head_dim]");
+  require(k.shape() == v.shape(), "k " + shape_str(k) + " and v " + shape_str(v) + " differ");
+  require(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q " + shape_str(q) + " does not match k " + shape_str(k));
+  const int H = q.shape(1), Hkv = k.shape(1);
+  require(Hkv > 0 && H % Hkv == 0, "query heads " + std::to_string(H) + " must be a multiple of key/value heads " +
+                                       std::to_string(Hkv));
+  require(!causal || k.shape(2) >= q.shape(2), "causal attention needs at least as many keys as queries");
+  require(q.shape(2) == 0 || k.shape(2) >= 1, "no keys");
+  require(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32, "q, k and v must be float32");
+  auto stream = mx::to_stream(s);
+  return mx::array(q.shape(), mx::float32, std::make_shared<FlashAttention>(stream, scale, causal), {q, k, v});
+}
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            mx::StreamOrDevice s) {

@@ -22,6 +22,9 @@ NB_MODULE(_ext, m) {
   m.def("decode_attention", &q3k::decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(scale * q k^T) v for one query row per head (q [B, H, 1, D], k/v [B, Hkv, S, D], read in place).");
+  m.def("attention", &q3k::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "softmax(scale * q k^T [+ causal]) v, q [B, H, L, D], k/v [B, Hkv, S, D] (read in place), no score matrix.");
   m.def("route", &q3k::route, "logits"_a, "k"_a, "norm_topk_prob"_a, nb::kw_only(), "stream"_a = nb::none(),
         "MoE routing: softmax, top-k (descending) and optional renormalisation -> [indices, probabilities].");
   m.def("swiglu", &q3k::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),

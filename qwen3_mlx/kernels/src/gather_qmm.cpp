@@ -22,7 +22,7 @@ class GatherQMatmul : public mx::Primitive {
     const auto& scales = in[2];
     const auto& idx = in[has_biases_ ? 4 : 3];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    alloc_output(y);
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : in) enc.set_input_array(a);
     enc.set_output_array(y);

@@ -45,6 +45,24 @@ struct AttnArgs {
   float* scores = nullptr;  // scratch [rep, S]
 };
 
+// Prefill attention for one task: R query rows (rep heads x nq positions, row r = head r / nq,
+// position r % nq) against S keys, blocked over keys with an online softmax, never a score matrix.
+// Causal: row r sees keys [0, first_limit + r % nq]. Scratch is the caller's (per thread).
+constexpr int kFlashKeys = 64;  // keys per block
+struct FlashArgs {
+  const float* q = nullptr;  // [R, D], already scaled
+  const float* k = nullptr;  // key c, element d at k[c * ks + d * kd]
+  const float* v = nullptr;
+  int64_t ks = 0, kd = 1, vs = 0, vd = 1;
+  int R = 0, nq = 1, D = 0, Dp = 0, S = 0;  // Dp: D rounded up to Kernels::flash_dpad
+  bool causal = false;
+  int first_limit = 0;
+  float* out = nullptr;  // row r -> out + (r / nq) * out_head + (r % nq) * D
+  int64_t out_head = 0;
+  // scratch: kt [D * kFlashKeys], vp [kFlashKeys * Dp], s [R * kFlashKeys], o [R * Dp], m [R], l [R]
+  float *kt = nullptr, *vp = nullptr, *s = nullptr, *o = nullptr, *m = nullptr, *l = nullptr;
+};
+
 struct Kernels {
   const char* name;
   // Q4 activations are reordered in blocks of 2 * lanes values: the even ones, then the odd ones
@@ -58,7 +76,9 @@ struct Kernels {
   // The same for many rows: rows [n0, n1) of the weight are expanded to floats into `tile`
   // ((n1 - n0) * K floats; unused for F32) and reused across all M rows.
   void (*gemm)(const MatArgs& a, int n0, int n1, float* tile);
+  int flash_dpad;  // FlashArgs::Dp is D rounded up to a multiple of this
   void (*attend)(const AttnArgs& a);
+  void (*flash)(const FlashArgs& a);
   // out[i] = silu(g[i]) * u[i]
   void (*swiglu)(const float* g, const float* u, float* out, int64_t n);
 };

@@ -79,6 +79,11 @@ static inline VF vdiv(VF a, VF b) { return _mm512_div_ps(a, b); }
 #define Q3K_NAME "avx512"
 #define Q3K_MR 6
 #define Q3K_NR 4
+// Flash attention micro-kernels: scores MR rows x NV key vectors, P@V MR rows x NV value vectors.
+#define Q3K_FS_MR 6
+#define Q3K_FS_NV 4
+#define Q3K_FV_MR 5
+#define Q3K_FV_NV 4
 #elif defined(Q3K_AVX2)
 #include <immintrin.h>
 namespace q3k::avx2 {
@@ -132,6 +137,10 @@ static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
 #define Q3K_NAME "avx2"
 #define Q3K_MR 4
 #define Q3K_NR 3
+#define Q3K_FS_MR 5
+#define Q3K_FS_NV 2
+#define Q3K_FV_MR 4
+#define Q3K_FV_NV 2
 #else
 // Portable C++: fixed-size loops the compiler vectorizes for whatever the target is (SSE2, NEON).
 namespace q3k::generic {
@@ -199,6 +208,10 @@ static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
 #define Q3K_NAME "generic"
 #define Q3K_MR 2
 #define Q3K_NR 4
+#define Q3K_FS_MR 2
+#define Q3K_FS_NV 2
+#define Q3K_FV_MR 2
+#define Q3K_FV_NV 2
 #endif
 
 namespace {
@@ -595,6 +608,139 @@ void attend(const AttnArgs& a) {
     for (int d = 0; d < D; ++d) a.out[j * D + d] *= inv[j];
 }
 
+// ---- prefill attention: blocks of kFlashKeys keys with an online softmax (no score matrix) ----
+
+static_assert(kFlashKeys % (Q3K_FS_NV * W) == 0, "a key block is whole score micro-kernels");
+
+// s[m][0..kFlashKeys) = sum_d q[m][d] kt[d][..] for MR query rows against one transposed key block.
+template <int MR>
+void flash_scores(const float* q, int64_t ldq, const float* kt, int D, float* s) {
+  for (int j0 = 0; j0 < kFlashKeys; j0 += Q3K_FS_NV * W) {
+    VF acc[MR][Q3K_FS_NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < Q3K_FS_NV; ++v) acc[m][v] = vzero();
+    for (int d = 0; d < D; ++d) {
+      VF kv[Q3K_FS_NV];
+      for (int v = 0; v < Q3K_FS_NV; ++v) kv[v] = vload(kt + d * kFlashKeys + j0 + v * W);
+      for (int m = 0; m < MR; ++m) {
+        const VF qv = vset1(q[m * ldq + d]);
+        for (int v = 0; v < Q3K_FS_NV; ++v) acc[m][v] = vfma(qv, kv[v], acc[m][v]);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < Q3K_FS_NV; ++v) vstore(s + m * kFlashKeys + j0 + v * W, acc[m][v]);
+  }
+}
+
+// o[m][0..Dp) += sum_c p[m][c] vp[c][..] over the block's bk keys (Dp a multiple of FV_NV * W).
+template <int MR>
+void flash_pv(const float* p, const float* vp, int Dp, int bk, float* o) {
+  for (int d0 = 0; d0 < Dp; d0 += Q3K_FV_NV * W) {
+    VF acc[MR][Q3K_FV_NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < Q3K_FV_NV; ++v) acc[m][v] = vload(o + m * Dp + d0 + v * W);
+    for (int c = 0; c < bk; ++c) {
+      VF vv[Q3K_FV_NV];
+      for (int v = 0; v < Q3K_FV_NV; ++v) vv[v] = vload(vp + c * Dp + d0 + v * W);
+      for (int m = 0; m < MR; ++m) {
+        const VF pv = vset1(p[m * kFlashKeys + c]);
+        for (int v = 0; v < Q3K_FV_NV; ++v) acc[m][v] = vfma(pv, vv[v], acc[m][v]);
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < Q3K_FV_NV; ++v) vstore(o + m * Dp + d0 + v * W, acc[m][v]);
+  }
+}
+
+// Rows [r0, R) in groups of N, the tail in one smaller group.
+template <int N, template <int> class Fn, class... A>
+void rows_by(int r0, int R, A... args) {
+  int r = r0;
+  for (; r + N <= R; r += N) Fn<N>::run(r, args...);
+  if constexpr (N > 1) {
+    if (r < R) rows_by<N - 1, Fn>(r, R, args...);
+  }
+}
+
+template <int MR>
+struct ScoresRows {
+  static void run(int r, const FlashArgs* a) {
+    flash_scores<MR>(a->q + static_cast<int64_t>(r) * a->D, a->D, a->kt, a->D, a->s + static_cast<int64_t>(r) * kFlashKeys);
+  }
+};
+template <int MR>
+struct PVRows {
+  static void run(int r, const FlashArgs* a, int bk) {
+    flash_pv<MR>(a->s + static_cast<int64_t>(r) * kFlashKeys, a->vp, a->Dp, bk, a->o + static_cast<int64_t>(r) * a->Dp);
+  }
+};
+
+void flash(const FlashArgs& a) {
+  const int R = a.R, D = a.D, Dp = a.Dp;
+  // The last row (the block's last position) sees the most keys.
+  const int nkeys = a.causal ? (a.first_limit + a.nq < a.S ? a.first_limit + a.nq : a.S) : a.S;
+  for (int r = 0; r < R; ++r) {
+    a.m[r] = -INFINITY;
+    a.l[r] = 0.f;
+    for (int d = 0; d < Dp; ++d) a.o[static_cast<int64_t>(r) * Dp + d] = 0.f;
+  }
+  for (int c0 = 0; c0 < nkeys; c0 += kFlashKeys) {
+    const int bk = nkeys - c0 < kFlashKeys ? nkeys - c0 : kFlashKeys;
+    // Keys transposed to [D][kFlashKeys] and values padded to [kFlashKeys][Dp]: read once per block,
+    // by their strides (a cache slice in place), reused by all R rows.
+    for (int c = 0; c < kFlashKeys; ++c) {
+      const float* kr = a.k + static_cast<int64_t>(c0 + c) * a.ks;
+      const float* vr = a.v + static_cast<int64_t>(c0 + c) * a.vs;
+      float* vo = a.vp + static_cast<int64_t>(c) * Dp;
+      if (c < bk) {
+        for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = kr[d * a.kd];
+        for (int d = 0; d < D; ++d) vo[d] = vr[d * a.vd];
+      } else {
+        for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = 0.f;
+        for (int d = 0; d < D; ++d) vo[d] = 0.f;
+      }
+      for (int d = D; d < Dp; ++d) vo[d] = 0.f;
+    }
+    rows_by<Q3K_FS_MR, ScoresRows>(0, R, &a);
+    for (int r = 0; r < R; ++r) {
+      float* sr = a.s + static_cast<int64_t>(r) * kFlashKeys;
+      // Keys [c0, c0 + lim] of this block are visible to row r.
+      int lim = bk - 1;
+      if (a.causal) {
+        const int last = a.first_limit + r % a.nq - c0;
+        lim = last < lim ? last : lim;
+      }
+      if (lim < 0) {
+        for (int c = 0; c < kFlashKeys; ++c) sr[c] = 0.f;
+        continue;
+      }
+      float mx = sr[0];
+      for (int c = 1; c <= lim; ++c) mx = sr[c] > mx ? sr[c] : mx;
+      const float m_new = mx > a.m[r] ? mx : a.m[r];
+      const float alpha = std::exp(a.m[r] - m_new);  // 0 on the first block (m = -inf)
+      const VF neg_m = vset1(-m_new);
+      VF acc = vzero();
+      for (int c = 0; c < kFlashKeys; c += W) vstore(sr + c, vexp(vadd(vload(sr + c), neg_m)));
+      for (int c = lim + 1; c < kFlashKeys; ++c) sr[c] = 0.f;
+      for (int c = 0; c < kFlashKeys; c += W) acc = vadd(acc, vload(sr + c));
+      a.l[r] = a.l[r] * alpha + vsum(acc);
+      a.m[r] = m_new;
+      if (alpha != 1.f) {
+        float* orow = a.o + static_cast<int64_t>(r) * Dp;
+        const VF av = vset1(alpha);
+        for (int d = 0; d < Dp; d += W) vstore(orow + d, vfma(vload(orow + d), av, vzero()));
+      }
+    }
+    rows_by<Q3K_FV_MR, PVRows>(0, R, &a, bk);
+  }
+  for (int r = 0; r < R; ++r) {
+    const float inv = 1.f / a.l[r];
+    const float* orow = a.o + static_cast<int64_t>(r) * Dp;
+    float* y = a.out + static_cast<int64_t>(r / a.nq) * a.out_head + static_cast<int64_t>(r % a.nq) * D;
+    for (int d = 0; d < D; ++d) y[d] = orow[d] * inv;
+  }
+}
+
 // ---- SwiGLU: silu(g) * u = g * u / (1 + exp(-g)) ----
 
 void swiglu(const float* g, const float* u, float* out, int64_t n) {
@@ -611,7 +757,7 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const Kernels& table() {
-  static const Kernels k{Q3K_NAME, W, !kLut4, &gemv, &gemm, &attend, &swiglu};
+  static const Kernels k{Q3K_NAME, W, !kLut4, &gemv, &gemm, Q3K_FV_NV * W, &attend, &flash, &swiglu};
   return k;
 }
 

@@ -19,7 +19,7 @@ class FloatMatmul : public mx::Primitive {
     const auto& x = in[0];
     const auto& w = in[1];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    alloc_output(y);
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(x);
     enc.set_input_array(w);

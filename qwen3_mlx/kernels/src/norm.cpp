@@ -70,7 +70,7 @@ class RMSNorm : public mx::Primitive {
     if (x.is_donatable() && x.flags().row_contiguous) {
       y.copy_shared_buffer(x);
     } else {
-      y.set_data(mx::allocator::malloc(y.nbytes()));
+      alloc_output(y);
     }
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(x);

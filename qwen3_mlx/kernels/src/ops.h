@@ -36,6 +36,12 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            mx::StreamOrDevice s = {});
 
+// softmax(scale * q k^T [+ causal mask aligned to the keys' end]) v for any number of query rows:
+// q [B, H, L, D], k and v [B, Hkv, S, D] float32 (any strides), Hkv dividing H -> [B, H, L, D] float32.
+// Blocked over keys with an online softmax: no [H, L, S] score matrix is held.
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
+                    mx::StreamOrDevice s = {});
+
 // Expert routing: softmax over logits [..., E] (float32), the k most probable experts (descending) ->
 // (indices [..., k] uint32, probabilities [..., k] float32, renormalised to sum 1 if norm_topk_prob).
 std::vector<mx::array> route(const mx::array& logits, int k, bool norm_topk_prob, mx::StreamOrDevice s = {});

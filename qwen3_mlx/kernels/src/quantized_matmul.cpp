@@ -17,7 +17,7 @@ class QuantizedMatmul : public mx::Primitive {
     const auto& w = in[1];
     const auto& scales = in[2];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    alloc_output(y);
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : in) enc.set_input_array(a);
     enc.set_output_array(y);

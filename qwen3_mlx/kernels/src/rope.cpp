@@ -68,7 +68,7 @@ class RoPE : public mx::Primitive {
     const auto& x = in[0];
     const auto& f = in[1];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    alloc_output(y);
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(x);
     enc.set_input_array(f);

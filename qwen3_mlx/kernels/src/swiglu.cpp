@@ -36,7 +36,7 @@ class SwiGLU : public mx::Primitive {
     } else if (in[1].is_donatable() && in[1].flags().row_contiguous) {
       y.copy_shared_buffer(in[1]);
     } else {
-      y.set_data(mx::allocator::malloc(y.nbytes()));
+      alloc_output(y);
     }
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (const auto& a : in) enc.set_input_array(a);
