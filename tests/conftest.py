@@ -6,13 +6,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def pytest_configure(config):
-    # MLX's CPU wheel ships a reference BLAS; with OpenBLAS preloaded the suite runs several times faster.
-    from qwen3_mlx.blas import ensure_fast_blas
-
-    ensure_fast_blas()
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir():
     from helpers import TOKENIZER_DIR

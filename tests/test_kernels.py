@@ -205,7 +205,7 @@ CHECK = textwrap.dedent(
         out = np.array(ext.gather_qmm(x, wq3, s3, b3, e, gs, bits))
         worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
         wf = mx.random.normal((n, k + 3), key=mx.random.key(i))
-        xf = mx.random.normal((m, k + 3), key=mx.random.key(i + 7))
+        xf = mx.random.normal((m + 64, k + 3), key=mx.random.key(i + 7))  # 64+ rows: the BLAS path when on
         worst = max(worst, float(np.abs(np.array(ext.matmul(xf, wf) - xf @ wf.T)).max() / np.abs(np.array(xf @ wf.T)).max()))
     for i, (h, hkv, l, s_, d) in enumerate([(4, 2, 7, 7, 16), (8, 1, 70, 133, 128), (2, 2, 3, 65, 64)]):
         q = mx.random.normal((1, h, l, d), key=mx.random.key(i))
@@ -219,9 +219,13 @@ CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("isa,threads", [("avx512", 2), ("avx2", 2), ("generic", 2), ("avx512", 1), ("avx512", 3)])
-def test_each_instruction_set_and_thread_count(isa, threads):
-    env = dict(os.environ, QWEN3_MLX_ISA=isa, QWEN3_MLX_THREADS=str(threads))
+@pytest.mark.parametrize(
+    "isa,threads,blas", [("avx512", 2, "1"), ("avx512", 2, "0"), ("avx2", 2, "0"), ("generic", 2, "0"), ("avx512", 1, "1"),
+                         ("avx512", 3, "1")]
+)
+def test_each_instruction_set_and_thread_count(isa, threads, blas):
+    """Each kernel table and thread count, with float32 GEMMs of 64+ rows on OpenBLAS (blas "1") or on ours."""
+    env = dict(os.environ, QWEN3_MLX_ISA=isa, QWEN3_MLX_THREADS=str(threads), QWEN3_MLX_BLAS=blas)
     r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     got_isa, got_threads, worst = r.stdout.split()

@@ -11,7 +11,6 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import kernels
-from ..blas import openblas_active
 from .harness import FIGURES, Runner, Trial, make_runner, our_tokens, ratio_row, run_alternated
 from .models import (
     BenchError,
@@ -45,7 +44,6 @@ def environment(device: str | None = None) -> dict:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm_version,
         "device": str(mx.default_device()),
-        "openblas_preloaded": openblas_active(),
         # Which matmul kernels qwen3-mlx ran: ours ("qwen3-mlx", with the instruction set and threads) or MLX's.
         "kernels": kernels.describe(),
         "platform": f"{platform.system()} {platform.machine()}",

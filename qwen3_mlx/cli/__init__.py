@@ -15,9 +15,6 @@ from . import chat  # noqa: E402,F401
 
 
 def main() -> None:
-    from ..blas import ensure_fast_blas
-
-    ensure_fast_blas()
     try:
         app()
     except Qwen3MLXError as e:
