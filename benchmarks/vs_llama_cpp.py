@@ -2,6 +2,7 @@
 
     python benchmarks/make_peer_checkpoints.py            # transformers checkpoints at the real shapes
     python benchmarks/vs_llama_cpp.py [--ckpt /tmp/peer-ckpt] [--only q4,moe-q4]
+    python benchmarks/vs_llama_cpp.py --only q4-8k     # long context: 8192-token prompt, decode at depth 8192
 
 For each case it runs llama.cpp's llama-bench (through ../shared/peers/llama-bench.sh, which builds
 llama.cpp once and converts the checkpoint to GGUF) and then `qwen3-mlx bench` on the same shape with
@@ -36,27 +37,33 @@ CASES = {
     "bf16": ("qwen3-0.6b", "BF16", "bf16"),
     "moe-q4": ("moe-12l-64e-a8", "Q4_0", 4),
 }
+# Long context (not in the default run: ~10 minutes): prefill of an 8192-token prompt and decode with 8192
+# tokens in the cache; llama-bench as `-p 8192 -n 0` and `-p 0 -n 32 -d 8192`, one repetition each.
+LONG_CASES = {"q4-8k": ("qwen3-0.6b", "Q4_0", 4, 8192)}
 
 
-def llama_bench(ckpt: Path, quant: str, prompt: int, gen: int, threads: int, extra: list[str]) -> dict:
+def llama_bench(ckpt: Path, quant: str, prompt: int, gen: int, threads: int, extra: list[str], reps: int = 3,
+                depth: int = 0) -> dict:
     args = ["bash", str(PEER), str(ckpt), quant, "--", "-t", str(threads), "-p", str(prompt), "-n", str(gen),
-            "-r", "3", *extra]
+            "-r", str(reps), *(["-d", str(depth)] if depth else []), *extra]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     res = {}
     for line in out.splitlines():
-        m = re.search(r"\|\s*(pp|tg)(\d+)\s*\|\s*([\d.]+)\s*±", line)
+        m = re.search(r"\|\s*(pp|tg)(\d+)(?:\s*@\s*d\d+)?\s*\|\s*([\d.]+)\s*±", line)
         if m:
             res["prefill_tps" if m.group(1) == "pp" else "decode_tps"] = float(m.group(3))
-    if len(res) != 2:
+    want = (["prefill_tps"] if prompt else []) + (["decode_tps"] if gen else [])
+    if sorted(res) != sorted(want):
         raise SystemExit(f"could not read llama-bench's table:\n{out}")
     return res
 
 
-def ours(ckpt: Path, bits, prompt: int, gen: int, threads: int) -> dict:
+def ours(ckpt: Path, bits, prompt: int, gen: int, threads: int, trials: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         js = Path(tmp) / "bench.json"
         model = [str(ckpt)] if bits == "bf16" else ["--shape", str(ckpt / "config.json"), "--random"]
-        cmd = ["qwen3-mlx", "bench", *model, "-p", str(prompt), "-g", str(gen), "-n", "3", "--json", str(js)]
+        cmd = ["qwen3-mlx", "bench", *model, "-p", str(prompt), "-g", str(gen), "-n", str(trials), "--json",
+               str(js)]
         if isinstance(bits, int):
             cmd += ["--bits", str(bits)]
         env = dict(os.environ, QWEN3_MLX_THREADS=str(threads))
@@ -82,7 +89,8 @@ def read_test(threads: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=Path("/tmp/peer-ckpt"), help="make_peer_checkpoints.py's --out")
-    ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated cases of {', '.join(CASES)}")
+    ap.add_argument("--only", default=",".join(CASES),
+                    help=f"comma-separated cases of {', '.join([*CASES, *LONG_CASES])}")
     ap.add_argument("-p", type=int, default=128, help="prompt tokens")
     ap.add_argument("-g", type=int, default=32, help="generated tokens")
     ap.add_argument("-t", type=int, default=2, help="threads, both runtimes")
@@ -90,24 +98,34 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for name in args.only.split(","):
-        folder, quant, bits = CASES[name]
+        if name not in CASES and name not in LONG_CASES:
+            raise SystemExit(f"unknown case {name!r}")
+        folder, quant, bits, *long = CASES.get(name) or LONG_CASES[name]
         ckpt = args.ckpt / folder
         if not (ckpt / "config.json").exists():
             raise SystemExit(f"{ckpt} missing: run benchmarks/make_peer_checkpoints.py first")
         print(f"[{name}] llama.cpp {quant} ...", file=sys.stderr, flush=True)
-        peer = llama_bench(ckpt, quant, args.p, args.g, args.t, args.llama_extra.split())
+        extra = args.llama_extra.split()
+        if long:
+            ctx = long[0]
+            peer = {**llama_bench(ckpt, quant, ctx, 0, args.t, extra, reps=1),
+                    **llama_bench(ckpt, quant, 0, args.g, args.t, extra, reps=1, depth=ctx)}
+        else:
+            peer = llama_bench(ckpt, quant, args.p, args.g, args.t, extra)
         print(f"[{name}] qwen3-mlx ...", file=sys.stderr, flush=True)
-        mine = ours(ckpt, bits, args.p, args.g, args.t)
+        mine = ours(ckpt, bits, long[0] if long else args.p, args.g, args.t, trials=1 if long else 3)
         rows.append((name, folder, quant, bits, peer, mine))
     gbs = read_test(args.t)
     k = rows[0][5]["kernels"] if rows else {}
-    print(f"\n{args.t} threads, prompt {args.p}, {args.g} generated; qwen3-mlx kernels: {k}; "
+    print(f"\n{args.t} threads, prompt {args.p} (long cases: their own), {args.g} generated; qwen3-mlx kernels: {k}; "
           f"read test {gbs:.1f} GB/s\n")
     print("| case | llama.cpp prefill / decode tok/s | qwen3-mlx prefill / decode tok/s | ours / llama.cpp "
           "prefill / decode | our decode GB/s (share of read test) | our peak GB |")
     print("|---|---|---|---|---|---|")
     for name, folder, quant, bits, peer, mine in rows:
         ours_q = "bf16 weights" if bits == "bf16" else f"{bits}-bit g64" if bits else "float32"
+        if name in LONG_CASES:
+            ours_q += f", prompt {LONG_CASES[name][3]} / decode at depth {LONG_CASES[name][3]}"
         print(f"| {folder} {quant} vs {ours_q} | {peer['prefill_tps']:.1f} / {peer['decode_tps']:.1f} | "
               f"{mine['prefill_tps']:.1f} / {mine['decode_tps']:.2f} | "
               f"{mine['prefill_tps'] / peer['prefill_tps']:.2f}x / {mine['decode_tps'] / peer['decode_tps']:.2f}x | "

@@ -687,7 +687,8 @@ void flash(const FlashArgs& a) {
   for (int c0 = 0; c0 < nkeys; c0 += kFlashKeys) {
     const int bk = nkeys - c0 < kFlashKeys ? nkeys - c0 : kFlashKeys;
     // Keys transposed to [D][kFlashKeys] and values padded to [kFlashKeys][Dp]: read once per block,
-    // by their strides (a cache slice in place), reused by all R rows.
+    // by their strides (a cache slice in place), reused by all R rows. This staging is the one place
+    // that reads the cache, so a quantized cache dequantizes a block here (no float copy of the cache).
     for (int c = 0; c < kFlashKeys; ++c) {
       const float* kr = a.k + static_cast<int64_t>(c0 + c) * a.ks;
       const float* vr = a.v + static_cast<int64_t>(c0 + c) * a.vs;
