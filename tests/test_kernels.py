@@ -267,12 +267,14 @@ def test_quantized_model_logits_with_kernels_on_and_off(moe):
     assert rel_err(on[1], model(ids)[:, 24:]) <= 1e-4  # cached decode = full forward
 
 
-def test_float_model_logits_with_kernels_on_and_off():
-    from helpers import moe_config
+@pytest.mark.parametrize("moe", [False, True])
+def test_float_model_logits_with_kernels_on_and_off(moe):
+    from helpers import dense_config, moe_config
 
     from qwen3_mlx.bench.models import random_bench_model
 
-    model = random_bench_model(dict(moe_config(), model_type="qwen3_moe", tie_word_embeddings=True), None, 64)
+    cfg = dict(moe_config(), model_type="qwen3_moe") if moe else dict(dense_config(), model_type="qwen3")
+    model = random_bench_model(dict(cfg, tie_word_embeddings=True), None, 64)
     ids = mx.array(np.random.default_rng(4).integers(0, 1000, size=(2, 17)))
     on = model(ids)
     kernels.set_enabled(False)
@@ -360,6 +362,16 @@ def test_prefill_attention_reads_strided_queries_and_refuses_bad_shapes():
         ext.attention(mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 4, 8)), 1.0, True)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         ext.attention(mx.zeros((1, 3, 5, 8)), mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 5, 8)), 1.0, False)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,S", [(1, 8, 1, 1024), (1, 16, 2, 2500), (2, 4, 1, 1537), (1, 4, 1, 1023)])
+def test_decode_attention_split_over_long_caches(batch, heads, kv_heads, S):
+    """Fewer kv heads than threads x 2: the keys are cut into ranges merged afterwards (split-K), read in place."""
+    q = mx.random.normal((batch, heads, 1, 64), key=mx.random.key(S))
+    buf = mx.random.normal((batch, kv_heads, S + 64, 64), key=mx.random.key(S + 1)) * 2
+    k, v = buf[:, :, :S], buf[:, :, 5 : S + 5]
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
+    assert rel_err(ext.decode_attention(q, k, v, 0.125), ref) <= RTOL
 
 
 def test_decode_attention_reads_a_cache_slice_in_place():

@@ -3,6 +3,9 @@
 // - FlashAttention: many query rows (prefill), blocked over keys with an online softmax, so no
 //   [heads, queries, keys] score matrix is ever held (MLX's CPU attention materialises it in float32 and
 //   runs both products through the BLAS the wheel links, a reference one on Linux).
+#include <algorithm>
+#include <cmath>
+
 #include "common.h"
 #include "driver.h"
 #include "mlx/allocator.h"
@@ -20,6 +23,10 @@ struct Job {
   int64_t kst[4], vst[4];  // element strides [b, h, s, d]
   int B, H, Hkv, S, D;
   float scale;
+  // Split-K over long caches: each (b, kv head) is cut into `splits` key ranges of `chunk` keys, whose
+  // unnormalised outputs and row max / exp-sum go to `part` [B * Hkv * splits][rep * (D + 2)].
+  int splits = 1, chunk = 0;
+  float* part = nullptr;
 };
 
 // Rows of a strided [S, D] view as contiguous rows (only when its last axis is strided).
@@ -37,15 +44,49 @@ const float* rows(const float* p, const int64_t* st, int S, int D, Scratch& buf,
 void run_head(void* ctx, int t, int) {
   thread_local Scratch scores, kbuf, vbuf;
   const Job& j = *static_cast<Job*>(ctx);
-  const int b = t / j.Hkv, h = t % j.Hkv, rep = j.H / j.Hkv;
+  const int split = t % j.splits, bh = t / j.splits;
+  const int b = bh / j.Hkv, h = bh % j.Hkv, rep = j.H / j.Hkv;
+  const int s0 = split * j.chunk, n = std::min(j.S, s0 + j.chunk) - s0;
   AttnArgs a;
-  a.rep = rep, a.S = j.S, a.D = j.D, a.scale = j.scale;
+  a.rep = rep, a.S = n, a.D = j.D, a.scale = j.scale;
   a.q = j.q + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
-  a.out = j.out + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
-  a.k = rows(j.k + b * j.kst[0] + h * j.kst[1], j.kst, j.S, j.D, kbuf, &a.ks);
-  a.v = rows(j.v + b * j.vst[0] + h * j.vst[1], j.vst, j.S, j.D, vbuf, &a.vs);
-  a.scores = scores.get(static_cast<size_t>(rep) * j.S);
+  const float* k = j.k + b * j.kst[0] + h * j.kst[1] + s0 * j.kst[2];
+  const float* v = j.v + b * j.vst[0] + h * j.vst[1] + s0 * j.vst[2];
+  a.k = rows(k, j.kst, n, j.D, kbuf, &a.ks);
+  a.v = rows(v, j.vst, n, j.D, vbuf, &a.vs);
+  a.scores = scores.get(static_cast<size_t>(rep) * n);
+  if (j.splits == 1) {
+    a.out = j.out + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
+  } else {
+    float* p = j.part + static_cast<int64_t>(t) * rep * (j.D + 2);
+    a.out = p, a.row_max = p + rep * j.D, a.row_sum = a.row_max + rep;
+  }
   kernels().attend(a);
+}
+
+// Merges the key ranges of one (b, kv head): out = sum_i o_i e^(m_i - M) / sum_i l_i e^(m_i - M).
+void merge_splits(const Job& j) {
+  const int rep = j.H / j.Hkv;
+  const int64_t stride = static_cast<int64_t>(rep) * (j.D + 2);
+  for (int bh = 0; bh < j.B * j.Hkv; ++bh) {
+    const float* base = j.part + static_cast<int64_t>(bh) * j.splits * stride;
+    float* out = j.out + static_cast<int64_t>(bh) * rep * j.D;  // heads bh*rep .. : [B, H] flattened
+    for (int r = 0; r < rep; ++r) {
+      float M = -INFINITY;
+      for (int i = 0; i < j.splits; ++i) M = std::max(M, base[i * stride + rep * j.D + r]);
+      float denom = 0.f;
+      float* o = out + static_cast<int64_t>(r) * j.D;
+      for (int d = 0; d < j.D; ++d) o[d] = 0.f;
+      for (int i = 0; i < j.splits; ++i) {
+        const float* p = base + i * stride;
+        const float w = std::exp(p[rep * j.D + r] - M);
+        denom += w * p[rep * j.D + rep + r];
+        for (int d = 0; d < j.D; ++d) o[d] += w * p[static_cast<int64_t>(r) * j.D + d];
+      }
+      const float inv = 1.f / denom;
+      for (int d = 0; d < j.D; ++d) o[d] *= inv;
+    }
+  }
 }
 
 class DecodeAttention : public mx::Primitive {
@@ -64,14 +105,28 @@ class DecodeAttention : public mx::Primitive {
     Job job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, q.shape(0), q.shape(1),
             k.shape(1), k.shape(2), q.shape(3), scale_};
     for (int i = 0; i < 4; ++i) job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
+    // Fewer (b, kv head) pairs than twice the threads: split long caches into key ranges of at least
+    // 512 keys, so every thread streams its share of K and V once (then a small merge).
+    const int heads = job.B * job.Hkv, threads = Pool::get().size();
+    if (heads < 2 * threads && job.S >= 1024) {
+      const int want = (2 * threads + heads - 1) / heads;
+      job.splits = std::max(1, std::min(want, job.S / 512));
+      job.chunk = (job.S + job.splits - 1) / job.splits;
+      job.splits = (job.S + job.chunk - 1) / job.chunk;
+    } else {
+      job.chunk = job.S;
+    }
     enc.dispatch([job, ql = Layout(q)]() mutable {
-      thread_local Scratch qbuf;
+      thread_local Scratch qbuf, parts;
       if (!ql.contiguous) {
         float* c = qbuf.get(static_cast<size_t>(job.B) * job.H * job.D);
         copy_rows(job.q, ql, c);
         job.q = c;
       }
-      Pool::get().run(job.B * job.Hkv, &run_head, &job);
+      if (job.splits > 1)
+        job.part = parts.get(static_cast<size_t>(job.B) * job.H * job.splits * (job.D + 2));
+      Pool::get().run(job.B * job.Hkv * job.splits, &run_head, &job);
+      if (job.splits > 1) merge_splits(job);
     });
   }
 

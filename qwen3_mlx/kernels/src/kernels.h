@@ -43,6 +43,10 @@ struct AttnArgs {
   float scale = 1.f;
   float* out = nullptr;     // [rep, D]
   float* scores = nullptr;  // scratch [rep, S]
+  // Split-K: when set, out is left unnormalised and each row's score max and exp-sum go here, for the
+  // caller to merge the key ranges.
+  float* row_max = nullptr;  // [rep]
+  float* row_sum = nullptr;  // [rep]
 };
 
 // Prefill attention for one task: R query rows (rep heads x nq positions, row r = head r / nq,

@@ -589,7 +589,8 @@ void attend(const AttnArgs& a) {
     for (int s = 1; s < S; ++s) mx = sc[s] > mx ? sc[s] : mx;
     float sum = 0.f;
     for (int s = 0; s < S; ++s) sum += (sc[s] = __builtin_expf(sc[s] - mx));  // libm expf, no inline copy
-    inv[j] = 1.f / sum;
+    inv[j] = a.row_sum ? 1.f : 1.f / sum;
+    if (a.row_sum) a.row_max[j] = mx, a.row_sum[j] = sum;
     for (int d = 0; d < D; ++d) a.out[j * D + d] = 0.f;
   }
   // out += p_s * v_s: each value row is read once for all query heads.
