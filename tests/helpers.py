@@ -84,3 +84,41 @@ def reference_logits(torch_model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return torch_model(torch.tensor(ids)).logits.float().numpy()
+
+
+THINK, END_THINK, IM_END = 151667, 151668, 151645
+
+
+def save_thinker(path: Path) -> Path:
+    """A checkpoint that always thinks "Let", then answers "ok": a bigram model written as transformers weights.
+
+    With every attention and MLP output projection zeroed the residual stream is the current token's embedding,
+    so the next token depends on the current one only. Embeddings are one-hot "states" (RMSNorm makes them 8x
+    one-hot), and lm_head row t points at the state whose successor is t:
+    "\n" (end of the prompt) -> <think> -> "Let" -> </think> -> "ok" -> <|im_end|>, anything else -> <|im_end|>.
+    """
+    import torch
+
+    from qwen3_mlx.tokenizer import Tokenizer
+
+    tok = Tokenizer(TOKENIZER_DIR)
+    (newline,), (let,), (ok,) = tok.encode("\n"), tok.encode("Let"), tok.encode("ok")
+    model = save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
+    chain = [newline, THINK, let, END_THINK, ok]  # state i + 1 belongs to chain[i]; state 0 to every other token
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        embed[:, 0] = 1.0
+        head.zero_()
+        for state, token in enumerate(chain, start=1):
+            embed[token] = 0.0
+            embed[token, state] = 1.0
+        for state, successor in enumerate(chain[1:] + [IM_END], start=1):
+            head[successor, state] = 10.0
+        head[IM_END, 0] = 10.0
+    model.save_pretrained(path)
+    return path

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 app = typer.Typer(
     name="qwen3-mlx",
-    help="Run Qwen3 models locally on MLX: chat, generate, quantize, fit, bench.",
+    help="Run Qwen3 models locally on MLX: chat, generate, serve, quantize, fit, bench.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

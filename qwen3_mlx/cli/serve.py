@@ -1,0 +1,57 @@
+"""`qwen3-mlx serve`: the model behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import typer
+
+from .app import app, err, fail
+
+
+@app.command(
+    help=(
+        "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/health).\n\nExample: qwen3-mlx serve Qwen/Qwen3-0.6B --port 8080, then point any OpenAI client at "
+        "http://127.0.0.1:8080/v1."
+    )
+)
+def serve(
+    model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8080, "--port", help="TCP port.", min=0, max=65535),
+    api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait behind the running one (429 beyond).", min=0),
+    max_tokens_limit: int = typer.Option(32768, "--max-tokens-limit", help="Largest max_tokens a request may ask for.", min=1),
+):
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as e:
+        fail(f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'qwen3-mlx[serve]'")
+    from .generate import load_for_cli
+
+    loaded, tokenizer = load_for_cli(model)
+    api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
+                     max_tokens_limit=max_tokens_limit)
+    config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+
+    async def announce_when_ready():
+        import asyncio
+
+        while not server.started:
+            await asyncio.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+        err.print(f"qwen3-mlx serving {model} at http://{host}:{bound}/v1", highlight=False)
+
+    import asyncio
+
+    async def main():
+        await asyncio.gather(server.serve(), announce_when_ready())
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        api.state.engine.close()

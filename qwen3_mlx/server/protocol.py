@@ -1,0 +1,258 @@
+"""OpenAI's request and response shapes: validation of request bodies into `stream_generate` options, and the
+response objects (whole and streamed). Pure functions, no MLX, no HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..generate import tidy_segments
+from ..tools import parse_tool_calls
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _get(body: dict, name: str, kinds: tuple, default: Any = None, *, low: float | None = None,
+         high: float | None = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    # bool is an int in Python: refuse it where a number is asked for.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ApiError(400, f"'{name}' must be {names}, got {type(value).__name__}", param=name)
+    if low is not None and value < low:
+        raise ApiError(400, f"'{name}' must be at least {low}, got {value}", param=name)
+    if high is not None and value > high:
+        raise ApiError(400, f"'{name}' must be at most {high}, got {value}", param=name)
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
+
+
+def parse_messages(raw: Any) -> list[dict]:
+    """OpenAI chat messages -> the chat template's messages (tool calls' arguments as the client sent them)."""
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    messages = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object", param="messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                           param="messages")
+        msg = {"role": role, "content": _text(m.get("content"), where)}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise ApiError(400, f"{where}: tool_calls must be a list", param="messages")
+            msg["tool_calls"] = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise ApiError(400, f"{where}: each tool call needs a function with a name", param="messages")
+                args = fn.get("arguments", "{}")
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except json.JSONDecodeError:
+                        raise ApiError(400, f"{where}: tool call arguments are not JSON", param="messages") from None
+                msg["tool_calls"].append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+        if role == "tool" and m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = m["tool_call_id"]
+        if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+            msg["reasoning_content"] = m["reasoning_content"]
+        messages.append(msg)
+    return messages
+
+
+@dataclass
+class Request:
+    """A validated request: the prompt (messages or text) and `stream_generate` options."""
+
+    chat: bool
+    prompt: Any  # messages (chat) or text (completions)
+    options: dict
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+    tools: list[dict] | None
+    enable_thinking: bool
+
+
+def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int) -> Request:
+    """Validate a /v1/chat/completions (chat=True) or /v1/completions body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _get(body, "model", (str,))
+    if model is not None and model not in model_ids:
+        raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
+                       code="model_not_found")
+    if chat:
+        prompt = parse_messages(body.get("messages"))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    fmt = _get(body, "response_format", (dict,))
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        # Refused rather than ignored: a client asking for JSON must not get free text it did not expect.
+        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported yet (only 'text')",
+                       param="response_format", code="unsupported_response_format")
+    max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", (int,), low=1)
+    if max_tokens is not None and max_tokens > max_tokens_limit:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
+                       param="max_tokens")
+    options: dict[str, Any] = {"max_tokens": max_tokens or max_tokens_limit}
+    for name, kinds, low, high in (("temperature", (int, float), 0, 2), ("top_p", (int, float), 0, 1),
+                                   ("min_p", (int, float), 0, 1), ("presence_penalty", (int, float), -2, 2),
+                                   ("repetition_penalty", (int, float), 0, None)):
+        value = _get(body, name, kinds, low=low, high=high)
+        if value is not None:
+            options[name] = float(value)
+    if options.get("repetition_penalty") == 0:
+        raise ApiError(400, "'repetition_penalty' must be above 0", param="repetition_penalty")
+    top_k = _get(body, "top_k", (int,), low=0)
+    if top_k is not None:
+        options["top_k"] = top_k
+    seed = _get(body, "seed", (int,))
+    if seed is not None:
+        options["seed"] = seed
+    n = _get(body, "n", (int,), 1)
+    if n != 1:
+        raise ApiError(400, "only n = 1 is supported", param="n")
+    budget = _get(body, "thinking_budget", (int,), low=0)
+    if budget is not None:
+        options["thinking_budget"] = budget
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+    kwargs = _get(body, "chat_template_kwargs", (dict,), {})
+    enable_thinking = kwargs.get("enable_thinking", True)
+    if not isinstance(enable_thinking, bool):
+        raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean", param="chat_template_kwargs")
+    tools = _get(body, "tools", (list,))
+    if tools is not None and not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
+        raise ApiError(400, "'tools' must be a list of {type: function, function: {...}} objects", param="tools")
+    if (body.get("tool_choice") or "auto") not in ("auto", "none"):
+        raise ApiError(400, "only tool_choice 'auto' or 'none' is supported", param="tool_choice")
+    if body.get("tool_choice") == "none":
+        tools = None
+    stream = _get(body, "stream", (bool,), False)
+    stream_options = _get(body, "stream_options", (dict,), {})
+    return Request(chat, prompt, options, stream, bool(stream_options.get("include_usage")), stop or [], tools,
+                   enable_thinking)
+
+
+def completion_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def openai_tool_calls(answer: str) -> list[dict]:
+    """Parsed `<tool_call>` blocks in OpenAI's form (arguments as a JSON string); malformed ones are left out."""
+    return [
+        {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+         "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+        for c in parse_tool_calls(answer) if c.ok
+    ]
+
+
+def strip_tool_blocks(answer: str) -> str:
+    """The answer text outside `<tool_call>` blocks."""
+    head, sep, _ = answer.partition("<tool_call>")
+    return head.strip() if sep else answer
+
+
+def chat_message(reasoning: str, answer: str) -> tuple[dict, bool]:
+    """The assistant message for a finished chat generation, and whether it holds tool calls."""
+    reasoning, answer = tidy_segments(reasoning, answer)
+    calls = openai_tool_calls(answer)
+    message: dict[str, Any] = {"role": "assistant", "content": strip_tool_blocks(answer) if calls else answer}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message, bool(calls)
+
+
+def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None, *, chat: bool,
+          text: str = "") -> dict:
+    if chat:
+        choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    choice = {"index": 0, "text": text, "finish_reason": finish}
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class StopMatcher:
+    """Stop strings over streamed text: `feed` returns what is safe to send (text that cannot be the start of a
+    stop string), and `hit` turns true once one appeared (the text before it is what gets sent)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = self.hold if self.hold > 0 else 0
+        out, self.pending = (self.pending[:-keep], self.pending[-keep:]) if keep else (self.pending, "")
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,228 @@
+"""`qwen3-mlx serve` as a real subprocess, driven by the official `openai` client (and raw HTTP for errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from helpers import REAL_VOCAB, dense_config, save_checkpoint, save_thinker
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "sk-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `qwen3-mlx serve` subprocess; always killed at the end, whatever the test did."""
+
+    def __init__(self, model, *args):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, NO_COLOR="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qwen3_mlx", "serve", str(model), "--port", str(self.port), *map(str, args)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        self.stderr: list[str] = []
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited: " + "".join(self.stderr))
+            if any("serving" in line for line in self.stderr):
+                return
+            time.sleep(0.1)
+        self.close()
+        raise RuntimeError("server did not start: " + "".join(self.stderr))
+
+    def client(self, key=KEY):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def post(self, path, body: bytes | dict, key=KEY):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def announce_big_body(self, nbytes: int):
+        """Headers of a request whose body would be `nbytes`: the server must refuse it before reading it."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Authorization", f"Bearer {KEY}")
+        conn.putheader("Content-Length", str(nbytes))
+        conn.endheaders()
+        r = conn.getresponse()
+        status, body = r.status, json.loads(r.read())
+        conn.close()
+        return status, body
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def thinker_server(tmp_path_factory):
+    server = Server(save_thinker(tmp_path_factory.mktemp("serve-thinker")), "--api-key", KEY)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-tiny")
+    save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny):
+    server = Server(tiny, "--max-queue", "0", "--max-tokens-limit", "3000")
+    yield server
+    server.close()
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_models_and_health(thinker_server):
+    ids = [m.id for m in thinker_server.client().models.list()]
+    assert len(ids) == 1 and ids[0].endswith("serve-thinker0")
+    with urllib.request.urlopen(thinker_server.base + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_chat_splits_reasoning_from_the_answer(thinker_server):
+    r = thinker_server.client().chat.completions.create(model=thinker_server.client().models.list().data[0].id,
+                                                         messages=HI, max_tokens=20)
+    message = r.choices[0].message
+    assert message.content == "ok"
+    assert message.model_extra["reasoning_content"] == "Let"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 0  # <think> Let </think> ok <|im_end|>
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_streamed_chat_has_reasoning_and_content_deltas_and_usage(thinker_server):
+    stream = thinker_server.client().chat.completions.create(
+        model="serve-thinker0", messages=HI, max_tokens=20, stream=True, stream_options={"include_usage": True}
+    )
+    reasoning, content, finish, used = [], [], None, None
+    for ev in stream:
+        if ev.usage is not None:
+            used = ev.usage
+        for choice in ev.choices:
+            delta = choice.delta
+            reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+            content.append(delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(reasoning).strip() == "Let" and "".join(content) == "ok"
+    assert finish == "stop" and used.completion_tokens > 0
+
+
+def test_thinking_budget_cuts_reasoning(thinker_server):
+    r = thinker_server.client().chat.completions.create(
+        model="serve-thinker0", messages=HI, max_tokens=80, extra_body={"thinking_budget": 1}
+    )
+    assert "limited time" in r.choices[0].message.model_extra["reasoning_content"]
+
+
+def test_tool_messages_round_trip_into_the_template(thinker_server):
+    """An assistant turn with OpenAI-style tool_calls (arguments as a JSON string) and a tool result are accepted."""
+    messages = HI + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{\"tz\": \"UTC\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    r = thinker_server.client().chat.completions.create(model="serve-thinker0", messages=messages, tools=tools,
+                                                         max_tokens=20)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_greedy_equals_generate_chat_and_completions(tiny_server, tiny):
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load
+
+    model, tokenizer = load(tiny)
+    client = tiny_server.client()
+    r = client.chat.completions.create(model=tiny.name, messages=HI, max_tokens=12, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    ref = generate(model, tokenizer, HI, max_tokens=12, temperature=0, enable_thinking=False)
+    assert r.choices[0].message.content == ref.answer and ref.answer
+    c = client.completions.create(model=tiny.name, prompt="Once upon a time", max_tokens=10, temperature=0)
+    ref = generate(model, tokenizer, "Once upon a time", max_tokens=10, temperature=0)
+    assert c.choices[0].text == ref.text and c.usage.completion_tokens == 10
+    # stop strings cut the text before the first match
+    stop = ref.text[3:6]
+    c = client.completions.create(model=tiny.name, prompt="Once upon a time", max_tokens=10, temperature=0, stop=stop)
+    assert c.choices[0].text == ref.text[: ref.text.index(stop)] and c.choices[0].finish_reason == "stop"
+
+
+def test_errors_have_openai_shape_and_status(thinker_server):
+    s = thinker_server
+    cases = [
+        (s.post("/v1/chat/completions", b"{not json"), 400),
+        (s.post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "temperature": "hot"}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "max_tokens": 0}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "max_tokens": 5000}), 400),  # beyond the 4096 context
+        (s.post("/v1/chat/completions", {"messages": HI}, key=None), 401),
+        (s.post("/v1/chat/completions", {"messages": HI}, key="wrong"), 401),
+        (s.post("/v1/chat/completions", {"model": "gpt-4", "messages": HI}), 404),
+        (s.post("/v1/nowhere", {}), 404),
+        (s.announce_big_body(9 << 20), 413),
+    ]
+    for (status, body), want in cases:
+        assert status == want, body
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+        assert "Traceback" not in body["error"]["message"]
+    with pytest.raises(openai.AuthenticationError):
+        s.client(key="wrong").models.list()
+
+
+def test_queue_full_is_429_and_a_dropped_stream_frees_the_engine(tiny_server, tiny):
+    client = tiny_server.client()
+    long = client.completions.create(model=tiny.name, prompt="Hello", max_tokens=3000, temperature=0, stream=True)
+    next(iter(long))  # generating now; --max-queue 0 leaves no room behind it
+    status, body = tiny_server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    assert status == 429 and body["error"]["code"] == "queue_full"
+    long.close()  # the client goes away mid-stream: its generation stops
+    deadline = time.time() + 30
+    while True:
+        status, body = tiny_server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        if status == 200 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
