@@ -147,6 +147,7 @@ def stream_generate(
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
     ignore_eos: bool = False,
+    constraint=None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` token by token, yielding a `GenerationResponse` per token.
 
@@ -165,6 +166,10 @@ def stream_generate(
 
     `prompt_cache`: a list of KVCache to extend (the caller passes only the tokens not already cached);
     a fresh cache is made otherwise. `ignore_eos=True` generates exactly `max_tokens` tokens.
+
+    `constraint`: limits the answer's tokens (not the reasoning's), e.g. to a JSON schema. An object with
+    `mask()` (an additive [vocab] logits mask for the next token: 0 allowed, -inf not) and `advance(token)`.
+    Each step then waits for its token before the next is queued (no pipelining).
     """
     tic = time.perf_counter()
     ids = prompt_tokens(tokenizer, prompt, enable_thinking=enable_thinking, tools=tools)
@@ -210,11 +215,14 @@ def stream_generate(
     def budget_reached() -> bool:
         return bool(stop_ids) and tracker.in_reasoning and reasoning_sampled >= thinking_budget
 
+    def mask():
+        return constraint.mask() if constraint is not None and not tracker.in_reasoning else None
+
     if budget_reached():  # the prompt left <think> open and the budget is 0
         forced.extend(stop_ids)
-        y = sampler.step(ids[-1:] + stop_ids, n_generated=len(stop_ids))
+        y = sampler.step(ids[-1:] + stop_ids, n_generated=len(stop_ids), mask=mask())
     else:
-        y = sampler.step(ids[-1:], n_generated=0)
+        y = sampler.step(ids[-1:], n_generated=0, mask=mask())
     mx.async_eval(y)
 
     n = 0
@@ -223,6 +231,18 @@ def stream_generate(
     while True:
         if forced:
             token, sampled = forced.popleft(), False
+        elif constraint is not None:
+            # The next mask depends on this token: take it, then queue the next step.
+            token, sampled = int(y.item()), True
+            if not tracker.in_reasoning and token != think_end:
+                constraint.advance(token)
+            if n + 1 < max_tokens:
+                tracker_after = SegmentTracker(think_start, think_end)
+                tracker_after.in_reasoning = tracker.in_reasoning
+                tracker_after.update(token)
+                next_mask = constraint.mask() if not tracker_after.in_reasoning else None
+                next_y = sampler.step(y, n_generated=1, mask=next_mask)
+                mx.async_eval(next_y)
         else:
             if n + 1 < max_tokens:
                 # Queue the next step before handing this token out: the model works while the caller prints.
@@ -252,7 +272,7 @@ def stream_generate(
         if finish is None and not forced and budget_reached():
             # The queued step fed `token` into the cache; its sampled output is dropped in favour of the stop text.
             forced.extend(stop_ids)
-            next_y = sampler.step(stop_ids, n_generated=len(stop_ids))
+            next_y = sampler.step(stop_ids, n_generated=len(stop_ids), mask=mask() if constraint else None)
             mx.async_eval(next_y)
 
         yield GenerationResponse(
@@ -289,9 +309,10 @@ class _Sampler:
             if valid:
                 self.context = self.context.at[mx.array(valid)].maximum(1.0)
 
-    def step(self, tokens, n_generated: int) -> mx.array:
+    def step(self, tokens, n_generated: int, mask: mx.array | None = None) -> mx.array:
         """Feed `tokens` (list or [1] array) after the cache; return the sampled next token as a [1] array.
-        The last `n_generated` of them count as generated output for the penalties."""
+        The last `n_generated` of them count as generated output for the penalties; `mask` is added to the
+        logits (a constraint's allowed tokens)."""
         inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
         if n_generated:
             new = inputs[-n_generated:]
@@ -300,6 +321,8 @@ class _Sampler:
             if self.context is not None:
                 self.context = self.context.at[new].maximum(1.0)
         logits = self.model(inputs[None], self.cache)[:, -1, :].astype(mx.float32)  # [1, vocab]
+        if mask is not None:
+            logits = logits + mask
         p = self.params
         if self.generated is not None:
             logits = apply_presence_penalty(logits, self.generated, p.presence_penalty)

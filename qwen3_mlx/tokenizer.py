@@ -186,6 +186,10 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what grammar libraries build their token tables from)."""
+        return self._tok.to_str()
+
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import Qwen3MLXError
 from ..generate import prompt_tokens
 from .engine import Engine, Job, QueueFull
+from .grammar import GrammarConstraint, grammar_for
 from .protocol import (
     ApiError,
     StopMatcher,
@@ -106,6 +107,9 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the model's "
                                 f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
         options = dict(req.options, max_tokens=min(asked, room), enable_thinking=req.enable_thinking)
+        grammar = grammar_for(req.response_format)
+        if grammar is not None:
+            options["constraint"] = GrammarConstraint(tokenizer, grammar, model.args.vocab_size)
         job = Job(ids, options, asyncio.get_running_loop())
         try:
             engine.submit(job)

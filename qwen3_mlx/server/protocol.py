@@ -109,6 +109,7 @@ class Request:
     stop: list[str]
     tools: list[dict] | None
     enable_thinking: bool
+    response_format: dict | None = None
 
 
 def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int) -> Request:
@@ -128,10 +129,6 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
     fmt = _get(body, "response_format", (dict,))
-    if fmt is not None and fmt.get("type") not in (None, "text"):
-        # Refused rather than ignored: a client asking for JSON must not get free text it did not expect.
-        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported yet (only 'text')",
-                       param="response_format", code="unsupported_response_format")
     max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", (int,), low=1)
@@ -176,8 +173,11 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
         tools = None
     stream = _get(body, "stream", (bool,), False)
     stream_options = _get(body, "stream_options", (dict,), {})
+    if fmt is not None and fmt.get("type") not in (None, "text") and budget is not None:
+        raise ApiError(400, "thinking_budget cannot be combined with a JSON response_format yet (the budget's "
+                            "closing text would precede the JSON)", param="thinking_budget")
     return Request(chat, prompt, options, stream, bool(stream_options.get("include_usage")), stop or [], tools,
-                   enable_thinking)
+                   enable_thinking, fmt)
 
 
 def completion_id(chat: bool) -> str:
