@@ -258,3 +258,19 @@ def test_json_schema_is_enforced_during_sampling(tiny_server, tiny, stream):
     assert obj.message.content.startswith("{")
     if obj.finish_reason == "stop":
         assert isinstance(json.loads(obj.message.content), dict)
+
+
+def test_prefix_cache_hits_across_turns_where_the_template_drops_reasoning(thinker_server):
+    client = thinker_server.client()
+    first = client.chat.completions.create(model="serve-thinker0", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=20)
+    again = client.chat.completions.create(model="serve-thinker0", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=20)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last
+    assert again.choices[0].message.content == first.choices[0].message.content == "ok"
+    turn2 = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "And now?"}]
+    second = client.chat.completions.create(model="serve-thinker0", messages=turn2, max_tokens=20)
+    # turn 1's <think>Let</think> is gone from the history: the cache still holds the prompt up to that reply
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    assert second.choices[0].message.content == "ok"

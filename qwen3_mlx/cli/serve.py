@@ -21,6 +21,9 @@ def serve(
     api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait behind the running one (429 beyond).", min=0),
     max_tokens_limit: int = typer.Option(32768, "--max-tokens-limit", help="Largest max_tokens a request may ask for.", min=1),
+    prompt_cache_bytes: int = typer.Option(
+        1 << 30, "--prompt-cache-bytes", help="KV cache kept across requests for shared prefixes (0 = off).", min=0
+    ),
 ):
     try:
         import uvicorn
@@ -32,7 +35,7 @@ def serve(
 
     loaded, tokenizer = load_for_cli(model)
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
-                     max_tokens_limit=max_tokens_limit)
+                     max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
 

@@ -38,9 +38,10 @@ def _error(status: int, message: str, type: str = "invalid_request_error", code:
 
 
 def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_queue: int = 64,
-               max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20) -> FastAPI:
+               max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20,
+               prompt_cache_bytes: int = 1 << 30) -> FastAPI:
     """The FastAPI app serving `model` as `model_id` (the engine thread starts here)."""
-    engine = Engine(model, tokenizer, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes)
     context = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
     model_ids = (model_id, Path(model_id).name)
     created = now()
@@ -152,7 +153,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                 pieces["reasoning"].append(last.text)
         pieces["answer"].append(matcher.flush() if not matcher.hit else "")
         finish = "stop" if matcher.hit else (last.finish_reason if last else "stop") or "stop"
-        used = usage(last.prompt_tokens if last else len(job.prompt), last.generation_tokens if last else 0)
+        used = usage(len(job.prompt), last.generation_tokens if last else 0, job.cached_tokens)
         if not chat:
             choice = {"index": 0, "text": "".join(pieces["answer"]), "finish_reason": finish, "logprobs": None}
             return {"id": cid, "object": "text_completion", "created": stamp, "model": model_id,
@@ -214,7 +215,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                     finish = "tool_calls"
             yield sse(chunk(cid, model_id, stamp, {}, finish, chat=chat))
             if req.include_usage:
-                used = usage(last.prompt_tokens if last else len(job.prompt), last.generation_tokens if last else 0)
+                used = usage(len(job.prompt), last.generation_tokens if last else 0, job.cached_tokens)
                 yield sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
                            "created": stamp, "model": model_id, "choices": [], "usage": used})
             yield "data: [DONE]\n\n"

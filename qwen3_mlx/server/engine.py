@@ -16,10 +16,46 @@ from typing import Any
 
 from ..errors import Qwen3MLXError
 from ..generate import stream_generate
+from ..models.cache import make_cache, truncate_cache
 
 
 class QueueFull(Exception):
     """More requests are waiting than the server takes."""
+
+
+class PrefixCache:
+    """KV caches of earlier requests keyed by the token ids they hold, bounded in bytes (least recently used
+    leave first). A request takes the entry sharing the longest prefix with its prompt and prefills only the
+    rest: a shared system prompt, or a chat's earlier turns even where Qwen3's template drops old <think>
+    blocks (the prefix up to that turn still matches)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: list[tuple[tuple[int, ...], list]] = []  # most recently used last
+
+    def take(self, prompt: list[int], model) -> tuple[list, int]:
+        """A cache for `prompt` and how many of its tokens it already holds (at most all but the last)."""
+        best, best_len = None, 0
+        for i, (tokens, _) in enumerate(self.entries):
+            n = 0
+            limit = min(len(tokens), len(prompt) - 1)
+            while n < limit and tokens[n] == prompt[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = i, n
+        if best is None:
+            return make_cache(model), 0
+        _, cache = self.entries.pop(best)  # the request now owns it; it comes back extended
+        truncate_cache(cache, best_len)
+        return cache, best_len
+
+    def put(self, tokens: list[int], cache: list) -> None:
+        if self.max_bytes <= 0 or not tokens:
+            return
+        held = min(c.offset for c in cache)
+        self.entries.append((tuple(tokens[:held]), cache))
+        while self.entries and sum(sum(c.nbytes for c in e[1]) for e in self.entries) > self.max_bytes:
+            self.entries.pop(0)
 
 
 @dataclass
@@ -31,6 +67,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     def send(self, kind: str, value: Any = None) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
@@ -40,9 +77,10 @@ class Engine:
     """Runs jobs on one worker thread. `submit` is called from the event loop; events come back as
     ("token", GenerationResponse), then ("done", None) or ("error", message)."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = 64):
+    def __init__(self, model, tokenizer, *, max_queue: int = 64, prompt_cache_bytes: int = 1 << 30):
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = max_queue
+        self.prefixes = PrefixCache(prompt_cache_bytes)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0
         self._lock = threading.Lock()
@@ -66,10 +104,20 @@ class Engine:
                 return
             try:
                 if not job.cancelled.is_set():
-                    for response in stream_generate(self.model, self.tokenizer, job.prompt, **job.options):
-                        if job.cancelled.is_set():
-                            break
-                        job.send("token", response)
+                    # The repetition penalty counts the prompt's tokens: a fresh prefill keeps that exact.
+                    reuse = job.options.get("repetition_penalty") in (None, 1.0)
+                    cache, cached = self.prefixes.take(job.prompt, self.model) if reuse else (make_cache(self.model), 0)
+                    job.cached_tokens = cached
+                    generated: list[int] = []
+                    try:
+                        for response in stream_generate(self.model, self.tokenizer, job.prompt[cached:],
+                                                        prompt_cache=cache, **job.options):
+                            generated.append(response.token)
+                            if job.cancelled.is_set():
+                                break
+                            job.send("token", response)
+                    finally:
+                        self.prefixes.put(job.prompt + generated, cache)
                 job.send("done")
             except Qwen3MLXError as e:
                 job.send("error", str(e))
