@@ -119,10 +119,20 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
         cid, stamp = completion_id(chat), now()
         if req.stream:
             return StreamingResponse(stream(job, req, cid, stamp, chat), media_type="text/event-stream")
+        async def watch():
+            # A client that hangs up before the whole answer is ready stops its generation within a token.
+            while not job.cancelled.is_set():
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
         try:
             return await whole(job, req, cid, stamp, chat)
         finally:
-            job.cancelled.set()  # a client gone mid-request stops its generation
+            job.cancelled.set()
+            watcher.cancel()
 
     async def events(job: Job):
         while True:
