@@ -196,6 +196,7 @@ def test_errors_have_openai_shape_and_status(thinker_server):
         (s.post("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}), 400),
         (s.post("/v1/chat/completions", {"messages": HI, "temperature": "hot"}), 400),
         (s.post("/v1/chat/completions", {"messages": HI, "max_tokens": 0}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "seed": 2**70}), 400),  # found by schemathesis: was a 500
         (s.post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
             "name": "bad", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}), 400),
         (s.post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "yaml"}}), 400),
@@ -292,3 +293,33 @@ def test_concurrent_clients_get_their_solo_answers(tiny, monkeypatch):
         server.close()
     assert r["failures"] == [] and r["completed"] + r["dropped"] == 16 and r["dropped"] == 2
     assert r["alive_after"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny):
+    server = Server(tiny, "--max-tokens-limit", "8", "--max-queue", "64")
+    yield server
+    server.close()
+
+
+def test_openapi_document_fuzzed_with_schemathesis_gives_no_server_errors(fuzz_server):
+    """schemathesis generates requests from the server's own OpenAPI document (valid and invalid ones):
+    none may be answered with a 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(fuzz_server.base + "/openapi.json")
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case):
+            response = case.call(timeout=60)
+            if response.status_code >= 500:
+                failures.append((case.path, case.body, response.status_code, response.text[:200]))
+
+        fuzz()
+    assert failures == []

@@ -26,11 +26,11 @@ def serve(
     ),
 ):
     try:
+        import fastapi  # noqa: F401
         import uvicorn
-
-        from ..server.app import create_app
     except ImportError as e:
         fail(f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'qwen3-mlx[serve]'")
+    from ..server.app import create_app
     from .generate import load_for_cli
 
     loaded, tokenizer = load_for_cli(model)

@@ -20,12 +20,15 @@ from ..generate import prompt_tokens
 from .engine import Engine, Job, QueueFull
 from .grammar import GrammarConstraint, grammar_for
 from .protocol import (
+    CHAT_REQUEST_SCHEMA,
+    COMPLETION_REQUEST_SCHEMA,
     ApiError,
     StopMatcher,
     chat_message,
     chunk,
     completion_id,
     now,
+    openapi_body,
     openai_tool_calls,
     parse_request,
     strip_tool_blocks,
@@ -232,11 +235,11 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
         finally:
             job.cancelled.set()  # the client went away, or the stream ended: stop generating
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_REQUEST_SCHEMA))
     async def chat_completions(request: HttpRequest):
         return await run(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_REQUEST_SCHEMA))
     async def completions(request: HttpRequest):
         return await run(request, chat=False)
 

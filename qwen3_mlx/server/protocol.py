@@ -147,9 +147,9 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
     top_k = _get(body, "top_k", (int,), low=0)
     if top_k is not None:
         options["top_k"] = top_k
-    seed = _get(body, "seed", (int,))
+    seed = _get(body, "seed", (int,), low=-(2**63), high=2**64 - 1)
     if seed is not None:
-        options["seed"] = seed
+        options["seed"] = seed % 2**64  # MLX's keys are unsigned 64-bit; a negative seed wraps
     n = _get(body, "n", (int,), 1)
     if n != 1:
         raise ApiError(400, "only n = 1 is supported", param="n")
@@ -256,3 +256,49 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+# Request bodies as JSON schemas, for the OpenAPI document (validation itself is parse_request's).
+_SAMPLING = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": 0},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "seed": {"type": "integer"},
+    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+}
+CHAT_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        **_SAMPLING,
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role"],
+            "properties": {"role": {"type": "string", "enum": list(ROLES)},
+                           "content": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                           "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"}}}},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"type": "string", "enum": ["auto", "none"]},
+        "response_format": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object"}}},
+        "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}}},
+        "thinking_budget": {"type": "integer", "minimum": 0},
+    },
+}
+COMPLETION_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {**_SAMPLING, "prompt": {"type": "string", "minLength": 1}},
+}
+
+
+def openapi_body(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
