@@ -32,14 +32,16 @@ def cpu_bf16_weights(model: nn.Module) -> set[str]:
     Our CPU kernels widen bfloat16 weights to float32 in registers, so Linear and Embedding weights need
     not be upcast: half the memory and half the bytes per decoded token, computed in float32 all the same
     (measured on the Qwen3-0.6B shape: decode 135 -> 81 ms a token, prefill 1.7 -> 1.2 s for 128 tokens).
-    Everything else (norms, expert stacks) becomes float32. Empty where the kernels do not run.
+    MoE expert stacks too (our expert gather widens them the same way). Everything else (norms) becomes
+    float32. Empty where the kernels do not run.
     """
     from . import kernels
     from .models.layers import Embedding, Linear
+    from .models.switch import SwitchLinear
 
     if not kernels.active():
         return set()
-    return {f"{name}.weight" for name, m in model.named_modules() if type(m) in (Linear, Embedding)}
+    return {f"{name}.weight" for name, m in model.named_modules() if type(m) in (Linear, Embedding, SwitchLinear)}
 
 
 def _looks_like_repo_id(name: str) -> bool:

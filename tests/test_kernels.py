@@ -162,6 +162,19 @@ def test_gather_qmm_equals_mlx(tokens, experts, top_k, n, bits, gs, shared, seed
     assert float((np.abs(np.array(ours) - np.array(ref)) / np.maximum(bound, 1e-30)).max()) <= RTOL
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tokens,experts,top_k,n,k,shared", [(1, 8, 2, 64, 32, True), (30, 16, 4, 96, 64, True),
+                                                            (5, 4, 2, 7, 13, False), (70, 8, 8, 33, 48, True)])
+def test_float_gather_mm_equals_mlx(tokens, experts, top_k, n, k, shared, bf16):
+    w = mx.random.normal((experts, n, k), key=mx.random.key(n))
+    w = w.astype(mx.bfloat16) if bf16 else w
+    x = mx.random.normal((tokens, k) if shared else (tokens, top_k, k), key=mx.random.key(k))
+    idx = mx.array(np.random.default_rng(tokens).integers(0, experts, size=(tokens, top_k)), dtype=mx.uint32)
+    rows = mx.expand_dims(x, (-2, -3)) if shared else mx.expand_dims(x, -2)
+    ref = mx.gather_mm(rows, w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=idx).squeeze(-2)
+    assert rel_err(ext.gather_mm(x, w, idx), ref) <= RTOL
+
+
 def test_gather_qmm_out_of_range_expert_gives_zeros():
     wq, s, b = quantized((3, 8, 64), 4, 32, mx.float32, 5)
     idx = mx.array([[0, 7], [2, -1]], dtype=mx.int32)

@@ -280,3 +280,20 @@ def test_bf16_checkpoint_keeps_bf16_matmul_weights_on_cpu(tmp_path, tied):
         assert load_model(tmp_path)[0].layers[0].self_attn.q_proj.weight.dtype == mx.float32
     finally:
         kernels.set_enabled(True)
+
+
+def test_bf16_moe_checkpoint_keeps_bf16_expert_stacks_on_cpu(tmp_path):
+    """Expert stacks stay bf16 too (our expert gather widens them): same logits as the float32 upcast."""
+    from helpers import moe_config
+
+    from qwen3_mlx import kernels
+
+    if not kernels.active():
+        pytest.skip("the CPU kernels are not active here")
+    save_checkpoint(tmp_path, moe_config(), moe=True, torch_dtype="bfloat16")
+    ids = np.random.default_rng(1).integers(0, 1000, (2, 70))  # 140 tokens x 2 experts: many pairs per expert
+    model, _ = load_model(tmp_path)
+    assert model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype == mx.bfloat16
+    mixed = np.array(model(mx.array(ids)))
+    upcast = np.array(load_model(tmp_path, dtype=mx.float32)[0](mx.array(ids)))
+    assert np.abs(mixed - upcast).max() <= 1e-5 * np.abs(upcast).max()

@@ -233,7 +233,11 @@ def gather_qmm(x, w, scales, biases, indices, *, group_size: int, bits: int, mod
 
 
 def gather_mm(x: mx.array, w: mx.array, indices: mx.array) -> mx.array:
-    """The float form of gather_qmm: w [E, N, K] -> indices.shape + [N] (MLX's gather_mm)."""
+    """The float form of gather_qmm: w [E, N, K] -> indices.shape + [N]. Ours on the CPU for float32 and
+    bfloat16 stacks (bfloat16 widened in registers), MLX's gather_mm elsewhere."""
+    if active() and w.dtype in (mx.float32, mx.bfloat16) and x.dtype in (mx.float32, mx.bfloat16):
+        y = _ext.gather_mm(x, w, indices)
+        return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
     return _gather_mlx(
         x, indices, lambda rows, idx, s: mx.gather_mm(rows, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=s)
     )

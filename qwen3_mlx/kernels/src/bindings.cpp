@@ -17,6 +17,8 @@ NB_MODULE(_ext, m) {
   m.def("gather_qmm", &q3k::gather_qmm, "x"_a, "w"_a, "scales"_a, "biases"_a.none(), "indices"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Per-expert quantized matmul: out[i] = x_row(i) @ dequantize(w[indices[i]])^T -> indices.shape + [N].");
+  m.def("gather_mm", &q3k::gather_mm, "x"_a, "w"_a, "indices"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Per-expert float matmul: out[i] = x_row(i) @ w[indices[i]]^T for w [E, N, K] float32/bfloat16.");
   m.def("matmul", &q3k::matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x [..., K] @ w^T for float32 or bfloat16 w [N, K]; float32 result.");
   m.def("decode_attention", &q3k::decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),

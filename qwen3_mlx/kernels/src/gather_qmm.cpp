@@ -1,5 +1,5 @@
-// GatherQMatmul: the experts of a mixture-of-experts layer, each (token, expert) pair multiplied by
-// only its expert's quantized weight. Pairs are grouped by expert inside the kernel, so each chosen
+// GatherQMatmul / GatherMatmul: the experts of a mixture-of-experts layer, each (token, expert) pair
+// multiplied by only its expert's weight (quantized, or float32 / bfloat16). Pairs are grouped by expert inside the kernel, so each chosen
 // expert's weight is read once per call whether the pairs arrive sorted or not.
 #include <cstring>
 
@@ -10,6 +10,39 @@
 
 namespace q3k {
 namespace {
+
+// Counting sort of P (pair -> expert id) by expert: count[e]..count[e+1] index `order`, the pairs of
+// expert e. Pairs whose id is outside [0, E) get a zero output row and no place in `order`.
+int sort_pairs(const int32_t* ip, int P, int E, int N, float* yp, std::vector<int32_t>& count,
+               std::vector<int32_t>& order) {
+  thread_local std::vector<int32_t> fill;
+  count.assign(E + 1, 0);
+  for (int p = 0; p < P; ++p) {
+    const int e = ip[p];
+    if (e >= 0 && e < E) ++count[e + 1];
+  }
+  for (int e = 0; e < E; ++e) count[e + 1] += count[e];
+  order.resize(P);
+  fill.assign(count.begin(), count.end() - 1);
+  for (int p = 0; p < P; ++p) {
+    const int e = ip[p];
+    if (e >= 0 && e < E) {
+      order[fill[e]++] = p;
+    } else {
+      std::memset(yp + static_cast<int64_t>(p) * N, 0, sizeof(float) * N);
+    }
+  }
+  return count[E];
+}
+
+// The lead shape of x against indices: one x row per pair (1) or per token shared by its k pairs (k).
+int pairs_per_row(const mx::array& x, const mx::array& indices) {
+  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
+  if (lead == indices.shape()) return 1;
+  mx::Shape tokens(indices.shape().begin(), indices.shape().end() - 1);
+  require(lead == tokens, "x " + shape_str(x) + " does not match indices " + shape_str(indices));
+  return indices.shape(-1);
+}
 
 class GatherQMatmul : public mx::Primitive {
  public:
@@ -51,25 +84,8 @@ class GatherQMatmul : public mx::Primitive {
         ip = iraw.data();
       }
       const int G = K / gs;
-      // Counting sort of the pairs by expert; ids out of range get zero rows.
-      count.assign(E + 1, 0);
-      for (int p = 0; p < P; ++p) {
-        const int e = ip[p];
-        if (e >= 0 && e < E) ++count[e + 1];
-      }
-      for (int e = 0; e < E; ++e) count[e + 1] += count[e];
-      order.resize(P), srcrow.resize(P);
-      thread_local std::vector<int32_t> fill;
-      fill.assign(count.begin(), count.end() - 1);
-      const int valid = count[E];
-      for (int p = 0; p < P; ++p) {
-        const int e = ip[p];
-        if (e >= 0 && e < E) {
-          order[fill[e]++] = p;
-        } else {
-          std::memset(yp + static_cast<int64_t>(p) * N, 0, sizeof(float) * N);
-        }
-      }
+      const int valid = sort_pairs(ip, P, E, N, yp, count, order);
+      srcrow.resize(P);
       for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
       const bool perm = bits == 4;
       float* xq = xbuf.get(static_cast<size_t>(valid) * K);
@@ -110,7 +126,89 @@ class GatherQMatmul : public mx::Primitive {
   int per_row_;
 };
 
+// GatherMatmul: the same for float32 or bfloat16 expert stacks [E, N, K] (bfloat16 widened in registers).
+class GatherMatmul : public mx::Primitive {
+ public:
+  GatherMatmul(mx::Stream s, int pairs_per_row) : mx::Primitive(s), per_row_(pairs_per_row) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& x = in[0];
+    const auto& w = in[1];
+    const auto& idx = in[2];
+    auto& y = out[0];
+    alloc_output(y);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
+    const int P = static_cast<int>(idx.size());
+    enc.dispatch([xp = x.data<float>(), xl = Layout(x), il = Layout(idx), wp = w.data<uint8_t>(),
+                  bf16 = w.dtype() == mx::bfloat16, isz = static_cast<int64_t>(w.itemsize()), ip = idx.data<int32_t>(),
+                  yp = y.data<float>(), E, N, K, P, per_row = per_row_]() mutable {
+      thread_local std::vector<int32_t> count, order, srcrow, iraw;
+      thread_local Scratch xbuf, xraw;
+      thread_local std::vector<MatArgs> mats;
+      const Kernels& k = kernels();
+      if (!xl.contiguous) {
+        int64_t n = 1;
+        for (auto d : xl.shape) n *= d;
+        float* c = xraw.get(static_cast<size_t>(n));
+        copy_rows(xp, xl, c);
+        xp = c;
+      }
+      if (!il.contiguous) {
+        iraw.resize(P);
+        copy_rows(ip, il, iraw.data());
+        ip = iraw.data();
+      }
+      const int valid = sort_pairs(ip, P, E, N, yp, count, order);
+      srcrow.resize(P);
+      for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
+      float* xg = xbuf.get(static_cast<size_t>(valid) * K);
+      prepare_x(k, xp, srcrow.data(), valid, K, 1, false, xg, nullptr);
+      mats.clear();
+      for (int e = 0; e < E; ++e) {
+        const int lo = count[e], n = count[e + 1] - lo;
+        if (n == 0) continue;
+        MatArgs a;
+        a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n;
+        a.w = wp + static_cast<int64_t>(e) * N * K * isz, a.w_row_bytes = K * isz;
+        a.wt = bf16 ? WType::BF16 : WType::F32;
+        a.N = N, a.K = K;
+        a.y = yp, a.ldy = N, a.yrows = order.data() + lo;
+        mats.push_back(a);
+      }
+      run_products(k, mats);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
+  }
+  const char* name() const override { return "Qwen3GatherMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return per_row_ == static_cast<const GatherMatmul&>(other).per_row_;
+  }
+
+ private:
+  int per_row_;
+};
+
 }  // namespace
+
+mx::array gather_mm(const mx::array& x, const mx::array& w, const mx::array& indices, mx::StreamOrDevice s) {
+  require(x.ndim() >= 1 && indices.ndim() >= 1, "x and indices must have at least one dim");
+  require(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
+  require(w.ndim() == 3 && w.shape(2) == x.shape(-1), "expert weights " + shape_str(w) + " do not match x " + shape_str(x));
+  require(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16, "expert weights must be float32 or bfloat16");
+  require(x.shape(-1) > 0, "input dims must be positive");
+  const int per_row = pairs_per_row(x, indices);
+  auto stream = mx::to_stream(s);
+  auto shape = indices.shape();
+  shape.push_back(w.shape(1));
+  return mx::array(shape, mx::float32, std::make_shared<GatherMatmul>(stream, per_row),
+                   {mx::astype(x, mx::float32, stream), as_input(w, stream), mx::astype(indices, mx::int32, stream)});
+}
 
 mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales,
                      const std::optional<mx::array>& biases, const mx::array& indices, int group_size, int bits,
@@ -120,17 +218,7 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
   require(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
   const int K = x.shape(-1);
   const int N = check_quantized(w, scales, biases, K, group_size, bits, 1);
-  // x rows: one per pair (x.shape[:-1] == indices.shape) or one per token, shared by its k pairs
-  // (x.shape[:-1] == indices.shape[:-1]).
-  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
-  int per_row;
-  if (lead == indices.shape()) {
-    per_row = 1;
-  } else {
-    mx::Shape tokens(indices.shape().begin(), indices.shape().end() - 1);
-    require(lead == tokens, "x " + shape_str(x) + " does not match indices " + shape_str(indices));
-    per_row = indices.shape(-1);
-  }
+  const int per_row = pairs_per_row(x, indices);
   auto stream = mx::to_stream(s);
   auto shape = indices.shape();
   shape.push_back(N);

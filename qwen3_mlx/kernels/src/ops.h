@@ -26,6 +26,9 @@ mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& sc
                      const std::optional<mx::array>& biases, const mx::array& indices, int group_size,
                      int bits, mx::StreamOrDevice s = {});
 
+// The float form of gather_qmm: expert stacks w [E, N, K] float32 or bfloat16 -> indices.shape + [N] float32.
+mx::array gather_mm(const mx::array& x, const mx::array& w, const mx::array& indices, mx::StreamOrDevice s = {});
+
 // x [..., K] @ w^T for float32 or bfloat16 weights w [N, K] -> [..., N] in float32 (bfloat16
 // weights are widened in registers, never copied). Batched: x [..., H, M, K] @ w [..., Hw, N, K]^T
 // with Hw dividing H (x batch h uses weight batch h / (H / Hw), as grouped-query attention needs).
