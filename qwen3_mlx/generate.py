@@ -116,6 +116,14 @@ class SegmentTracker:
         elif token == self.end and self.end is not None:
             self.in_reasoning = False
 
+    def in_reasoning_after(self, token: int) -> bool:
+        """Whether the segment after `token` is the reasoning (without moving past it)."""
+        if token == self.start and self.start is not None:
+            return True
+        if token == self.end and self.end is not None:
+            return False
+        return self.in_reasoning
+
     def update(self, token: int) -> str:
         """The segment of `token`; the tags belong to the reasoning they open and close."""
         if token == self.start and self.start is not None:
@@ -179,6 +187,9 @@ def stream_generate(
         raise Qwen3MLXError(f"max_tokens must be at least 1, got {max_tokens}")
     if thinking_budget is not None and thinking_budget < 0:
         raise Qwen3MLXError(f"thinking_budget must be 0 or more, got {thinking_budget}")
+    if constraint is not None and thinking_budget is not None:
+        # The budget's closing text ends in the answer segment, where the constraint would not allow it.
+        raise Qwen3MLXError("a constraint cannot be combined with thinking_budget yet")
     params = resolve_sampling(
         enable_thinking,
         load_generation_config(model, tokenizer),
@@ -215,14 +226,17 @@ def stream_generate(
     def budget_reached() -> bool:
         return bool(stop_ids) and tracker.in_reasoning and reasoning_sampled >= thinking_budget
 
-    def mask():
-        return constraint.mask() if constraint is not None and not tracker.in_reasoning else None
-
     if budget_reached():  # the prompt left <think> open and the budget is 0
         forced.extend(stop_ids)
-        y = sampler.step(ids[-1:] + stop_ids, n_generated=len(stop_ids), mask=mask())
+        y = sampler.step(ids[-1:] + stop_ids, n_generated=len(stop_ids))
     else:
-        y = sampler.step(ids[-1:], n_generated=0, mask=mask())
+        mask = None
+        if constraint is not None and not tracker.in_reasoning:
+            mask = constraint.mask()
+            if enable_thinking and think_start is not None:
+                # Thinking on: the model opens <think> itself as its first token; the constraint starts after.
+                mask = mx.where(mx.arange(mask.shape[-1]) == think_start, 0.0, mask)
+        y = sampler.step(ids[-1:], n_generated=0, mask=mask)
     mx.async_eval(y)
 
     n = 0
@@ -234,13 +248,10 @@ def stream_generate(
         elif constraint is not None:
             # The next mask depends on this token: take it, then queue the next step.
             token, sampled = int(y.item()), True
-            if not tracker.in_reasoning and token != think_end:
+            if not tracker.in_reasoning and not tracker.in_reasoning_after(token):  # an answer token
                 constraint.advance(token)
-            if n + 1 < max_tokens:
-                tracker_after = SegmentTracker(think_start, think_end)
-                tracker_after.in_reasoning = tracker.in_reasoning
-                tracker_after.update(token)
-                next_mask = constraint.mask() if not tracker_after.in_reasoning else None
+            if n + 1 < max_tokens and token not in eos:
+                next_mask = None if tracker.in_reasoning_after(token) else constraint.mask()
                 next_y = sampler.step(y, n_generated=1, mask=next_mask)
                 mx.async_eval(next_y)
         else:
@@ -272,7 +283,7 @@ def stream_generate(
         if finish is None and not forced and budget_reached():
             # The queued step fed `token` into the cache; its sampled output is dropped in favour of the stop text.
             forced.extend(stop_ids)
-            next_y = sampler.step(stop_ids, n_generated=len(stop_ids), mask=mask() if constraint else None)
+            next_y = sampler.step(stop_ids, n_generated=len(stop_ids))
             mx.async_eval(next_y)
 
         yield GenerationResponse(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import REAL_VOCAB, dense_config, save_checkpoint
 
+from qwen3_mlx.errors import Qwen3MLXError
 from qwen3_mlx.generate import BUDGET_STOP_TEXT, generate, stream_generate
 from qwen3_mlx.loader import load
 from qwen3_mlx.models.cache import make_cache
@@ -232,3 +233,41 @@ def test_parse_tool_calls_edge_cases():
     assert "name" in noname.error
     (badargs,) = parse_tool_calls('<tool_call>{"name": "f", "arguments": [1]}</tool_call>')
     assert badargs.name == "f" and not badargs.ok
+
+
+class ScriptedConstraint:
+    """Allows exactly one token at a time, the next of `target`; records what it was advanced with."""
+
+    def __init__(self, target, vocab=REAL_VOCAB):
+        self.target, self.vocab, self.seen = target, vocab, []
+
+    def mask(self):
+        m = np.full((self.vocab,), -np.inf, np.float32)
+        m[self.target[len(self.seen)]] = 0.0
+        return mx.array(m)
+
+    def advance(self, token):
+        self.seen.append(token)
+
+
+def test_constraint_masks_the_answer_not_the_reasoning(tok):
+    """The model may still open <think> as its first token and reason freely; only the answer is masked."""
+    hmm = tok.encode(" hmm")[0]
+
+    def rule(fed):  # think " hmm hmm", close, then the model would end at once
+        tail = fed[len(fed) - fed[::-1].index(THINK) :] if THINK in fed else None
+        if tail is None:
+            return THINK
+        if END_THINK in tail:
+            return IM_END
+        return hmm if tail.count(hmm) < 2 else END_THINK
+
+    target = tok.encode("\n\nok!") + [IM_END]
+    constraint = ScriptedConstraint(target)
+    responses = list(stream_generate(ScriptedModel(rule), tok, [{"role": "user", "content": "x"}], max_tokens=40,
+                                     constraint=constraint))
+    tokens = [r.token for r in responses]
+    assert tokens == [THINK, hmm, hmm, END_THINK] + target  # reasoning as the model wanted, the answer as forced
+    assert constraint.seen == target and responses[-1].finish_reason == "stop"
+    with pytest.raises(Qwen3MLXError, match="thinking_budget"):
+        list(stream_generate(ScriptedModel(rule), tok, "x", constraint=ScriptedConstraint(target), thinking_budget=3))
