@@ -519,10 +519,10 @@ def test_rope_equals_mlx(b, h, length, d, offset, yarn, transposed, seed):
         x = x.swapaxes(1, 2)  # [B, L, H, D] -> [B, H, L, D], as the model hands the projections over
     if yarn:  # wavelengths and an input scale, as YaRN gives them
         freqs = 1e4 ** (mx.arange(0, d, 2, dtype=mx.float32) / d) * mx.linspace(1, 4, d // 2)
-        ours = kernels.rope(x, offset=offset, freqs=freqs, mscale=1.13)
+        ours = kernels.rope(x, offset=offset, freqs=freqs, mscale=1.13, inv_freq=kernels.rope_inv_freq(d, freqs=freqs))
         ref = mx.fast.rope(x * 1.13, d, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
     else:
-        ours = kernels.rope(x, offset=offset, base=1e6)
+        ours = kernels.rope(x, offset=offset, base=1e6, inv_freq=kernels.rope_inv_freq(d, base=1e6))
         ref = mx.fast.rope(x, d, traditional=False, base=1e6, scale=1.0, offset=offset)
     assert ours.shape == ref.shape
     assert rel_err(ours, ref) <= RTOL

@@ -134,38 +134,32 @@ def rms_norm(x: mx.array, weight: mx.array, *, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
-def rope(x: mx.array, *, offset: int, base: float | None = None, freqs: mx.array | None = None,
+def rope_inv_freq(dims: int, *, base: float | None = None, freqs: mx.array | None = None) -> mx.array:
+    """The inverse frequencies [dims / 2] our RoPE kernel takes, as mx.fast.rope derives them on the CPU:
+    exp(-i * log(base) / (dims / 2)) in float32, or 1 / freqs (wavelengths). Computed once per model."""
+    if freqs is None:
+        half = dims // 2
+        coef = np.float32(np.log(np.float32(base))) / np.float32(half)
+        inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(coef, mx.float32))
+    else:
+        inv = mx.reciprocal(freqs.astype(mx.float32))
+    mx.eval(inv)
+    return inv
+
+
+def rope(x: mx.array, *, offset: int, inv_freq: mx.array, base: float | None = None, freqs: mx.array | None = None,
          mscale: float = 1.0) -> mx.array:
     """Rotary embedding of whole heads, HF's half-split layout, of (x * mscale) [B, H, L, D] at positions
-    offset..offset+L-1; `base` (default frequencies) or `freqs` (wavelengths, as mx.fast.rope takes them).
+    offset..offset+L-1; `base` (default frequencies) or `freqs` (wavelengths, as mx.fast.rope takes them),
+    and `inv_freq` = rope_inv_freq(D, base=..., freqs=...) for our kernel.
 
     Ours on the CPU in float32 (one node instead of MLX's ~20-op CPU composition), else mx.fast.rope.
     """
     if active() and x.dtype == mx.float32 and x.ndim == 4 and isinstance(offset, int):
-        return _ext.rope(x, _inv_freq(x.shape[-1], base, freqs), offset, mscale)
+        return _ext.rope(x, inv_freq, offset, mscale)
     if mscale != 1.0:
         x = x * mscale
     return mx.fast.rope(x, x.shape[-1], traditional=False, base=base, scale=1.0, offset=offset, freqs=freqs)
-
-
-# Inverse frequencies per (head_dim, base) or per freqs array (held here, so its id stays unique).
-_inv_freqs: dict = {}
-
-
-def _inv_freq(dims: int, base: float | None, freqs: mx.array | None) -> mx.array:
-    key = (dims, base) if freqs is None else id(freqs)
-    hit = _inv_freqs.get(key)
-    if hit is None:
-        if freqs is None:
-            # MLX's formula: exp(-i * log(base) / (dims / 2)), all in float32.
-            half = dims // 2
-            coef = np.float32(np.log(np.float32(base))) / np.float32(half)
-            inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(coef, mx.float32))
-        else:
-            inv = mx.reciprocal(freqs.astype(mx.float32))
-        mx.eval(inv)
-        hit = _inv_freqs[key] = (freqs, inv)
-    return hit[1]
 
 
 def route(logits: mx.array, k: int, norm_topk_prob: bool) -> tuple[mx.array, mx.array]:

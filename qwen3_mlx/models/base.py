@@ -114,10 +114,12 @@ class RoPE(nn.Module):
             inv_freq, self.mscale = yarn_inv_freq(dims, base, scaling, max_position_embeddings)
             # mx.fast.rope takes wavelengths (1 / inv_freq), not inverse frequencies.
             self._freqs = 1.0 / inv_freq
+            self.base = None
+        self._inv_freq = kernels.rope_inv_freq(dims, base=self.base, freqs=self._freqs)
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        base = self.base if self._freqs is None else None
-        return kernels.rope(x, offset=offset, base=base, freqs=self._freqs, mscale=self.mscale)
+        return kernels.rope(x, offset=offset, inv_freq=self._inv_freq, base=self.base, freqs=self._freqs,
+                            mscale=self.mscale)
 
 
 def make_rope(args) -> RoPE:
