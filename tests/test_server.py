@@ -167,7 +167,10 @@ def test_tool_messages_round_trip_into_the_template(thinker_server):
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     r = thinker_server.client().chat.completions.create(model="serve-thinker0", messages=messages, tools=tools,
                                                          max_tokens=20)
-    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "ok"
+    # the tool turn reached the template: the prompt is longer than the same chat without it
+    plain = thinker_server.client().chat.completions.create(model="serve-thinker0", messages=HI, max_tokens=20)
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 10
 
 
 def test_greedy_equals_generate_chat_and_completions(tiny_server, tiny):
@@ -201,6 +204,9 @@ def test_errors_have_openai_shape_and_status(thinker_server):
             "name": "bad", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}), 400),
         (s.post("/v1/chat/completions", {"messages": HI, "response_format": {"type": "yaml"}}), 400),
         (s.post("/v1/chat/completions", {"messages": HI, "max_tokens": 5000}), 400),  # beyond the 4096 context
+        (s.post("/v1/chat/completions", {"messages": HI, "max_tokens": 32768}), 400),  # = the server's limit, still too long
+        (s.post("/v1/chat/completions", {"messages": HI, "thinking_budget": 4,
+                                         "response_format": {"type": "json_object"}}), 400),
         (s.post("/v1/chat/completions", {"messages": HI}, key=None), 401),
         (s.post("/v1/chat/completions", {"messages": HI}, key="wrong"), 401),
         (s.post("/v1/chat/completions", {"model": "gpt-4", "messages": HI}), 404),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import typer
 
 from .app import app, err, fail
@@ -40,14 +42,10 @@ def serve(
     server = uvicorn.Server(config)
 
     async def announce_when_ready():
-        import asyncio
-
         while not server.started:
             await asyncio.sleep(0.05)
         bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
         err.print(f"qwen3-mlx serving {model} at http://{host}:{bound}/v1", highlight=False)
-
-    import asyncio
 
     async def main():
         await asyncio.gather(server.serve(), announce_when_ready())

@@ -106,11 +106,11 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
         if not ids:
             raise ApiError(400, "the prompt is empty")
         room = context - len(ids)
-        asked = req.options["max_tokens"]
-        if room < 1 or (asked < max_tokens_limit and asked > room):
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the model's "
+        asked = req.options["max_tokens"]  # None: as many as the context and the server's limit allow
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked or 1}) exceeds the model's "
                                 f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
-        options = dict(req.options, max_tokens=min(asked, room), enable_thinking=req.enable_thinking)
+        options = dict(req.options, max_tokens=min(asked or max_tokens_limit, room), enable_thinking=req.enable_thinking)
         grammar = grammar_for(req.response_format)
         if grammar is not None:
             options["constraint"] = GrammarConstraint(tokenizer, grammar, model.args.vocab_size)
@@ -145,8 +145,13 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
             elif kind == "done":
                 return
             else:
-                raise ApiError(400 if "internal" not in value else 500, value,
-                               type="invalid_request_error" if "internal" not in value else "server_error")
+                raise value
+
+    def finish_of(matcher: StopMatcher, last) -> str:
+        return "stop" if matcher.hit or last is None else last.finish_reason or "stop"
+
+    def usage_of(job: Job, last) -> dict:
+        return usage(len(job.prompt), last.generation_tokens if last else 0, job.cached_tokens)
 
     def visible(response) -> bool:
         # The think tags are markup, not text: reasoning goes to reasoning_content without them.
@@ -162,11 +167,10 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                 if matcher.hit:
                     job.cancelled.set()
                     break
-            elif visible(last):
-                pieces["reasoning"].append(last.text)
+            else:
+                pieces["reasoning"].append(last.text)  # chat_message drops the think tags
         pieces["answer"].append(matcher.flush() if not matcher.hit else "")
-        finish = "stop" if matcher.hit else (last.finish_reason if last else "stop") or "stop"
-        used = usage(len(job.prompt), last.generation_tokens if last else 0, job.cached_tokens)
+        finish, used = finish_of(matcher, last), usage_of(job, last)
         if not chat:
             choice = {"index": 0, "text": "".join(pieces["answer"]), "finish_reason": finish, "logprobs": None}
             return {"id": cid, "object": "text_completion", "created": stamp, "model": model_id,
@@ -216,7 +220,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
             tail = "" if matcher.hit else matcher.flush()
             if tail:
                 yield sse(chunk(cid, model_id, stamp, {"content": tail}, None, chat=chat, text=tail))
-            finish = "stop" if matcher.hit else (last.finish_reason if last else "stop") or "stop"
+            finish = finish_of(matcher, last)
             if tool_text is not None:
                 calls = openai_tool_calls("".join(tool_text))
                 rest = strip_tool_blocks("".join(tool_text))
@@ -228,9 +232,8 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                     finish = "tool_calls"
             yield sse(chunk(cid, model_id, stamp, {}, finish, chat=chat))
             if req.include_usage:
-                used = usage(len(job.prompt), last.generation_tokens if last else 0, job.cached_tokens)
                 yield sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-                           "created": stamp, "model": model_id, "choices": [], "usage": used})
+                           "created": stamp, "model": model_id, "choices": [], "usage": usage_of(job, last)})
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # the client went away, or the stream ended: stop generating

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import Qwen3MLXError
 from ..generate import stream_generate
 from ..models.cache import make_cache, truncate_cache
+from .protocol import ApiError
 
 
 class QueueFull(Exception):
@@ -75,7 +76,7 @@ class Job:
 
 class Engine:
     """Runs jobs on one worker thread. `submit` is called from the event loop; events come back as
-    ("token", GenerationResponse), then ("done", None) or ("error", message)."""
+    ("token", GenerationResponse), then ("done", None) or ("error", ApiError)."""
 
     def __init__(self, model, tokenizer, *, max_queue: int = 64, prompt_cache_bytes: int = 1 << 30):
         self.model, self.tokenizer = model, tokenizer
@@ -120,10 +121,10 @@ class Engine:
                         self.prefixes.put(job.prompt + generated, cache)
                 job.send("done")
             except Qwen3MLXError as e:
-                job.send("error", str(e))
+                job.send("error", ApiError(400, str(e)))
             except Exception:  # never let one request take the engine down; the log keeps the trace
                 traceback.print_exc()
-                job.send("error", "internal error while generating")
+                job.send("error", ApiError(500, "internal error while generating", type="server_error"))
             finally:
                 with self._lock:
                     self._waiting -= 1

@@ -135,7 +135,7 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
     if max_tokens is not None and max_tokens > max_tokens_limit:
         raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
                        param="max_tokens")
-    options: dict[str, Any] = {"max_tokens": max_tokens or max_tokens_limit}
+    options: dict[str, Any] = {"max_tokens": max_tokens}  # None: the server fills in what the context allows
     for name, kinds, low, high in (("temperature", (int, float), 0, 2), ("top_p", (int, float), 0, 1),
                                    ("min_p", (int, float), 0, 1), ("presence_penalty", (int, float), -2, 2),
                                    ("repetition_penalty", (int, float), 0, None)):
