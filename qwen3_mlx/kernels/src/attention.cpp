@@ -8,8 +8,6 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 
 namespace q3k {
@@ -89,9 +87,9 @@ void merge_splits(const Job& j) {
   }
 }
 
-class DecodeAttention : public mx::Primitive {
+class DecodeAttention : public CpuPrimitive {
  public:
-  DecodeAttention(mx::Stream s, float scale) : mx::Primitive(s), scale_(scale) {}
+  DecodeAttention(mx::Stream s, float scale) : CpuPrimitive(s), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& q = in[0];
@@ -99,9 +97,7 @@ class DecodeAttention : public mx::Primitive {
     const auto& v = in[2];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     Job job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, q.shape(0), q.shape(1),
             k.shape(1), k.shape(2), q.shape(3), scale_};
     for (int i = 0; i < 4; ++i) job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
@@ -130,9 +126,6 @@ class DecodeAttention : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3DecodeAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return scale_ == static_cast<const DecodeAttention&>(other).scale_;
@@ -189,9 +182,9 @@ void run_flash(void* ctx, int t, int) {
   K.flash(a);
 }
 
-class FlashAttention : public mx::Primitive {
+class FlashAttention : public CpuPrimitive {
  public:
-  FlashAttention(mx::Stream s, float scale, bool causal) : mx::Primitive(s), scale_(scale), causal_(causal) {}
+  FlashAttention(mx::Stream s, float scale, bool causal) : CpuPrimitive(s), scale_(scale), causal_(causal) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& q = in[0];
@@ -199,9 +192,7 @@ class FlashAttention : public mx::Primitive {
     const auto& v = in[2];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     FlashJob job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, {}, q.shape(0),
                  q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), 1, 1, causal_, scale_};
     for (int i = 0; i < 4; ++i) job.qst[i] = q.strides()[i], job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
@@ -215,9 +206,6 @@ class FlashAttention : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3FlashAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const FlashAttention&>(other);

@@ -9,6 +9,7 @@
 
 #include "kernels.h"
 #include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/scheduler.h"
 #include "ops.h"
 
@@ -113,6 +114,23 @@ inline void alloc_output(mx::array& y) {
   if (y.nbytes() >= kLargeOutput)
     while (mx::scheduler::n_active_tasks() > 1) mx::scheduler::wait_for_one();
   y.set_data(mx::allocator::malloc(y.nbytes()));
+}
+
+// Base of every primitive here: CPU only (the Python seam sends GPU streams to MLX's own ops).
+class CpuPrimitive : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
+  }
+};
+
+// The stream's command encoder with the primitive's inputs and outputs registered.
+inline mx::cpu::CommandEncoder& encoder(mx::Stream s, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (const auto& a : in) enc.set_input_array(a);
+  for (auto& a : out) enc.set_output_array(a);
+  return enc;
 }
 
 inline mx::Dtype float_out(mx::Dtype d) {

@@ -5,24 +5,42 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace q3k {
 namespace {
 
-// Counting sort of P (pair -> expert id) by expert: count[e]..count[e+1] index `order`, the pairs of
-// expert e. Pairs whose id is outside [0, E) get a zero output row and no place in `order`.
-int sort_pairs(const int32_t* ip, int P, int E, int N, float* yp, std::vector<int32_t>& count,
-               std::vector<int32_t>& order) {
-  thread_local std::vector<int32_t> fill;
+// The (token, expert) pairs of one call grouped by expert: the pairs of expert e are
+// order[count[e] .. count[e + 1]), and srcrow[i] is the x row of sorted pair i. x and the ids are made
+// contiguous first if strided; a pair whose id is outside [0, E) gets a zero output row and no place.
+struct Groups {
+  const float* x;
+  const int32_t *count, *order, *srcrow;
+  int valid;
+};
+
+Groups group_pairs(const float* xp, const Layout& xl, const int32_t* ip, const Layout& il, int P, int E, int N,
+                   int per_row, float* yp) {
+  thread_local std::vector<int32_t> count, order, srcrow, fill, iraw;
+  thread_local Scratch xraw;
+  if (!xl.contiguous) {
+    int64_t n = 1;
+    for (auto d : xl.shape) n *= d;
+    float* c = xraw.get(static_cast<size_t>(n));
+    copy_rows(xp, xl, c);
+    xp = c;
+  }
+  if (!il.contiguous) {
+    iraw.resize(P);
+    copy_rows(ip, il, iraw.data());
+    ip = iraw.data();
+  }
   count.assign(E + 1, 0);
   for (int p = 0; p < P; ++p) {
     const int e = ip[p];
     if (e >= 0 && e < E) ++count[e + 1];
   }
   for (int e = 0; e < E; ++e) count[e + 1] += count[e];
-  order.resize(P);
+  order.resize(P), srcrow.resize(P);
   fill.assign(count.begin(), count.end() - 1);
   for (int p = 0; p < P; ++p) {
     const int e = ip[p];
@@ -32,7 +50,27 @@ int sort_pairs(const int32_t* ip, int P, int E, int N, float* yp, std::vector<in
       std::memset(yp + static_cast<int64_t>(p) * N, 0, sizeof(float) * N);
     }
   }
-  return count[E];
+  const int valid = count[E];
+  for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
+  return {xp, count.data(), order.data(), srcrow.data(), valid};
+}
+
+// One product per expert that has pairs: its rows of the gathered activations xg [valid, K] against the
+// weight `set_weight` fills in, written back to the pairs' output rows.
+template <class SetWeight>
+void run_experts(const Groups& g, int E, int N, int K, const float* xg, float* yp, SetWeight set_weight) {
+  thread_local std::vector<MatArgs> mats;
+  mats.clear();
+  for (int e = 0; e < E; ++e) {
+    const int lo = g.count[e], n = g.count[e + 1] - lo;
+    if (n == 0) continue;
+    MatArgs a;
+    a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n, a.N = N, a.K = K;
+    a.y = yp, a.ldy = N, a.yrows = g.order + lo;
+    set_weight(a, e, lo);
+    mats.push_back(a);
+  }
+  run_products(kernels(), mats);
 }
 
 // The lead shape of x against indices: one x row per pair (1) or per token shared by its k pairs (k).
@@ -44,10 +82,10 @@ int pairs_per_row(const mx::array& x, const mx::array& indices) {
   return indices.shape(-1);
 }
 
-class GatherQMatmul : public mx::Primitive {
+class GatherQMatmul : public CpuPrimitive {
  public:
   GatherQMatmul(mx::Stream s, int group_size, int bits, bool has_biases, int pairs_per_row)
-      : mx::Primitive(s), gs_(group_size), bits_(bits), has_biases_(has_biases), per_row_(pairs_per_row) {}
+      : CpuPrimitive(s), gs_(group_size), bits_(bits), has_biases_(has_biases), per_row_(pairs_per_row) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
@@ -56,64 +94,32 @@ class GatherQMatmul : public mx::Primitive {
     const auto& idx = in[has_biases_ ? 4 : 3];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
     const int P = static_cast<int>(idx.size());
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), il = Layout(idx), wp = w.data<uint8_t>(), sp = scales.data<uint8_t>(),
                   bp = has_biases_ ? in[3].data<uint8_t>() : nullptr, ip = idx.data<int32_t>(), yp = y.data<float>(),
                   st = scale_type(scales.dtype()), ssize = static_cast<int>(scales.itemsize()), E, N, K, P,
                   gs = gs_, bits = bits_, per_row = per_row_]() mutable {
-      thread_local std::vector<int32_t> count, order, srcrow;
       thread_local Scratch xbuf, sums;
-      thread_local std::vector<MatArgs> mats;
-      thread_local Scratch xraw;
-      thread_local std::vector<int32_t> iraw;
       const Kernels& k = kernels();
-      if (!xl.contiguous) {
-        int64_t n = 1;
-        for (auto d : xl.shape) n *= d;
-        float* c = xraw.get(static_cast<size_t>(n));
-        copy_rows(xp, xl, c);
-        xp = c;
-      }
-      if (!il.contiguous) {
-        iraw.resize(P);
-        copy_rows(ip, il, iraw.data());
-        ip = iraw.data();
-      }
+      const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
       const int G = K / gs;
-      const int valid = sort_pairs(ip, P, E, N, yp, count, order);
-      srcrow.resize(P);
-      for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
-      const bool perm = bits == 4;
-      float* xq = xbuf.get(static_cast<size_t>(valid) * K);
-      float* xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(valid) * G) : nullptr;
-      prepare_x(k, xp, srcrow.data(), valid, K, gs, perm, xq, xs);
+      float* xq = xbuf.get(static_cast<size_t>(g.valid) * K);
+      float* xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(g.valid) * G) : nullptr;
+      prepare_x(k, g.x, g.srcrow, g.valid, K, gs, bits == 4, xq, xs);
       const int64_t row_bytes = static_cast<int64_t>(K) * bits / 8;
-      mats.clear();
-      for (int e = 0; e < E; ++e) {
-        const int lo = count[e], n = count[e + 1] - lo;
-        if (n == 0) continue;
-        MatArgs a;
-        a.x = xq + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n;
+      run_experts(g, E, N, K, xq, yp, [&](MatArgs& a, int e, int lo) {
         a.xsum = xs ? xs + static_cast<int64_t>(lo) * G : nullptr;
         a.w = wp + static_cast<int64_t>(e) * N * row_bytes, a.w_row_bytes = row_bytes;
         a.wt = bits == 4 ? WType::Q4 : WType::Q8;
         a.scales = sp + static_cast<int64_t>(e) * N * G * ssize;
         a.biases = bp ? bp + static_cast<int64_t>(e) * N * G * ssize : nullptr;
-        a.st = st, a.N = N, a.K = K, a.gs = gs;
-        a.y = yp, a.ldy = N, a.yrows = order.data() + lo;
-        mats.push_back(a);
-      }
-      run_products(k, mats);
+        a.st = st, a.gs = gs;
+      });
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3GatherQMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const GatherQMatmul&>(other);
@@ -127,9 +133,9 @@ class GatherQMatmul : public mx::Primitive {
 };
 
 // GatherMatmul: the same for float32 or bfloat16 expert stacks [E, N, K] (bfloat16 widened in registers).
-class GatherMatmul : public mx::Primitive {
+class GatherMatmul : public CpuPrimitive {
  public:
-  GatherMatmul(mx::Stream s, int pairs_per_row) : mx::Primitive(s), per_row_(pairs_per_row) {}
+  GatherMatmul(mx::Stream s, int pairs_per_row) : CpuPrimitive(s), per_row_(pairs_per_row) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
@@ -137,54 +143,23 @@ class GatherMatmul : public mx::Primitive {
     const auto& idx = in[2];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
     const int P = static_cast<int>(idx.size());
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), il = Layout(idx), wp = w.data<uint8_t>(),
                   bf16 = w.dtype() == mx::bfloat16, isz = static_cast<int64_t>(w.itemsize()), ip = idx.data<int32_t>(),
                   yp = y.data<float>(), E, N, K, P, per_row = per_row_]() mutable {
-      thread_local std::vector<int32_t> count, order, srcrow, iraw;
-      thread_local Scratch xbuf, xraw;
-      thread_local std::vector<MatArgs> mats;
-      const Kernels& k = kernels();
-      if (!xl.contiguous) {
-        int64_t n = 1;
-        for (auto d : xl.shape) n *= d;
-        float* c = xraw.get(static_cast<size_t>(n));
-        copy_rows(xp, xl, c);
-        xp = c;
-      }
-      if (!il.contiguous) {
-        iraw.resize(P);
-        copy_rows(ip, il, iraw.data());
-        ip = iraw.data();
-      }
-      const int valid = sort_pairs(ip, P, E, N, yp, count, order);
-      srcrow.resize(P);
-      for (int i = 0; i < valid; ++i) srcrow[i] = per_row > 1 ? order[i] / per_row : order[i];
-      float* xg = xbuf.get(static_cast<size_t>(valid) * K);
-      prepare_x(k, xp, srcrow.data(), valid, K, 1, false, xg, nullptr);
-      mats.clear();
-      for (int e = 0; e < E; ++e) {
-        const int lo = count[e], n = count[e + 1] - lo;
-        if (n == 0) continue;
-        MatArgs a;
-        a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n;
+      thread_local Scratch xbuf;
+      const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
+      float* xg = xbuf.get(static_cast<size_t>(g.valid) * K);
+      prepare_x(kernels(), g.x, g.srcrow, g.valid, K, 1, false, xg, nullptr);
+      run_experts(g, E, N, K, xg, yp, [&](MatArgs& a, int e, int) {
         a.w = wp + static_cast<int64_t>(e) * N * K * isz, a.w_row_bytes = K * isz;
         a.wt = bf16 ? WType::BF16 : WType::F32;
-        a.N = N, a.K = K;
-        a.y = yp, a.ldy = N, a.yrows = order.data() + lo;
-        mats.push_back(a);
-      }
-      run_products(k, mats);
+      });
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3GatherMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return per_row_ == static_cast<const GatherMatmul&>(other).per_row_;

@@ -4,26 +4,21 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 
 namespace q3k {
 namespace {
 
-class FloatMatmul : public mx::Primitive {
+class FloatMatmul : public CpuPrimitive {
  public:
-  explicit FloatMatmul(mx::Stream s) : mx::Primitive(s) {}
+  explicit FloatMatmul(mx::Stream s) : CpuPrimitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
     const auto& w = in[1];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(w);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     const int K = x.shape(-1), N = w.shape(-2);
     const int64_t Bw = w.size() / (static_cast<int64_t>(N) * K > 0 ? static_cast<int64_t>(N) * K : 1);
     const int M = x.ndim() >= 2 ? x.shape(-2) : 1;
@@ -84,9 +79,6 @@ class FloatMatmul : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3FloatMatmul"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };

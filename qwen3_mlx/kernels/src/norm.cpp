@@ -6,8 +6,6 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 
 namespace q3k {
@@ -58,9 +56,9 @@ void run_rows(void* ctx, int t, int) {
   }
 }
 
-class RMSNorm : public mx::Primitive {
+class RMSNorm : public CpuPrimitive {
  public:
-  RMSNorm(mx::Stream s, float eps) : mx::Primitive(s), eps_(eps) {}
+  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
@@ -72,10 +70,7 @@ class RMSNorm : public mx::Primitive {
     } else {
       alloc_output(y);
     }
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(w);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     const int D = x.shape(-1);
     const int64_t rows = D > 0 ? static_cast<int64_t>(x.size()) / D : 0;
     Job job{x.data<float>(), w.data<void>(), w.dtype() == mx::bfloat16, y.data<float>(), rows,
@@ -92,9 +87,6 @@ class RMSNorm : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3RMSNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const RMSNorm&>(other).eps_;

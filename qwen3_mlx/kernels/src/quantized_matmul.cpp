@@ -1,16 +1,14 @@
 // QuantizedMatmul: a dense layer with MLX-affine-quantized weights.
 #include "common.h"
 #include "driver.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/allocator.h"
 
 namespace q3k {
 namespace {
 
-class QuantizedMatmul : public mx::Primitive {
+class QuantizedMatmul : public CpuPrimitive {
  public:
   QuantizedMatmul(mx::Stream s, int group_size, int bits, bool has_biases)
-      : mx::Primitive(s), gs_(group_size), bits_(bits), has_biases_(has_biases) {}
+      : CpuPrimitive(s), gs_(group_size), bits_(bits), has_biases_(has_biases) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
@@ -18,9 +16,7 @@ class QuantizedMatmul : public mx::Primitive {
     const auto& scales = in[2];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     const int K = x.shape(-1), N = w.shape(0);
     const int M = K > 0 ? static_cast<int>(x.size() / K) : 0;
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint32_t>(), sp = scales.data<void>(),
@@ -50,9 +46,6 @@ class QuantizedMatmul : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3QuantizedMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedMatmul&>(other);

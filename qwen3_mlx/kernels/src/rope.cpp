@@ -5,8 +5,6 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 
 namespace q3k {
@@ -60,19 +58,16 @@ void run_positions(void* ctx, int t, int) {
       }
 }
 
-class RoPE : public mx::Primitive {
+class RoPE : public CpuPrimitive {
  public:
-  RoPE(mx::Stream s, int64_t offset, float mscale) : mx::Primitive(s), offset_(offset), mscale_(mscale) {}
+  RoPE(mx::Stream s, int64_t offset, float mscale) : CpuPrimitive(s), offset_(offset), mscale_(mscale) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
     const auto& f = in[1];
     auto& y = out[0];
     alloc_output(y);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_input_array(f);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     Job job{x.data<float>(), f.data<float>(), y.data<float>(), {}, x.shape(0), x.shape(1), x.shape(2), x.shape(3),
             1, offset_, mscale_};
     for (int i = 0; i < 4; ++i) job.xst[i] = x.strides()[i];
@@ -84,9 +79,6 @@ class RoPE : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3RoPE"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const RoPE&>(other);

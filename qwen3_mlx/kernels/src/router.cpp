@@ -4,15 +4,13 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace q3k {
 namespace {
 
-class Router : public mx::Primitive {
+class Router : public CpuPrimitive {
  public:
-  Router(mx::Stream s, int k, bool norm) : mx::Primitive(s), k_(k), norm_(norm) {}
+  Router(mx::Stream s, int k, bool norm) : CpuPrimitive(s), k_(k), norm_(norm) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& logits = in[0];
@@ -20,10 +18,7 @@ class Router : public mx::Primitive {
     auto& scores = out[1];
     inds.set_data(mx::allocator::malloc(inds.nbytes()));
     scores.set_data(mx::allocator::malloc(scores.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(logits);
-    enc.set_output_array(inds);
-    enc.set_output_array(scores);
+    auto& enc = encoder(stream(), in, out);
     const int E = logits.shape(-1);
     const int64_t T = E > 0 ? static_cast<int64_t>(logits.size()) / E : 0;
     enc.dispatch([lp = logits.data<float>(), ll = Layout(logits), ip = inds.data<uint32_t>(),
@@ -61,9 +56,6 @@ class Router : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3Router"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Router&>(other);

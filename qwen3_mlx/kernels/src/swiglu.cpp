@@ -4,8 +4,6 @@
 
 #include "common.h"
 #include "driver.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 
 namespace q3k {
@@ -23,9 +21,9 @@ void run_chunk(void* ctx, int t, int) {
   kernels().swiglu(j.g + lo, j.u + lo, j.out + lo, hi - lo);
 }
 
-class SwiGLU : public mx::Primitive {
+class SwiGLU : public CpuPrimitive {
  public:
-  explicit SwiGLU(mx::Stream s) : mx::Primitive(s) {}
+  explicit SwiGLU(mx::Stream s) : CpuPrimitive(s) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     auto& y = out[0];
@@ -38,9 +36,7 @@ class SwiGLU : public mx::Primitive {
     } else {
       alloc_output(y);
     }
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(stream(), in, out);
     enc.dispatch([g = in[0].data<float>(), gl = Layout(in[0]), u = in[1].data<float>(), ul = Layout(in[1]),
                   yp = y.data<float>(), n = static_cast<int64_t>(y.size())]() mutable {
       thread_local Scratch gbuf, ubuf;
@@ -60,9 +56,6 @@ class SwiGLU : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("qwen3_mlx kernels run on the CPU only");
-  }
   const char* name() const override { return "Qwen3SwiGLU"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
