@@ -13,3 +13,13 @@ def tokenizer_dir():
     if not (TOKENIZER_DIR / "tokenizer.json").is_file():
         pytest.fail(f"the Qwen3 tokenizer fixture is missing at {TOKENIZER_DIR}")
     return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 2-layer Qwen3 with the real vocabulary and tokenizer, written by transformers (built once)."""
+    from helpers import REAL_VOCAB, dense_config, save_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny-real-vocab")
+    save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
+    return path

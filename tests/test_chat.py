@@ -11,7 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pexpect
 import pytest
-from helpers import REAL_VOCAB, dense_config, save_checkpoint
 from test_generate import END_THINK, IM_END, THINK, ScriptedModel
 
 from qwen3_mlx.chat import ChatSession, common_prefix_length
@@ -20,9 +19,8 @@ from qwen3_mlx.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-chat")
-    save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
+def tiny(tiny_checkpoint):
+    path = tiny_checkpoint
     model, tokenizer = load(path)
     return SimpleNamespace(path=path, model=model, tokenizer=tokenizer)
 

@@ -5,16 +5,14 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REAL_VOCAB, dense_config, save_checkpoint, save_thinker
+from helpers import save_thinker
 
 from qwen3_mlx.cli.generate import ReasoningFilter
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-cli-gen")
-    save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
-    return path
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

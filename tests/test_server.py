@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import REAL_VOCAB, dense_config, save_checkpoint, save_thinker
+from helpers import save_thinker
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -99,10 +99,8 @@ def thinker_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve-tiny")
-    save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), tokenizer=True)
-    return path
+def tiny(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
