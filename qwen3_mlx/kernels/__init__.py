@@ -93,9 +93,13 @@ def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: 
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x [..., K] @ w [N, K]^T for float weights (float32 or bfloat16 run on ours on the CPU)."""
     if active() and w.dtype in (mx.float32, mx.bfloat16) and x.dtype in (mx.float32, mx.bfloat16):
-        y = _ext.matmul(x, w)  # float32, as MLX promotes any float32 operand
-        return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
+        return _promoted(_ext.matmul(x, w), x, w)
     return x @ w.T
+
+
+def _promoted(y: mx.array, x: mx.array, w: mx.array) -> mx.array:
+    # Our float kernels return float32; MLX would give bfloat16 only when neither operand is float32.
+    return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None) -> mx.array:
@@ -230,8 +234,7 @@ def gather_mm(x: mx.array, w: mx.array, indices: mx.array) -> mx.array:
     """The float form of gather_qmm: w [E, N, K] -> indices.shape + [N]. Ours on the CPU for float32 and
     bfloat16 stacks (bfloat16 widened in registers), MLX's gather_mm elsewhere."""
     if active() and w.dtype in (mx.float32, mx.bfloat16) and x.dtype in (mx.float32, mx.bfloat16):
-        y = _ext.gather_mm(x, w, indices)
-        return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
+        return _promoted(_ext.gather_mm(x, w, indices), x, w)
     return _gather_mlx(
         x, indices, lambda rows, idx, s: mx.gather_mm(rows, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=s)
     )
