@@ -136,6 +136,182 @@ class SegmentTracker:
         return "reasoning" if self.in_reasoning else "answer"
 
 
+# Prefill pieces of at least this many tokens run the same kernels (per row, bit for bit) whatever their
+# size; below it the matmuls switch to their decode or non-BLAS form. Cutting a prompt's chunks into
+# pieces no smaller keeps a sequence's numbers identical to an uncut prefill (see `prefill_plan`).
+SAME_KERNEL_ROWS = 64
+
+
+def prefill_plan(n: int, step: int = 512, piece: int | None = None) -> list[tuple[int, int]]:
+    """Token ranges [start, end) that prefill `n` tokens: chunks of `step` (each evaluated before the next,
+    so memory stays bounded), each cut further into pieces of about `piece` tokens when given (a server
+    interleaving a newcomer's prefill with the others' decoding). Pieces are never smaller than
+    SAME_KERNEL_ROWS unless their chunk is, so every token runs the kernels it runs in plain chunks."""
+    ranges = []
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        if piece is None or c1 - c0 <= piece:
+            ranges.append((c0, c1))
+            continue
+        piece = max(piece, SAME_KERNEL_ROWS)
+        starts = list(range(c0, c1, piece))
+        if c1 - starts[-1] < SAME_KERNEL_ROWS:
+            starts.pop()  # a short tail joins the piece before it
+        ranges.extend(zip(starts, starts[1:] + [c1]))
+    return ranges
+
+
+class Sequence:
+    """One generation's state between model forwards, shared by `stream_generate` (one sequence) and the
+    server's engine (a batch of them): the first input after the prefill, the sampling of each forward's
+    last logits, and what each next token means (segment, text, stop, thinking budget).
+
+    Options as `stream_generate`'s. The caller runs the forwards: the prefill of `prefill` (all but the
+    last prompt token), then `first_input()`, then each taken token (and `stop_ids` when `take` starts the
+    thinking budget's stop text)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompt,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        presence_penalty: float = 0.0,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        enable_thinking: bool = True,
+        thinking_budget: int | None = None,
+        tools: list[dict] | None = None,
+        prompt_cache: list | None = None,
+        ignore_eos: bool = False,
+        constraint=None,
+    ):
+        self.tic = time.perf_counter()
+        ids = prompt_tokens(tokenizer, prompt, enable_thinking=enable_thinking, tools=tools)
+        if not ids:
+            raise Qwen3MLXError("the prompt is empty")
+        if max_tokens is None or max_tokens < 1:
+            raise Qwen3MLXError(f"max_tokens must be at least 1, got {max_tokens}")
+        if thinking_budget is not None and thinking_budget < 0:
+            raise Qwen3MLXError(f"thinking_budget must be 0 or more, got {thinking_budget}")
+        if constraint is not None and thinking_budget is not None:
+            # The budget's closing text ends in the answer segment, where the constraint would not allow it.
+            raise Qwen3MLXError("a constraint cannot be combined with thinking_budget yet")
+        params = resolve_sampling(
+            enable_thinking,
+            load_generation_config(model, tokenizer),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            repetition_penalty=repetition_penalty,
+        )
+        if params.temperature < 0:
+            raise Qwen3MLXError(f"temperature must be 0 or more, got {params.temperature}")
+        if params.repetition_penalty is not None and params.repetition_penalty <= 0:
+            raise Qwen3MLXError(f"repetition_penalty must be above 0, got {params.repetition_penalty}")
+
+        self.ids, self.prefill = ids, ids[:-1]
+        self.max_tokens, self.constraint, self.enable_thinking = max_tokens, constraint, enable_thinking
+        self.thinking_budget = thinking_budget
+        self.cache = prompt_cache if prompt_cache is not None else make_cache(model)
+        self.eos = set() if (ignore_eos or tokenizer is None) else set(tokenizer.eos_token_ids)
+        self.think_start = getattr(tokenizer, "think_start_id", None)
+        self.tracker = SegmentTracker(self.think_start, getattr(tokenizer, "think_end_id", None), ids)
+        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        self.stop_ids = tokenizer.encode(BUDGET_STOP_TEXT) if (tokenizer is not None and thinking_budget is not None) else []
+        self.sampler = _Sampler(model.args.vocab_size, params, seed, ids)
+        self.forced: deque[int] = deque()  # budget-stop tokens waiting to be handed out
+        self.generated: list[int] = []  # every token handed out (sampled or forced)
+        self.finish_reason: str | None = None
+        self._reasoning_sampled = 0
+        self._t_first = None
+        self._ttft = self._prompt_tps = 0.0
+
+    def budget_reached(self) -> bool:
+        return bool(self.stop_ids) and self.tracker.in_reasoning and self._reasoning_sampled >= self.thinking_budget
+
+    def first_input(self) -> tuple[list[int], int, mx.array | None]:
+        """(tokens, how many of them count as generated output, logits mask) of the forward after the prefill."""
+        if self.budget_reached():  # the prompt left <think> open and the budget is 0
+            self.forced.extend(self.stop_ids)
+            return self.ids[-1:] + self.stop_ids, len(self.stop_ids), None
+        mask = None
+        if self.constraint is not None and not self.tracker.in_reasoning:
+            mask = self.constraint.mask()
+            if self.enable_thinking and self.think_start is not None:
+                # Thinking on: the model opens <think> itself as its first token; the constraint starts after.
+                mask = mx.where(mx.arange(mask.shape[-1]) == self.think_start, 0.0, mask)
+        return self.ids[-1:], 0, mask
+
+    def sample(self, logits: mx.array, fed, n_generated: int, mask: mx.array | None = None) -> mx.array:
+        """The next token [1] from the last position's logits [1, vocab] of a forward that fed `fed` (token
+        list or array), whose last `n_generated` count as output for the penalties; `mask` is added first."""
+        return self.sampler.sample(logits, fed, n_generated, mask)
+
+    def constrain(self, token: int) -> None:
+        """Advance the constraint (if any) past a sampled `token` when it is an answer token. Call before
+        `take(token)`, then `mask_after(token)` for the forward that feeds it."""
+        tracker = self.tracker
+        if self.constraint is not None and not tracker.in_reasoning and not tracker.in_reasoning_after(token):
+            self.constraint.advance(token)
+
+    def mask_after(self, token: int) -> mx.array | None:
+        """The logits mask of the forward that feeds `token` (None without a constraint or in the reasoning)."""
+        if self.constraint is None or self.tracker.in_reasoning_after(token):
+            return None
+        return self.constraint.mask()
+
+    def wants_more(self, token: int) -> bool:
+        """Whether a sampled `token` (not yet taken) can be followed by another."""
+        return len(self.generated) + 1 < self.max_tokens and token not in self.eos
+
+    def take(self, token: int, sampled: bool = True) -> GenerationResponse:
+        """Hand out the next token (sampled, or forced by the budget): its text, segment and finish. When it
+        starts the thinking budget's stop text, `forced` fills with `stop_ids`, to feed next."""
+        self.generated.append(token)
+        n = len(self.generated)
+        now = time.perf_counter()
+        if self._t_first is None:
+            self._t_first = now
+            self._ttft = now - self.tic
+            self._prompt_tps = len(self.ids) / self._ttft
+        segment = self.tracker.update(token)
+        if sampled and segment == "reasoning":
+            self._reasoning_sampled += 1
+        finish = None
+        if token in self.eos:
+            finish = "stop"
+            text = self.detok.flush() if self.detok else ""
+        else:
+            text = self.detok.add(token) if self.detok else ""
+            if n >= self.max_tokens:
+                finish = "length"
+        if finish == "length" and self.detok:
+            text += self.detok.flush()
+        if finish is None and not self.forced and self.budget_reached():
+            self.forced.extend(self.stop_ids)
+        self.finish_reason = finish
+        return GenerationResponse(
+            text=text,
+            token=token,
+            segment=segment,
+            finish_reason=finish,
+            prompt_tokens=len(self.ids),
+            prompt_tps=self._prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / (now - self._t_first) if n > 1 and now > self._t_first else 0.0,
+            time_to_first_token=self._ttft,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -179,137 +355,56 @@ def stream_generate(
     `mask()` (an additive [vocab] logits mask for the next token: 0 allowed, -inf not) and `advance(token)`.
     Each step then waits for its token before the next is queued (no pipelining).
     """
-    tic = time.perf_counter()
-    ids = prompt_tokens(tokenizer, prompt, enable_thinking=enable_thinking, tools=tools)
-    if not ids:
-        raise Qwen3MLXError("the prompt is empty")
-    if max_tokens is None or max_tokens < 1:
-        raise Qwen3MLXError(f"max_tokens must be at least 1, got {max_tokens}")
-    if thinking_budget is not None and thinking_budget < 0:
-        raise Qwen3MLXError(f"thinking_budget must be 0 or more, got {thinking_budget}")
-    if constraint is not None and thinking_budget is not None:
-        # The budget's closing text ends in the answer segment, where the constraint would not allow it.
-        raise Qwen3MLXError("a constraint cannot be combined with thinking_budget yet")
-    params = resolve_sampling(
-        enable_thinking,
-        load_generation_config(model, tokenizer),
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        presence_penalty=presence_penalty,
-        repetition_penalty=repetition_penalty,
+    seq = Sequence(
+        model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=min_p, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
+        enable_thinking=enable_thinking, thinking_budget=thinking_budget, tools=tools, prompt_cache=prompt_cache,
+        ignore_eos=ignore_eos, constraint=constraint,
     )
-    if params.temperature < 0:
-        raise Qwen3MLXError(f"temperature must be 0 or more, got {params.temperature}")
-    if params.repetition_penalty is not None and params.repetition_penalty <= 0:
-        raise Qwen3MLXError(f"repetition_penalty must be above 0, got {params.repetition_penalty}")
 
-    cache = prompt_cache if prompt_cache is not None else make_cache(model)
-    eos = set() if (ignore_eos or tokenizer is None) else set(tokenizer.eos_token_ids)
-    think_start = getattr(tokenizer, "think_start_id", None)
-    think_end = getattr(tokenizer, "think_end_id", None)
-    tracker = SegmentTracker(think_start, think_end, ids)
-    detok = tokenizer.detokenizer() if tokenizer is not None else None
-    stop_ids = tokenizer.encode(BUDGET_STOP_TEXT) if (tokenizer is not None and thinking_budget is not None) else []
-    sampler = _Sampler(model, cache, params, seed, ids)
+    def forward(tokens, n_generated: int, mask=None) -> mx.array:
+        inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
+        logits = model(inputs[None], seq.cache)[:, -1, :]
+        y = seq.sample(logits, inputs, n_generated, mask)
+        mx.async_eval(y)
+        return y
 
     # Prefill all but the last prompt token in chunks, evaluating each so memory stays bounded.
-    prefix = ids[:-1]
-    for i in range(0, len(prefix), prefill_step_size):
-        model(mx.array(prefix[i : i + prefill_step_size])[None], cache)
-        mx.eval([c.state for c in cache])
+    for start, end in prefill_plan(len(seq.prefill), prefill_step_size):
+        model(mx.array(seq.prefill[start:end])[None], seq.cache)
+        mx.eval([c.state for c in seq.cache])
+    y = forward(*seq.first_input())
 
-    reasoning_sampled = 0
-    forced: deque[int] = deque()  # budget-stop tokens waiting to be handed out
-
-    def budget_reached() -> bool:
-        return bool(stop_ids) and tracker.in_reasoning and reasoning_sampled >= thinking_budget
-
-    if budget_reached():  # the prompt left <think> open and the budget is 0
-        forced.extend(stop_ids)
-        y = sampler.step(ids[-1:] + stop_ids, n_generated=len(stop_ids))
-    else:
-        mask = None
-        if constraint is not None and not tracker.in_reasoning:
-            mask = constraint.mask()
-            if enable_thinking and think_start is not None:
-                # Thinking on: the model opens <think> itself as its first token; the constraint starts after.
-                mask = mx.where(mx.arange(mask.shape[-1]) == think_start, 0.0, mask)
-        y = sampler.step(ids[-1:], n_generated=0, mask=mask)
-    mx.async_eval(y)
-
-    n = 0
-    t_first = None
-    ttft = prompt_tps = 0.0
     while True:
-        if forced:
-            token, sampled = forced.popleft(), False
-        elif constraint is not None:
+        if seq.forced:
+            token, sampled = seq.forced.popleft(), False
+        elif seq.constraint is not None:
             # The next mask depends on this token: take it, then queue the next step.
             token, sampled = int(y.item()), True
-            if not tracker.in_reasoning and not tracker.in_reasoning_after(token):  # an answer token
-                constraint.advance(token)
-            if n + 1 < max_tokens and token not in eos:
-                next_mask = None if tracker.in_reasoning_after(token) else constraint.mask()
-                next_y = sampler.step(y, n_generated=1, mask=next_mask)
-                mx.async_eval(next_y)
+            seq.constrain(token)
+            if seq.wants_more(token):
+                next_y = forward(y, 1, seq.mask_after(token))
         else:
-            if n + 1 < max_tokens:
+            if len(seq.generated) + 1 < seq.max_tokens:
                 # Queue the next step before handing this token out: the model works while the caller prints.
-                next_y = sampler.step(y, n_generated=1)
-                mx.async_eval(next_y)
+                next_y = forward(y, 1)
             token, sampled = int(y.item()), True
-        n += 1
-        now = time.perf_counter()
-        if t_first is None:
-            t_first = now
-            ttft = now - tic
-            prompt_tps = len(ids) / ttft
-        segment = tracker.update(token)
-        if sampled and segment == "reasoning":
-            reasoning_sampled += 1
-
-        finish = None
-        if token in eos:
-            finish = "stop"
-            text = detok.flush() if detok else ""
-        else:
-            text = detok.add(token) if detok else ""
-            if n >= max_tokens:
-                finish = "length"
-        if finish == "length" and detok:
-            text += detok.flush()
-        if finish is None and not forced and budget_reached():
+        response = seq.take(token, sampled)
+        if sampled and seq.forced:
             # The queued step fed `token` into the cache; its sampled output is dropped in favour of the stop text.
-            forced.extend(stop_ids)
-            next_y = sampler.step(stop_ids, n_generated=len(stop_ids))
-            mx.async_eval(next_y)
-
-        yield GenerationResponse(
-            text=text,
-            token=token,
-            segment=segment,
-            finish_reason=finish,
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=(n - 1) / (now - t_first) if n > 1 and now > t_first else 0.0,
-            time_to_first_token=ttft,
-            peak_memory=mx.get_peak_memory() / 1e9,
-        )
-        if finish is not None:
+            next_y = forward(seq.stop_ids, len(seq.stop_ids))
+        yield response
+        if response.finish_reason is not None:
             return
         if sampled:
             y = next_y
 
 
 class _Sampler:
-    """Model step + logits processing + sampling, with the state they share (cache, penalty masks, PRNG key)."""
+    """Logits processing + sampling, with the state they share (penalty masks, PRNG key)."""
 
-    def __init__(self, model, cache, params: SamplingParams, seed: int | None, prompt: list[int]):
-        self.model, self.cache, self.params = model, cache, params
-        vocab = model.args.vocab_size
+    def __init__(self, vocab: int, params: SamplingParams, seed: int | None, prompt: list[int]):
+        self.params = params
         self.key = mx.random.key(seed) if seed is not None else None
         # 0/1 masks over the vocabulary: generated tokens (presence) and prompt + generated (repetition).
         self.generated = mx.zeros((vocab,), mx.float32) if params.presence_penalty else None
@@ -320,18 +415,15 @@ class _Sampler:
             if valid:
                 self.context = self.context.at[mx.array(valid)].maximum(1.0)
 
-    def step(self, tokens, n_generated: int, mask: mx.array | None = None) -> mx.array:
-        """Feed `tokens` (list or [1] array) after the cache; return the sampled next token as a [1] array.
-        The last `n_generated` of them count as generated output for the penalties; `mask` is added to the
-        logits (a constraint's allowed tokens)."""
-        inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
+    def sample(self, logits: mx.array, fed, n_generated: int, mask: mx.array | None = None) -> mx.array:
         if n_generated:
-            new = inputs[-n_generated:]
+            fed = mx.array(fed) if isinstance(fed, list) else fed.reshape(-1)
+            new = fed[-n_generated:]
             if self.generated is not None:
                 self.generated = self.generated.at[new].maximum(1.0)
             if self.context is not None:
                 self.context = self.context.at[new].maximum(1.0)
-        logits = self.model(inputs[None], self.cache)[:, -1, :].astype(mx.float32)  # [1, vocab]
+        logits = logits.astype(mx.float32)  # [1, vocab]
         if mask is not None:
             logits = logits + mask
         p = self.params

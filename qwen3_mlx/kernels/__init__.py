@@ -102,15 +102,20 @@ def _promoted(y: mx.array, x: mx.array, w: mx.array) -> mx.array:
     return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None) -> mx.array:
+def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
     """softmax(q k^T * scale + mask) v: q [B, H, L, D], k and v [B, Hkv, S, D] (Hkv divides H) -> [B, H, L, D].
 
     mask: None, "causal" (aligned to the end of the keys, as MLX's) or an additive / boolean array.
+    A batch of sequences at different lengths (decode, L == 1): k and v are lists of each row's own cache
+    buffer [1, Hkv, capacity, D] and mask the list of each row's key count; each row then computes exactly
+    what it would alone.
     On the CPU in float32 ours run, reading k and v in place: a fused kernel for a single query row
     (decode), a blocked one with an online softmax for many (prefill: no [H, L, S] score matrix, multi-threaded
     over heads and query blocks). MLX's CPU attention materialises the scores and runs both products through
     the BLAS the wheel links (a reference BLAS on Linux): 10x slower at a 512-token chunk.
     """
+    if isinstance(k, list):
+        return _ragged_attention(q, k, v, scale, mask)
     L, S = q.shape[-2], k.shape[-2]
     if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -128,6 +133,35 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask=None)
     scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype)) if mask.dtype == mx.bool_ else scores + mask
     probs = mx.softmax(scores, axis=-1, precise=True)
     return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
+
+
+def _ragged_attention(q: mx.array, keys: list, values: list, scale: float, lengths: list[int]) -> mx.array:
+    if active() and all(a.dtype == mx.float32 for a in (q, *keys, *values)) and q.shape[1] // keys[0].shape[1] <= 16:
+        return _ext.ragged_decode_attention(q, keys, values, lengths, scale)
+    rows = [
+        mx.fast.scaled_dot_product_attention(q[b : b + 1], k[..., :n, :], v[..., :n, :], scale=scale)
+        for b, (k, v, n) in enumerate(zip(keys, values, lengths))
+    ]
+    return mx.concatenate(rows, axis=0)
+
+
+def kv_append(keys: mx.array, values: mx.array, kbufs: list, vbufs: list, positions: list[int]) -> tuple[list, list]:
+    """Write one step's keys and values [B, Hkv, L, D] of a batch of sequences into each sequence's own
+    cache buffers [1, Hkv, capacity, D] at its position -> (new key buffers, new value buffers).
+
+    Ours on the CPU in float32: one graph node, written in place (MLX's slice updates are one node per row
+    and tensor). The buffers' rows from `positions[b]` on must be unused by anyone else."""
+    if active() and all(a.dtype == mx.float32 for a in (keys, values, *kbufs, *vbufs)):
+        out = _ext.kv_append(keys, values, kbufs, vbufs, positions)
+        return out[0::2], out[1::2]
+    L = keys.shape[2]
+    new_k, new_v = [], []
+    for b, (kb, vb, p) in enumerate(zip(kbufs, vbufs, positions)):
+        kb[..., p : p + L, :] = keys[b : b + 1]
+        vb[..., p : p + L, :] = values[b : b + 1]
+        new_k.append(kb)
+        new_v.append(vb)
+    return new_k, new_v
 
 
 def rms_norm(x: mx.array, weight: mx.array, *, eps: float) -> mx.array:
@@ -151,16 +185,21 @@ def rope_inv_freq(dims: int, *, base: float | None = None, freqs: mx.array | Non
     return inv
 
 
-def rope(x: mx.array, *, offset: int, inv_freq: mx.array, base: float | None = None, freqs: mx.array | None = None,
+def rope(x: mx.array, *, offset, inv_freq: mx.array, base: float | None = None, freqs: mx.array | None = None,
          mscale: float = 1.0) -> mx.array:
     """Rotary embedding of whole heads, HF's half-split layout, of (x * mscale) [B, H, L, D] at positions
     offset..offset+L-1; `base` (default frequencies) or `freqs` (wavelengths, as mx.fast.rope takes them),
-    and `inv_freq` = rope_inv_freq(D, base=..., freqs=...) for our kernel.
+    and `inv_freq` = rope_inv_freq(D, base=..., freqs=...) for our kernel. `offset`: an int, or a list of
+    one per batch row (sequences at different lengths).
 
     Ours on the CPU in float32 (one node instead of MLX's ~20-op CPU composition), else mx.fast.rope.
     """
-    if active() and x.dtype == mx.float32 and x.ndim == 4 and isinstance(offset, int):
+    if active() and x.dtype == mx.float32 and x.ndim == 4 and isinstance(offset, (int, list)):
         return _ext.rope(x, inv_freq, offset, mscale)
+    if isinstance(offset, list):
+        return mx.concatenate(
+            [rope(x[b : b + 1], offset=o, inv_freq=inv_freq, base=base, freqs=freqs, mscale=mscale)
+             for b, o in enumerate(offset)], axis=0)
     if mscale != 1.0:
         x = x * mscale
     return mx.fast.rope(x, x.shape[-1], traditional=False, base=base, scale=1.0, offset=offset, freqs=freqs)

@@ -127,6 +127,9 @@ def make_rope(args) -> RoPE:
     return RoPE(args.head_dim, theta, scaling, args.max_position_embeddings)
 
 
-def attention_mask(seq_len: int):
-    """Causal mask for a chunk of `seq_len` queries; MLX aligns "causal" to the cache's end."""
+def attention_mask(seq_len: int, cache=None):
+    """Causal mask for a chunk of `seq_len` queries; MLX aligns "causal" to the cache's end. A batch of
+    sequences at different lengths (cache offsets a list, decode): each row's key count after the step."""
+    if isinstance(getattr(cache, "offset", None), list):
+        return [o + seq_len for o in cache.offset]
     return "causal" if seq_len > 1 else None

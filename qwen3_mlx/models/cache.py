@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .. import kernels
+
 
 class KVCache:
     """Per-layer keys and values, preallocated in steps so decoding does not reallocate every token.
@@ -18,12 +20,13 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append [B, H, L, D] keys/values at `offset`; return everything cached so far."""
-        prev = self.offset
-        n = keys.shape[2]
+    def reserve(self, keys: mx.array, values: mx.array, batch: int | None = None) -> None:
+        """Make room for `keys`/`values` [B, H, n, D] (of `batch` rows when given) after `offset`, growing in
+        steps of `step` positions."""
+        prev, n = self.offset, keys.shape[2]
         if self.keys is None or prev + n > self.keys.shape[2]:
             B, H, _, Dk = keys.shape
+            B = B if batch is None else batch
             Dv = values.shape[3]
             grow = ((n + self.step - 1) // self.step) * self.step
             new_k = mx.zeros((B, H, grow, Dk), keys.dtype)
@@ -33,6 +36,11 @@ class KVCache:
                 new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
                 new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
             self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append [B, H, L, D] keys/values at `offset`; return everything cached so far."""
+        prev, n = self.offset, keys.shape[2]
+        self.reserve(keys, values)
         self.offset += n
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
@@ -47,6 +55,37 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class BatchKVCache:
+    """One layer's view of several sequences' own KVCache (each [1, H, capacity, D], at its own length) as
+    one batch for a decode step. The sequences keep their caches: one joins or leaves a batch without
+    copying anyone's keys, and each computes exactly what it would alone (the kernels pick per sequence)."""
+
+    def __init__(self, caches: list[KVCache]):
+        self.caches = caches
+
+    @property
+    def offset(self) -> list[int]:
+        return [c.offset for c in self.caches]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
+        """Append row b of keys/values [B, H, L, D] to sequence b; return the sequences' buffers (their
+        lengths are `offset`, to pass as the attention mask)."""
+        n = keys.shape[2]
+        for c in self.caches:
+            c.reserve(keys, values, batch=1)
+        new_k, new_v = kernels.kv_append(keys, values, [c.keys for c in self.caches], [c.values for c in self.caches],
+                                         [c.offset for c in self.caches])
+        for c, k, v in zip(self.caches, new_k, new_v):
+            c.keys, c.values = k, v
+            c.offset += n
+        return new_k, new_v
+
+
+def batch_cache(caches: list[list[KVCache]]) -> list[BatchKVCache]:
+    """Per-layer batch views over the caches of several sequences (each a list of per-layer KVCache)."""
+    return [BatchKVCache(list(layer)) for layer in zip(*caches)]
 
 
 def make_cache(model) -> list[KVCache]:

@@ -106,8 +106,8 @@ class Qwen3Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.embed_tokens(inputs)  # [B, L] -> [B, L, hidden]
-        mask = attention_mask(h.shape[1])
         cache = cache if cache is not None else [None] * len(self.layers)
+        mask = attention_mask(h.shape[1], cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

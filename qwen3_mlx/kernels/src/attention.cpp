@@ -15,26 +15,53 @@ namespace {
 
 constexpr int kMaxRep = 16;  // query heads per key/value head (Qwen3 goes up to 16)
 
-struct Job {
-  const float *q, *k, *v;
-  float* out;
-  int64_t kst[4], vst[4];  // element strides [b, h, s, d]
-  int B, H, Hkv, S, D;
-  float scale;
-  // Split-K over long caches: each (b, kv head) is cut into `splits` key ranges of `chunk` keys, whose
-  // unnormalised outputs and row max / exp-sum go to `part` [B * Hkv * splits][rep * (D + 2)].
-  int splits = 1, chunk = 0;
-  float* part = nullptr;
+// One sequence of a decode call: its keys and values (a [1 or B, Hkv, >= S, D] buffer read in place at
+// its strides) and how its key range is cut.
+struct Row {
+  const float *k, *v;
+  int64_t kst[3], vst[3];  // element strides [h, s, d]
+  int S;
+  // Split-K over a long cache: `splits` key ranges of `chunk` keys, whose unnormalised outputs and row
+  // max / exp-sum go to the part buffer. Chosen from this row alone (its length, the kv heads, the
+  // threads), never from the other rows: a sequence computes the same whatever else is batched with it.
+  int splits, chunk;
+  int task0;  // the row's tasks are [task0, task0 + Hkv * splits)
 };
+
+struct Job {
+  const float* q;
+  float* out;
+  const Row* rows;
+  int B, H, Hkv, D, ntasks;
+  float scale;
+  float* part = nullptr;  // [ntasks][rep * (D + 2)] when some row splits
+};
+
+Row make_row(const mx::array& k, const mx::array& v, int64_t b, int S, int Hkv, int threads) {
+  Row r;
+  const auto &ks = k.strides(), &vs = v.strides();
+  r.k = k.data<float>() + b * ks[0], r.v = v.data<float>() + b * vs[0];
+  for (int i = 0; i < 3; ++i) r.kst[i] = ks[i + 1], r.vst[i] = vs[i + 1];
+  r.S = S, r.splits = 1, r.chunk = S, r.task0 = 0;
+  // Fewer kv heads than twice the threads: split a long cache into key ranges of at least 512 keys, so
+  // every thread streams its share of K and V once (then a small merge).
+  if (Hkv < 2 * threads && S >= 1024) {
+    const int want = (2 * threads + Hkv - 1) / Hkv;
+    r.splits = std::max(1, std::min(want, S / 512));
+    r.chunk = (S + r.splits - 1) / r.splits;
+    r.splits = (S + r.chunk - 1) / r.chunk;
+  }
+  return r;
+}
 
 // Rows of a strided [S, D] view as contiguous rows (only when its last axis is strided).
 const float* rows(const float* p, const int64_t* st, int S, int D, Scratch& buf, int64_t* row_stride) {
-  if (st[3] == 1) {
-    *row_stride = st[2];
+  if (st[2] == 1) {
+    *row_stride = st[1];
     return p;
   }
   float* c = buf.get(static_cast<size_t>(S) * D);
-  copy_rows(p, Layout({S, D}, {st[2], st[3]}), c);
+  copy_rows(p, Layout({S, D}, {st[1], st[2]}), c);
   *row_stride = D;
   return c;
 }
@@ -42,18 +69,23 @@ const float* rows(const float* p, const int64_t* st, int S, int D, Scratch& buf,
 void run_head(void* ctx, int t, int) {
   thread_local Scratch scores, kbuf, vbuf;
   const Job& j = *static_cast<Job*>(ctx);
-  const int split = t % j.splits, bh = t / j.splits;
-  const int b = bh / j.Hkv, h = bh % j.Hkv, rep = j.H / j.Hkv;
-  const int s0 = split * j.chunk, n = std::min(j.S, s0 + j.chunk) - s0;
+  // The row owning task t (rows are in task order).
+  int lo = 0, hi = j.B - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (j.rows[mid].task0 <= t) lo = mid; else hi = mid - 1;
+  }
+  const int b = lo;
+  const Row& r = j.rows[b];
+  const int local = t - r.task0, h = local / r.splits, split = local % r.splits, rep = j.H / j.Hkv;
+  const int s0 = split * r.chunk, n = std::min(r.S, s0 + r.chunk) - s0;
   AttnArgs a;
   a.rep = rep, a.S = n, a.D = j.D, a.scale = j.scale;
   a.q = j.q + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
-  const float* k = j.k + b * j.kst[0] + h * j.kst[1] + s0 * j.kst[2];
-  const float* v = j.v + b * j.vst[0] + h * j.vst[1] + s0 * j.vst[2];
-  a.k = rows(k, j.kst, n, j.D, kbuf, &a.ks);
-  a.v = rows(v, j.vst, n, j.D, vbuf, &a.vs);
+  a.k = rows(r.k + h * r.kst[0] + s0 * r.kst[1], r.kst, n, j.D, kbuf, &a.ks);
+  a.v = rows(r.v + h * r.vst[0] + s0 * r.vst[1], r.vst, n, j.D, vbuf, &a.vs);
   a.scores = scores.get(static_cast<size_t>(rep) * n);
-  if (j.splits == 1) {
+  if (r.splits == 1) {
     a.out = j.out + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
   } else {
     float* p = j.part + static_cast<int64_t>(t) * rep * (j.D + 2);
@@ -62,77 +94,87 @@ void run_head(void* ctx, int t, int) {
   kernels().attend(a);
 }
 
-// Merges the key ranges of one (b, kv head): out = sum_i o_i e^(m_i - M) / sum_i l_i e^(m_i - M).
+// Merges the key ranges of each split (b, kv head): out = sum_i o_i e^(m_i - M) / sum_i l_i e^(m_i - M).
 void merge_splits(const Job& j) {
   const int rep = j.H / j.Hkv;
   const int64_t stride = static_cast<int64_t>(rep) * (j.D + 2);
-  for (int bh = 0; bh < j.B * j.Hkv; ++bh) {
-    const float* base = j.part + static_cast<int64_t>(bh) * j.splits * stride;
-    float* out = j.out + static_cast<int64_t>(bh) * rep * j.D;  // heads bh*rep .. : [B, H] flattened
-    for (int r = 0; r < rep; ++r) {
-      float M = -INFINITY;
-      for (int i = 0; i < j.splits; ++i) M = std::max(M, base[i * stride + rep * j.D + r]);
-      float denom = 0.f;
-      float* o = out + static_cast<int64_t>(r) * j.D;
-      for (int d = 0; d < j.D; ++d) o[d] = 0.f;
-      for (int i = 0; i < j.splits; ++i) {
-        const float* p = base + i * stride;
-        const float w = std::exp(p[rep * j.D + r] - M);
-        denom += w * p[rep * j.D + rep + r];
-        for (int d = 0; d < j.D; ++d) o[d] += w * p[static_cast<int64_t>(r) * j.D + d];
+  for (int b = 0; b < j.B; ++b) {
+    const Row& row = j.rows[b];
+    if (row.splits == 1) continue;
+    for (int h = 0; h < j.Hkv; ++h) {
+      const float* base = j.part + static_cast<int64_t>(row.task0 + h * row.splits) * stride;
+      float* out = j.out + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * j.D;
+      for (int r = 0; r < rep; ++r) {
+        float M = -INFINITY;
+        for (int i = 0; i < row.splits; ++i) M = std::max(M, base[i * stride + rep * j.D + r]);
+        float denom = 0.f;
+        float* o = out + static_cast<int64_t>(r) * j.D;
+        for (int d = 0; d < j.D; ++d) o[d] = 0.f;
+        for (int i = 0; i < row.splits; ++i) {
+          const float* p = base + i * stride;
+          const float w = std::exp(p[rep * j.D + r] - M);
+          denom += w * p[rep * j.D + rep + r];
+          for (int d = 0; d < j.D; ++d) o[d] += w * p[static_cast<int64_t>(r) * j.D + d];
+        }
+        const float inv = 1.f / denom;
+        for (int d = 0; d < j.D; ++d) o[d] *= inv;
       }
-      const float inv = 1.f / denom;
-      for (int d = 0; d < j.D; ++d) o[d] *= inv;
     }
   }
 }
 
+// Inputs: q [B, H, 1, D], then either k and v [B, Hkv, S, D] (every row sees all S keys) or, for a
+// batch of sequences at different lengths, one k and one v [1, Hkv, >= lengths[b], D] per row b (each
+// sequence's own cache buffer; row b sees its first lengths[b] keys).
 class DecodeAttention : public CpuPrimitive {
  public:
-  DecodeAttention(mx::Stream s, float scale) : CpuPrimitive(s), scale_(scale) {}
+  DecodeAttention(mx::Stream s, float scale, std::vector<int> lengths)
+      : CpuPrimitive(s), scale_(scale), lengths_(std::move(lengths)) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& q = in[0];
-    const auto& k = in[1];
-    const auto& v = in[2];
     auto& y = out[0];
     alloc_output(y);
     auto& enc = encoder(stream(), in, out);
-    Job job{q.data<float>(), k.data<float>(), v.data<float>(), y.data<float>(), {}, {}, q.shape(0), q.shape(1),
-            k.shape(1), k.shape(2), q.shape(3), scale_};
-    for (int i = 0; i < 4; ++i) job.kst[i] = k.strides()[i], job.vst[i] = v.strides()[i];
-    // Fewer (b, kv head) pairs than twice the threads: split long caches into key ranges of at least
-    // 512 keys, so every thread streams its share of K and V once (then a small merge).
-    const int heads = job.B * job.Hkv, threads = Pool::get().size();
-    if (heads < 2 * threads && job.S >= 1024) {
-      const int want = (2 * threads + heads - 1) / heads;
-      job.splits = std::max(1, std::min(want, job.S / 512));
-      job.chunk = (job.S + job.splits - 1) / job.splits;
-      job.splits = (job.S + job.chunk - 1) / job.chunk;
-    } else {
-      job.chunk = job.S;
+    const int B = q.shape(0), Hkv = in[1].shape(1), threads = Pool::get().size();
+    const bool ragged = in.size() > 3;
+    std::vector<Row> rows;
+    rows.reserve(B);
+    int ntasks = 0;
+    bool split = false;
+    for (int b = 0; b < B; ++b) {
+      const auto& k = in[ragged ? 1 + 2 * b : 1];
+      const auto& v = in[ragged ? 2 + 2 * b : 2];
+      Row r = make_row(k, v, ragged ? 0 : b, ragged ? lengths_[b] : k.shape(2), Hkv, threads);
+      r.task0 = ntasks;
+      ntasks += Hkv * r.splits;
+      split |= r.splits > 1;
+      rows.push_back(r);
     }
-    enc.dispatch([job, ql = Layout(q)]() mutable {
+    Job job{q.data<float>(), y.data<float>(), nullptr, B, q.shape(1), Hkv, q.shape(3), ntasks, scale_};
+    enc.dispatch([job, split, rows = std::move(rows), ql = Layout(q)]() mutable {
       thread_local Scratch qbuf, parts;
       if (!ql.contiguous) {
         float* c = qbuf.get(static_cast<size_t>(job.B) * job.H * job.D);
         copy_rows(job.q, ql, c);
         job.q = c;
       }
-      if (job.splits > 1)
-        job.part = parts.get(static_cast<size_t>(job.B) * job.H * job.splits * (job.D + 2));
-      Pool::get().run(job.B * job.Hkv * job.splits, &run_head, &job);
-      if (job.splits > 1) merge_splits(job);
+      job.rows = rows.data();
+      if (split) job.part = parts.get(static_cast<size_t>(job.ntasks) * (job.H / job.Hkv) * (job.D + 2));
+      Pool::get().run(job.ntasks, &run_head, &job);
+      if (split) merge_splits(job);
     });
   }
 
   const char* name() const override { return "Qwen3DecodeAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+    auto& o = static_cast<const DecodeAttention&>(other);
+    return scale_ == o.scale_ && lengths_ == o.lengths_;
   }
 
  private:
   float scale_;
+  std::vector<int> lengths_;
 };
 
 // ---- prefill ----
@@ -247,8 +289,37 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
   require(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
   auto stream = mx::to_stream(s);
   // q, k and v are taken as they are (any strides; k and v typically a slice of the cache).
-  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale),
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, std::vector<int>{}),
                    {mx::astype(q, mx::float32, stream), k, v});
+}
+
+mx::array ragged_decode_attention(const mx::array& q, const std::vector<mx::array>& keys,
+                                  const std::vector<mx::array>& values, const std::vector<int>& lengths, float scale,
+                                  mx::StreamOrDevice s) {
+  require(q.ndim() == 4 && q.shape(2) == 1, "q must be [B, heads, 1, head_dim], got " + shape_str(q));
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  require(static_cast<int>(keys.size()) == B && static_cast<int>(values.size()) == B &&
+              static_cast<int>(lengths.size()) == B,
+          "ragged attention needs one key buffer, value buffer and length per batch row (" + std::to_string(B) + ")");
+  require(B >= 1, "empty batch");
+  const int Hkv = keys[0].ndim() == 4 ? keys[0].shape(1) : 0;
+  require(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep,
+          "query heads " + std::to_string(H) + " must be a multiple (at most 16x) of key/value heads");
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream)};
+  for (int b = 0; b < B; ++b) {
+    const auto &k = keys[b], &v = values[b];
+    require(k.ndim() == 4 && k.shape(0) == 1 && k.shape(1) == Hkv && k.shape(3) == D && v.shape() == k.shape(),
+            "row " + std::to_string(b) + ": key and value buffers must both be [1, " + std::to_string(Hkv) +
+                ", S, " + std::to_string(D) + "], got " + shape_str(k) + " and " + shape_str(v));
+    require(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
+    require(lengths[b] >= 1 && lengths[b] <= k.shape(2),
+            "row " + std::to_string(b) + ": length " + std::to_string(lengths[b]) + " outside the buffer's 1.." +
+                std::to_string(k.shape(2)));
+    inputs.push_back(k);
+    inputs.push_back(v);
+  }
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, lengths), std::move(inputs));
 }
 
 }  // namespace q3k

@@ -24,6 +24,14 @@ NB_MODULE(_ext, m) {
   m.def("decode_attention", &q3k::decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(scale * q k^T) v for one query row per head (q [B, H, 1, D], k/v [B, Hkv, S, D], read in place).");
+  m.def("ragged_decode_attention", &q3k::ragged_decode_attention, "q"_a, "keys"_a, "values"_a, "lengths"_a, "scale"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "Decode attention for a batch of sequences at different lengths, each in its own cache buffer "
+        "(keys[b], values[b] [1, Hkv, capacity, D]; row b sees its first lengths[b] keys).");
+  m.def("kv_append", &q3k::kv_append, "keys"_a, "values"_a, "kbufs"_a, "vbufs"_a, "positions"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "Write keys/values [B, Hkv, L, D] into each row's cache buffers at positions[b], in place -> "
+        "[k_0, v_0, k_1, v_1, ...].");
   m.def("attention", &q3k::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(scale * q k^T [+ causal]) v, q [B, H, L, D], k/v [B, Hkv, S, D] (read in place), no score matrix.");

@@ -111,8 +111,9 @@ void run_products(const Kernels& k, const std::vector<MatArgs>& mats) {
     // rows, slower at 16). Quantized and bfloat16 weights stay on ours, which expands a block small enough
     // for L2: expanding a larger tile for BLAS measured 10-15% slower prefill. Scattered output rows (expert
     // gathers) stay on ours too.
-    const bool blas = a.wt == WType::F32 && a.M >= kBlasMinRows && a.yrows == nullptr && blas_ready();
-    const bool gemm = a.M > gemv_max_rows();
+    const int path_rows = a.path_rows > 0 ? a.path_rows : a.M;
+    const bool blas = a.wt == WType::F32 && path_rows >= kBlasMinRows && a.yrows == nullptr && blas_ready();
+    const bool gemm = path_rows > gemv_max_rows();
     int rows;
     if (blas) {
       // Two tasks per thread (each GEMM packs the activations again), a multiple of 16 rows.

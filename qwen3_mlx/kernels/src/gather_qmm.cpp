@@ -58,14 +58,14 @@ Groups group_pairs(const float* xp, const Layout& xl, const int32_t* ip, const L
 // One product per expert that has pairs: its rows of the gathered activations xg [valid, K] against the
 // weight `set_weight` fills in, written back to the pairs' output rows.
 template <class SetWeight>
-void run_experts(const Groups& g, int E, int N, int K, const float* xg, float* yp, SetWeight set_weight) {
+void run_experts(const Groups& g, int E, int N, int K, int path_rows, const float* xg, float* yp, SetWeight set_weight) {
   thread_local std::vector<MatArgs> mats;
   mats.clear();
   for (int e = 0; e < E; ++e) {
     const int lo = g.count[e], n = g.count[e + 1] - lo;
     if (n == 0) continue;
     MatArgs a;
-    a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n, a.N = N, a.K = K;
+    a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n, a.path_rows = path_rows, a.N = N, a.K = K;
     a.y = yp, a.ldy = N, a.yrows = g.order + lo;
     set_weight(a, e, lo);
     mats.push_back(a);
@@ -82,6 +82,10 @@ int pairs_per_row(const mx::array& x, const mx::array& indices) {
   return indices.shape(-1);
 }
 
+// indices [..., L, k]: the kernel is chosen by a sequence's L positions, not by how many pairs an expert
+// got (which depends on the other sequences of a batch and on how a prompt is chunked).
+int sequence_rows(const mx::array& indices) { return indices.ndim() >= 2 ? indices.shape(-2) : 1; }
+
 class GatherQMatmul : public CpuPrimitive {
  public:
   GatherQMatmul(mx::Stream s, int group_size, int bits, bool has_biases, int pairs_per_row)
@@ -96,10 +100,10 @@ class GatherQMatmul : public CpuPrimitive {
     alloc_output(y);
     auto& enc = encoder(stream(), in, out);
     const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
-    const int P = static_cast<int>(idx.size());
+    const int P = static_cast<int>(idx.size()), L = sequence_rows(idx);
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), il = Layout(idx), wp = w.data<uint8_t>(), sp = scales.data<uint8_t>(),
                   bp = has_biases_ ? in[3].data<uint8_t>() : nullptr, ip = idx.data<int32_t>(), yp = y.data<float>(),
-                  st = scale_type(scales.dtype()), ssize = static_cast<int>(scales.itemsize()), E, N, K, P,
+                  st = scale_type(scales.dtype()), ssize = static_cast<int>(scales.itemsize()), E, N, K, P, L,
                   gs = gs_, bits = bits_, per_row = per_row_]() mutable {
       thread_local Scratch xbuf, sums;
       const Kernels& k = kernels();
@@ -109,7 +113,7 @@ class GatherQMatmul : public CpuPrimitive {
       float* xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(g.valid) * G) : nullptr;
       prepare_x(k, g.x, g.srcrow, g.valid, K, gs, bits == 4, xq, xs);
       const int64_t row_bytes = static_cast<int64_t>(K) * bits / 8;
-      run_experts(g, E, N, K, xq, yp, [&](MatArgs& a, int e, int lo) {
+      run_experts(g, E, N, K, L, xq, yp, [&](MatArgs& a, int e, int lo) {
         a.xsum = xs ? xs + static_cast<int64_t>(lo) * G : nullptr;
         a.w = wp + static_cast<int64_t>(e) * N * row_bytes, a.w_row_bytes = row_bytes;
         a.wt = bits == 4 ? WType::Q4 : WType::Q8;
@@ -145,15 +149,15 @@ class GatherMatmul : public CpuPrimitive {
     alloc_output(y);
     auto& enc = encoder(stream(), in, out);
     const int E = w.shape(0), N = w.shape(1), K = x.shape(-1);
-    const int P = static_cast<int>(idx.size());
+    const int P = static_cast<int>(idx.size()), L = sequence_rows(idx);
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), il = Layout(idx), wp = w.data<uint8_t>(),
                   bf16 = w.dtype() == mx::bfloat16, isz = static_cast<int64_t>(w.itemsize()), ip = idx.data<int32_t>(),
-                  yp = y.data<float>(), E, N, K, P, per_row = per_row_]() mutable {
+                  yp = y.data<float>(), E, N, K, P, L, per_row = per_row_]() mutable {
       thread_local Scratch xbuf;
       const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
       float* xg = xbuf.get(static_cast<size_t>(g.valid) * K);
       prepare_x(kernels(), g.x, g.srcrow, g.valid, K, 1, false, xg, nullptr);
-      run_experts(g, E, N, K, xg, yp, [&](MatArgs& a, int e, int) {
+      run_experts(g, E, N, K, L, xg, yp, [&](MatArgs& a, int e, int) {
         a.w = wp + static_cast<int64_t>(e) * N * K * isz, a.w_row_bytes = K * isz;
         a.wt = bf16 ? WType::BF16 : WType::F32;
       });

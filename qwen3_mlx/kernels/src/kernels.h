@@ -16,6 +16,11 @@ struct MatArgs {
   const float* x = nullptr;
   int64_t ldx = 0;
   int M = 0;
+  // Rows that choose the kernel (decode, blocked or BLAS): the positions of one sequence in this call, not
+  // the rows of the batch or of one expert, so each row's result is bit-identical whether its sequence runs
+  // alone, batched with others, or prefilled in other chunks of the same kernel class (a server's greedy
+  // requests rely on it). 0: M.
+  int path_rows = 0;
   const float* xsum = nullptr;  // [M, K / gs] group sums of x (quantized weights with biases)
   // Weights: N rows of K values; row n starts at w + n * w_row_bytes.
   const void* w = nullptr;

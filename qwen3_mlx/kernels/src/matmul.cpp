@@ -21,7 +21,11 @@ class FloatMatmul : public CpuPrimitive {
     auto& enc = encoder(stream(), in, out);
     const int K = x.shape(-1), N = w.shape(-2);
     const int64_t Bw = w.size() / (static_cast<int64_t>(N) * K > 0 ? static_cast<int64_t>(N) * K : 1);
-    const int M = x.ndim() >= 2 ? x.shape(-2) : 1;
+    // A plain layer (w [N, K]) takes every row of x as one product; the kernel is still chosen by one
+    // sequence's positions (x [..., L, K]) so a batch of sequences computes each exactly as alone.
+    // Batched weights (attention's products): one product per batch.
+    const int L = x.ndim() >= 2 ? x.shape(-2) : 1;
+    const int M = w.ndim() == 2 && K > 0 ? static_cast<int>(x.size() / K) : L;
     const int64_t B = K > 0 && M > 0 ? static_cast<int64_t>(x.size()) / (static_cast<int64_t>(M) * K) : 0;
     // Weight rows must be contiguous (unit stride within a row); the rows themselves and the batches
     // may sit anywhere, so a slice of the KV cache (prefill attention's keys) is read in place.
@@ -31,7 +35,7 @@ class FloatMatmul : public CpuPrimitive {
     // Batch b of the weight starts at batch_off(b): its leading indices by w's strides.
     std::vector<int64_t> wshape(w.shape().begin(), w.shape().end() - 2), wstr(ws.begin(), ws.end() - 2);
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint8_t>(), bf16 = w.dtype() == mx::bfloat16,
-                  isz = static_cast<int64_t>(w.itemsize()), yp = y.data<float>(), B, Bw, M, N, K, rows_ok,
+                  isz = static_cast<int64_t>(w.itemsize()), yp = y.data<float>(), B, Bw, M, L, N, K, rows_ok,
                   row_stride = static_cast<int64_t>(nd >= 2 ? ws[nd - 2] : K), wshape, wstr, wl = Layout(w),
                   ysize = static_cast<int64_t>(y.size())]() {
       if (ysize == 0) return;
@@ -68,7 +72,7 @@ class FloatMatmul : public CpuPrimitive {
           wb /= wshape[i];
         }
         MatArgs a;
-        a.x = xa + b * M * K, a.ldx = K, a.M = M;
+        a.x = xa + b * M * K, a.ldx = K, a.M = M, a.path_rows = L;
         a.w = wbase + off * isz, a.w_row_bytes = rs * isz;
         a.wt = bf16 ? WType::BF16 : WType::F32;
         a.N = N, a.K = K;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <variant>
 #include <vector>
 
 #include "mlx/ops.h"
@@ -39,6 +40,20 @@ mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            mx::StreamOrDevice s = {});
 
+// The same for a batch of sequences at different lengths, each in its own cache buffer: q [B, H, 1, D],
+// keys[b] and values[b] [1, Hkv, capacity_b, D] float32 of which row b sees the first lengths[b].
+// A row's result is bit-identical to decode_attention on that sequence alone.
+mx::array ragged_decode_attention(const mx::array& q, const std::vector<mx::array>& keys,
+                                  const std::vector<mx::array>& values, const std::vector<int>& lengths, float scale,
+                                  mx::StreamOrDevice s = {});
+
+// Writes keys and values [B, Hkv, L, D] (float32, any strides) of a batch of sequences into each one's
+// cache buffers kbufs[b], vbufs[b] [1, Hkv, capacity_b, D] at positions[b] .. positions[b] + L - 1, in place
+// (a strided buffer is copied first) -> the 2B updated buffers k_0, v_0, k_1, v_1, ...
+std::vector<mx::array> kv_append(const mx::array& keys, const mx::array& values, const std::vector<mx::array>& kbufs,
+                                 const std::vector<mx::array>& vbufs, const std::vector<int>& positions,
+                                 mx::StreamOrDevice s = {});
+
 // softmax(scale * q k^T [+ causal mask aligned to the keys' end]) v for any number of query rows:
 // q [B, H, L, D], k and v [B, Hkv, S, D] float32 (any strides), Hkv dividing H -> [B, H, L, D] float32.
 // Blocked over keys with an online softmax: no [H, L, S] score matrix is held.
@@ -56,9 +71,10 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
 
 // Rotary embedding of whole heads in HF's half-split layout: x [B, H, L, D] float32 (any strides),
-// times mscale, rotated by angles (offset + l) * inv_freq [D / 2] -> [B, H, L, D] float32.
-mx::array rope(const mx::array& x, const mx::array& inv_freq, int64_t offset, float mscale,
-               mx::StreamOrDevice s = {});
+// times mscale, rotated by angles (offset + l) * inv_freq [D / 2] -> [B, H, L, D] float32. `offset`: one
+// for every row, or one per batch row (sequences at different lengths).
+mx::array rope(const mx::array& x, const mx::array& inv_freq, const std::variant<int64_t, std::vector<int64_t>>& offset,
+               float mscale, mx::StreamOrDevice s = {});
 
 // Best of `repeats` reads of an nbytes buffer on the kernels' threads, in GB/s.
 double read_bandwidth_gbs(int64_t nbytes, int repeats);

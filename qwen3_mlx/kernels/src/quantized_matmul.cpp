@@ -19,9 +19,10 @@ class QuantizedMatmul : public CpuPrimitive {
     auto& enc = encoder(stream(), in, out);
     const int K = x.shape(-1), N = w.shape(0);
     const int M = K > 0 ? static_cast<int>(x.size() / K) : 0;
+    const int path_rows = x.ndim() >= 2 ? x.shape(-2) : 1;  // x [..., L, K]: positions of one sequence
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint32_t>(), sp = scales.data<void>(),
                   bp = has_biases_ ? in[3].data<void>() : nullptr, yp = y.data<float>(), st = scale_type(scales.dtype()),
-                  M, N, K, gs = gs_, bits = bits_]() {
+                  M, N, K, path_rows, gs = gs_, bits = bits_]() {
       thread_local Scratch xbuf, sums, xraw;
       const Kernels& k = kernels();
       const float* xsrc = xp;
@@ -31,7 +32,7 @@ class QuantizedMatmul : public CpuPrimitive {
         xsrc = c;
       }
       MatArgs a;
-      a.M = M, a.N = N, a.K = K, a.gs = gs;
+      a.M = M, a.path_rows = path_rows, a.N = N, a.K = K, a.gs = gs;
       a.wt = bits == 4 ? WType::Q4 : WType::Q8;
       a.w = wp, a.w_row_bytes = static_cast<int64_t>(K) * bits / 8;
       a.scales = sp, a.biases = bp, a.st = st;
