@@ -105,7 +105,7 @@ def tiny(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny):
-    server = Server(tiny, "--max-queue", "0", "--max-tokens-limit", "3000")
+    server = Server(tiny, "--max-concurrency", "1", "--max-queue", "0", "--max-tokens-limit", "3000")
     yield server
     server.close()
 

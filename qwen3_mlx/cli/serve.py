@@ -21,7 +21,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
     port: int = typer.Option(8080, "--port", help="TCP port.", min=0, max=65535),
     api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait behind the running one (429 beyond).", min=0),
+    max_concurrency: int = typer.Option(
+        8, "--max-concurrency", help="Requests generated together in one batch (each needs its own KV cache).", min=1
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a place in the batch (429 beyond).",
+                                  min=0),
     max_tokens_limit: int = typer.Option(32768, "--max-tokens-limit", help="Largest max_tokens a request may ask for.", min=1),
     prompt_cache_bytes: int = typer.Option(
         1 << 30, "--prompt-cache-bytes", help="KV cache kept across requests for shared prefixes (0 = off).", min=0
@@ -37,6 +41,7 @@ def serve(
 
     loaded, tokenizer = load_for_cli(model)
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
+                     max_concurrency=max_concurrency,
                      max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)

@@ -1,8 +1,18 @@
-"""The server's engine: one thread owns MLX and runs the requests; HTTP handlers never touch arrays.
+"""The server's engine: one thread owns MLX and runs every request; HTTP handlers never touch arrays.
 
-This first version runs one request at a time, in arrival order, with a bounded queue behind it (continuous
-batching is the next step). Each request's tokens go back to its handler through an asyncio queue, and a
-handler that goes away (client disconnect) cancels its request within one token.
+Continuous batching. Each turn of the loop runs
+- one prefill piece (at most `prefill_piece` tokens) of the oldest request still reading its prompt (or
+  another multi-token forward: a thinking budget's stop text), so a newcomer never stalls the others for
+  more than a piece, then
+- one batched forward of a single token for every other running request, each at its own length in its
+  own KV cache (`BatchKVCache`), and a per-request sampling of its row.
+Requests join and leave between turns without copying anyone's cache. A sequence computes bit for bit what
+it would alone (the kernels choose by a sequence's own positions, prefill pieces keep the kernels of plain
+chunks), so a greedy request gives `qwen3-mlx generate`'s tokens whatever else is running, and a seeded one
+draws from its own random stream.
+
+Each request's tokens go back to its handler through an asyncio queue; a handler that goes away (client
+disconnect) cancels its request before the next turn.
 """
 
 from __future__ import annotations
@@ -11,12 +21,15 @@ import asyncio
 import queue
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from ..errors import Qwen3MLXError
-from ..generate import stream_generate
-from ..models.cache import make_cache, truncate_cache
+from ..generate import Sequence, prefill_plan
+from ..models.cache import batch_cache, make_cache, truncate_cache
 from .protocol import ApiError
 
 
@@ -53,7 +66,7 @@ class PrefixCache:
     def put(self, tokens: list[int], cache: list) -> None:
         if self.max_bytes <= 0 or not tokens:
             return
-        held = min(c.offset for c in cache)
+        held = min(len(tokens), truncate_cache(cache, len(tokens)))
         self.entries.append((tuple(tokens[:held]), cache))
         while self.entries and sum(sum(c.nbytes for c in e[1]) for e in self.entries) > self.max_bytes:
             self.entries.pop(0)
@@ -61,7 +74,7 @@ class PrefixCache:
 
 @dataclass
 class Job:
-    """One generation: `stream_generate` keyword options, and where its responses go."""
+    """One generation: `Sequence` keyword options, and where its responses go."""
 
     prompt: Any  # token ids
     options: dict
@@ -74,57 +87,161 @@ class Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
 
 
-class Engine:
-    """Runs jobs on one worker thread. `submit` is called from the event loop; events come back as
-    ("token", GenerationResponse), then ("done", None) or ("error", ApiError)."""
+@dataclass
+class _Forward:
+    """A forward a running request still needs: tokens to feed, and whether its last logits are sampled."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = 64, prompt_cache_bytes: int = 1 << 30):
+    tokens: list[int]
+    sample: bool = False
+    n_generated: int = 0  # of `tokens`, how many are output (for the penalties)
+    mask: mx.array | None = None
+
+
+class _Running:
+    def __init__(self, job: Job, seq: Sequence, work: list[_Forward]):
+        self.job, self.seq = job, seq
+        self.work: deque[_Forward] = deque(work)
+        self.y: mx.array | None = None  # the sampled next token, not yet handed out
+
+
+class Engine:
+    """Runs jobs on one worker thread, up to `max_concurrency` of them batched together and `max_queue` more
+    waiting. `submit` is called from the event loop; events come back as ("token", GenerationResponse), then
+    ("done", None) or ("error", ApiError)."""
+
+    def __init__(self, model, tokenizer, *, max_queue: int = 64, max_concurrency: int = 8,
+                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512, prefill_piece: int = 128):
         self.model, self.tokenizer = model, tokenizer
-        self.max_queue = max_queue
+        self.max_queue, self.max_concurrency = max_queue, max(1, max_concurrency)
+        self.prefill_step_size, self.prefill_piece = prefill_step_size, prefill_piece
         self.prefixes = PrefixCache(prompt_cache_bytes)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._waiting = 0
+        self._queued = 0  # submitted, not yet running
         self._lock = threading.Lock()
+        self._running: list[_Running] = []
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._waiting >= self.max_queue + 1:  # the running job plus max_queue waiting
-                raise QueueFull(f"the server is busy: {self._waiting} requests are ahead of this one")
-            self._waiting += 1
+            free = self.max_concurrency - len(self._running)
+            if self._queued >= self.max_queue + max(0, free):
+                raise QueueFull(f"the server is busy: {self._queued + len(self._running)} requests are ahead of "
+                                "this one")
+            self._queued += 1
         self._jobs.put(job)
 
     def close(self) -> None:
         self._jobs.put(None)
 
+    # ---- the engine thread ----
+
     def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+        while not self._closed:
+            self._admit()
+            if not self._running:
+                continue
             try:
-                if not job.cancelled.is_set():
-                    # The repetition penalty counts the prompt's tokens: a fresh prefill keeps that exact.
-                    reuse = job.options.get("repetition_penalty") in (None, 1.0)
-                    cache, cached = self.prefixes.take(job.prompt, self.model) if reuse else (make_cache(self.model), 0)
-                    job.cached_tokens = cached
-                    generated: list[int] = []
-                    try:
-                        for response in stream_generate(self.model, self.tokenizer, job.prompt[cached:],
-                                                        prompt_cache=cache, **job.options):
-                            generated.append(response.token)
-                            if job.cancelled.is_set():
-                                break
-                            job.send("token", response)
-                    finally:
-                        self.prefixes.put(job.prompt + generated, cache)
-                job.send("done")
-            except Qwen3MLXError as e:
-                job.send("error", ApiError(400, str(e)))
-            except Exception:  # never let one request take the engine down; the log keeps the trace
+                self._turn()
+            except Exception:  # never let one failure take the engine down; the log keeps the trace
                 traceback.print_exc()
-                job.send("error", ApiError(500, "internal error while generating", type="server_error"))
-            finally:
-                with self._lock:
-                    self._waiting -= 1
+                for r in self._running:
+                    r.job.send("error", ApiError(500, "internal error while generating", type="server_error"))
+                self._running = []
+
+    def _admit(self) -> None:
+        """Start waiting jobs while there is room (waiting for one when nothing runs)."""
+        while len(self._running) < self.max_concurrency:
+            try:
+                job = self._jobs.get(block=not self._running)
+            except queue.Empty:
+                return
+            if job is None:
+                self._closed = True
+                return
+            with self._lock:
+                self._queued -= 1
+            if not job.cancelled.is_set():
+                self._start(job)
+
+    def _start(self, job: Job) -> None:
+        # The repetition penalty counts the prompt's tokens: a fresh prefill keeps that exact.
+        reuse = job.options.get("repetition_penalty") in (None, 1.0)
+        cache, cached = self.prefixes.take(job.prompt, self.model) if reuse else (make_cache(self.model), 0)
+        try:
+            seq = Sequence(self.model, self.tokenizer, job.prompt, prompt_cache=cache, **job.options)
+        except Qwen3MLXError as e:
+            job.send("error", ApiError(400, str(e)))
+            return
+        job.cached_tokens = cached
+        rest = seq.prefill[cached:]
+        work = [_Forward(rest[a:b]) for a, b in prefill_plan(len(rest), self.prefill_step_size, self.prefill_piece)]
+        tokens, n_generated, mask = seq.first_input()
+        work.append(_Forward(tokens, True, n_generated, mask))
+        r = _Running(job, seq, work)
+        with self._lock:
+            self._running.append(r)
+        self._hand_out_forced(r)
+
+    def _turn(self) -> None:
+        for r in [r for r in self._running if r.job.cancelled.is_set()]:
+            self._finish(r)
+        if not self._running:
+            return
+        # One multi-token forward (a prefill piece, a budget's stop text) for the oldest request needing one.
+        solo = next((r for r in self._running if r.work and len(r.work[0].tokens) > 1), None)
+        pending = []
+        if solo is not None:
+            f = solo.work.popleft()
+            logits = self.model(mx.array(f.tokens)[None], solo.seq.cache)
+            if f.sample:
+                solo.y = solo.seq.sample(logits[:, -1, :], f.tokens, f.n_generated, f.mask)
+                pending.append(solo.y)
+            else:
+                pending.extend(c.state for c in solo.seq.cache)  # evaluated now: memory stays bounded
+        # One batched single-token forward for everyone else.
+        batch = [r for r in self._running if r.work and len(r.work[0].tokens) == 1]
+        if batch:
+            heads = [r.work.popleft() for r in batch]
+            inputs = mx.array([f.tokens for f in heads])  # [B, 1]
+            logits = self.model(inputs, batch_cache([r.seq.cache for r in batch]))[:, -1, :]  # [B, vocab]
+            pending.append(logits)
+            for b, (r, f) in enumerate(zip(batch, heads)):
+                if f.sample:
+                    r.y = r.seq.sample(logits[b : b + 1], f.tokens, f.n_generated, f.mask)
+                    pending.append(r.y)
+        mx.eval(pending)
+        for r in [r for r in self._running if r.y is not None and not r.work]:
+            self._hand_out(r)
+
+    def _hand_out(self, r: _Running) -> None:
+        """Send the sampled token of `r` and plan its next forwards."""
+        seq = r.seq
+        token = int(r.y.item())
+        r.y = None
+        seq.constrain(token)
+        response = seq.take(token)
+        r.job.send("token", response)
+        if response.finish_reason is not None:
+            self._finish(r)
+        elif seq.forced:
+            # The thinking budget ran out: feed the token, then the stop text, whose last logits are sampled.
+            stop = list(seq.forced)
+            r.work.extend([_Forward([token]), _Forward(stop, True, len(stop))])
+            self._hand_out_forced(r)
+        else:
+            r.work.append(_Forward([token], True, 1, seq.mask_after(token)))
+
+    def _hand_out_forced(self, r: _Running) -> None:
+        while r.seq.forced and r in self._running:
+            response = r.seq.take(r.seq.forced.popleft(), sampled=False)
+            r.job.send("token", response)
+            if response.finish_reason is not None:
+                self._finish(r)
+
+    def _finish(self, r: _Running) -> None:
+        with self._lock:
+            self._running.remove(r)
+        self.prefixes.put(r.seq.ids + r.seq.generated, r.seq.cache)
+        r.job.send("done")

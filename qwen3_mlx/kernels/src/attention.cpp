@@ -137,7 +137,7 @@ class DecodeAttention : public CpuPrimitive {
     alloc_output(y);
     auto& enc = encoder(stream(), in, out);
     const int B = q.shape(0), Hkv = in[1].shape(1), threads = Pool::get().size();
-    const bool ragged = in.size() > 3;
+    const bool ragged = !lengths_.empty();  // (a batch of one has as many inputs as the plain form)
     std::vector<Row> rows;
     rows.reserve(B);
     int ntasks = 0;
