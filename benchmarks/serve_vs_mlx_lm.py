@@ -2,11 +2,14 @@
 
     qwen3-mlx quantize /tmp/peer-ckpt/qwen3-0.6b /tmp/q06-4bit --bits 4      # any folder both can load
     python benchmarks/serve_vs_mlx_lm.py /tmp/q06-4bit [--concurrency 1,4,16] [--requests 2] [--max-tokens 32]
+                                         [--no-mlx-lm]
 
-Both servers run side by side; for each concurrency level, C clients each send `--requests` greedy
-/v1/completions requests (the same prompts for both servers), first to ours, then to mlx-lm's. Aggregate
-tokens/s = completion tokens of all requests / wall time of the level. mlx-lm's server batches decoding
-(--decode-concurrency, default 32); ours runs one request at a time so far.
+The servers run side by side: ours batching (--max-concurrency = the largest level), ours one request at a
+time (--max-concurrency 1, what continuous batching replaced) and mlx-lm's (which batches decoding,
+--decode-concurrency 32 by default; --no-mlx-lm leaves it out, it is ~100x slower on this CPU). For each
+concurrency level, C clients each send `--requests` greedy /v1/completions requests (the same prompts for
+every server), one server after the other. Aggregate tokens/s = completion tokens of all requests / wall time
+of the level.
 """
 
 from __future__ import annotations
@@ -67,37 +70,49 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--no-mlx-lm", action="store_true", help="leave mlx_lm.server out")
     args = ap.parse_args()
-    ours_port, theirs_port = free_port(), free_port()
-    ours = subprocess.Popen([sys.executable, "-m", "qwen3_mlx", "serve", args.model, "--port", str(ours_port),
-                             "--max-queue", "1024"], stderr=subprocess.DEVNULL)
-    theirs = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", args.model, "--port",
-                               str(theirs_port)], stderr=subprocess.DEVNULL)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    ours = [sys.executable, "-m", "qwen3_mlx", "serve", args.model, "--max-queue", "1024", "--prompt-cache-bytes", "0"]
+    commands = {
+        "qwen3-mlx": ours + ["--max-concurrency", str(max(levels))],
+        "qwen3-mlx, one at a time": ours + ["--max-concurrency", "1"],
+    }
+    if not args.no_mlx_lm:
+        commands["mlx-lm"] = [sys.executable, "-m", "mlx_lm", "server", "--model", args.model]
+    procs, bases = {}, {}
     try:
-        bases = {"qwen3-mlx": f"http://127.0.0.1:{ours_port}", "mlx-lm": f"http://127.0.0.1:{theirs_port}"}
-        for base in bases.values():
-            wait_ready(base, ours if base.endswith(str(ours_port)) else theirs)
-        for name, base in bases.items():  # warm-up
-            complete(base, args.model, "Hello", 4)
+        for name, cmd in commands.items():
+            port = free_port()
+            procs[name] = subprocess.Popen(cmd + ["--port", str(port)], stderr=subprocess.DEVNULL)
+            bases[name] = f"http://127.0.0.1:{port}"
+        for name, base in bases.items():
+            wait_ready(base, procs[name])
+            complete(base, args.model, "Hello", 4)  # warm-up
         rows = []
-        for c in (int(x) for x in args.concurrency.split(",")):
+        for c in levels:
             got = {}
             for name, base in bases.items():
                 got[name] = level(base, args.model, c, args.requests, args.max_tokens)
                 print(f"concurrency {c}: {name} {got[name]:.1f} tok/s", file=sys.stderr, flush=True)
-            rows.append((c, got["qwen3-mlx"], got["mlx-lm"]))
+            rows.append((c, got))
     finally:
-        for p in (ours, theirs):
+        for p in procs.values():
             p.terminate()
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-    print(f"\n{args.model}, greedy /v1/completions, {args.max_tokens} tokens, {args.requests} requests per client\n")
-    print("| concurrency | qwen3-mlx aggregate tok/s | mlx_lm.server aggregate tok/s | ours / mlx-lm |")
-    print("|---|---|---|---|")
-    for c, a, b in rows:
-        print(f"| {c} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    names = list(bases)
+    print(f"\n{args.model}, greedy /v1/completions, {args.max_tokens} tokens, {args.requests} requests per client, "
+          "aggregate tok/s\n")
+    print("| concurrency | " + " | ".join(names) + " | batched / one at a time |"
+          + (" batched / mlx-lm |" if "mlx-lm" in names else ""))
+    print("|---" * (len(names) + 2 + ("mlx-lm" in names)) + "|")
+    for c, got in rows:
+        ratio = got["qwen3-mlx"] / got["qwen3-mlx, one at a time"]
+        extra = f" {got['qwen3-mlx'] / got['mlx-lm']:.2f}x |" if "mlx-lm" in got else ""
+        print(f"| {c} | " + " | ".join(f"{got[n]:.1f}" for n in names) + f" | {ratio:.2f}x |" + extra)
 
 
 if __name__ == "__main__":

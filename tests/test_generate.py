@@ -271,3 +271,19 @@ def test_constraint_masks_the_answer_not_the_reasoning(tok):
     assert constraint.seen == target and responses[-1].finish_reason == "stop"
     with pytest.raises(Qwen3MLXError, match="thinking_budget"):
         list(stream_generate(ScriptedModel(rule), tok, "x", constraint=ScriptedConstraint(target), thinking_budget=3))
+
+
+@pytest.mark.parametrize("n", [0, 1, 8, 63, 64, 130, 511, 512, 513, 600, 1100, 1535])
+@pytest.mark.parametrize("piece", [None, 64, 100, 128, 512])
+def test_prefill_plan_covers_the_prompt_in_pieces_that_keep_their_chunks_kernels(n, piece):
+    from qwen3_mlx.generate import SAME_KERNEL_ROWS, prefill_plan
+
+    plain = prefill_plan(n, 512)
+    assert plain == [(a, min(n, a + 512)) for a in range(0, n, 512)]
+    ranges = prefill_plan(n, 512, piece)
+    assert [i for a, b in ranges for i in range(a, b)] == list(range(n))  # every token once, in order
+    for a, b in ranges:
+        chunk = next((c0, c1) for c0, c1 in plain if c0 <= a < c1)
+        assert b <= chunk[1]  # a piece never spans two chunks
+        if b - a != chunk[1] - chunk[0]:  # a cut chunk: no piece below the size where kernels change
+            assert b - a >= SAME_KERNEL_ROWS and (piece is None or b - a < piece + SAME_KERNEL_ROWS)

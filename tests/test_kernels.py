@@ -535,3 +535,180 @@ def test_rope_and_rms_norm_refuse_bad_shapes():
         ext.rope(mx.zeros((1, 1, 1, 4)), mx.zeros((3,)), 0, 1.0)
     with pytest.raises(ValueError, match="does not match"):
         ext.rms_norm(mx.zeros((2, 8)), mx.zeros((7,)), 1e-6)
+
+
+# ---- batches of sequences: each row bit-identical to its sequence alone (what the server's batching relies on) ----
+
+
+def same_bits(a: mx.array, b: mx.array) -> bool:
+    return np.array_equal(np.array(a), np.array(b))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(2, 20), kind=st.sampled_from(["q4", "q8", "f32", "bf16"]), seed=st.integers(0, 2**16))
+def test_a_batch_of_decode_rows_computes_each_row_as_alone(batch, kind, seed):
+    """x [B, 1, K] (B sequences, one token each) gives row b exactly as x[b:b+1]: the kernel is picked by a
+    sequence's positions, not by the batch (B > 8 would otherwise switch to the blocked kernel)."""
+    n, k = 200, 256
+    x = mx.random.normal((batch, 1, k), key=mx.random.key(seed))
+    if kind in ("q4", "q8"):
+        wq, s, b = quantized((n, k), int(kind[1]), 64, mx.float32, seed + 1)
+        f = lambda v: ext.quantized_matmul(v, wq, s, b, 64, int(kind[1]))  # noqa: E731
+    else:
+        w = mx.random.normal((n, k), key=mx.random.key(seed + 1)).astype(mx.float32 if kind == "f32" else mx.bfloat16)
+        f = lambda v: ext.matmul(v, w)  # noqa: E731
+    y = f(x)
+    assert all(same_bits(y[i], f(x[i : i + 1])[0]) for i in range(batch))
+    ref = x.reshape(batch, k) @ (mx.dequantize(wq, s, b, 64, int(kind[1])) if kind[0] == "q" else w.astype(mx.float32)).T
+    assert rel_err(y.reshape(batch, n), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_a_batch_of_decode_rows_through_the_experts_computes_each_row_as_alone(quant):
+    tokens, experts, top_k, n, k = 16, 8, 2, 64, 64
+    x = mx.random.normal((tokens, 1, k), key=mx.random.key(3))
+    idx = mx.array(np.random.RandomState(0).randint(0, 2, size=(tokens, 1, top_k)), mx.uint32)  # crowded experts
+    w = mx.random.normal((experts, n, k), key=mx.random.key(4)) * 0.05
+    if quant:
+        wq, s, b = mx.quantize(w, 64, 4)
+        f = lambda v, i: ext.gather_qmm(v, wq, s, b, i, 64, 4)  # noqa: E731
+    else:
+        f = lambda v, i: ext.gather_mm(v, w, i)  # noqa: E731
+    y = f(x, idx)
+    assert all(same_bits(y[i], f(x[i : i + 1], idx[i : i + 1])[0]) for i in range(tokens))
+
+
+@pytest.mark.parametrize("piece", [64, 100, 128])
+@pytest.mark.parametrize("kind", ["q4", "f32"])
+def test_prefill_in_pieces_of_the_plan_computes_as_plain_chunks(piece, kind):
+    """prefill_plan's pieces (never under SAME_KERNEL_ROWS tokens unless their chunk is) keep every row on
+    the kernels of the plain 512-token chunks: quantized blocked kernel, float32 OpenBLAS, flash attention."""
+    from qwen3_mlx.generate import prefill_plan
+
+    n, k, L = 256, 256, 1100
+    x = mx.random.normal((1, L, k), key=mx.random.key(5))
+    if kind == "q4":
+        wq, s, b = quantized((n, k), 4, 64, mx.float32, 6)
+        f = lambda v: ext.quantized_matmul(v, wq, s, b, 64, 4)  # noqa: E731
+    else:
+        w = mx.random.normal((n, k), key=mx.random.key(6))
+        f = lambda v: ext.matmul(v, w)  # noqa: E731
+    plain = [f(x[:, a:e]) for a, e in prefill_plan(L, 512)]
+    pieces = [f(x[:, a:e]) for a, e in prefill_plan(L, 512, piece)]
+    assert same_bits(mx.concatenate(plain, axis=1), mx.concatenate(pieces, axis=1))
+    q = mx.random.normal((1, 8, L, 32), key=mx.random.key(7))
+    kv = mx.random.normal((1, 2, L, 32), key=mx.random.key(8))
+    whole = mx.concatenate([ext.attention(q[:, :, a:e], kv[:, :, :e], kv[:, :, :e], 0.2, True)
+                            for a, e in prefill_plan(L, 512)], axis=2)
+    cut = mx.concatenate([ext.attention(q[:, :, a:e], kv[:, :, :e], kv[:, :, :e], 0.2, True)
+                          for a, e in prefill_plan(L, 512, piece)], axis=2)
+    assert same_bits(whole, cut)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(1, 2600), min_size=1, max_size=6),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    rep=st.sampled_from([1, 2, 8]),
+    d=st.sampled_from([16, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_ragged_decode_attention_equals_each_sequence_alone_and_mlx(lengths, kv_heads, rep, d, seed):
+    """Each row in its own buffer (capacity beyond its length, garbage past it) equals decode_attention on
+    that sequence's slice bit for bit (split-K chosen per row) and MLX's attention to float32 rounding."""
+    B, H = len(lengths), kv_heads * rep
+    q = mx.random.normal((B, H, 1, d), key=mx.random.key(seed))
+    keys = [mx.random.normal((1, kv_heads, n + 40, d), key=mx.random.key(seed + 1 + i)) for i, n in enumerate(lengths)]
+    values = [mx.random.normal((1, kv_heads, n + 40, d), key=mx.random.key(seed + 99 + i)) for i, n in enumerate(lengths)]
+    out = ext.ragged_decode_attention(q, keys, values, lengths, 0.125)
+    for b, n in enumerate(lengths):
+        k, v = keys[b][:, :, :n], values[b][:, :, :n]
+        assert same_bits(out[b : b + 1], ext.decode_attention(q[b : b + 1], k, v, 0.125))
+        ref = mx.fast.scaled_dot_product_attention(q[b : b + 1], k, v, scale=0.125)
+        assert rel_err(out[b : b + 1], ref) <= RTOL
+    with pytest.raises(ValueError, match="length"):
+        ext.ragged_decode_attention(q, keys, values, [n + 41 for n in lengths], 0.125)
+
+
+def test_kv_append_writes_each_row_at_its_position_in_place():
+    hkv, d = 2, 16
+    kbufs = [mx.zeros((1, hkv, c, d)) for c in (8, 300, 16)]
+    vbufs = [mx.zeros((1, hkv, c, d)) for c in (8, 300, 16)]
+    mx.eval(kbufs, vbufs)
+    keys = mx.random.normal((3, hkv, 2, d), key=mx.random.key(1))
+    values = mx.random.normal((3, 2, hkv, d), key=mx.random.key(2)).transpose(0, 2, 1, 3)  # strided, as v_proj's
+    positions = [0, 250, 14]
+    new_k, new_v = kernels.kv_append(keys, values, kbufs, vbufs, positions)
+    mx.eval(new_k, new_v)
+    for b, p in enumerate(positions):
+        assert same_bits(new_k[b][:, :, p : p + 2], keys[b : b + 1])
+        assert same_bits(new_v[b][:, :, p : p + 2], values[b : b + 1])
+        before = np.array(new_k[b])
+        before[:, :, p : p + 2] = 0
+        assert not before.any()  # nothing else written
+    assert np.array(kbufs[1])[:, :, 250:252].any()  # the same memory: no copy of the cache per step
+    with pytest.raises(ValueError, match="do not fit"):
+        ext.kv_append(keys, values, kbufs, vbufs, [7, 0, 0])
+
+
+def test_rope_takes_one_offset_per_batch_row():
+    x = mx.random.normal((3, 4, 2, 32), key=mx.random.key(1))
+    inv = kernels.rope_inv_freq(32, base=1e6)
+    offsets = [0, 17, 4000]
+    out = ext.rope(x, inv, offsets, 1.0)
+    for b, o in enumerate(offsets):
+        assert same_bits(out[b : b + 1], ext.rope(x[b : b + 1], inv, o, 1.0))
+        ref = mx.fast.rope(x[b : b + 1], 32, traditional=False, base=1e6, scale=1.0, offset=o)
+        assert rel_err(out[b : b + 1], ref) <= RTOL
+    with pytest.raises(ValueError, match="one per batch row"):
+        ext.rope(x, inv, [1, 2], 1.0)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_batch_of_sequences_decodes_each_exactly_as_alone(moe, bits):
+    """The model over BatchKVCache: each row's logits equal that sequence's solo decode bit for bit, with the
+    sequences at different lengths (one past the split-K threshold), with our kernels and with MLX's."""
+    import mlx.nn as nn
+
+    from qwen3_mlx.models import qwen3, qwen3_moe
+    from qwen3_mlx.models.cache import batch_cache, make_cache
+
+    cfg = dict(model_type="qwen3_moe" if moe else "qwen3", hidden_size=128, num_hidden_layers=2,
+               intermediate_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=32, vocab_size=300)
+    if moe:
+        cfg.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+    module = qwen3_moe if moe else qwen3
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict(cfg))
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+    mx.eval(model.parameters())
+    rs = np.random.RandomState(0)
+    prompts = [[int(t) for t in rs.randint(0, 300, size=n)] for n in (3, 40, 1030)]
+
+    def prefilled(p):
+        c = make_cache(model)
+        for a in range(0, len(p), 512):
+            model(mx.array(p[a : a + 512])[None], c)
+        mx.eval([x.state for x in c])
+        return c
+
+    for on in (True, False):
+        kernels.set_enabled(on)
+        try:
+            solo = []
+            for p in prompts:
+                c = prefilled(p)
+                solo.append([model(mx.array([[t]]), c)[0, -1] for t in (5, 6)])
+            caches = [prefilled(p) for p in prompts]
+            batched = [model(mx.array([[t]] * len(prompts)), batch_cache(caches))[:, -1] for t in (5, 6)]
+            for b in range(len(prompts)):
+                for step in range(2):
+                    if on:
+                        assert same_bits(batched[step][b], solo[b][step])
+                    else:  # MLX's ops: per-row slices, equal to float32 rounding
+                        assert rel_err(batched[step][b], solo[b][step]) <= 1e-4
+            assert [c[0].offset for c in caches] == [len(p) + 2 for p in prompts]
+        finally:
+            kernels.set_enabled(True)

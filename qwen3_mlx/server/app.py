@@ -82,7 +82,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id}
+        return {"status": "ok", "model": model_id, **engine.stats()}
 
     @app.get("/v1/models")
     async def models():

@@ -119,6 +119,7 @@ class Engine:
         self._queued = 0  # submitted, not yet running
         self._lock = threading.Lock()
         self._running: list[_Running] = []
+        self.peak_batch = 0  # the most requests one forward has served (reported by /health)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
         self._thread.start()
@@ -134,6 +135,12 @@ class Engine:
 
     def close(self) -> None:
         self._jobs.put(None)
+
+    def stats(self) -> dict:
+        """Requests running and waiting now, and the largest batch so far."""
+        with self._lock:
+            return {"running": len(self._running), "waiting": self._queued, "max_concurrency": self.max_concurrency,
+                    "peak_batch": self.peak_batch}
 
     # ---- the engine thread ----
 
@@ -203,6 +210,7 @@ class Engine:
         # One batched single-token forward for everyone else.
         batch = [r for r in self._running if r.work and len(r.work[0].tokens) == 1]
         if batch:
+            self.peak_batch = max(self.peak_batch, len(batch))
             heads = [r.work.popleft() for r in batch]
             inputs = mx.array([f.tokens for f in heads])  # [B, 1]
             logits = self.model(inputs, batch_cache([r.seq.cache for r in batch]))[:, -1, :]  # [B, vocab]
