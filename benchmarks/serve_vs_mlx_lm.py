@@ -111,8 +111,8 @@ def main() -> None:
     print("|---" * (len(names) + 2 + ("mlx-lm" in names)) + "|")
     for c, got in rows:
         ratio = got["qwen3-mlx"] / got["qwen3-mlx, one at a time"]
-        extra = f" {got['qwen3-mlx'] / got['mlx-lm']:.2f}x |" if "mlx-lm" in got else ""
-        print(f"| {c} | " + " | ".join(f"{got[n]:.1f}" for n in names) + f" | {ratio:.2f}x |" + extra)
+        extra = f" {got['qwen3-mlx'] / got['mlx-lm']:.0f}x |" if "mlx-lm" in got else ""
+        print(f"| {c} | " + " | ".join(f"{got[n]:.3g}" for n in names) + f" | {ratio:.2f}x |" + extra)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ class Engine:
         except Qwen3MLXError as e:
             job.send("error", ApiError(400, str(e)))
             return
+        except Exception:  # this request's failure only; the log keeps the trace
+            traceback.print_exc()
+            job.send("error", ApiError(500, "internal error while starting the request", type="server_error"))
+            return
         job.cached_tokens = cached
         rest = seq.prefill[cached:]
         work = [_Forward(rest[a:b]) for a, b in prefill_plan(len(rest), self.prefill_step_size, self.prefill_piece)]
