@@ -131,13 +131,16 @@ def tensor_bytes(t: Tensor, bits: int, group_size: int, dtype_bytes: int) -> int
     return rows * (cols * bits // 32) * 4 + 2 * rows * (cols // group_size) * dtype_bytes
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2) -> int:
-    """Bytes of keys and values one position occupies across all layers."""
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2, kv_bits: int | None = None,
+                       kv_group_size: int = 64) -> int:
+    """Bytes of keys and values one position occupies across all layers (quantized to `kv_bits`: packed
+    values plus a scale and a bias of `dtype_bytes` per group of `kv_group_size`)."""
     c = _cfg(config)
     H = c["num_attention_heads"]
     KV = c.get("num_key_value_heads") or H
     hd = c.get("head_dim") or c["hidden_size"] // H
-    return 2 * c["num_hidden_layers"] * KV * hd * dtype_bytes
+    row = hd * dtype_bytes if kv_bits is None else hd * kv_bits // 8 + 2 * (hd // kv_group_size) * dtype_bytes
+    return 2 * c["num_hidden_layers"] * KV * row
 
 
 def _header_bytes(path: str, quantized: bool) -> int:
@@ -195,13 +198,16 @@ def predict(
     runtime_bytes: int = RUNTIME_BYTES,
     fused_attention: bool = True,
     name: str | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
 ) -> Fit:
     """Memory prediction for `config` (a config dict or registry name) at `bits`/`group_size` or a `spec`.
 
     `dtype_bytes` is the size of scales, unquantized tensors, KV cache and activations (2 for bf16 on Apple
     GPUs, 4 for float32 on MLX's CPU backend). `bits=16` (or 0) means unquantized. `fused_attention`: the
     attention kernel never materialises the [heads, chunk, context] score matrix (MLX's Metal kernels and
-    our CPU kernels; false for MLX's own CPU attention, which holds it in float32).
+    our CPU kernels; false for MLX's own CPU attention, which holds it in float32). `kv_bits`: a quantized KV
+    cache (4 or 8 bits, groups of `kv_group_size`).
     """
     c = _cfg(config)
     name = name or (config if isinstance(config, str) else c.get("_name_or_path") or c.get("model_type"))
@@ -225,7 +231,8 @@ def predict(
     KV = c.get("num_key_value_heads") or H
     hd = c.get("head_dim") or D // H
     positions = math.ceil(context / KV_STEP) * KV_STEP
-    kv = kv_bytes_per_token(c, dtype_bytes) * positions
+    kv_row = kv_bytes_per_token(c, dtype_bytes, kv_bits, kv_group_size) // (2 * L * KV)  # one head, one position
+    kv = 2 * L * KV * kv_row * positions
     chunk = min(prefill_step, context)
     # Largest score matrix of the chunked prefill: chunk length x keys cached so far, over all chunks.
     score_cells = max(
@@ -237,8 +244,9 @@ def predict(
     attention_half = (
         (0 if fused_attention else H * score_cells * 4)  # attention scores (float32 softmax)
         + chunk * D * dtype_bytes  # the norm's output
-        + chunk * (2 * H + 2 * KV) * hd * dtype_bytes  # q, k, v and the attention output
-        + 2 * KV * hd * (positions + KV_STEP) * dtype_bytes  # one layer's cache while it grows (old + new)
+        # q and k twice (the projection, then normed and rotated), v, and the attention output
+        + chunk * (3 * H + 3 * KV) * hd * dtype_bytes
+        + 2 * KV * kv_row * (positions + KV_STEP)  # one layer's cache while it grows (old + new)
     )
     mlp_half = chunk * D * dtype_bytes + 2 * chunk * inter * dtype_bytes  # norm, gate and up (silu*up reuses gate)
     logits = c["vocab_size"] * 4 * 2  # last-position logits in float32 for sampling

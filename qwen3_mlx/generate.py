@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import Qwen3MLXError
-from .models.cache import make_cache
+from .models.cache import make_cache, quantize_cache
 from .sample import SamplingParams, apply_presence_penalty, apply_repetition_penalty, resolve_sampling, sample
 from .tools import ToolCall, parse_tool_calls
 
@@ -190,6 +190,9 @@ class Sequence:
         prompt_cache: list | None = None,
         ignore_eos: bool = False,
         constraint=None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
     ):
         self.tic = time.perf_counter()
         ids = prompt_tokens(tokenizer, prompt, enable_thinking=enable_thinking, tools=tools)
@@ -214,6 +217,16 @@ class Sequence:
         )
         if params.temperature < 0:
             raise Qwen3MLXError(f"temperature must be 0 or more, got {params.temperature}")
+        if kv_bits is not None:
+            if kv_bits not in (4, 8):
+                raise Qwen3MLXError(f"kv_bits must be 4 or 8, got {kv_bits}")
+            head_dim = getattr(model.args, "head_dim", 0)
+            if kv_group_size not in (32, 64, 128) or (head_dim and head_dim % kv_group_size):
+                raise Qwen3MLXError(f"kv_group_size must be 32, 64 or 128 and divide head_dim ({head_dim}), "
+                                    f"got {kv_group_size}")
+            if quantized_kv_start < 0:
+                raise Qwen3MLXError(f"quantized_kv_start must be 0 or more, got {quantized_kv_start}")
+        self.kv = dict(bits=kv_bits, group_size=kv_group_size, start=quantized_kv_start)
         if params.repetition_penalty is not None and params.repetition_penalty <= 0:
             raise Qwen3MLXError(f"repetition_penalty must be above 0, got {params.repetition_penalty}")
 
@@ -233,6 +246,11 @@ class Sequence:
         self._reasoning_sampled = 0
         self._t_first = None
         self._ttft = self._prompt_tps = 0.0
+
+    def quantize_cache(self) -> None:
+        """With kv_bits: turn the cache quantized once it holds quantized_kv_start positions (call before each
+        forward)."""
+        quantize_cache(self.cache, bits=self.kv["bits"], group_size=self.kv["group_size"], start=self.kv["start"])
 
     def budget_reached(self) -> bool:
         return bool(self.stop_ids) and self.tracker.in_reasoning and self._reasoning_sampled >= self.thinking_budget
@@ -332,6 +350,9 @@ def stream_generate(
     prefill_step_size: int = 512,
     ignore_eos: bool = False,
     constraint=None,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` token by token, yielding a `GenerationResponse` per token.
 
@@ -354,15 +375,20 @@ def stream_generate(
     `constraint`: limits the answer's tokens (not the reasoning's), e.g. to a JSON schema. An object with
     `mask()` (an additive [vocab] logits mask for the next token: 0 allowed, -inf not) and `advance(token)`.
     Each step then waits for its token before the next is queued (no pipelining).
+
+    `kv_bits` (4 or 8): keep the KV cache quantized (groups of `kv_group_size` along head_dim), in float
+    until it holds `quantized_kv_start` positions, then all of it quantized (attention reads it as it is).
     """
     seq = Sequence(
         model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
         enable_thinking=enable_thinking, thinking_budget=thinking_budget, tools=tools, prompt_cache=prompt_cache,
-        ignore_eos=ignore_eos, constraint=constraint,
+        ignore_eos=ignore_eos, constraint=constraint, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
 
     def forward(tokens, n_generated: int, mask=None) -> mx.array:
+        seq.quantize_cache()
         inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
         logits = model(inputs[None], seq.cache)[:, -1, :]
         y = seq.sample(logits, inputs, n_generated, mask)
@@ -371,6 +397,7 @@ def stream_generate(
 
     # Prefill all but the last prompt token in chunks, evaluating each so memory stays bounded.
     for start, end in prefill_plan(len(seq.prefill), prefill_step_size):
+        seq.quantize_cache()
         model(mx.array(seq.prefill[start:end])[None], seq.cache)
         mx.eval([c.state for c in seq.cache])
     y = forward(*seq.first_input())

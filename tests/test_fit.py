@@ -69,7 +69,7 @@ def test_predicted_weight_bytes_real_0_6b_export(tmp_path):
     assert abs(predicted - actual) / actual < 0.01
 
 
-def _measure_peak(cfg, prompt_len, gen):
+def _measure_peak(cfg, prompt_len, gen, **options):
     from qwen3_mlx.generate import stream_generate
 
     model = random_model(cfg, mx.float32)
@@ -78,22 +78,25 @@ def _measure_peak(cfg, prompt_len, gen):
     mx.clear_cache()
     mx.reset_peak_memory()
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], prompt_len).tolist()
-    n = sum(1 for _ in stream_generate(model, None, ids, max_tokens=gen, ignore_eos=True, seed=0))
+    n = sum(1 for _ in stream_generate(model, None, ids, max_tokens=gen, ignore_eos=True, seed=0, **options))
     assert n == gen
     return mx.get_peak_memory()
 
 
-@pytest.mark.parametrize("prompt_len,gen", [(100, 8), (600, 8), (300, 40)])
-def test_predicted_peak_memory_during_generation(prompt_len, gen):
+@pytest.mark.parametrize("prompt_len,gen,kv_bits", [(100, 8, None), (600, 8, None), (300, 40, None), (600, 8, 8),
+                                                    (1500, 8, 4)])
+def test_predicted_peak_memory_during_generation(prompt_len, gen, kv_bits):
     """A 4-layer model with Qwen3's real vocabulary, 4-bit, float32 on CPU: peak within the 10% the planner
-    promises (measured +3.5% to +8.4% with the CPU kernels, whose prefill attention holds no score matrix)."""
+    promises (measured +3.5% to +8.4% with the CPU kernels, whose prefill attention holds no score matrix),
+    with a float or a quantized KV cache."""
     cfg = shape_config("qwen3-0.6b", num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=768)
-    peak = _measure_peak(cfg, prompt_len, gen)
-    f = predict(cfg, 4, 64, prompt_len + gen, dtype_bytes=4)
+    options = {} if kv_bits is None else {"kv_bits": kv_bits}
+    peak = _measure_peak(cfg, prompt_len, gen, **options)
+    f = predict(cfg, 4, 64, prompt_len + gen, dtype_bytes=4, kv_bits=kv_bits)
     err = (f.peak_mlx_bytes - peak) / peak
-    print(f"PEAK prompt {prompt_len} + {gen}: measured {peak / 1e6:.1f} MB, predicted {f.peak_mlx_bytes / 1e6:.1f} MB "
-          f"({err:+.1%})")
+    print(f"PEAK prompt {prompt_len} + {gen}, kv_bits {kv_bits}: measured {peak / 1e6:.1f} MB, predicted "
+          f"{f.peak_mlx_bytes / 1e6:.1f} MB ({err:+.1%})")
     assert abs(err) < 0.10
 
 

@@ -68,6 +68,8 @@ def run_bench(
     vs: str | None = None,
     prefill_step_size: int = 512,
     seed: int = 0,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     device: str | None = None,
     on_trial: Callable[[str, int, int, Trial], None] | None = None,
 ) -> dict:
@@ -76,7 +78,8 @@ def run_bench(
     Either `model` (folder or repo id) or `shape` (registry name or config.json path, random weights).
     `contexts` sweeps prompt lengths (overrides `prompt_tokens`). `vs="mlx-lm"` adds the same weights in
     mlx-lm's models, trials alternated. `device` names a fit-planner device profile whose bandwidth the
-    effective bandwidth is compared with.
+    effective bandwidth is compared with. `kv_bits`: a quantized KV cache (4 or 8 bits, groups of
+    `kv_group_size`), on both sides with --vs mlx-lm.
     """
     device_bandwidth_gbs(device)  # an unknown profile fails now, not after the run
     if (model is None) == (shape is None):
@@ -87,6 +90,8 @@ def run_bench(
         raise BenchError(f"--vs supports only mlx-lm, not {vs!r}")
     if bits not in (None, 4, 8):
         raise BenchError(f"--bits must be 4, 8 or none, not {bits}")
+    if kv_bits not in (None, 4, 8):
+        raise BenchError(f"--kv-bits must be 4 or 8, not {kv_bits}")
     if min(prompt_tokens, gen_tokens, trials) < 1 or gen_tokens < 2:
         raise BenchError("-p and -n must be at least 1 and -g at least 2")
     contexts = sorted(set(contexts)) if contexts else [prompt_tokens]
@@ -95,7 +100,7 @@ def run_bench(
 
     if shape is not None:
         name, config = resolve_shape(shape)
-        fit = estimate_fit(config, bits, group_size, max(contexts) + gen_tokens)
+        fit = estimate_fit(config, bits, group_size, max(contexts) + gen_tokens, kv_bits, kv_group_size)
         if not fit.fits:
             gb = 1e9
             raise BenchError(
@@ -110,14 +115,15 @@ def run_bench(
         name, source = str(model), str(getattr(net, "model_path", model))
     config = {**config, **net.args.to_dict()}  # defaults filled in
 
-    tokens = our_tokens(net, prefill_step_size)
-    runners = [make_runner(OURS, net, config, tokens)]
+    kv = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+    tokens = our_tokens(net, prefill_step_size, **kv)
+    runners = [make_runner(OURS, net, config, tokens, **kv)]
     if vs == "mlx-lm":
         from .mlx_lm_side import mlx_lm_tokens, mlx_lm_twin
 
         twin = mlx_lm_twin(net)
         runners.append(
-            make_runner(MLX_LM, twin, config, lambda p, n: mlx_lm_tokens(twin, p, n, prefill_step_size))
+            make_runner(MLX_LM, twin, config, lambda p, n: mlx_lm_tokens(twin, p, n, prefill_step_size, **kv), **kv)
         )
 
     quantization = getattr(net, "quantization", None)
@@ -143,6 +149,8 @@ def run_bench(
             "trials": trials,
             "warmup": 1,
             "prefill_step_size": prefill_step_size,
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size if kv_bits else None,
             "sampler": "greedy, eos ignored",
             "generator": "stream_generate",
             "vs": vs,

@@ -63,8 +63,10 @@ class Runner:
         return {f: asdict(Stat.of([getattr(t, f) for t in self.trials])) for f in FIGURES}
 
 
-def make_runner(name: str, model: nn.Module, config: dict, tokens: TokenSource) -> Runner:
-    return Runner(name, tokens, weight_bytes(model), decode_read_bytes(model, config), kv_bytes_per_token(config, 4))
+def make_runner(name: str, model: nn.Module, config: dict, tokens: TokenSource, kv_bits: int | None = None,
+                kv_group_size: int = 64) -> Runner:
+    return Runner(name, tokens, weight_bytes(model), decode_read_bytes(model, config),
+                  kv_bytes_per_token(config, 4, kv_bits, kv_group_size))
 
 
 def random_prompt(length: int, vocab_size: int, seed: int) -> list[int]:
@@ -130,13 +132,15 @@ def ratio_row(ours: dict, theirs: dict) -> dict[str, float]:
 # ---- our side --------------------------------------------------------------------------------------------
 
 
-def our_tokens(model: nn.Module, prefill_step_size: int = 512) -> TokenSource:
-    """Token source of our side: the shared generator (stream_generate), greedy, eos ignored."""
+def our_tokens(model: nn.Module, prefill_step_size: int = 512, **kv) -> TokenSource:
+    """Token source of our side: the shared generator (stream_generate), greedy, eos ignored (`kv`: its
+    quantized KV cache options)."""
     from ..generate import stream_generate
 
     def run(prompt, n):
         for r in stream_generate(
-            model, None, prompt, max_tokens=n, temperature=0.0, prefill_step_size=prefill_step_size, ignore_eos=True
+            model, None, prompt, max_tokens=n, temperature=0.0, prefill_step_size=prefill_step_size, ignore_eos=True,
+            **kv,
         ):
             yield r.token
 

@@ -56,14 +56,18 @@ def mlx_lm_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def mlx_lm_tokens(model: nn.Module, prompt: list[int], max_tokens: int, prefill_step_size: int) -> Iterator[int]:
-    """Greedy tokens from mlx-lm's generate_step (the loop under its stream_generate), eos ignored."""
+def mlx_lm_tokens(model: nn.Module, prompt: list[int], max_tokens: int, prefill_step_size: int,
+                  kv_bits: int | None = None, kv_group_size: int = 64) -> Iterator[int]:
+    """Greedy tokens from mlx-lm's generate_step (the loop under its stream_generate), eos ignored; with
+    `kv_bits`, its own quantized KV cache from the first token."""
     mlx_lm = _import_mlx_lm()
+    kv = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size, "quantized_kv_start": 0}
     for token, _ in mlx_lm.generate.generate_step(
         mx.array(prompt),
         model,
         max_tokens=max_tokens,
         sampler=mlx_lm.sample_utils.make_sampler(0.0),
         prefill_step_size=prefill_step_size,
+        **kv,
     ):
         yield token

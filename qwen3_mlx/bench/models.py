@@ -83,12 +83,14 @@ class FitEstimate:
         return self.available is None or self.total <= self.available
 
 
-def estimate_fit(config: dict, bits: int | None, group_size: int, context: int) -> FitEstimate:
+def estimate_fit(config: dict, bits: int | None, group_size: int, context: int, kv_bits: int | None = None,
+                 kv_group_size: int = 64) -> FitEstimate:
     """Memory a run needs, from the fit planner (float32 on CPU). Building random quantized weights also
     holds one layer in float32 until it is quantized."""
     from ..fit import predict
 
-    f = predict(config, bits=bits or 16, group_size=group_size, context=context, dtype_bytes=4)
+    f = predict(config, bits=bits or 16, group_size=group_size, context=context, dtype_bytes=4, kv_bits=kv_bits,
+                kv_group_size=kv_group_size)
     overhead = f.overhead
     if bits is not None:
         per_layer = predicted_weight_bytes(config, None, group_size) // max(config["num_hidden_layers"], 1)

@@ -30,7 +30,10 @@ def table(doc: dict) -> Table:
     """One row per (context, runtime): median [min-max] of each figure, plus a ratio row with --vs."""
     m = doc["model"]
     quant = f"{m['bits']}-bit g{m['group_size']}" if m["bits"] else m["dtype"]
-    title = f"{m['name']} ({m['source']}, {quant}), {doc['settings']['gen_tokens']} generated, " f"median of {doc['settings']['trials']}"
+    kv = doc["settings"].get("kv_bits")
+    kv = f", {kv}-bit KV cache g{doc['settings']['kv_group_size']}" if kv else ""
+    title = (f"{m['name']} ({m['source']}, {quant}{kv}), {doc['settings']['gen_tokens']} generated, "
+             f"median of {doc['settings']['trials']}")
     k = doc["environment"].get("kernels") or {}
     if k.get("kernels") == "qwen3-mlx":
         title += f"; qwen3-mlx kernels ({k['isa']}, {k['threads']} threads)"

@@ -44,6 +44,8 @@ def bench(
     json_file: Optional[str] = typer.Option(None, "--json", help="Write the results here (schema in the README)."),
     plot_file: Optional[str] = typer.Option(None, "--plot", help="PNG of tokens/s per prompt length (needs matplotlib)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache: 4 or 8 bits."),
+    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Values per scale in the quantized KV cache."),
     device: Optional[str] = typer.Option(
         None, "--device", help="Device profile (see `qwen3-mlx fit`) for the bandwidth share, e.g. m4-pro-48gb."
     ),
@@ -82,6 +84,8 @@ def bench(
             seed=seed,
             device=device,
             on_trial=on_trial,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
         )
     out.print(table(doc))
     if json_file:

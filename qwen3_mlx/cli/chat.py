@@ -17,6 +17,9 @@ from ..errors import Qwen3MLXError
 from .app import app, err
 from .generate import (
     BUDGET,
+    KV_BITS,
+    KV_GROUP,
+    KV_START,
     MAX_TOKENS,
     MIN_P,
     NO_THINK,
@@ -28,6 +31,7 @@ from .generate import (
     TOP_K,
     TOP_P,
     ReasoningFilter,
+    kv_options,
     load_for_cli,
     sampling_options,
 )
@@ -273,6 +277,9 @@ def chat(
     presence_penalty: float = PRESENCE,
     repetition_penalty: float = REPETITION,
     seed: int = SEED,
+    kv_bits: int = KV_BITS,
+    kv_group_size: int = KV_GROUP,
+    quantized_kv_start: int = KV_START,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
@@ -285,6 +292,7 @@ def chat(
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
+        **kv_options(kv_bits, kv_group_size, quantized_kv_start),
     )
     if interactive:
         try:

@@ -11,16 +11,18 @@ from .app import app, fail, out
 PRECISIONS = (16, 8, 6, 4, 3)
 
 
-def fit_table(models: list[str], devices: list[str], context: int, bits: list[int], group_size: int = 64) -> str:
+def fit_table(models: list[str], devices: list[str], context: int, bits: list[int], group_size: int = 64,
+              kv_bits: int | None = None) -> str:
     """Markdown table: one row per (model, precision); memory parts in GB, fits and decode tok/s per device."""
     from ..fit import DEVICES, GB, model_label, predict
 
-    head = ["model", "precision", "weights GB", f"KV@{context} GB", "overhead GB", "total GB"]
+    kv_label = f"KV@{context}" + (f" ({kv_bits}-bit)" if kv_bits else "")
+    head = ["model", "precision", "weights GB", f"{kv_label} GB", "overhead GB", "total GB"]
     head += [f"{DEVICES[d].key} fit / tok/s" for d in devices]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         for b in bits:
-            f = predict(m, b, group_size, context)
+            f = predict(m, b, group_size, context, kv_bits=kv_bits)
             prec = "bf16" if b == 16 else f"{b}-bit g{group_size}"
             cells = [model_label(m), prec, f"{f.weight_bytes / GB:.2f}", f"{f.kv_bytes / GB:.2f}",
                      f"{f.overhead / GB:.2f}", f"{f.total / GB:.2f}"]
@@ -41,6 +43,7 @@ def fit(
         64, "--group-size", "-g", help="Quantization group size (32, 64 or 128): one scale and bias per group."
     ),
     all_models: bool = typer.Option(False, "--all", help="All eight Qwen3 models."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache (4 or 8 bits, groups of 64)."),
 ):
     """Predicted memory (weights, KV cache, overhead) per precision, fit per device, decode tok/s bound."""
     from ..fit import DEVICES, get_device
@@ -55,7 +58,9 @@ def fit(
         fail("name a model (e.g. qwen3-8b) or pass --all")
     devices = [get_device(device).key] if device else list(DEVICES)
     precisions = [bits] if bits else list(PRECISIONS)
-    out.print(fit_table(models, devices, context, precisions, group_size))
+    if kv_bits not in (None, 4, 8):
+        fail(f"--kv-bits must be 4 or 8, got {kv_bits}")
+    out.print(fit_table(models, devices, context, precisions, group_size, kv_bits))
     out.print(
         "\noverhead = activations of a 512-token prefill chunk + 0.4 GB runtime; tok/s = bandwidth / bytes read "
         "per token (active weights + KV cache), an upper bound.\n"

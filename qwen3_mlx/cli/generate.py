@@ -32,6 +32,18 @@ SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 NO_THINK = typer.Option(False, "--no-think", help="Thinking off (the template's hard switch).")
 BUDGET = typer.Option(None, "--thinking-budget", help="Cut reasoning after N tokens, then answer.", min=0)
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
+KV_BITS = typer.Option(None, "--kv-bits", help="Keep the KV cache quantized to 4 or 8 bits (less memory per token).")
+KV_GROUP = typer.Option(64, "--kv-group-size", help="Values per scale in the quantized KV cache (32, 64, 128).")
+KV_START = typer.Option(
+    0, "--quantized-kv-start", help="With --kv-bits: keep the cache in float until it holds N positions.", min=0
+)
+
+
+def kv_options(kv_bits, kv_group_size, quantized_kv_start) -> dict:
+    """stream_generate's KV cache options, from the CLI's flags (a bad value is refused by the generator)."""
+    if kv_bits is None:
+        return {}
+    return dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
 
 
 def sampling_options(
@@ -121,6 +133,9 @@ def generate(
     presence_penalty: float = PRESENCE,
     repetition_penalty: float = REPETITION,
     seed: int = SEED,
+    kv_bits: int = KV_BITS,
+    kv_group_size: int = KV_GROUP,
+    quantized_kv_start: int = KV_START,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
 
@@ -143,6 +158,7 @@ def generate(
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
+        **kv_options(kv_bits, kv_group_size, quantized_kv_start),
     ):
         last = r
         text = show(r.text, r.segment)

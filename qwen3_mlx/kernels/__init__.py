@@ -108,14 +108,17 @@ def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
     mask: None, "causal" (aligned to the end of the keys, as MLX's) or an additive / boolean array.
     A batch of sequences at different lengths (decode, L == 1): k and v are lists of each row's own cache
     buffer [1, Hkv, capacity, D] and mask the list of each row's key count; each row then computes exactly
-    what it would alone.
+    what it would alone. A quantized cache: k and v are (words, scales, biases) tuples in mx.quantize's
+    layout, read as they are (ours expands 64 keys at a time in scratch; elsewhere MLX's quantized matmuls).
     On the CPU in float32 ours run, reading k and v in place: a fused kernel for a single query row
     (decode), a blocked one with an online softmax for many (prefill: no [H, L, S] score matrix, multi-threaded
     over heads and query blocks). MLX's CPU attention materialises the scores and runs both products through
     the BLAS the wheel links (a reference BLAS on Linux): 10x slower at a 512-token chunk.
     """
-    if isinstance(k, list):
+    if isinstance(mask, list):
         return _ragged_attention(q, k, v, scale, mask)
+    if isinstance(k, (tuple, list)):
+        return _quantized_attention(q, tuple(k), tuple(v), scale, mask)
     L, S = q.shape[-2], k.shape[-2]
     if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -133,6 +136,31 @@ def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
     scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype)) if mask.dtype == mx.bool_ else scores + mask
     probs = mx.softmax(scores, axis=-1, precise=True)
     return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
+
+
+def _quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) -> mx.array:
+    # k and v: (words, scales, biases) as mx.quantize lays out [B, Hkv, S, D].
+    D = q.shape[-1]
+    bits, group_size = k[0].shape[-1] * 32 // D, D // k[1].shape[-1]
+    L, S = q.shape[-2], k[0].shape[-2]
+    if (active() and q.dtype == mx.float32 and all(a.dtype == mx.float32 for a in (*k[1:], *v[1:]))
+            and (mask is None or mask == "causal") and not (mask == "causal" and S < L)):
+        return _ext.quantized_attention(q, list(k), list(v), scale, mask == "causal" and L > 1, group_size, bits)
+    # MLX's quantized matmuls (mlx-lm's form): the scores and the weighted sum straight from the quantized
+    # rows, with the query heads of each kv head grouped.
+    B, H = q.shape[:2]
+    Hkv = k[0].shape[1]
+    qg = (q * scale).reshape(B, Hkv, H // Hkv, L, D)
+    kq, vq = (tuple(mx.expand_dims(a, 2) for a in t) for t in (k, v))  # [B, Hkv, 1, S, n]
+    scores = mx.quantized_matmul(qg, *kq, transpose=True, group_size=group_size, bits=bits)  # [B, Hkv, rep, L, S]
+    if isinstance(mask, str):
+        visible = mx.arange(S)[None] <= (mx.arange(L) + S - L)[:, None]  # aligned to the keys' end
+        scores = mx.where(visible, scores, mx.array(-mx.inf, scores.dtype))
+    elif mask is not None:
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(probs, *vq, transpose=False, group_size=group_size, bits=bits)  # [B, Hkv, rep, L, D]
+    return out.reshape(B, H, L, D)
 
 
 def _ragged_attention(q: mx.array, keys: list, values: list, scale: float, lengths: list[int]) -> mx.array:

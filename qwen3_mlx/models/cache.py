@@ -57,6 +57,79 @@ class KVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+class QuantizedKVCache:
+    """Keys and values stored quantized (MLX affine, `bits` 4 or 8, groups of `group_size` along head_dim,
+    scales and biases in the keys' dtype; mlx-lm's QuantizedKVCache layout): each position of a layer costs
+    2 * kv_heads * (head_dim * bits / 8 + 2 * (head_dim / group_size) * dtype bytes) instead of
+    2 * kv_heads * head_dim * dtype bytes.
+    Attention reads it as it is (`update_and_fetch` returns (words, scales, biases) views)."""
+
+    step = 256
+
+    def __init__(self, bits: int = 8, group_size: int = 64):
+        if bits not in (4, 8):
+            raise ValueError(f"KV cache bits must be 4 or 8, got {bits}")
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"KV cache group size must be 32, 64 or 128, got {group_size}")
+        self.bits, self.group_size = bits, group_size
+        self.keys: tuple | None = None  # (words [B, H, capacity, D*bits/32], scales, biases [B, H, capacity, D/gs])
+        self.values: tuple | None = None
+        self.offset = 0
+
+    @classmethod
+    def from_float(cls, cache: KVCache, bits: int, group_size: int) -> "QuantizedKVCache":
+        """The float cache's positions, quantized (what --quantized-kv-start does once it is reached)."""
+        q = cls(bits, group_size)
+        if cache.keys is not None and cache.offset:
+            q.update_and_fetch(cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :])
+        return q
+
+    def _quantize(self, x: mx.array) -> tuple:
+        if x.shape[-1] % self.group_size:
+            raise ValueError(f"the KV cache group size {self.group_size} must divide head_dim {x.shape[-1]}")
+        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple, tuple]:
+        """Quantize and append [B, H, L, D] keys/values at `offset`; return everything cached, quantized."""
+        prev, n = self.offset, keys.shape[2]
+        new_k, new_v = self._quantize(keys), self._quantize(values)
+        if self.keys is None or prev + n > self.keys[0].shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+
+            def grown(old, new):
+                B, H = new[0].shape[:2]
+                fresh = tuple(mx.zeros((B, H, grow, a.shape[-1]), a.dtype) for a in new)
+                if old is None:
+                    return fresh
+                return tuple(mx.concatenate([o[..., :prev, :], f], axis=2) for o, f in zip(old, fresh))
+
+            self.keys, self.values = grown(self.keys, new_k), grown(self.values, new_v)
+        self.offset += n
+        for buf, new in ((self.keys, new_k), (self.values, new_v)):
+            for a, b in zip(buf, new):
+                a[..., prev : self.offset, :] = b
+        return self.state
+
+    @property
+    def state(self) -> tuple:
+        if self.keys is None:
+            return ()
+        return (tuple(a[..., : self.offset, :] for a in self.keys), tuple(a[..., : self.offset, :] for a in self.values))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(a.nbytes for a in (*self.keys, *self.values))
+
+
+def quantize_cache(cache: list, *, bits: int | None, group_size: int = 64, start: int = 0) -> None:
+    """Replace, in place, the float layers of `cache` by quantized ones once they hold `start` positions
+    (nothing when `bits` is None). Called between forwards, so a prompt prefills in float up to there."""
+    if bits is None or not cache or not isinstance(cache[0], KVCache) or cache[0].offset < start:
+        return
+    for i, c in enumerate(cache):
+        cache[i] = QuantizedKVCache.from_float(c, bits, group_size)
+
+
 class BatchKVCache:
     """One layer's view of several sequences' own KVCache (each [1, H, capacity, D], at its own length) as
     one batch for a decode step. The sequences keep their caches: one joins or leaves a batch without
@@ -88,8 +161,10 @@ def batch_cache(caches: list[list[KVCache]]) -> list[BatchKVCache]:
     return [BatchKVCache(list(layer)) for layer in zip(*caches)]
 
 
-def make_cache(model) -> list[KVCache]:
-    """One KVCache per decoder layer of `model`."""
+def make_cache(model, *, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
+    """One KVCache per decoder layer of `model` (QuantizedKVCache with `kv_bits`)."""
+    if kv_bits is not None:
+        return [QuantizedKVCache(kv_bits, kv_group_size) for _ in model.layers]
     return [KVCache() for _ in model.layers]
 
 

@@ -179,6 +179,29 @@ class DecodeAttention : public CpuPrimitive {
 
 // ---- prefill ----
 
+// A quantized cache: keys and values as MLX affine rows of D values (uint32 words [B, Hkv, S, D * bits / 32],
+// float32 scales and biases [B, Hkv, S, D / gs]), read in place at their strides.
+struct QuantCache {
+  const uint32_t *kq, *vq;
+  const float *ks, *kb, *vs, *vb;
+  int64_t kqst[3], ksst[3], vqst[3], vsst[3];  // element strides [b, h, s]
+  int bits, gs;
+
+  // Head (b, h)'s key (value) rows as a weight the kernels' `expand` takes.
+  MatArgs rows(int b, int h, int D, int S, bool values) const {
+    const uint32_t* q = values ? vq : kq;
+    const float *sc = values ? vs : ks, *bi = values ? vb : kb;
+    const int64_t* qst = values ? vqst : kqst;
+    const int64_t* sst = values ? vsst : ksst;
+    MatArgs m;
+    m.w = q + b * qst[0] + h * qst[1], m.w_row_bytes = qst[2] * 4;
+    m.wt = bits == 4 ? WType::Q4 : WType::Q8;
+    m.scales = sc + b * sst[0] + h * sst[1], m.biases = bi + b * sst[0] + h * sst[1], m.st = SType::F32;
+    m.gs = gs, m.K = D, m.N = S;
+    return m;
+  }
+};
+
 struct FlashJob {
   const float *q, *k, *v;
   float* out;
@@ -188,10 +211,11 @@ struct FlashJob {
   int nblocks;  // query blocks per (b, kv head)
   bool causal;
   float scale;
+  const struct QuantCache* quant = nullptr;  // a quantized cache instead of k, v
 };
 
 void run_flash(void* ctx, int t, int) {
-  thread_local Scratch qbuf, kt, vp, sbuf, obuf, mbuf, lbuf;
+  thread_local Scratch qbuf, kt, vp, sbuf, obuf, mbuf, lbuf, stage;
   const FlashJob& j = *static_cast<FlashJob*>(ctx);
   const Kernels& K = kernels();
   // Causal blocks late in the sequence see the most keys: hand those out first.
@@ -211,8 +235,14 @@ void run_flash(void* ctx, int t, int) {
       for (int d = 0; d < j.D; ++d) dst[d] = src[d * j.qst[3]] * j.scale;
     }
   a.q = q;
-  a.k = j.k + b * j.kst[0] + hkv * j.kst[1], a.ks = j.kst[2], a.kd = j.kst[3];
-  a.v = j.v + b * j.vst[0] + hkv * j.vst[1], a.vs = j.vst[2], a.vd = j.vst[3];
+  MatArgs km, vm;
+  if (j.quant) {
+    km = j.quant->rows(b, hkv, j.D, j.S, false), vm = j.quant->rows(b, hkv, j.D, j.S, true);
+    a.kq = &km, a.vq = &vm, a.stage = stage.get(static_cast<size_t>(kFlashKeys) * j.D);
+  } else {
+    a.k = j.k + b * j.kst[0] + hkv * j.kst[1], a.ks = j.kst[2], a.kd = j.kst[3];
+    a.v = j.v + b * j.vst[0] + hkv * j.vst[1], a.vs = j.vst[2], a.vd = j.vst[3];
+  }
   a.out = j.out + ((static_cast<int64_t>(b) * j.H + hkv * rep) * j.L + l0) * j.D;
   a.out_head = static_cast<int64_t>(j.L) * j.D;
   a.kt = kt.get(static_cast<size_t>(j.D) * kFlashKeys);
@@ -259,7 +289,197 @@ class FlashAttention : public CpuPrimitive {
   bool causal_;
 };
 
+
+// ---- a quantized cache ----
+
+struct QDecodeJob {
+  const float* q;
+  float* out;
+  const QuantCache* c;
+  int B, H, Hkv, S, D, splits, chunk;
+  float scale;
+  float* part;  // [B * Hkv * splits][rep * (D + 2)] when splits > 1
+};
+
+// One (b, kv head, key range): blocks of kFlashKeys keys and values expanded from the quantized rows, each
+// block attended with the float kernel (unnormalised) and merged with an online softmax.
+void run_qhead(void* ctx, int t, int) {
+  thread_local Scratch qp, kst, vst, acc, bo, bs, scores;
+  const QDecodeJob& j = *static_cast<QDecodeJob*>(ctx);
+  const Kernels& K = kernels();
+  const int split = t % j.splits, bh = t / j.splits, b = bh / j.Hkv, h = bh % j.Hkv, rep = j.H / j.Hkv, D = j.D;
+  const int s0 = split * j.chunk, s1 = std::min(j.S, s0 + j.chunk);
+  const MatArgs km = j.c->rows(b, h, D, j.S, false), vm = j.c->rows(b, h, D, j.S, true);
+  const bool k4 = km.wt == WType::Q4, v4 = vm.wt == WType::Q4;
+  // The query rows in the expanded keys' lane order: a dot product does not change when both sides are
+  // permuted alike. The values' order is undone at the end.
+  float* q = qp.get(static_cast<size_t>(rep) * D);
+  const float* qsrc = j.q + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep) * D;
+  for (int r = 0; r < rep; ++r)
+    for (int d = 0; d < D; ++d) q[r * D + expanded_pos(d, k4, K.lanes)] = qsrc[r * D + d];
+  float* o = acc.get(static_cast<size_t>(rep) * D);
+  float* blk = bo.get(static_cast<size_t>(rep) * D);
+  float* stats = bs.get(static_cast<size_t>(4) * rep);  // block max, block sum, running max, running sum
+  float *bmax = stats, *bsum = stats + rep, *m = stats + 2 * rep, *l = stats + 3 * rep;
+  for (int r = 0; r < rep; ++r) m[r] = -INFINITY, l[r] = 0.f;
+  std::fill(o, o + static_cast<int64_t>(rep) * D, 0.f);
+  float* kb = kst.get(static_cast<size_t>(kFlashKeys) * D);
+  float* vb = vst.get(static_cast<size_t>(kFlashKeys) * D);
+  for (int c0 = s0; c0 < s1; c0 += kFlashKeys) {
+    const int bk = std::min(kFlashKeys, s1 - c0);
+    K.expand(km, c0, c0 + bk, kb);
+    K.expand(vm, c0, c0 + bk, vb);
+    AttnArgs a;
+    a.q = q, a.k = kb, a.v = vb, a.ks = D, a.vs = D, a.rep = rep, a.S = bk, a.D = D, a.scale = j.scale;
+    a.out = blk, a.scores = scores.get(static_cast<size_t>(rep) * kFlashKeys), a.row_max = bmax, a.row_sum = bsum;
+    K.attend(a);
+    for (int r = 0; r < rep; ++r) {
+      const float M = std::max(m[r], bmax[r]);
+      const float wo = std::exp(m[r] - M), wb = std::exp(bmax[r] - M);  // wo = 0 on the first block
+      float* orow = o + static_cast<int64_t>(r) * D;
+      const float* brow = blk + static_cast<int64_t>(r) * D;
+      for (int d = 0; d < D; ++d) orow[d] = orow[d] * wo + brow[d] * wb;
+      l[r] = l[r] * wo + bsum[r] * wb;
+      m[r] = M;
+    }
+  }
+  for (int r = 0; r < rep; ++r) {
+    float* dst;
+    float inv = 1.f;
+    if (j.splits == 1) {
+      dst = j.out + (static_cast<int64_t>(b) * j.H + static_cast<int64_t>(h) * rep + r) * D;
+      inv = 1.f / l[r];
+    } else {
+      float* p = j.part + static_cast<int64_t>(t) * rep * (D + 2);
+      dst = p + static_cast<int64_t>(r) * D;
+      p[rep * D + r] = m[r], p[rep * D + rep + r] = l[r];
+    }
+    for (int d = 0; d < D; ++d) dst[d] = o[static_cast<int64_t>(r) * D + expanded_pos(d, v4, K.lanes)] * inv;
+  }
+}
+
+void merge_qsplits(const QDecodeJob& j) {
+  const int rep = j.H / j.Hkv;
+  const int64_t stride = static_cast<int64_t>(rep) * (j.D + 2);
+  for (int bh = 0; bh < j.B * j.Hkv; ++bh) {
+    const float* base = j.part + static_cast<int64_t>(bh) * j.splits * stride;
+    for (int r = 0; r < rep; ++r) {
+      float M = -INFINITY, denom = 0.f;
+      for (int i = 0; i < j.splits; ++i) M = std::max(M, base[i * stride + rep * j.D + r]);
+      float* o = j.out + (static_cast<int64_t>(bh) * rep + r) * j.D;
+      std::fill(o, o + j.D, 0.f);
+      for (int i = 0; i < j.splits; ++i) {
+        const float* p = base + i * stride;
+        const float w = std::exp(p[rep * j.D + r] - M);
+        denom += w * p[rep * j.D + rep + r];
+        for (int d = 0; d < j.D; ++d) o[d] += w * p[static_cast<int64_t>(r) * j.D + d];
+      }
+      for (int d = 0; d < j.D; ++d) o[d] /= denom;
+    }
+  }
+}
+
+// Inputs: q [B, H, L, D] float32, then the keys' words, scales, biases and the values' (QuantCache). One
+// query row: decode tasks over (b, kv head, key range); more: the flash kernel expanding each key block.
+class QuantizedAttention : public CpuPrimitive {
+ public:
+  QuantizedAttention(mx::Stream s, float scale, bool causal, int bits, int gs)
+      : CpuPrimitive(s), scale_(scale), causal_(causal), bits_(bits), gs_(gs) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& q = in[0];
+    auto& y = out[0];
+    alloc_output(y);
+    auto& enc = encoder(stream(), in, out);
+    QuantCache c;
+    c.kq = in[1].data<uint32_t>(), c.ks = in[2].data<float>(), c.kb = in[3].data<float>();
+    c.vq = in[4].data<uint32_t>(), c.vs = in[5].data<float>(), c.vb = in[6].data<float>();
+    for (int i = 0; i < 3; ++i) {
+      c.kqst[i] = in[1].strides()[i], c.ksst[i] = in[2].strides()[i];
+      c.vqst[i] = in[4].strides()[i], c.vsst[i] = in[5].strides()[i];
+    }
+    c.bits = bits_, c.gs = gs_;
+    for (int i = 1; i < 7; ++i) {
+      // Rows may sit anywhere (a slice of a larger buffer), but each row's words and scales are contiguous.
+      const auto& a = in[i];
+      require(a.strides()[3] == 1 && (a.shape(2) <= 1 || a.strides()[2] == a.shape(3)),
+              "quantized cache rows must be contiguous (a slice of a [B, H, capacity, n] buffer along capacity)");
+    }
+    const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = in[1].shape(1), S = in[1].shape(2);
+    enc.dispatch([c, B, H, L, D, Hkv, S, ql = Layout(q), qp = q.data<float>(), yp = y.data<float>(),
+                  qst = q.strides(), scale = scale_, causal = causal_]() mutable {
+      if (L == 0 || S == 0) return;
+      if (L == 1) {
+        thread_local Scratch qbuf, parts;
+        const float* qc = qp;
+        if (!ql.contiguous) {
+          float* cp = qbuf.get(static_cast<size_t>(B) * H * D);
+          copy_rows(qp, ql, cp);
+          qc = cp;
+        }
+        const int threads = Pool::get().size();
+        QDecodeJob j{qc, yp, &c, B, H, Hkv, S, D, 1, S, scale, nullptr};
+        if (B * Hkv < 2 * threads && S >= 1024) {  // as the float kernel: split long caches
+          const int want = (2 * threads + B * Hkv - 1) / (B * Hkv);
+          j.splits = std::max(1, std::min(want, S / 512));
+          j.chunk = (S + j.splits - 1) / j.splits;
+          j.splits = (S + j.chunk - 1) / j.chunk;
+        }
+        if (j.splits > 1) j.part = parts.get(static_cast<size_t>(B) * H * j.splits * (D + 2));
+        Pool::get().run(B * Hkv * j.splits, &run_qhead, &j);
+        if (j.splits > 1) merge_qsplits(j);
+        return;
+      }
+      FlashJob job{qp, nullptr, nullptr, yp, {}, {}, {}, B, H, Hkv, L, S, D, 1, 1, causal, scale, &c};
+      for (int i = 0; i < 4; ++i) job.qst[i] = qst[i];
+      job.nq = std::max(1, 64 / (H / Hkv));
+      job.nblocks = (L + job.nq - 1) / job.nq;
+      Pool::get().run(B * Hkv * job.nblocks, &run_flash, &job);
+    });
+  }
+
+  const char* name() const override { return "Qwen3QuantizedAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedAttention&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_ && bits_ == o.bits_ && gs_ == o.gs_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+  int bits_, gs_;
+};
+
 }  // namespace
+
+mx::array quantized_attention(const mx::array& q, const std::vector<mx::array>& keys,
+                              const std::vector<mx::array>& values, float scale, bool causal, int group_size, int bits,
+                              mx::StreamOrDevice s) {
+  require(q.ndim() == 4 && q.dtype() == mx::float32, "q must be float32 [B, heads, length, head_dim], got " + shape_str(q));
+  require(keys.size() == 3 && values.size() == 3, "keys and values must each be (words, scales, biases)");
+  require(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
+  require(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  require(D % group_size == 0, "head_dim " + std::to_string(D) + " is not a multiple of the group size");
+  const auto& k0 = keys[0];
+  require(k0.ndim() == 4 && k0.shape(0) == B, "quantized keys must be [B, kv_heads, S, words], got " + shape_str(k0));
+  const int Hkv = k0.shape(1), S = k0.shape(2);
+  require(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep, "query heads must be a multiple (at most 16x) of kv heads");
+  require(!causal || S >= q.shape(2), "causal attention needs at least as many keys as queries");
+  for (const auto* part : {&keys, &values}) {
+    const auto &w = (*part)[0], &sc = (*part)[1], &bi = (*part)[2];
+    require(w.dtype() == mx::uint32 && w.shape() == mx::Shape({B, Hkv, S, D * bits / 32}),
+            "quantized words must be uint32 [B, kv_heads, S, head_dim * bits / 32], got " + shape_str(w));
+    require(sc.dtype() == mx::float32 && bi.dtype() == mx::float32 &&
+                sc.shape() == mx::Shape({B, Hkv, S, D / group_size}) && bi.shape() == sc.shape(),
+            "scales and biases must be float32 [B, kv_heads, S, head_dim / group_size], got " + shape_str(sc));
+  }
+  auto stream = mx::to_stream(s);
+  // Taken as they are: a cache buffer sliced along its positions (checked when evaluated).
+  std::vector<mx::array> inputs = {q, keys[0], keys[1], keys[2], values[0], values[1], values[2]};
+  return mx::array(q.shape(), mx::float32,
+                   std::make_shared<QuantizedAttention>(stream, scale, causal, bits, group_size), std::move(inputs));
+}
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s) {

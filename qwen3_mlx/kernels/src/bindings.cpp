@@ -32,6 +32,9 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "Write keys/values [B, Hkv, L, D] into each row's cache buffers at positions[b], in place -> "
         "[k_0, v_0, k_1, v_1, ...].");
+  m.def("quantized_attention", &q3k::quantized_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, "causal"_a,
+        "group_size"_a, "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Attention on a quantized cache: keys and values each (words, scales, biases) in mx.quantize's layout.");
   m.def("attention", &q3k::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(scale * q k^T [+ causal]) v, q [B, H, L, D], k/v [B, Hkv, S, D] (read in place), no score matrix.");

@@ -70,6 +70,11 @@ struct FlashArgs {
   int64_t out_head = 0;
   // scratch: kt [D * kFlashKeys], vp [kFlashKeys * Dp], s [R * kFlashKeys], o [R * Dp], m [R], l [R]
   float *kt = nullptr, *vp = nullptr, *s = nullptr, *o = nullptr, *m = nullptr, *l = nullptr;
+  // A quantized cache (MLX affine rows of D values, one row per key): when set, k / v above are unused and
+  // each block of keys and values is expanded here (stage: scratch [kFlashKeys * D]) instead.
+  const MatArgs* kq = nullptr;
+  const MatArgs* vq = nullptr;
+  float* stage = nullptr;
 };
 
 struct Kernels {
@@ -85,6 +90,9 @@ struct Kernels {
   // The same for many rows: rows [n0, n1) of the weight are expanded to floats into `tile`
   // ((n1 - n0) * K floats; unused for F32) and reused across all M rows.
   void (*gemm)(const MatArgs& a, int n0, int n1, float* tile);
+  // Rows [n0, n1) of a quantized or bfloat16 weight as floats into tile [(n1 - n0) * K]. Q4 rows come in
+  // the lane order above (within each 2 * lanes values: the even ones, then the odd ones).
+  void (*expand)(const MatArgs& a, int n0, int n1, float* tile);
   int flash_dpad;  // FlashArgs::Dp is D rounded up to a multiple of this
   void (*attend)(const AttnArgs& a);
   void (*flash)(const FlashArgs& a);
@@ -98,6 +106,13 @@ const Kernels& kernels_generic();
 
 // The best table this CPU runs (QWEN3_MLX_ISA=avx512|avx2|generic caps it, for tests).
 const Kernels& kernels();
+
+// Where value d of a row expanded by `expand` lands: Q4 rows are in the kernels' lane order.
+inline int expanded_pos(int d, bool q4, int lanes) {
+  if (!q4) return d;
+  const int block = d / (2 * lanes), i = d % (2 * lanes);
+  return block * 2 * lanes + (i % 2 ? lanes + i / 2 : i / 2);
+}
 
 // x rows (xrows ? xrows[i] : i) of a row-major [*, K] float matrix -> out rows i in [0, M), in the
 // lane order of `k` when perm4, plus the group sums xsum [M, K / gs] when xsum is not null.

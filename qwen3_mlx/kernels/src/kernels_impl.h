@@ -534,6 +534,14 @@ MicroFn pick_micro(int mr, int nr) {
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 
+void expand(const MatArgs& a, int n0, int n1, float* tile) {
+  switch (a.st) {
+    case SType::F32: return expand_rows<F32S>(a, n0, n1, tile);
+    case SType::BF16: return expand_rows<BF16S>(a, n0, n1, tile);
+    case SType::F16: return expand_rows<F16S>(a, n0, n1, tile);
+  }
+}
+
 void gemm(const MatArgs& a, int n0, int n1, float* tile) {
   const float* t = tile;
   int64_t ldt = a.K;
@@ -541,11 +549,7 @@ void gemm(const MatArgs& a, int n0, int n1, float* tile) {
     t = reinterpret_cast<const float*>(static_cast<const char*>(a.w) + n0 * a.w_row_bytes);
     ldt = a.w_row_bytes / 4;
   } else {
-    switch (a.st) {
-      case SType::F32: expand_rows<F32S>(a, n0, n1, tile); break;
-      case SType::BF16: expand_rows<BF16S>(a, n0, n1, tile); break;
-      case SType::F16: expand_rows<F16S>(a, n0, n1, tile); break;
-    }
+    expand(a, n0, n1, tile);
   }
   const int nt = n1 - n0;
   for (int m0 = 0; m0 < a.M; m0 += Q3K_MR) {
@@ -676,6 +680,42 @@ struct PVRows {
   }
 };
 
+// Keys [c0, c0 + bk) transposed to kt [D][kFlashKeys] and values padded to vp [kFlashKeys][Dp], zeros past bk.
+void stage_float(const FlashArgs& a, int c0, int bk) {
+  const int D = a.D, Dp = a.Dp;
+  for (int c = 0; c < kFlashKeys; ++c) {
+    const float* kr = a.k + static_cast<int64_t>(c0 + c) * a.ks;
+    const float* vr = a.v + static_cast<int64_t>(c0 + c) * a.vs;
+    float* vo = a.vp + static_cast<int64_t>(c) * Dp;
+    if (c < bk) {
+      for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = kr[d * a.kd];
+      for (int d = 0; d < D; ++d) vo[d] = vr[d * a.vd];
+    } else {
+      for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = 0.f;
+      for (int d = 0; d < D; ++d) vo[d] = 0.f;
+    }
+    for (int d = D; d < Dp; ++d) vo[d] = 0.f;
+  }
+}
+
+// The same from a quantized cache: each block of rows expanded once, then laid out as above.
+void stage_quantized(const FlashArgs& a, int c0, int bk) {
+  const int D = a.D, Dp = a.Dp;
+  const bool k4 = a.kq->wt == WType::Q4, v4 = a.vq->wt == WType::Q4;
+  expand(*a.kq, c0, c0 + bk, a.stage);
+  for (int c = 0; c < kFlashKeys; ++c) {
+    const float* t = a.stage + static_cast<int64_t>(c) * D;
+    for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = c < bk ? t[expanded_pos(d, k4, W)] : 0.f;
+  }
+  expand(*a.vq, c0, c0 + bk, a.stage);
+  for (int c = 0; c < kFlashKeys; ++c) {
+    const float* t = a.stage + static_cast<int64_t>(c) * D;
+    float* vo = a.vp + static_cast<int64_t>(c) * Dp;
+    for (int d = 0; d < D; ++d) vo[d] = c < bk ? t[expanded_pos(d, v4, W)] : 0.f;
+    for (int d = D; d < Dp; ++d) vo[d] = 0.f;
+  }
+}
+
 void flash(const FlashArgs& a) {
   const int R = a.R, D = a.D, Dp = a.Dp;
   // The last row (the block's last position) sees the most keys.
@@ -690,18 +730,10 @@ void flash(const FlashArgs& a) {
     // Keys transposed to [D][kFlashKeys] and values padded to [kFlashKeys][Dp]: read once per block,
     // by their strides (a cache slice in place), reused by all R rows. This staging is the one place
     // that reads the cache, so a quantized cache dequantizes a block here (no float copy of the cache).
-    for (int c = 0; c < kFlashKeys; ++c) {
-      const float* kr = a.k + static_cast<int64_t>(c0 + c) * a.ks;
-      const float* vr = a.v + static_cast<int64_t>(c0 + c) * a.vs;
-      float* vo = a.vp + static_cast<int64_t>(c) * Dp;
-      if (c < bk) {
-        for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = kr[d * a.kd];
-        for (int d = 0; d < D; ++d) vo[d] = vr[d * a.vd];
-      } else {
-        for (int d = 0; d < D; ++d) a.kt[d * kFlashKeys + c] = 0.f;
-        for (int d = 0; d < D; ++d) vo[d] = 0.f;
-      }
-      for (int d = D; d < Dp; ++d) vo[d] = 0.f;
+    if (a.kq) {
+      stage_quantized(a, c0, bk);
+    } else {
+      stage_float(a, c0, bk);
     }
     rows_by<Q3K_FS_MR, ScoresRows>(0, R, &a);
     for (int r = 0; r < R; ++r) {
@@ -759,7 +791,7 @@ void swiglu(const float* g, const float* u, float* out, int64_t n) {
 }  // namespace
 
 const Kernels& table() {
-  static const Kernels k{Q3K_NAME, W, !kLut4, &gemv, &gemm, Q3K_FV_NV * W, &attend, &flash, &swiglu};
+  static const Kernels k{Q3K_NAME, W, !kLut4, &gemv, &gemm, &expand, Q3K_FV_NV * W, &attend, &flash, &swiglu};
   return k;
 }
 

@@ -60,6 +60,13 @@ std::vector<mx::array> kv_append(const mx::array& keys, const mx::array& values,
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s = {});
 
+// Attention on a quantized cache (MLX affine rows, as mx.quantize lays out [B, Hkv, S, D]): keys and values
+// each (words uint32 [B, Hkv, S, D * bits / 32], scales, biases float32 [B, Hkv, S, D / group_size]), read in
+// place; blocks of 64 keys are expanded in scratch, never the whole cache. q [B, H, L, D] -> [B, H, L, D].
+mx::array quantized_attention(const mx::array& q, const std::vector<mx::array>& keys,
+                              const std::vector<mx::array>& values, float scale, bool causal, int group_size, int bits,
+                              mx::StreamOrDevice s = {});
+
 // Expert routing: softmax over logits [..., E] (float32), the k most probable experts (descending) ->
 // (indices [..., k] uint32, probabilities [..., k] float32, renormalised to sum 1 if norm_topk_prob).
 std::vector<mx::array> route(const mx::array& logits, int k, bool norm_topk_prob, mx::StreamOrDevice s = {});
