@@ -172,3 +172,47 @@ def test_chat_reuses_a_quantized_cache_across_turns(tmp_path):
         reused[bool(kv)] = second.reused_tokens
         assert second.prefill_tokens == second.prompt_tokens - second.reused_tokens
     assert reused[True] == reused[False] > 0
+
+
+def test_the_server_engine_batches_quantized_caches_exactly_as_generate_alone(tmp_path):
+    """`serve --kv-bits 8`: six requests batched (float until 10 positions, then quantized) give exactly what
+    generate gives each alone with the same KV options."""
+    import asyncio
+
+    from helpers import REAL_VOCAB, dense_config, save_checkpoint
+
+    from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.loader import load
+    from qwen3_mlx.server.engine import Engine, Job
+
+    save_checkpoint(tmp_path, dense_config(vocab_size=REAL_VOCAB, head_dim=64, hidden_size=128), tokenizer=True)
+    model, tokenizer = load(tmp_path)
+    kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=10)
+    prompts = [[{"role": "user", "content": f"Hello {i} " + "x" * (i * 37)}] for i in range(6)]
+    options = [dict(max_tokens=12 + 3 * i, temperature=0, enable_thinking=bool(i % 2)) for i in range(6)]
+    expected = [generate(model, tokenizer, p, **o, **kv).tokens for p, o in zip(prompts, options)]
+
+    async def run():
+        engine = Engine(model, tokenizer, max_concurrency=6, prompt_cache_bytes=0, kv_options=kv)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(prompt_tokens(tokenizer, p, enable_thinking=o["enable_thinking"]), dict(o), loop)
+                for p, o in zip(prompts, options)]
+        for j in jobs:
+            engine.submit(j)
+
+        async def tokens(job):
+            out = []
+            while True:
+                kind, value = await job.out.get()
+                if kind == "done":
+                    return out
+                assert kind == "token", value
+                out.append(value.token)
+
+        try:
+            return await asyncio.gather(*map(tokens, jobs)), engine.peak_batch
+        finally:
+            engine.close()
+
+    got, peak = asyncio.run(run())
+    assert got == expected and peak >= 2

@@ -7,6 +7,7 @@ import asyncio
 import typer
 
 from .app import app, err, fail
+from .generate import KV_BITS, KV_GROUP, KV_START, kv_options
 
 
 @app.command(
@@ -30,6 +31,9 @@ def serve(
     prompt_cache_bytes: int = typer.Option(
         1 << 30, "--prompt-cache-bytes", help="KV cache kept across requests for shared prefixes (0 = off).", min=0
     ),
+    kv_bits: int = KV_BITS,
+    kv_group_size: int = KV_GROUP,
+    quantized_kv_start: int = KV_START,
 ):
     try:
         import fastapi  # noqa: F401
@@ -40,8 +44,17 @@ def serve(
     from .generate import load_for_cli
 
     loaded, tokenizer = load_for_cli(model)
+    kv = kv_options(kv_bits, kv_group_size, quantized_kv_start)
+    if kv:
+        from ..errors import Qwen3MLXError
+        from ..generate import Sequence
+
+        try:  # a bad value is one line now, not a 400 on every request
+            Sequence(loaded, None, [0], max_tokens=1, **kv)
+        except Qwen3MLXError as e:
+            fail(str(e))
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
-                     max_concurrency=max_concurrency,
+                     max_concurrency=max_concurrency, kv_options=kv,
                      max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)

@@ -164,10 +164,14 @@ def _quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) ->
 
 
 def _ragged_attention(q: mx.array, keys: list, values: list, scale: float, lengths: list[int]) -> mx.array:
-    if active() and all(a.dtype == mx.float32 for a in (q, *keys, *values)) and q.shape[1] // keys[0].shape[1] <= 16:
+    floats = all(isinstance(a, mx.array) for a in (*keys, *values))
+    if floats and active() and all(a.dtype == mx.float32 for a in (q, *keys, *values)) \
+            and q.shape[1] // keys[0].shape[1] <= 16:
         return _ext.ragged_decode_attention(q, keys, values, lengths, scale)
+    # Row by row: each sequence's own attention (a quantized cache's rows are already cut to its length).
     rows = [
-        mx.fast.scaled_dot_product_attention(q[b : b + 1], k[..., :n, :], v[..., :n, :], scale=scale)
+        attention(q[b : b + 1], k, v, scale=scale) if isinstance(k, tuple)
+        else mx.fast.scaled_dot_product_attention(q[b : b + 1], k[..., :n, :], v[..., :n, :], scale=scale)
         for b, (k, v, n) in enumerate(zip(keys, values, lengths))
     ]
     return mx.concatenate(rows, axis=0)

@@ -144,8 +144,12 @@ class BatchKVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
         """Append row b of keys/values [B, H, L, D] to sequence b; return the sequences' buffers (their
-        lengths are `offset`, to pass as the attention mask)."""
+        lengths are `offset`, to pass as the attention mask). Float caches are written by one kernel call; a
+        batch holding quantized ones appends row by row and returns each row's own (quantized) view."""
         n = keys.shape[2]
+        if not all(type(c) is KVCache for c in self.caches):
+            rows = [c.update_and_fetch(keys[b : b + 1], values[b : b + 1]) for b, c in enumerate(self.caches)]
+            return [k for k, _ in rows], [v for _, v in rows]
         for c in self.caches:
             c.reserve(keys, values, batch=1)
         new_k, new_v = kernels.kv_append(keys, values, [c.keys for c in self.caches], [c.values for c in self.caches],

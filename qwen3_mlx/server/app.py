@@ -42,10 +42,11 @@ def _error(status: int, message: str, type: str = "invalid_request_error", code:
 
 def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_queue: int = 64,
                max_concurrency: int = 8, max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20,
-               prompt_cache_bytes: int = 1 << 30) -> FastAPI:
-    """The FastAPI app serving `model` as `model_id` (the engine thread starts here)."""
+               prompt_cache_bytes: int = 1 << 30, kv_options: dict | None = None) -> FastAPI:
+    """The FastAPI app serving `model` as `model_id` (the engine thread starts here). `kv_options`: the KV cache
+    of every request (kv_bits, kv_group_size, quantized_kv_start, as stream_generate takes them)."""
     engine = Engine(model, tokenizer, max_queue=max_queue, max_concurrency=max_concurrency,
-                    prompt_cache_bytes=prompt_cache_bytes)
+                    prompt_cache_bytes=prompt_cache_bytes, kv_options=kv_options)
     context = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
     model_ids = (model_id, Path(model_id).name)
     created = now()

@@ -110,8 +110,10 @@ class Engine:
     ("done", None) or ("error", ApiError)."""
 
     def __init__(self, model, tokenizer, *, max_queue: int = 64, max_concurrency: int = 8,
-                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512, prefill_piece: int = 128):
+                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512, prefill_piece: int = 128,
+                 kv_options: dict | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.kv_options = kv_options or {}  # every request's KV cache: kv_bits, kv_group_size, quantized_kv_start
         self.max_queue, self.max_concurrency = max_queue, max(1, max_concurrency)
         self.prefill_step_size, self.prefill_piece = prefill_step_size, prefill_piece
         self.prefixes = PrefixCache(prompt_cache_bytes)
@@ -177,7 +179,7 @@ class Engine:
         reuse = job.options.get("repetition_penalty") in (None, 1.0)
         cache, cached = self.prefixes.take(job.prompt, self.model) if reuse else (make_cache(self.model), 0)
         try:
-            seq = Sequence(self.model, self.tokenizer, job.prompt, prompt_cache=cache, **job.options)
+            seq = Sequence(self.model, self.tokenizer, job.prompt, prompt_cache=cache, **self.kv_options, **job.options)
         except Qwen3MLXError as e:
             job.send("error", ApiError(400, str(e)))
             return
@@ -205,6 +207,7 @@ class Engine:
         pending = []
         if solo is not None:
             f = solo.work.popleft()
+            solo.seq.quantize_cache()
             logits = self.model(mx.array(f.tokens)[None], solo.seq.cache)
             if f.sample:
                 solo.y = solo.seq.sample(logits[:, -1, :], f.tokens, f.n_generated, f.mask)
@@ -216,6 +219,8 @@ class Engine:
         if batch:
             self.peak_batch = max(self.peak_batch, len(batch))
             heads = [r.work.popleft() for r in batch]
+            for r in batch:
+                r.seq.quantize_cache()
             inputs = mx.array([f.tokens for f in heads])  # [B, 1]
             logits = self.model(inputs, batch_cache([r.seq.cache for r in batch]))[:, -1, :]  # [B, vocab]
             pending.append(logits)
