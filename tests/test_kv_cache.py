@@ -216,3 +216,32 @@ def test_the_server_engine_batches_quantized_caches_exactly_as_generate_alone(tm
 
     got, peak = asyncio.run(run())
     assert got == expected and peak >= 2
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_a_32k_prompt_with_yarn_matches_transformers_at_the_last_positions(tmp_path, kv_bits):
+    """Long context: a tiny model with YaRN (factor 4, max_position_embeddings 131072) prefilled with 32768
+    tokens in 512-token chunks (memory bounded by the chunk); the last 8 positions' logits equal transformers'
+    (sdpa attention over the whole prompt) to float32 rounding, and stay close with an 8-bit cache."""
+    import torch
+    from helpers import dense_config, save_checkpoint
+
+    from qwen3_mlx.loader import load_model
+
+    n = 32768
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    torch_model = save_checkpoint(tmp_path, dense_config(head_dim=32, max_position_embeddings=131072,
+                                                         rope_scaling=yarn))
+    ids = np.random.default_rng(0).integers(0, 1000, size=n)
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)[None], logits_to_keep=8).logits[0].float().numpy()  # [8, vocab]
+    model, _ = load_model(tmp_path, dtype=mx.float32)
+    cache = make_cache(model, kv_bits=kv_bits, kv_group_size=32)
+    mx.reset_peak_memory()
+    for i in range(0, n - 8, 512):
+        model(mx.array(ids[i : min(i + 512, n - 8)])[None], cache)
+        mx.eval([c.state for c in cache])
+    ours = np.array(model(mx.array(ids[n - 8 :])[None], cache)[0])
+    diff = float(np.abs(ours - ref).max())
+    print(f"32K PARITY kv_bits={kv_bits}: max|diff| = {diff:.2e}, peak {mx.get_peak_memory() / 1e6:.0f} MB")
+    assert diff <= (1e-4 if kv_bits is None else 5e-2) * max(1.0, float(np.abs(ref).max()))

@@ -13,6 +13,7 @@ from . import fit  # noqa: E402,F401
 from . import generate  # noqa: E402,F401
 from . import chat  # noqa: E402,F401
 from . import serve  # noqa: E402,F401
+from . import cache_prompt  # noqa: E402,F401
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import typer
 
@@ -20,6 +21,7 @@ from .generate import (
     KV_BITS,
     KV_GROUP,
     KV_START,
+    PROMPT_CACHE,
     MAX_TOKENS,
     MIN_P,
     NO_THINK,
@@ -280,11 +282,22 @@ def chat(
     kv_bits: int = KV_BITS,
     kv_group_size: int = KV_GROUP,
     quantized_kv_start: int = KV_START,
+    prompt_cache: Path = PROMPT_CACHE,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     term = Terminal(interactive)
     llm, tokenizer = load_for_cli(model)
+    cached = None
+    if prompt_cache is not None:
+        from ..prompt_cache import load_prompt_cache
+
+        cached = load_prompt_cache(prompt_cache, llm)
+        if cached.system is None:
+            raise Qwen3MLXError(f"{prompt_cache} holds a raw prompt (--raw), not a system prompt a chat can start from")
+        if system is not None and system != cached.system:
+            raise Qwen3MLXError(f"--system differs from the system prompt {prompt_cache} was made from")
+        system = cached.system
     session = ChatSession(
         llm,
         tokenizer,
@@ -294,6 +307,8 @@ def chat(
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
         **kv_options(kv_bits, kv_group_size, quantized_kv_start),
     )
+    if cached is not None:  # the first turn prefills only what follows the cached system prompt
+        session.cache, session.cached_tokens = cached.cache, cached.tokens
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())

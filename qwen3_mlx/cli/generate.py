@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from .app import app, err, out
@@ -34,6 +36,10 @@ BUDGET = typer.Option(None, "--thinking-budget", help="Cut reasoning after N tok
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
 KV_BITS = typer.Option(None, "--kv-bits", help="Keep the KV cache quantized to 4 or 8 bits (less memory per token).")
 KV_GROUP = typer.Option(64, "--kv-group-size", help="Values per scale in the quantized KV cache (32, 64, 128).")
+PROMPT_CACHE = typer.Option(
+    None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system prompt "
+    "applies unless --system is given)."
+)
 KV_START = typer.Option(
     0, "--quantized-kv-start", help="With --kv-bits: keep the cache in float until it holds N positions.", min=0
 )
@@ -136,6 +142,7 @@ def generate(
     kv_bits: int = KV_BITS,
     kv_group_size: int = KV_GROUP,
     quantized_kv_start: int = KV_START,
+    prompt_cache: Path = PROMPT_CACHE,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
 
@@ -145,7 +152,20 @@ def generate(
     from ..generate import stream_generate
 
     llm, tokenizer = load_for_cli(model)
+    cached = None
+    if prompt_cache is not None:
+        from ..prompt_cache import load_prompt_cache
+
+        cached = load_prompt_cache(prompt_cache, llm)
+        system = system if system is not None else cached.system
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    source, extra = messages, {}
+    if cached is not None:
+        from ..generate import prompt_tokens
+
+        ids = prompt_tokens(tokenizer, messages, enable_thinking=not no_think)
+        extra["prompt_cache"], reused = cached.take(ids)
+        source = ids[reused:]
     show = ReasoningFilter()
     # `> answer.txt` must capture the answer, not the thinking: off a terminal reasoning goes to stderr.
     thoughts = out if out.is_terminal else err
@@ -154,11 +174,12 @@ def generate(
     for r in stream_generate(
         llm,
         tokenizer,
-        messages,
+        source,
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
         **kv_options(kv_bits, kv_group_size, quantized_kv_start),
+        **extra,
     ):
         last = r
         text = show(r.text, r.segment)
