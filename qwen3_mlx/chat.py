@@ -64,6 +64,8 @@ class ChatSession:
         self.options = options  # max_tokens and sampling options for stream_generate
         self.messages: list[dict] = []
         self.cache = make_cache(model)
+        # With a draft model (speculative decoding) its cache is reused across turns too, trimmed alike.
+        self.draft_cache = make_cache(options["draft_model"]) if options.get("draft_model") is not None else None
         self.cached_tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
         self.history: list[TurnStats] = []
         self.last_reasoning = ""
@@ -126,6 +128,9 @@ class ChatSession:
         return (all prompt ids, number reused). At least one token is always left to prefill."""
         ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, enable_thinking=self.enable_thinking))
         reused = truncate_cache(self.cache, min(common_prefix_length(self.cached_tokens, ids), len(ids) - 1))
+        if self.draft_cache is not None:
+            if truncate_cache(self.draft_cache, reused) < reused:  # the draft holds less: both start there
+                reused = truncate_cache(self.cache, self.draft_cache[0].offset)
         self.cached_tokens = ids[:reused]
         return ids, reused
 
@@ -156,6 +161,7 @@ class ChatSession:
                 self.tokenizer,
                 ids[reused:],
                 prompt_cache=self.cache,
+                **({"draft_cache": self.draft_cache} if self.draft_cache is not None else {}),
                 enable_thinking=self.enable_thinking,
                 thinking_budget=self.thinking_budget,
                 **options,

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import Qwen3MLXError
-from .models.cache import make_cache, quantize_cache
+from .models.cache import make_cache, quantize_cache, truncate_cache
 from .sample import SamplingParams, apply_presence_penalty, apply_repetition_penalty, resolve_sampling, sample
 from .tools import ToolCall, parse_tool_calls
 
@@ -51,6 +51,8 @@ class GenerationResponse:
     generation_tps: float
     time_to_first_token: float  # seconds from the call to the first token
     peak_memory: float  # GB
+    draft_tokens: int = 0  # with a draft model: tokens it proposed so far, and how many the target kept
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -234,6 +236,9 @@ class Sequence:
         self.max_tokens, self.constraint, self.enable_thinking = max_tokens, constraint, enable_thinking
         self.thinking_budget = thinking_budget
         self.cache = prompt_cache if prompt_cache is not None else make_cache(model)
+        # Positions the cache held before this prompt (a chat's earlier turns): token i of ids + generated
+        # sits at position base + i.
+        self.base = min((c.offset for c in self.cache), default=0)
         self.eos = set() if (ignore_eos or tokenizer is None) else set(tokenizer.eos_token_ids)
         self.think_start = getattr(tokenizer, "think_start_id", None)
         self.tracker = SegmentTracker(self.think_start, getattr(tokenizer, "think_end_id", None), ids)
@@ -353,6 +358,9 @@ def stream_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    draft_model=None,
+    num_draft: int = 3,
+    draft_cache: list | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` token by token, yielding a `GenerationResponse` per token.
 
@@ -378,6 +386,11 @@ def stream_generate(
 
     `kv_bits` (4 or 8): keep the KV cache quantized (groups of `kv_group_size` along head_dim), in float
     until it holds `quantized_kv_start` positions, then all of it quantized (attention reads it as it is).
+
+    `draft_model`: speculative decoding (see `qwen3_mlx.speculative`): the draft proposes `num_draft` tokens a
+    round and the target keeps those it agrees with. Greedy output is exactly plain greedy's; sampled output
+    follows the same distribution. `draft_cache` (the draft's KVCache list, holding what `prompt_cache` holds)
+    lets a chat reuse it across turns; each response counts the drafted and kept tokens.
     """
     seq = Sequence(
         model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -395,13 +408,33 @@ def stream_generate(
         mx.async_eval(y)
         return y
 
+    spec = None
+    if draft_model is not None:
+        from .speculative import Speculator, check_draft
+
+        check_draft(model, draft_model)
+        spec = Speculator(model, draft_model, seq, num_draft, draft_cache)
     # Prefill all but the last prompt token in chunks, evaluating each so memory stays bounded.
     for start, end in prefill_plan(len(seq.prefill), prefill_step_size):
         seq.quantize_cache()
         model(mx.array(seq.prefill[start:end])[None], seq.cache)
         mx.eval([c.state for c in seq.cache])
+        if spec is not None:
+            draft_model(mx.array(seq.prefill[start:end])[None], spec.dcache)
+            mx.eval([c.state for c in spec.dcache])
     y = forward(*seq.first_input())
+    if spec is not None:
+        yield from _speculative(seq, spec, y, forward, lambda tokens: model(mx.array(tokens)[None], seq.cache))
+        return
+    try:
+        yield from _plain(seq, y, forward)
+    finally:
+        # The cache holds every token handed out but the last (a queued step may have fed one more): the state
+        # a caller reusing it (chat) sees, with or without a draft model.
+        truncate_cache(seq.cache, seq.base + len(seq.ids) + len(seq.generated) - 1)
 
+
+def _plain(seq: Sequence, y: mx.array, forward) -> Iterator[GenerationResponse]:
     while True:
         if seq.forced:
             token, sampled = seq.forced.popleft(), False
@@ -425,6 +458,33 @@ def stream_generate(
             return
         if sampled:
             y = next_y
+
+
+def _speculative(seq: Sequence, spec, y: mx.array, forward, feed) -> Iterator[GenerationResponse]:
+    from .speculative import speculative_tokens
+
+    def stop_forward() -> int:
+        # The token that started the budget's stop text, then the text, as plain decoding feeds them.
+        tokens = seq.ids + seq.generated
+        upto = len(tokens) - len(seq.stop_ids)
+        held = truncate_cache(seq.cache, seq.base + upto) - seq.base
+        if held < upto:
+            feed(tokens[held:upto])
+        return int(forward(seq.stop_ids, len(seq.stop_ids)).item())
+
+    try:
+        while seq.forced:  # the prompt left <think> open and the budget is 0
+            yield seq.take(seq.forced.popleft(), sampled=False)
+            if seq.finish_reason is not None:
+                return
+        for token, sampled in speculative_tokens(spec, int(y.item()), stop_forward):
+            response = seq.take(token, sampled)
+            response.draft_tokens, response.accepted_tokens = spec.proposed, spec.accepted
+            yield response
+            if response.finish_reason is not None:
+                return
+    finally:
+        spec.settle()
 
 
 class _Sampler:

@@ -18,14 +18,16 @@ from ..errors import Qwen3MLXError
 from .app import app, err
 from .generate import (
     BUDGET,
+    DRAFT,
     KV_BITS,
     KV_GROUP,
     KV_START,
-    PROMPT_CACHE,
     MAX_TOKENS,
     MIN_P,
     NO_THINK,
+    NUM_DRAFT,
     PRESENCE,
+    PROMPT_CACHE,
     REPETITION,
     SEED,
     SYSTEM,
@@ -33,6 +35,7 @@ from .generate import (
     TOP_K,
     TOP_P,
     ReasoningFilter,
+    draft_options,
     kv_options,
     load_for_cli,
     sampling_options,
@@ -283,6 +286,8 @@ def chat(
     kv_group_size: int = KV_GROUP,
     quantized_kv_start: int = KV_START,
     prompt_cache: Path = PROMPT_CACHE,
+    draft_model: str = DRAFT,
+    num_draft: int = NUM_DRAFT,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
@@ -306,6 +311,7 @@ def chat(
         thinking_budget=thinking_budget,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
         **kv_options(kv_bits, kv_group_size, quantized_kv_start),
+        **draft_options(llm, tokenizer, draft_model, num_draft),
     )
     if cached is not None:  # the first turn prefills only what follows the cached system prompt
         session.cache, session.cached_tokens = cached.cache, cached.tokens

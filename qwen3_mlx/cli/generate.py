@@ -36,6 +36,11 @@ BUDGET = typer.Option(None, "--thinking-budget", help="Cut reasoning after N tok
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
 KV_BITS = typer.Option(None, "--kv-bits", help="Keep the KV cache quantized to 4 or 8 bits (less memory per token).")
 KV_GROUP = typer.Option(64, "--kv-group-size", help="Values per scale in the quantized KV cache (32, 64, 128).")
+DRAFT = typer.Option(
+    None, "--draft-model", help="A small model of the same family proposing tokens for the big one to check "
+    "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B."
+)
+NUM_DRAFT = typer.Option(3, "--num-draft", help="Tokens the draft proposes per round.", min=1, max=16)
 PROMPT_CACHE = typer.Option(
     None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system prompt "
     "applies unless --system is given)."
@@ -43,6 +48,17 @@ PROMPT_CACHE = typer.Option(
 KV_START = typer.Option(
     0, "--quantized-kv-start", help="With --kv-bits: keep the cache in float until it holds N positions.", min=0
 )
+
+
+def draft_options(llm, tokenizer, draft_model, num_draft) -> dict:
+    """stream_generate's speculative decoding options: the draft loaded and checked against the target."""
+    if draft_model is None:
+        return {}
+    from ..speculative import check_draft
+
+    draft, draft_tokenizer = load_for_cli(draft_model)
+    check_draft(llm, draft, tokenizer, draft_tokenizer)
+    return dict(draft_model=draft, num_draft=num_draft)
 
 
 def kv_options(kv_bits, kv_group_size, quantized_kv_start) -> dict:
@@ -83,10 +99,13 @@ def load_for_cli(model: str):
 
 def format_stats(r) -> str:
     """One statistics line from the last GenerationResponse."""
+    draft = ""
+    if r.draft_tokens:
+        draft = f" | draft kept {r.accepted_tokens}/{r.draft_tokens} ({r.accepted_tokens / r.draft_tokens:.0%})"
     return (
         f"prompt {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
         f"generation {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-        f"first token {r.time_to_first_token:.2f} s | peak memory {r.peak_memory:.2f} GB"
+        f"first token {r.time_to_first_token:.2f} s | peak memory {r.peak_memory:.2f} GB{draft}"
     )
 
 
@@ -143,6 +162,8 @@ def generate(
     kv_group_size: int = KV_GROUP,
     quantized_kv_start: int = KV_START,
     prompt_cache: Path = PROMPT_CACHE,
+    draft_model: str = DRAFT,
+    num_draft: int = NUM_DRAFT,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
 
@@ -179,6 +200,7 @@ def generate(
         thinking_budget=thinking_budget,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
         **kv_options(kv_bits, kv_group_size, quantized_kv_start),
+        **draft_options(llm, tokenizer, draft_model, num_draft),
         **extra,
     ):
         last = r

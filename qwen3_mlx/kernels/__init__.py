@@ -32,6 +32,10 @@ _warned = False
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+# Up to this many positions of one sequence, the matmuls run their decode kernel (QWEN3_MLX_GEMV_MAX_ROWS in
+# the extension) and causal attention runs row by row as decode steps: a forward of a few positions gives each
+# exactly what decoding them one at a time gives.
+DECODE_ROWS = 8
 # Below this many (token, expert) pairs MLX's gather kernels run unsorted; decode never sorts.
 SORT_THRESHOLD = 64
 
@@ -127,6 +131,13 @@ def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
     if L == 1 and (mask is None or isinstance(mask, str)) and q.shape[1] // k.shape[1] <= 16:
         # Decode: one fused kernel reading the cache in place (one causal query row sees every key).
         return _ext.decode_attention(q, k, v, scale)
+    if (mask == "causal" and L <= DECODE_ROWS and q.shape[0] == 1 and S >= L
+            and q.shape[1] // k.shape[1] <= 16):
+        # A few causal rows (a speculative draft's verification): each row as its own decode step, so the
+        # target computes every position bit for bit as when it decodes them one at a time.
+        rows = _ext.ragged_decode_attention(q.transpose(2, 1, 0, 3), [k] * L, [v] * L,
+                                            [S - L + 1 + i for i in range(L)], scale)  # [L, H, 1, D]
+        return rows.transpose(2, 1, 0, 3)
     if mask is None or isinstance(mask, str):
         if mask == "causal" and S < L:  # queries before the first key: MLX's definition, rows of NaN
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -1,0 +1,168 @@
+"""Speculative decoding: a small draft model proposes a few tokens, the target checks them in one forward.
+
+Each round the draft decodes `num_draft` tokens on its own cache; the target runs its last token and the
+drafts as one forward (a few positions: the kernels compute each exactly as a decode step would) and keeps
+the drafts it agrees with:
+- greedy: a draft stays while it is the target's argmax, then the target's own token follows, so the output
+  is the one plain greedy decoding gives, token for token;
+- sampling: the standard rejection scheme (Leviathan et al. 2023, Chen et al. 2023): draft d is kept with
+  probability min(1, p(d) / q(d)), else a token is drawn from max(p - q, 0) renormalised; when all are kept
+  one more comes from the target. The output follows the target's distribution (after the same
+  temperature / top-k / top-p / min-p filters on both models).
+Both caches are cut back to the kept tokens after each round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import Qwen3MLXError
+from .models.cache import make_cache, truncate_cache
+from .sample import filter_logits
+
+
+def check_draft(model, draft, tokenizer=None, draft_tokenizer=None) -> None:
+    """Refuse a draft that cannot propose the target's tokens: another vocabulary or tokenizer."""
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise Qwen3MLXError(f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the target's "
+                            f"({model.args.vocab_size})")
+    if tokenizer is not None and draft_tokenizer is not None and tokenizer.to_json() != draft_tokenizer.to_json():
+        raise Qwen3MLXError("the draft model's tokenizer differs from the target's: its tokens would mean other text")
+
+
+def _probs(logits: mx.array, params) -> mx.array:
+    """[N, vocab] logits -> the sampling distribution after the filters (float32)."""
+    return mx.softmax(filter_logits(logits.astype(mx.float32), params), axis=-1)
+
+
+def _pick(probs: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw from a (possibly unnormalised) distribution with uniform u in [0, 1)."""
+    c = np.cumsum(probs, dtype=np.float64)
+    return int(min(np.searchsorted(c, u * c[-1], side="right"), len(probs) - 1))
+
+
+def accept_drafts(p: np.ndarray, q: np.ndarray, drafts: list[int], u: np.ndarray) -> list[int]:
+    """The rejection scheme on one round: target distributions p [k + 1, vocab] (after each prefix), draft
+    distributions q [k, vocab] that drafts [k] were drawn from, uniforms u [k + 1]. Returns the kept drafts
+    then one token from the target (the residual max(p - q, 0) after a rejection, p itself after all k)."""
+    k = len(drafts)
+    j = 0
+    while j < k and u[j] * q[j, drafts[j]] < p[j, drafts[j]]:  # kept with probability min(1, p / q)
+        j += 1
+    if j < k:
+        residual = np.maximum(p[j] - q[j], 0.0)
+        return drafts[:j] + [_pick(residual if residual.sum() > 0 else p[j], u[k])]
+    return drafts + [_pick(p[k], u[k])]
+
+
+class Speculator:
+    """The draft side of one generation and the verification of its proposals (see the module docstring)."""
+
+    def __init__(self, model, draft, seq, num_draft: int, draft_cache: list | None = None):
+        if num_draft < 1:
+            raise Qwen3MLXError(f"num_draft must be at least 1, got {num_draft}")
+        p = seq.sampler.params
+        if p.presence_penalty or p.repetition_penalty not in (None, 1.0):
+            raise Qwen3MLXError("a draft model cannot be combined with presence or repetition penalties yet")
+        if seq.constraint is not None:
+            raise Qwen3MLXError("a draft model cannot be combined with a response_format constraint yet")
+        self.model, self.draft, self.seq, self.k = model, draft, seq, num_draft
+        self.dcache = draft_cache if draft_cache is not None else make_cache(draft)
+        if min((c.offset for c in self.dcache), default=0) < seq.base:
+            raise Qwen3MLXError("the draft's cache must hold the tokens the prompt cache holds")
+        truncate_cache(self.dcache, seq.base)
+        self.params = p
+        self.greedy = p.temperature == 0
+        self.proposed = self.accepted = 0
+
+    def _uniforms(self, n: int) -> np.ndarray:
+        key = self.seq.sampler.key
+        if key is not None:
+            self.seq.sampler.key, sub = mx.random.split(key)
+            return np.array(mx.random.uniform(shape=(n,), key=sub))
+        return np.array(mx.random.uniform(shape=(n,)))
+
+    def round(self) -> list[int]:
+        """One draft-and-verify round after the taken tokens so far; returns the tokens it produces (the kept
+        drafts, then the target's own). The target's cache then holds all of them but the last."""
+        seq, cache, dcache = self.seq, self.seq.cache, self.dcache
+        tokens = seq.ids + seq.generated  # token i at position seq.base + i
+        T = seq.base + len(tokens) - 1  # positions the target holds: everything but the last token
+        truncate_cache(cache, T)
+        held = truncate_cache(dcache, min(dcache[0].offset if dcache else 0, T))
+        x = mx.array(tokens[held - seq.base :])
+        drafts, q = [], []
+        for _ in range(self.k):
+            logits = self.draft(x[None], dcache)[:, -1, :]  # [1, vocab]
+            if self.greedy:
+                d = mx.argmax(logits, axis=-1)
+            else:
+                qi = _probs(logits, self.params)
+                q.append(qi)
+                d = mx.random.categorical(mx.log(qi), axis=-1, key=self._split())
+            drafts.append(d)
+            x = d
+        proposal = mx.concatenate(drafts)  # [k]
+        logits = self.model(mx.concatenate([mx.array(tokens[-1:]), proposal])[None], cache)[0]  # [k + 1, vocab]
+        if self.greedy:
+            target = mx.argmax(logits, axis=-1)
+            mx.eval(proposal, target)
+            d, t = proposal.tolist(), target.tolist()
+            j = 0
+            while j < self.k and d[j] == t[j]:
+                j += 1
+            out = d[:j] + [t[j]]
+        else:
+            p = _probs(logits, self.params)
+            qs = mx.concatenate(q)
+            mx.eval(proposal, p, qs)
+            out = accept_drafts(np.array(p), np.array(qs), proposal.tolist(), self._uniforms(self.k + 1))
+            j = len(out) - 1
+        self.proposed += self.k
+        self.accepted += j
+        # The target fed its last token and all k drafts: keep those kept. The draft fed up to d_{k-1}.
+        truncate_cache(cache, T + 1 + j)
+        truncate_cache(dcache, min(dcache[0].offset, T + 1 + j))
+        return out
+
+    def _split(self):
+        key = self.seq.sampler.key
+        if key is None:
+            return None
+        self.seq.sampler.key, sub = mx.random.split(key)
+        return sub
+
+    def settle(self) -> None:
+        """Leave both caches holding every token handed out but the last, as plain generation leaves its
+        cache, so a chat's next turn reuses the same prefix with a draft as without one."""
+        base, tokens = self.seq.base, self.seq.ids + self.seq.generated
+        n = truncate_cache(self.seq.cache, base + len(tokens) - 1)
+        held = truncate_cache(self.dcache, n)
+        if held < n:  # the draft is a token or two behind: catch up
+            self.draft(mx.array(tokens[held - base : n - base])[None], self.dcache)
+            mx.eval([c.state for c in self.dcache])
+
+
+def speculative_tokens(speculator: Speculator, first: int, stop_forward) -> Iterator[tuple[int, bool]]:
+    """(token, sampled) in order: `first` (the target's first sampled token), then rounds of drafts. A token
+    that starts the thinking budget's stop text drops the rest of its round; `stop_forward()` then feeds the
+    stop text to the target and returns the token after it."""
+    seq = speculator.seq
+    pending = [first]
+    while True:
+        while pending:
+            token = pending.pop(0)
+            yield token, True
+            if seq.finish_reason is not None:
+                return
+            if seq.forced:
+                pending = []
+                while seq.forced:
+                    yield seq.forced.popleft(), False
+                    if seq.finish_reason is not None:
+                        return
+                pending = [stop_forward()]
+        pending = speculator.round()
