@@ -185,3 +185,22 @@ def test_bad_group_size_for_the_shape_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "cannot quantize this shape to 4 bits, group size 128" in lines[0] and "does not divide" in lines[0]
+
+
+def test_bench_draft_against_plain_decoding(tmp_path):
+    """--draft-model self-4bit on a random shape: both runs alternated, the ratio row is draft / plain, and a
+    good share of the draft's proposals is kept (its own quantization often agrees on the greedy token)."""
+    config = write_config(tmp_path, dense_config(head_dim=32, hidden_size=128), False)
+    out = tmp_path / "bench.json"
+    r = run_cli("--shape", str(config), "--random", "-p", "16", "-g", "24", "-n", "1", "--draft-model", "self-4bit",
+                "--num-draft", "3", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["speculative"] == {"draft": "self-4bit", "num_draft": 3}
+    (run,) = doc["runs"]
+    assert set(run["results"]) == {"qwen3-mlx", "qwen3-mlx + draft"}
+    assert 0.2 < run["acceptance"] <= 1.0
+    assert run["ratio"]["decode_tps"] == pytest.approx(
+        run["results"]["qwen3-mlx + draft"]["decode_tps"]["median"] / run["results"]["qwen3-mlx"]["decode_tps"]["median"])
+    r = run_cli("--shape", str(config), "--random", "--draft-model", "self-4bit", "--vs", "mlx-lm")
+    assert r.returncode == 1 and "cannot be combined with --vs" in r.stderr

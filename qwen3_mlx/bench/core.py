@@ -21,7 +21,7 @@ from .models import (
 )
 
 SCHEMA = "qwen3-mlx-bench/1"
-OURS, MLX_LM = "qwen3-mlx", "mlx-lm"
+OURS, MLX_LM, DRAFTED = "qwen3-mlx", "mlx-lm", "qwen3-mlx + draft"
 
 
 def device_bandwidth_gbs(device: str | None) -> float | None:
@@ -70,6 +70,8 @@ def run_bench(
     seed: int = 0,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    draft_model: str | None = None,
+    num_draft: int = 3,
     device: str | None = None,
     on_trial: Callable[[str, int, int, Trial], None] | None = None,
 ) -> dict:
@@ -80,6 +82,11 @@ def run_bench(
     mlx-lm's models, trials alternated. `device` names a fit-planner device profile whose bandwidth the
     effective bandwidth is compared with. `kv_bits`: a quantized KV cache (4 or 8 bits, groups of
     `kv_group_size`), on both sides with --vs mlx-lm.
+
+    `draft_model`: speculative decoding against plain decoding of the same model, trials alternated: a model
+    folder or repo id, or "self-4bit" / "self-8bit" (the target's own quantization, a pair whose agreement is
+    measurable on random weights: the bench decodes greedily, so what counts is whether the two agree on
+    the most likely token, whatever the logits' scale).
     """
     device_bandwidth_gbs(device)  # an unknown profile fails now, not after the run
     if (model is None) == (shape is None):
@@ -92,6 +99,8 @@ def run_bench(
         raise BenchError(f"--bits must be 4, 8 or none, not {bits}")
     if kv_bits not in (None, 4, 8):
         raise BenchError(f"--kv-bits must be 4 or 8, not {kv_bits}")
+    if draft_model is not None and vs is not None:
+        raise BenchError("--draft-model compares with plain decoding; it cannot be combined with --vs")
     if min(prompt_tokens, gen_tokens, trials) < 1 or gen_tokens < 2:
         raise BenchError("-p and -n must be at least 1 and -g at least 2")
     contexts = sorted(set(contexts)) if contexts else [prompt_tokens]
@@ -118,6 +127,14 @@ def run_bench(
     kv = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
     tokens = our_tokens(net, prefill_step_size, **kv)
     runners = [make_runner(OURS, net, config, tokens, **kv)]
+    speculative = None
+    if draft_model is not None:
+        draft, draft_name = draft_for(draft_model, net, config, shape, group_size, seed)
+        stats = {"proposed": 0, "accepted": 0}
+        runners.append(make_runner(DRAFTED, net, config, our_tokens(net, prefill_step_size, stats=stats,
+                                                                   draft_model=draft, num_draft=num_draft, **kv),
+                                   **kv))
+        speculative = {"draft": draft_name, "num_draft": num_draft, "stats": stats}
     if vs == "mlx-lm":
         from .mlx_lm_side import mlx_lm_tokens, mlx_lm_twin
 
@@ -176,7 +193,28 @@ def run_bench(
                 summary["bandwidth_share"] = summary["bandwidth_gbs"]["median"] / bandwidth
             results[r.name] = summary
         run = {"prompt_tokens": ctx, "gen_tokens": gen_tokens, "results": results}
-        if len(runners) > 1:
+        if speculative is not None:
+            stats = speculative["stats"]
+            run["ratio"] = ratio_row(results[DRAFTED], results[OURS])
+            run["acceptance"] = stats["accepted"] / stats["proposed"] if stats["proposed"] else float("nan")
+            stats.update(proposed=0, accepted=0)
+        elif len(runners) > 1:
             run["ratio"] = ratio_row(results[OURS], results[MLX_LM])
         doc["runs"].append(run)
+    if speculative is not None:
+        doc["speculative"] = {k: v for k, v in speculative.items() if k != "stats"}
     return doc
+
+
+def draft_for(spec: str, net, config: dict, shape: str | None, group_size: int, seed: int):
+    """The draft model `spec` names, and its label."""
+    if spec in ("self-4bit", "self-8bit"):
+        if shape is None:
+            raise BenchError("self-4bit / self-8bit drafts are for --shape ... --random targets")
+        draft = random_bench_model(config, int(spec[5]), group_size, seed)  # the same weights, quantized
+        return draft, spec
+    from ..speculative import check_draft
+
+    draft, _ = load_bench_model(spec, None, group_size)
+    check_draft(net, draft)
+    return draft, spec

@@ -132,16 +132,20 @@ def ratio_row(ours: dict, theirs: dict) -> dict[str, float]:
 # ---- our side --------------------------------------------------------------------------------------------
 
 
-def our_tokens(model: nn.Module, prefill_step_size: int = 512, **kv) -> TokenSource:
-    """Token source of our side: the shared generator (stream_generate), greedy, eos ignored (`kv`: its
-    quantized KV cache options)."""
+def our_tokens(model: nn.Module, prefill_step_size: int = 512, stats: dict | None = None, **options) -> TokenSource:
+    """Token source of our side: the shared generator (stream_generate), greedy, eos ignored (`options`: its
+    KV cache and draft options; with a draft, each run adds its proposed / accepted counts to `stats`)."""
     from ..generate import stream_generate
 
     def run(prompt, n):
-        for r in stream_generate(
+        last = None
+        for last in stream_generate(
             model, None, prompt, max_tokens=n, temperature=0.0, prefill_step_size=prefill_step_size, ignore_eos=True,
-            **kv,
+            **options,
         ):
-            yield r.token
+            yield last.token
+        if stats is not None and last is not None:
+            stats["proposed"] += last.draft_tokens
+            stats["accepted"] += last.accepted_tokens
 
     return run

@@ -63,7 +63,10 @@ def table(doc: dict) -> Table:
                 r = run["ratio"][f]
                 good = (r >= 1) == HIGHER_IS_BETTER[f] or r == 1
                 cells.append(f"[{'green' if good else 'red'}]{r:.2f}x[/]")
-            t.add_row("", "ours/mlx-lm", *cells)
+            label = "ours/mlx-lm"
+            if "acceptance" in run:
+                label = f"draft/plain\n[dim]kept {100 * run['acceptance']:.0f}% of drafts[/dim]"
+            t.add_row("", label, *cells)
     return t
 
 
@@ -75,7 +78,8 @@ def markdown_table(doc: dict) -> str:
         for name, res in run["results"].items():
             lines.append(f"| {run['prompt_tokens']} | {name} | " + " | ".join(_fmt(res[f]["median"]) for f in FIGURES) + " |")
         if "ratio" in run:
-            lines.append("| | ours/mlx-lm | " + " | ".join(f"{run['ratio'][f]:.2f}x" for f in FIGURES) + " |")
+            label = f"draft/plain (kept {100 * run['acceptance']:.0f}%)" if "acceptance" in run else "ours/mlx-lm"
+            lines.append(f"| | {label} | " + " | ".join(f"{run['ratio'][f]:.2f}x" for f in FIGURES) + " |")
     return "\n".join(lines)
 
 

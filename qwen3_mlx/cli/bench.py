@@ -46,6 +46,11 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache: 4 or 8 bits."),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Values per scale in the quantized KV cache."),
+    draft_model: Optional[str] = typer.Option(
+        None, "--draft-model", help="Speculative decoding against plain: a model, or self-4bit / self-8bit (the "
+        "random target's own quantization)."
+    ),
+    num_draft: int = typer.Option(3, "--num-draft", help="Tokens the draft proposes per round.", min=1, max=16),
     device: Optional[str] = typer.Option(
         None, "--device", help="Device profile (see `qwen3-mlx fit`) for the bandwidth share, e.g. m4-pro-48gb."
     ),
@@ -86,6 +91,8 @@ def bench(
             on_trial=on_trial,
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
+            draft_model=draft_model,
+            num_draft=num_draft,
         )
     out.print(table(doc))
     if json_file:
