@@ -187,6 +187,7 @@ class Engine:
             traceback.print_exc()
             job.send("error", ApiError(500, "internal error while starting the request", type="server_error"))
             return
+        seq.base = 0  # the job's prompt includes the cached prefix: token i sits at position i
         job.cached_tokens = cached
         rest = seq.prefill[cached:]
         work = [_Forward(rest[a:b]) for a, b in prefill_plan(len(rest), self.prefill_step_size, self.prefill_piece)]
