@@ -4,7 +4,6 @@
 Random-weight Qwen3-0.6B shape (float32, CPU), the real tokenizer, a thinking-style template that opens <think>
 (as Qwen3-Thinking-2507 does) and a thinking budget of 24 so every turn has reasoning the template then drops.
 """
-import sys, time, json
 from pathlib import Path
 import mlx.core as mx
 from qwen3_mlx.models.registry import random_model

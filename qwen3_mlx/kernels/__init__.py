@@ -3,8 +3,14 @@
 On the CPU, our compiled MLX primitives (`_ext`, built from `src/` by `pip install`) run the quantized,
 float and expert matmuls multi-threaded at memory speed (MLX's own CPU kernels for these are
 single-threaded reference loops), attention, SwiGLU, MoE routing, RMSNorm and RoPE (which MLX's CPU
-backend composes from many small ops, each a graph node per call). Everywhere else (Metal, CUDA), and for formats ours do not cover,
-MLX's own ops run. Both compute the same values to float32 rounding.
+backend composes from many small ops, each a graph node per call), attention on a quantized KV cache, and
+a batch of sequences each in its own cache (ragged decode attention, in-place KV append). Everywhere else
+(Metal, CUDA), and for formats ours do not cover, MLX's own ops run. Both compute the same values to float32
+rounding.
+
+Ours choose their code path from one sequence's positions, never from the batch: a sequence computes bit
+for bit the same alone, batched with others (the server), or as a few positions at once (a speculative
+draft's verification).
 
 `QWEN3_MLX_KERNELS=0` (or `set_enabled(False)`) turns ours off, for comparisons; `QWEN3_MLX_THREADS`
 sets their thread count (default: the usable cores). If the extension was not built or does not
