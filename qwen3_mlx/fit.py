@@ -280,3 +280,128 @@ def model_label(name: str) -> str:
     from .models.registry import HF_REPOS
 
     return HF_REPOS.get(name.lower(), name).split("/")[-1]
+
+
+def split_layers(layer_bytes: list[int], capacities: list[float], first_bytes: int = 0) -> list[int]:
+    """Layers per host for a pipeline: contiguous blocks in host order, each host at least one layer, chosen so
+    the fullest host (its bytes over its capacity) is as empty as possible. Host 0 also holds `first_bytes`
+    (embedding, final norm and head). The planner (`plan_hosts`) and the runtime (under `mlx.launch`) both
+    split with this, from predicted and from on-disk bytes."""
+    n, L = len(capacities), len(layer_bytes)
+    if n < 1 or L < n:
+        raise Qwen3MLXError(f"cannot split {L} layers over {n} hosts (each host needs at least one layer)")
+
+    def assign(t: float) -> list[int] | None:
+        counts, i = [], 0
+        for h, cap in enumerate(capacities):
+            load, take = (first_bytes if h == 0 else 0), 0
+            if h == n - 1:
+                take, load = L - i, load + sum(layer_bytes[i:])
+            else:
+                while i + take < L - (n - h - 1) and (take == 0 or load + layer_bytes[i + take] <= t * cap):
+                    load += layer_bytes[i + take]
+                    take += 1
+            if load > t * cap:
+                return None
+            counts.append(take)
+            i += take
+        return counts
+
+    lo, hi = 0.0, max((first_bytes + sum(layer_bytes)) / min(capacities), 1e-9) * 2
+    best = assign(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        got = assign(mid)
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+    return best
+
+
+@dataclass(frozen=True)
+class HostShare:
+    device: Device
+    layers: tuple[int, int]  # [start, end)
+    weight_bytes: int
+    kv_bytes: int
+    overhead_bytes: int
+    active_bytes: int  # read per decoded token
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.device.usable_bytes
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    shares: list[HostShare]
+    hop_ms: float
+
+    @property
+    def token_ms(self) -> float:
+        """Per decoded token: each host reads its bytes in turn, plus one hop per host around the ring."""
+        compute = sum(s.active_bytes / (s.device.bandwidth_gbs * GB) for s in self.shares) * 1e3
+        return compute + len(self.shares) * self.hop_ms
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1e3 / self.token_ms
+
+
+# Per-hop cost of a decode step's activations (a few KB) between two Macs: the ring backend over Thunderbolt
+# (TCP over the Thunderbolt bridge) is ~0.2 ms a hop; loopback on this 2-core Linux box measured 0.42 ms.
+HOP_MS = 0.2
+
+
+def layer_tensor_bytes(config: dict[str, Any] | str, bits: int = 4, group_size: int = 64,
+                       dtype_bytes: int = 2) -> tuple[list[int], list[int], int, int]:
+    """(weight bytes per layer, bytes read per token per layer, bytes outside the layers, of which read per
+    token) at a uniform precision (`bits` 16 or 0: unquantized)."""
+    c = _cfg(config)
+    L = c["num_hidden_layers"]
+    tied = bool(c.get("tie_word_embeddings", False))
+    E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
+    k = c.get("num_experts_per_tok", 0)
+    spec = QuantSpec(bits=4 if bits in (0, 16) else bits, group_size=group_size)
+    layers, active, other, other_active = [0] * L, [0] * L, 0, 0
+    for t in model_tensors(c):
+        b = 0 if (bits in (0, 16) or not t.quantizable) else spec.layer_bits(t.path, L, tied)
+        n = tensor_bytes(t, b, group_size, dtype_bytes)
+        a = n * k // E if ".switch_mlp." in t.path else n
+        m = t.path.split(".")
+        if len(m) > 2 and m[1] == "layers":
+            layers[int(m[2])] += n
+            active[int(m[2])] += a
+        else:
+            other += n
+            other_active += 0 if (t.path == "model.embed_tokens" and not tied) else a
+    return layers, active, other, other_active
+
+
+def plan_hosts(config: dict[str, Any] | str, hosts: list[Device | str], bits: int = 4, group_size: int = 64,
+               context: int = 4096, *, kv_bits: int | None = None, dtype_bytes: int = 2,
+               hop_ms: float = HOP_MS) -> HostPlan:
+    """The pipeline split of `config` over `hosts` (in ring order; host 0 holds embedding and head) by memory,
+    each host's memory, and the decode bound with the per-token hop cost."""
+    devices = [get_device(h) if isinstance(h, str) else h for h in hosts]
+    c = _cfg(config)
+    layers, active, other, other_active = layer_tensor_bytes(c, bits, group_size, dtype_bytes)
+    L = c["num_hidden_layers"]
+    whole = predict(c, bits, group_size, context, dtype_bytes=dtype_bytes, kv_bits=kv_bits)
+    kv_layer = whole.kv_bytes // L
+    overhead = whole.overhead
+    capacities = [max(d.usable_bytes - overhead, 1) for d in devices]
+    counts = split_layers([b + kv_layer for b in layers], capacities, other)
+    shares, start = [], 0
+    for h, (d, n) in enumerate(zip(devices, counts)):
+        end = start + n
+        w = sum(layers[start:end]) + (other if h == 0 else 0)
+        a = sum(active[start:end]) + (other_active if h == 0 else 0) + kv_layer * n
+        shares.append(HostShare(d, (start, end), w, kv_layer * n, overhead, a))
+        start = end
+    return HostPlan(shares, hop_ms)

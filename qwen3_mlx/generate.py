@@ -417,10 +417,10 @@ def stream_generate(
     # Prefill all but the last prompt token in chunks, evaluating each so memory stays bounded.
     for start, end in prefill_plan(len(seq.prefill), prefill_step_size):
         seq.quantize_cache()
-        model(mx.array(seq.prefill[start:end])[None], seq.cache)
+        model.fill(mx.array(seq.prefill[start:end])[None], seq.cache)
         mx.eval([c.state for c in seq.cache])
         if spec is not None:
-            draft_model(mx.array(seq.prefill[start:end])[None], spec.dcache)
+            draft_model.fill(mx.array(seq.prefill[start:end])[None], spec.dcache)
             mx.eval([c.state for c in spec.dcache])
     y = forward(*seq.first_input())
     if spec is not None:

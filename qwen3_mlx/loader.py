@@ -216,17 +216,23 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 
 def load_model(
-    path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: bool = False
+    path_or_repo: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: bool = False, shard=None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Model and its config from a folder or repo id. Floating tensors are cast to `dtype`
     (default: `default_dtype()`, except that on the CPU a bfloat16 checkpoint's matmul weights stay
-    bfloat16, see `cpu_bf16_weights`); quantized tensors stay packed."""
+    bfloat16, see `cpu_bf16_weights`); quantized tensors stay packed.
+
+    `shard(model, weights)`, for a model run across machines: narrows the built model to this process's part
+    and returns the (sanitized) tensors that part keeps, renamed or sliced to its parameters. Tensors it
+    leaves out are never read from disk."""
     model_path = resolve_model_path(path_or_repo)
     config = load_config(model_path)
     keep_bf16 = dtype is None
     dtype = dtype or default_dtype()
     model = build_model(config)
     weights = model.sanitize(load_weights(model_path))
+    if shard is not None:
+        weights = shard(model, weights)
     quantization = config.get("quantization") or config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method")

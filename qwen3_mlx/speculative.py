@@ -142,7 +142,7 @@ class Speculator:
         n = truncate_cache(self.seq.cache, base + len(tokens) - 1)
         held = truncate_cache(self.dcache, n)
         if held < n:  # the draft is a token or two behind: catch up
-            self.draft(mx.array(tokens[held - base : n - base])[None], self.dcache)
+            self.draft.fill(mx.array(tokens[held - base : n - base])[None], self.dcache)
             mx.eval([c.state for c in self.dcache])
 
 

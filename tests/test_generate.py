@@ -46,6 +46,9 @@ class ScriptedModel:
         logits[0, -1, self.rule(self.fed)] = 50.0
         return mx.array(logits)
 
+    def fill(self, inputs, cache):
+        self(inputs, cache)
+
 
 def test_greedy_matches_transformers(tiny):
     import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..errors import Qwen3MLXError
 from .app import app, fail
 
@@ -23,6 +25,13 @@ def main() -> None:
         fail(str(e))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except RuntimeError as e:  # a rank of a distributed run gone mid-way
+        from ..distributed.group import lost
+
+        domain = lost(e, os.environ.get("MLX_RANK", 0))
+        if domain is None:
+            raise
+        fail(str(domain))
 
 
 __all__ = ["app", "main"]

@@ -52,7 +52,7 @@ def cache_prompt(
     cache = make_cache(llm, kv_bits=kv_bits, kv_group_size=kv_group_size)
     with err.status(f"prefilling {len(tokens)} tokens...") as status:
         for i in range(0, len(tokens), 512):
-            llm(mx.array(tokens[i : i + 512])[None], cache)
+            llm.fill(mx.array(tokens[i : i + 512])[None], cache)
             mx.eval([c.state for c in cache])
             status.update(f"prefilling {min(i + 512, len(tokens))}/{len(tokens)} tokens...")
     size = save_prompt_cache(output, llm, cache, tokens, system=None if raw else text)

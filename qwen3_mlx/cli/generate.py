@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, err, out
+from .app import app, err, fail, out
 
 # Shared with `qwen3-mlx chat`. Help text is rich markup: a literal "[" must be written "\\[" or rich eats the tag.
 MAX_TOKENS = typer.Option(None, "--max-tokens", "-m", help="Most tokens to generate \\[default: 32768].", min=1)
@@ -45,6 +45,14 @@ PROMPT_CACHE = typer.Option(
     None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system prompt "
     "applies unless --system is given)."
 )
+PARALLEL = typer.Option(
+    None, "--parallel", help="Under mlx.launch: 'pipeline' (each rank a block of layers, split by memory) or "
+    "'tensor' (MoE: each rank a slice of every expert) \\[default: pipeline]."
+)
+SPLIT = typer.Option(
+    None, "--split", help="Under mlx.launch with pipeline: layers per rank, e.g. 10,18 \\[default: by each host's "
+    "memory]."
+)
 KV_START = typer.Option(
     0, "--quantized-kv-start", help="With --kv-bits: keep the cache in float until it holds N positions.", min=0
 )
@@ -56,7 +64,7 @@ def draft_options(llm, tokenizer, draft_model, num_draft) -> dict:
         return {}
     from ..speculative import check_draft
 
-    draft, draft_tokenizer = load_for_cli(draft_model)
+    draft, draft_tokenizer = load_for_cli(draft_model, local=True)
     check_draft(llm, draft, tokenizer, draft_tokenizer)
     return dict(draft_model=draft, num_draft=num_draft)
 
@@ -86,15 +94,38 @@ def sampling_options(
     return options
 
 
-def load_for_cli(model: str):
-    """Load a model and its tokenizer, with a status line on stderr."""
+def load_for_cli(model: str, *, parallel: str | None = None, split: str | None = None, local: bool = False):
+    """Load a model and its tokenizer, with a status line on stderr. Under `mlx.launch` (unless `local`), the
+    model is spread over the ranks: rank 0 gets it, the other ranks serve it and exit when rank 0 is done."""
+    from ..distributed import launched
     from ..loader import load
     from .app import show_progress
 
+    if not local and launched():
+        from .. import distributed
+
+        counts = None
+        if split is not None:
+            try:
+                counts = [int(x) for x in split.split(",")]
+            except ValueError:
+                fail(f"--split takes layers per rank separated by commas, e.g. 10,18; got {split!r}")
+        return distributed.load(model, parallel=parallel or "pipeline", split=counts)
+    if not local and (parallel is not None or split is not None):
+        fail("--parallel and --split spread a model over several processes: start the command under mlx.launch, "
+             "e.g. mlx.launch -n 2 -- qwen3-mlx generate MODEL --prompt Hi")
     if show_progress():
         with err.status(f"loading {model}"):
             return load(model)
     return load(model)
+
+
+def refuse_distributed(option: str) -> None:
+    """One clear error for an option a run across ranks does not support."""
+    from ..distributed import launched
+
+    if launched():
+        fail(f"{option} is not supported under mlx.launch (each rank holds only part of the KV cache)")
 
 
 def format_stats(r) -> str:
@@ -164,6 +195,8 @@ def generate(
     prompt_cache: Path = PROMPT_CACHE,
     draft_model: str = DRAFT,
     num_draft: int = NUM_DRAFT,
+    parallel: str = PARALLEL,
+    split: str = SPLIT,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
 
@@ -172,7 +205,9 @@ def generate(
     """
     from ..generate import stream_generate
 
-    llm, tokenizer = load_for_cli(model)
+    if prompt_cache is not None:
+        refuse_distributed("--prompt-cache")
+    llm, tokenizer = load_for_cli(model, parallel=parallel, split=split)
     cached = None
     if prompt_cache is not None:
         from ..prompt_cache import load_prompt_cache

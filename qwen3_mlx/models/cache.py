@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import mlx.core as mx
 
 from .. import kernels
+
+# A layer cache's identity, kept when it is converted to quantized: how another process mirrors it (pipeline).
+_uids = itertools.count(1)
 
 
 class KVCache:
@@ -19,6 +24,7 @@ class KVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
+        self.uid = next(_uids)
 
     def reserve(self, keys: mx.array, values: mx.array, batch: int | None = None) -> None:
         """Make room for `keys`/`values` [B, H, n, D] (of `batch` rows when given) after `offset`, growing in
@@ -75,11 +81,13 @@ class QuantizedKVCache:
         self.keys: tuple | None = None  # (words [B, H, capacity, D*bits/32], scales, biases [B, H, capacity, D/gs])
         self.values: tuple | None = None
         self.offset = 0
+        self.uid = next(_uids)
 
     @classmethod
     def from_float(cls, cache: KVCache, bits: int, group_size: int) -> "QuantizedKVCache":
         """The float cache's positions, quantized (what --quantized-kv-start does once it is reached)."""
         q = cls(bits, group_size)
+        q.uid = cache.uid
         if cache.keys is not None and cache.offset:
             q.update_and_fetch(cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :])
         return q

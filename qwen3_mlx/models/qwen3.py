@@ -129,6 +129,10 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
+    def fill(self, inputs: mx.array, cache: list[KVCache]) -> None:
+        """Append token ids [B, L] to `cache` without computing logits (a prompt's prefill)."""
+        self.model(inputs, cache)
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint tensors to module parameters (HF tied checkpoints may still carry lm_head)."""
         if self.args.tie_word_embeddings:

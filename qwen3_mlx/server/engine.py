@@ -209,11 +209,12 @@ class Engine:
         if solo is not None:
             f = solo.work.popleft()
             solo.seq.quantize_cache()
-            logits = self.model(mx.array(f.tokens)[None], solo.seq.cache)
             if f.sample:
+                logits = self.model(mx.array(f.tokens)[None], solo.seq.cache)
                 solo.y = solo.seq.sample(logits[:, -1, :], f.tokens, f.n_generated, f.mask)
                 pending.append(solo.y)
             else:
+                self.model.fill(mx.array(f.tokens)[None], solo.seq.cache)
                 pending.extend(c.state for c in solo.seq.cache)  # evaluated now: memory stays bounded
         # One batched single-token forward for everyone else.
         batch = [r for r in self._running if r.work and len(r.work[0].tokens) == 1]
