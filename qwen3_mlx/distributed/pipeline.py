@@ -20,7 +20,7 @@ import mlx.nn as nn
 from ..models.base import attention_mask
 from ..models.cache import make_cache
 from .group import Watchdog, lost
-from .protocol import FORWARD, SIZE, STOP, Caches, Header, Rows
+from .protocol import FORWARD, SIZE, STOP, Caches, Header, Rows, states
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -80,7 +80,7 @@ class PipelineModel(nn.Module):
         g = self._group
         # One eval per message: MLX may run independent sends in any order, and the header must go first.
         self._wait([mx.distributed.send(header.encode(), 1, group=g)], "sending a forward")
-        self._wait([mx.distributed.send(h, 1, group=g)] + [c.state for c in cache], "running a forward")
+        self._wait([mx.distributed.send(h, 1, group=g)] + states(cache), "running a forward")
         if not want:
             return None
         back = mx.distributed.recv_like(h, self._size - 1, group=g)
@@ -146,7 +146,7 @@ def follow(stage: nn.Module, group, layers: tuple[int, int], dtype: mx.Dtype) ->
                 out = [mx.distributed.send(x, nxt, group=group)]
             else:
                 out = [mx.distributed.send(x, 0, group=group)] if h.want else []
-            mx.eval(out + [c.state for c in cache])
+            mx.eval(out + states(cache))
     except RuntimeError as e:
         err = lost(e, rank)
         if err is None:

@@ -83,6 +83,11 @@ class Rows:
                       [c.offset for c in layer], kv, release)
 
 
+def states(cache) -> list:
+    """The arrays of a forward's caches (one sequence's list, or BatchKVCache rows), to evaluate them."""
+    return [c.state for layer in cache for c in getattr(layer, "caches", [layer])]
+
+
 class Caches:
     """A following rank's side: its layers' caches of the sequences rank 0 runs."""
 

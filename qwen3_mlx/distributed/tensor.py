@@ -19,7 +19,7 @@ import mlx.nn as nn
 from ..models import qwen3_moe
 from ..models.cache import make_cache
 from .group import DistributedError, Watchdog, lost
-from .protocol import FORWARD, SIZE, STOP, Caches, Header, Rows
+from .protocol import FORWARD, SIZE, STOP, Caches, Header, Rows, states
 
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 
@@ -107,7 +107,7 @@ class TensorParallelModel(nn.Module):
         self._wait([mx.distributed.all_sum(inputs.astype(mx.int32), group=g)])
         h = self.model(inputs, cache)  # [B, L, hidden], normed
         # Evaluated here, every time: the last layer's all_sum must run on rank 0 when the others run it.
-        self._wait([h] + [c.state for c in cache])
+        self._wait([h] + states(cache))
         return h
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
@@ -145,7 +145,7 @@ def follow(model: nn.Module, group) -> None:
             tokens = mx.distributed.all_sum(mx.zeros((h.batch, h.length), mx.int32), group=group)
             cache = caches.for_forward(h)
             out = model.model(tokens, cache)
-            mx.eval([out] + [c.state for c in cache])
+            mx.eval([out] + states(cache))
     except RuntimeError as e:
         err = lost(e, rank)
         if err is None:
