@@ -48,6 +48,7 @@ DEVICES: dict[str, Device] = {
         Device("android-16gb", "Android, Snapdragon 8 Elite, 16 GB", 16, 10.0, 85,
                "OS and other apps keep ~6 GB"),
         Device("m4-pro-48gb", "Mac M4 Pro 48 GB", 48, 36.0, 273, "75% of RAM wired for the GPU"),
+        Device("m4-pro-64gb", "Mac mini M4 Pro 64 GB", 64, 48.0, 273, "75% of RAM wired for the GPU"),
         Device("m4-max-128gb", "Mac M4 Max 128 GB", 128, 96.0, 546, "75% of RAM wired for the GPU"),
         Device("m2-ultra-192gb", "Mac M2 Ultra 192 GB", 192, 144.0, 800, "75% of RAM wired for the GPU"),
         Device("m3-ultra-512gb", "Mac M3 Ultra 512 GB", 512, 384.0, 819, "75% of RAM wired for the GPU"),

@@ -252,3 +252,73 @@ def test_options_need_launch(dense):
     r = subprocess.run([sys.executable, *cli("generate", str(dense), *PROMPT, "--split", "3,3")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "under mlx.launch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_across_ranks(dense, tmp_path):
+    """The OpenAI server on rank 0 with the model on two ranks: batched greedy answers equal `generate`'s, and
+    the prefix cache (caches every rank holds) still hits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    prompts = ["Tell me about the sea.", "Hi", "What is 2+2?", "Name a colour."]
+    want = [subprocess.run([sys.executable, *cli("generate", str(dense), "--prompt", q, "--temp", "0", "--no-think",
+                                                   "-m", "12")], capture_output=True, text=True, timeout=60,
+                           check=True).stdout.strip("\n") for q in prompts]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.err"
+    cmd = [sys.executable, "-c", LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)), "--",
+           sys.executable, *cli("serve", str(dense), "--port", str(port))]
+    with open(log, "w") as f, _session_to(cmd, f):
+        deadline = time.monotonic() + 90
+        while "serving" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+
+        def ask(q):
+            r = client.chat.completions.create(
+                model=str(dense), messages=[{"role": "user", "content": q}], temperature=0, max_tokens=12,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+            return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, prompts))
+        assert [g for g, _ in got] == want
+        again, cached = ask(prompts[0])
+        assert again == want[0] and cached > 0
+    assert "Traceback" not in log.read_text()
+
+
+@contextmanager
+def _session_to(cmd, stderr_file):
+    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr_file)
+    try:
+        yield p
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
+def test_bench_across_ranks(dense):
+    out, err = launch(2, cli("bench", str(dense), "-p", "16", "-g", "4", "-n", "1", "--split", "2,4", "--json",
+                             str(dense.parent / "bench.json")))
+    doc = json.loads((dense.parent / "bench.json").read_text())
+    assert doc["settings"]["ranks"] == {"parallel": "pipeline", "count": 2, "layers": [[0, 2], [2, 6]]}
+    assert doc["runs"][0]["results"]["qwen3-mlx"]["decode_tps"]["median"] > 0
+    assert "rank 1: layers 2-5" in err
+
+
+def test_fit_hosts_cli():
+    r = subprocess.run([sys.executable, *cli("fit", "qwen3-235b-a22b", "--bits", "4", "--hosts",
+                                             "m4-max-128gb,m4-max-128gb")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "| 0 | m4-max-128gb | 0-46 (47) + embedding, head |" in r.stdout and "decode bound:" in r.stdout
+    bad = subprocess.run([sys.executable, *cli("fit", "qwen3-8b", "--hosts", "m4-max-128gb,toaster")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "unknown device 'toaster'" in bad.stderr and "Traceback" not in bad.stderr

@@ -74,6 +74,8 @@ def run_bench(
     num_draft: int = 3,
     device: str | None = None,
     on_trial: Callable[[str, int, int, Trial], None] | None = None,
+    parallel: str | None = None,
+    split: list[int] | None = None,
 ) -> dict:
     """Benchmark a model and return the result document (schema in the README).
 
@@ -87,6 +89,9 @@ def run_bench(
     folder or repo id, or "self-4bit" / "self-8bit" (the target's own quantization, a pair whose agreement is
     measurable on random weights: the bench decodes greedily, so what counts is whether the two agree on
     the most likely token, whatever the logits' scale).
+
+    Under `mlx.launch`, `model` is spread over the ranks (`parallel`, `split` as in `distributed.load`): rank
+    0 returns the document, the other ranks serve its forwards and exit; weight figures are rank 0's share.
     """
     device_bandwidth_gbs(device)  # an unknown profile fails now, not after the run
     if (model is None) == (shape is None):
@@ -107,7 +112,26 @@ def run_bench(
     if min(contexts) < 1:
         raise BenchError("contexts must be positive")
 
-    if shape is not None:
+    from ..distributed import launched
+
+    ranks = None
+    if launched():
+        if shape is not None or vs is not None or bits is not None or draft_model is not None:
+            raise BenchError("under mlx.launch, bench a model folder as it is (no --shape, --bits, --vs or "
+                             "--draft-model; make a quantized folder with qwen3-mlx quantize)")
+        from .. import distributed
+
+        from ..loader import load_config
+
+        net, _ = distributed.load(model, parallel=parallel or "pipeline", split=split)
+        config = load_config(net.model_path)
+        if "bits" in (config.get("quantization") or {}):
+            net.quantization = config["quantization"]
+        name, source = str(model), str(net.model_path)
+        ranks = {"parallel": parallel or "pipeline", "count": net.ranks, "layers": getattr(net, "rank_layers", None)}
+    elif parallel is not None or split is not None:
+        raise BenchError("--parallel and --split are for runs under mlx.launch")
+    elif shape is not None:
         name, config = resolve_shape(shape)
         fit = estimate_fit(config, bits, group_size, max(contexts) + gen_tokens, kv_bits, kv_group_size)
         if not fit.fits:
@@ -172,6 +196,7 @@ def run_bench(
             "generator": "stream_generate",
             "vs": vs,
             "alternated": len(runners) > 1,
+            "ranks": ranks,
         },
         "environment": environment(device),
         "runs": [],

@@ -34,6 +34,11 @@ def table(doc: dict) -> Table:
     kv = f", {kv}-bit KV cache g{doc['settings']['kv_group_size']}" if kv else ""
     title = (f"{m['name']} ({m['source']}, {quant}{kv}), {doc['settings']['gen_tokens']} generated, "
              f"median of {doc['settings']['trials']}")
+    ranks = doc["settings"].get("ranks")
+    if ranks:
+        layers = ranks.get("layers")
+        split = f", layers {'/'.join(str(b - a) for a, b in layers)}" if layers else ""
+        title += f"; {ranks['parallel']} over {ranks['count']} ranks{split}"
     k = doc["environment"].get("kernels") or {}
     if k.get("kernels") == "qwen3-mlx":
         title += f"; qwen3-mlx kernels ({k['isa']}, {k['threads']} threads)"

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .app import app, err, out, show_progress
+from .generate import PARALLEL, SPLIT
 
 
 def _bits(value: str) -> int | None:
@@ -25,6 +26,15 @@ def _contexts(value: str | None) -> list[int] | None:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter("a comma-separated list of prompt lengths, e.g. 128,1024,4096") from None
+
+
+def _split(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter("layers per rank separated by commas, e.g. 10,18") from None
 
 
 @app.command()
@@ -54,6 +64,8 @@ def bench(
     device: Optional[str] = typer.Option(
         None, "--device", help="Device profile (see `qwen3-mlx fit`) for the bandwidth share, e.g. m4-pro-48gb."
     ),
+    parallel: Optional[str] = PARALLEL,
+    split: Optional[str] = SPLIT,
 ) -> None:
     """Measure prefill and decode speed of a model (or a random-weight shape), optionally against mlx-lm."""
     from ..bench import check_output_path, run_bench, save_json, save_plot, table
@@ -93,6 +105,8 @@ def bench(
             kv_group_size=kv_group_size,
             draft_model=draft_model,
             num_draft=num_draft,
+            parallel=parallel,
+            split=_split(split),
         )
     out.print(table(doc))
     if json_file:

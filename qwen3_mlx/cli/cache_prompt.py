@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, err, fail
-from .generate import KV_BITS, KV_GROUP, load_for_cli
+from .generate import KV_BITS, KV_GROUP, load_for_cli, refuse_distributed
 
 
 @app.command(
@@ -42,6 +42,7 @@ def cache_prompt(
         fail(f"{prompt_file} is empty")
     if output.exists() and output.is_dir():
         fail(f"{output} is a directory")
+    refuse_distributed("cache-prompt")
     llm, tokenizer = load_for_cli(model)
     tokens = tokenizer.encode(text) if raw else system_prompt_tokens(tokenizer, text)
     if kv_bits is not None and kv_bits not in (4, 8):

@@ -26,10 +26,12 @@ from .generate import (
     MIN_P,
     NO_THINK,
     NUM_DRAFT,
+    PARALLEL,
     PRESENCE,
     PROMPT_CACHE,
     REPETITION,
     SEED,
+    SPLIT,
     SYSTEM,
     TEMPERATURE,
     TOP_K,
@@ -38,6 +40,7 @@ from .generate import (
     draft_options,
     kv_options,
     load_for_cli,
+    refuse_distributed,
     sampling_options,
 )
 
@@ -288,11 +291,16 @@ def chat(
     prompt_cache: Path = PROMPT_CACHE,
     draft_model: str = DRAFT,
     num_draft: int = NUM_DRAFT,
+    parallel: str = PARALLEL,
+    split: str = SPLIT,
 ) -> None:
-    """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits."""
+    """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits (/exit under
+    mlx.launch, which does not pass Ctrl-D on)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     term = Terminal(interactive)
-    llm, tokenizer = load_for_cli(model)
+    if prompt_cache is not None:
+        refuse_distributed("--prompt-cache")
+    llm, tokenizer = load_for_cli(model, parallel=parallel, split=split)
     cached = None
     if prompt_cache is not None:
         from ..prompt_cache import load_prompt_cache

@@ -33,6 +33,30 @@ def fit_table(models: list[str], devices: list[str], context: int, bits: list[in
     return "\n".join(rows)
 
 
+def hosts_table(model: str, hosts: list[str], bits: int, group_size: int, context: int, kv_bits: int | None,
+                hop_ms: float) -> str:
+    """Markdown table of a pipeline split over `hosts`, then the decode bound with its hop cost."""
+    from ..fit import GB, model_label, plan_hosts
+
+    plan = plan_hosts(model, hosts, bits, group_size, context, kv_bits=kv_bits, hop_ms=hop_ms)
+    prec = "bf16" if bits == 16 else f"{bits}-bit g{group_size}"
+    kv = f"KV@{context}" + (f" ({kv_bits}-bit)" if kv_bits else "")
+    rows = [f"{model_label(model)} at {prec} over {len(hosts)} hosts (pipeline, split by memory):", "",
+            f"| rank | host | layers | weights GB | {kv} GB | total GB | usable GB | fits |", "|---" * 8 + "|"]
+    for r, s in enumerate(plan.shares):
+        a, b = s.layers
+        extra = " + embedding, head" if r == 0 else ""
+        rows.append(f"| {r} | {s.device.key} | {a}-{b - 1} ({b - a}){extra} | {s.weight_bytes / GB:.1f} | "
+                    f"{s.kv_bytes / GB:.2f} | {s.total / GB:.1f} | {s.device.usable_gb:g} | "
+                    f"{'yes' if s.fits else 'NO'} |")
+    compute = plan.token_ms - len(hosts) * hop_ms
+    rows += ["", f"decode bound: {plan.tokens_per_s:.1f} tok/s ({compute:.1f} ms reading weights and KV on the hosts "
+             f"in turn + {len(hosts)} hops x {hop_ms:g} ms)"]
+    if not all(s.fits for s in plan.shares):
+        rows.append("does not fit: add a host, use fewer bits, or a shorter context")
+    return "\n".join(rows)
+
+
 @app.command()
 def fit(
     model: Optional[str] = typer.Argument(None, help="Registry model, e.g. qwen3-8b or Qwen/Qwen3-8B."),
@@ -44,10 +68,29 @@ def fit(
     ),
     all_models: bool = typer.Option(False, "--all", help="All eight Qwen3 models."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache (4 or 8 bits, groups of 64)."),
+    hosts: Optional[str] = typer.Option(
+        None, "--hosts", help="Devices in ring order (the first holds embedding and head), comma-separated: the "
+        "pipeline split by memory for a run under mlx.launch, e.g. m4-max-128gb,m4-max-128gb,m3-ultra-512gb."
+    ),
+    hop_ms: float = typer.Option(0.2, "--hop-ms", help="With --hosts: cost of one hop between hosts per token (ms)."),
 ):
-    """Predicted memory (weights, KV cache, overhead) per precision, fit per device, decode tok/s bound."""
+    """Predicted memory (weights, KV cache, overhead) per precision, fit per device, decode tok/s bound.
+
+    Examples: `qwen3-mlx fit qwen3-8b`, `qwen3-mlx fit --all -d iphone-15-pro -b 4`,
+    `qwen3-mlx fit qwen3-235b-a22b --bits 8 --hosts m4-max-128gb,m4-max-128gb,m3-ultra-512gb`.
+    """
     from ..fit import DEVICES, get_device
     from ..models.registry import SHAPES, shape_config
+
+    if hosts is not None:
+        if not model:
+            fail("name a model to split over --hosts (e.g. qwen3-235b-a22b)")
+        shape_config(model)
+        if kv_bits not in (None, 4, 8):
+            fail(f"--kv-bits must be 4 or 8, got {kv_bits}")
+        out.print(hosts_table(model.lower().split("/")[-1], [get_device(h.strip()).key for h in hosts.split(",")],
+                              bits or 4, group_size, context, kv_bits, hop_ms))
+        return
 
     if all_models:
         models = list(SHAPES)

@@ -7,7 +7,7 @@ import asyncio
 import typer
 
 from .app import app, err, fail
-from .generate import KV_BITS, KV_GROUP, KV_START, kv_options
+from .generate import KV_BITS, KV_GROUP, KV_START, PARALLEL, SPLIT, kv_options
 
 
 @app.command(
@@ -34,6 +34,8 @@ def serve(
     kv_bits: int = KV_BITS,
     kv_group_size: int = KV_GROUP,
     quantized_kv_start: int = KV_START,
+    parallel: str = PARALLEL,
+    split: str = SPLIT,
 ):
     try:
         import fastapi  # noqa: F401
@@ -43,7 +45,7 @@ def serve(
     from ..server.app import create_app
     from .generate import load_for_cli
 
-    loaded, tokenizer = load_for_cli(model)
+    loaded, tokenizer = load_for_cli(model, parallel=parallel, split=split)
     kv = kv_options(kv_bits, kv_group_size, quantized_kv_start)
     if kv:
         from ..errors import Qwen3MLXError

@@ -125,6 +125,7 @@ def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = 
     except RuntimeError as e:
         raise lost(e, rank) or e
     llm.model_path = model_path
+    llm.ranks = group.size()
     atexit.register(llm.stop)
     sys.stderr.flush()
     return llm, load_tokenizer(model_path)
