@@ -322,3 +322,34 @@ def test_fit_hosts_cli():
     bad = subprocess.run([sys.executable, *cli("fit", "qwen3-8b", "--hosts", "m4-max-128gb,toaster")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "unknown device 'toaster'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_speculative_across_ranks(dense, moe):
+    """A draft on rank 0 alone, the target across ranks: rejected drafts roll every rank's cache back."""
+    args = cli("generate", str(dense), *PROMPT, "-m", "16", "--draft-model", str(moe), "--num-draft", "3")
+    solo = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, check=True)
+    plain = subprocess.run([sys.executable, *cli("generate", str(dense), *PROMPT, "-m", "16")], capture_output=True,
+                           text=True, timeout=120, check=True)
+    out, err = launch(2, args)
+    assert out == solo.stdout == plain.stdout and "draft kept" in err
+
+
+@pytest.mark.parametrize("hosts", [2, 3])
+def test_runtime_split_is_the_planners(tmp_path, hosts):
+    """The split a launch computes from a 4-bit export's files is the one `fit --hosts` predicts for its config."""
+    from qwen3_mlx.distributed import split_by_memory
+    from qwen3_mlx.fit import plan_hosts
+    from qwen3_mlx.loader import load_config
+    from qwen3_mlx.quantize import convert
+
+    src = tmp_path / "src"
+    cfg = dense_config(vocab_size=REAL_VOCAB, num_hidden_layers=9, head_dim=32, hidden_size=128,
+                       intermediate_size=384, tie_word_embeddings=True)
+    save_checkpoint(src, cfg, torch_dtype="bfloat16", tokenizer=True)
+    out = tmp_path / "q4"
+    convert(src, out)
+    config = load_config(out)
+    runtime = split_by_memory(out, config, [1e9] * hosts)
+    planned = [b - a for a, b in (s.layers for s in plan_hosts(load_config(src), ["m4-max-128gb"] * hosts, bits=4)
+                                  .shares)]
+    assert runtime == planned and runtime[0] == min(runtime) < max(runtime)  # rank 0 also holds the embedding

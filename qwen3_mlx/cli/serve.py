@@ -45,6 +45,10 @@ def serve(
     from ..server.app import create_app
     from .generate import load_for_cli
 
+    from ..distributed import launched
+
+    if launched() and max_concurrency > 64:
+        fail("--max-concurrency is at most 64 under mlx.launch (sequences in one forward across ranks)")
     loaded, tokenizer = load_for_cli(model, parallel=parallel, split=split)
     kv = kv_options(kv_bits, kv_group_size, quantized_kv_start)
     if kv:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
 
 import mlx.core as mx
 
@@ -61,10 +60,19 @@ def layer_file_bytes(model_path, n_layers: int) -> tuple[list[int], int]:
     return layers, other
 
 
-def pipeline_split(group, model_path, config, split: list[int] | None) -> list[tuple[int, int]]:
-    """(start, end) layers per rank: `split` (layers per rank) as given, else by each rank's memory."""
+def split_by_memory(model_path, config, capacities: list[float]) -> list[int]:
+    """Layers per rank from the bytes on disk and a KV cache of SPLIT_CONTEXT positions per layer: the split
+    `qwen3-mlx fit --hosts` predicts for the same model (both use `fit.split_layers`)."""
     from ..fit import kv_bytes_per_token, split_layers
 
+    L = config["num_hidden_layers"]
+    layers, other = layer_file_bytes(model_path, L)
+    kv = kv_bytes_per_token(config, 2) // L * SPLIT_CONTEXT
+    return split_layers([b + kv for b in layers], capacities, other)
+
+
+def pipeline_split(group, model_path, config, split: list[int] | None) -> list[tuple[int, int]]:
+    """(start, end) layers per rank: `split` (layers per rank) as given, else by each rank's memory."""
     n, L = group.size(), config["num_hidden_layers"]
     if split is not None:
         if len(split) != n or sum(split) != L or min(split) < 1:
@@ -75,10 +83,7 @@ def pipeline_split(group, model_path, config, split: list[int] | None) -> list[t
         counts = split
     else:
         memory = mx.distributed.all_gather(mx.array([_memory_bytes() / 1e6], dtype=mx.float32), group=group)
-        capacities = [m * 1e6 for m in memory.tolist()]
-        layers, other = layer_file_bytes(model_path, L)
-        kv = kv_bytes_per_token(config, 2) // L * SPLIT_CONTEXT
-        counts = split_layers([b + kv for b in layers], capacities, other)
+        counts = split_by_memory(model_path, config, [m * 1e6 for m in memory.tolist()])
     ranges, start = [], 0
     for c in counts:
         ranges.append((start, start + c))
@@ -108,7 +113,7 @@ def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = 
             start, end = ranges[rank]
             model, _ = load_model(model_path, shard=pipeline.shard(start, end, first=rank == 0))
             if rank != 0:
-                pipeline.follow(model, group, (start, end), model.model.layers[0].input_layernorm.weight.dtype)
+                pipeline.follow(model, group, (start, end))
                 raise SystemExit(0)
             llm = pipeline.PipelineModel(model, group, Watchdog(0), ranges)
         else:
@@ -127,7 +132,6 @@ def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = 
     llm.model_path = model_path
     llm.ranks = group.size()
     atexit.register(llm.stop)
-    sys.stderr.flush()
     return llm, load_tokenizer(model_path)
 
 

@@ -30,15 +30,16 @@ def launched() -> bool:
     size = os.environ.get("MLX_WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
     if size is not None:
         return int(size) > 1
-    hostfile = os.environ.get("MLX_HOSTFILE")
-    if "MLX_RANK" not in os.environ or not hostfile:
+    # ring: MLX_HOSTFILE lists the ranks' addresses; JACCL: MLX_IBV_DEVICES lists each rank's devices.
+    listing = os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_IBV_DEVICES")
+    if "MLX_RANK" not in os.environ or not listing:
         return False
     try:
-        with open(hostfile) as f:
+        with open(listing) as f:
             text = f.read().strip()
         return bool(text) and len(json.loads(text)) > 1
     except (OSError, ValueError):
-        return True  # let MLX report a malformed hostfile
+        return True  # let MLX report a malformed file
 
 
 # The watcher outlives a blocked `mx.distributed.init` (which holds the GIL, so no thread of ours runs):

@@ -118,7 +118,7 @@ class PipelineModel(nn.Module):
             pass  # already gone
 
 
-def follow(stage: nn.Module, group, layers: tuple[int, int], dtype: mx.Dtype) -> None:
+def follow(stage: nn.Module, group, layers: tuple[int, int]) -> None:
     """Rank r > 0: receive activations from rank r - 1, run this rank's layers, pass them on to rank r + 1
     (the last rank: back to rank 0, when they are wanted), until rank 0 says stop."""
     rank, size = group.rank(), group.size()
