@@ -26,6 +26,9 @@ from .sample import filter_logits
 
 def check_draft(model, draft, tokenizer=None, draft_tokenizer=None) -> None:
     """Refuse a draft that cannot propose the target's tokens: another vocabulary or tokenizer."""
+    for m in (model, draft):
+        if hasattr(m, "make_cache"):  # a recurrent state cannot be rolled back to the last kept draft yet
+            raise Qwen3MLXError(f"speculative decoding does not support {m.model_type} models yet")
     if draft.args.vocab_size != model.args.vocab_size:
         raise Qwen3MLXError(f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the target's "
                             f"({model.args.vocab_size})")

@@ -103,6 +103,9 @@ def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = 
     rank = group.rank()
     model_path = resolve_model_path(path_or_repo)
     config = load_config(model_path)
+    if config.get("model_type") not in ("qwen3", "qwen3_moe"):
+        raise DistributedError(f"running {config.get('model_type')} across ranks is not supported yet "
+                               "(qwen3 and qwen3_moe are)")
     try:
         if parallel == "pipeline":
             from . import pipeline

@@ -129,6 +129,43 @@ class QuantizedKVCache:
         return 0 if self.keys is None else sum(a.nbytes for a in (*self.keys, *self.values))
 
 
+class RecurrentCache:
+    """A linear-attention layer's state: the last kernel - 1 inputs of its causal conv (`conv` [B, K - 1, C]) and
+    the gated delta rule's state (`recurrent` [B, H, Dk, Dv], float32). It cannot be cut back: `offset` may only
+    be set to where it is, or to 0 (emptied); `truncate_cache` empties every layer rather than keep a state that
+    has seen more tokens than the KV caches beside it."""
+
+    def __init__(self):
+        self.conv: mx.array | None = None
+        self.recurrent: mx.array | None = None
+        self._offset = 0
+        self.uid = next(_uids)
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        if value == self._offset:
+            return
+        if value != 0:
+            raise ValueError(f"a recurrent state cannot go back from {self._offset} to {value} positions")
+        self.conv = self.recurrent = None
+        self._offset = 0
+
+    def advance(self, n: int) -> None:
+        self._offset += n
+
+    @property
+    def state(self) -> tuple:
+        return () if self.recurrent is None else (self.conv, self.recurrent)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
 def quantize_cache(cache: list, *, bits: int | None, group_size: int = 64, start: int = 0) -> None:
     """Replace, in place, the float layers of `cache` by quantized ones once they hold `start` positions
     (nothing when `bits` is None). Called between forwards, so a prompt prefills in float up to there."""
@@ -174,7 +211,11 @@ def batch_cache(caches: list[list[KVCache]]) -> list[BatchKVCache]:
 
 
 def make_cache(model, *, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
-    """One KVCache per decoder layer of `model` (QuantizedKVCache with `kv_bits`)."""
+    """One KVCache per decoder layer of `model` (QuantizedKVCache with `kv_bits`); a hybrid model's own mix."""
+    if hasattr(model, "make_cache"):
+        if kv_bits is not None:
+            raise ValueError(f"a quantized KV cache is not supported for {model.model_type} yet")
+        return model.make_cache()
     if kv_bits is not None:
         return [QuantizedKVCache(kv_bits, kv_group_size) for _ in model.layers]
     return [KVCache() for _ in model.layers]
@@ -189,6 +230,8 @@ def truncate_cache(cache: list[KVCache], length: int) -> int:
     if not cache:
         return 0
     length = min(length, *(c.offset for c in cache))
+    if any(isinstance(c, RecurrentCache) and c.offset != length for c in cache):
+        length = 0  # a recurrent state cannot go back: start over
     for c in cache:
         c.offset = length
     return length

@@ -60,8 +60,7 @@ class PrefixCache:
         if best is None:
             return make_cache(model), 0
         _, cache = self.entries.pop(best)  # the request now owns it; it comes back extended
-        truncate_cache(cache, best_len)
-        return cache, best_len
+        return cache, truncate_cache(cache, best_len)  # less when a recurrent state cannot be cut back
 
     def put(self, tokens: list[int], cache: list) -> None:
         if self.max_bytes <= 0 or not tokens:

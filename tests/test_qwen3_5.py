@@ -1,0 +1,180 @@
+"""Qwen3.5 / 3.6 (hybrid Gated DeltaNet + gated attention) against transformers' Qwen3_5ForCausalLM."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import REAL_VOCAB, copy_tokenizer
+
+
+def text_config(**overrides):
+    cfg = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+               linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+               max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return cfg
+
+
+def save_hybrid(path, seed=0, tokenizer=False, **overrides):
+    """A random Qwen3_5ForCausalLM written by transformers; weights widened so the layers matter."""
+    import torch
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text_config(**overrides))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # zero-centred norms around 0, the gated norm's plain weight around 1
+                p.copy_(0.1 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
+            elif "A_log" in name or "dt_bias" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    if tokenizer:
+        copy_tokenizer(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_5")
+    return path, save_hybrid(path)
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def test_logits_match_transformers(hybrid):
+    """A prompt longer than one recurrence chunk, then decode steps and a second chunk on the cache."""
+    import torch
+
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache
+
+    path, torch_model = hybrid
+    ids = np.random.RandomState(0).randint(0, 500, (1, 150))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)).logits.numpy()
+    model, _ = load_model(path)
+    assert rel(model(mx.array(ids)), ref) <= 1e-4
+    cache = make_cache(model)
+    model.fill(mx.array(ids[:, :100]), cache)
+    steps = mx.concatenate([model(mx.array(ids[:, t : t + 1]), cache) for t in range(100, 110)], axis=1)
+    assert rel(steps, ref[:, 100:110]) <= 1e-4
+    assert rel(model(mx.array(ids[:, 110:]), cache), ref[:, 110:]) <= 1e-4
+
+
+def test_vision_language_layout_loads_the_language_model(hybrid, tmp_path, capsys):
+    """A Qwen3.5 VL checkpoint: config under text_config, tensors under model.language_model., vision and MTP
+    tensors skipped with one line."""
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_mlx.loader import load_model
+
+    path, _ = hybrid
+    text = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": text,
+                                                      "tie_word_embeddings": False}))
+    tensors = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+               for k, v in load_file(path / "model.safetensors").items()}
+    tensors["model.visual.patch_embed.proj.weight"] = np.zeros((4, 4), np.float32)
+    tensors["mtp.fc.weight"] = np.zeros((4, 4), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    vl, _ = load_model(tmp_path)
+    text_only, _ = load_model(path)
+    ids = mx.array([[1, 2, 3, 4, 5]])
+    assert np.array_equal(np.array(vl(ids)), np.array(text_only(ids)))
+    assert "skipping 2 vision / multi-token-prediction tensors" in capsys.readouterr().err
+
+
+def test_layer_pattern_from_interval():
+    from qwen3_mlx.models.qwen3_5 import ModelArgs
+
+    args = ModelArgs.from_dict({**text_config(num_hidden_layers=8), "model_type": "qwen3_5_text",
+                                "full_attention_interval": 4})
+    assert args.layer_types == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + [
+        "full_attention"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(1, 140), chunk=st.sampled_from([16, 32, 64]), heads=st.integers(1, 4),
+       seed=st.integers(0, 1000))
+def test_chunked_recurrence_equals_step_by_step(length, chunk, heads, seed):
+    from qwen3_mlx.models.gated_delta import gated_delta_chunked, gated_delta_reference
+
+    rng = np.random.default_rng(seed)
+    B, Dk, Dv = 1, 8, 12
+
+    def unit(x):
+        return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+    q = mx.array(unit(rng.standard_normal((B, heads, length, Dk))) * Dk**-0.5, mx.float32)
+    k = mx.array(unit(rng.standard_normal((B, heads, length, Dk))), mx.float32)
+    v = mx.array(rng.standard_normal((B, heads, length, Dv)), mx.float32)
+    g = mx.array(-np.exp(rng.standard_normal((B, heads, length))) * 0.5, mx.float32)
+    beta = mx.array(1 / (1 + np.exp(-rng.standard_normal((B, heads, length)))), mx.float32)
+    s0 = mx.array(rng.standard_normal((B, heads, Dk, Dv)) * 0.1, mx.float32)
+    want, want_state = gated_delta_reference(q, k, v, g, beta, s0)
+    got, got_state = gated_delta_chunked(q, k, v, g, beta, s0, chunk=chunk)
+    assert rel(got, want) <= 1e-5 and rel(got_state, want_state) <= 1e-5
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    import torch
+
+    from qwen3_mlx import load
+    from qwen3_mlx.generate import generate, prompt_tokens
+
+    torch_model = save_hybrid(tmp_path, tokenizer=True, vocab_size=REAL_VOCAB)
+    model, tokenizer = load(tmp_path)
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    ids = prompt_tokens(tokenizer, messages, enable_thinking=False)
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    out = generate(model, tokenizer, ids, temperature=0, max_tokens=16, ignore_eos=True)
+    assert out.tokens == ref
+
+
+def test_recurrent_state_is_emptied_rather_than_cut_back():
+    """A state cannot forget tokens: cutting a hybrid cache back empties every layer (the caller refills)."""
+    from qwen3_mlx.models.cache import KVCache, RecurrentCache, truncate_cache
+
+    kv, rec = KVCache(), RecurrentCache()
+    kv.offset = 10
+    rec.advance(10)
+    assert truncate_cache([rec, kv], 10) == 10 and rec.offset == 10
+    assert truncate_cache([rec, kv], 7) == 0 and rec.offset == 0 and kv.offset == 0
+    with pytest.raises(ValueError, match="cannot go back"):
+        rec.advance(5)
+        rec.offset = 3
+
+
+def test_unsupported_options_refused(hybrid):
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache
+    from qwen3_mlx.server.engine import PrefixCache
+
+    model, _ = load_model(hybrid[0])
+    with pytest.raises(Qwen3MLXError, match="quantized KV cache is not supported for qwen3_5_text"):
+        generate(model, None, [1, 2, 3], kv_bits=8, max_tokens=2)
+    with pytest.raises(Qwen3MLXError, match="speculative decoding does not support qwen3_5_text"):
+        generate(model, None, [1, 2, 3], draft_model=model, max_tokens=2)
+    # The server's prefix cache: a stored hybrid cache that would need cutting back is handed out empty.
+    store = PrefixCache(1 << 30)
+    cache = make_cache(model)
+    model.fill(mx.array([[1, 2, 3, 4, 5, 6]]), cache)
+    store.put([1, 2, 3, 4, 5, 6], cache)
+    got, held = store.take([1, 2, 3, 9, 9], model)
+    assert held == 0 and all(c.offset == 0 for c in got)
