@@ -22,13 +22,20 @@ def text_config(**overrides):
     return cfg
 
 
-def save_hybrid(path, seed=0, tokenizer=False, **overrides):
-    """A random Qwen3_5ForCausalLM written by transformers; weights widened so the layers matter."""
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+
+
+def save_hybrid(path, seed=0, tokenizer=False, moe=False, **overrides):
+    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM with `moe`) written by transformers; weights widened
+    so the layers matter."""
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
     torch.manual_seed(seed)
-    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text_config(**overrides))).eval()
+    if moe:
+        model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text_config(**{**MOE, **overrides}))).eval()
+    else:
+        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text_config(**overrides))).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # zero-centred norms around 0, the gated norm's plain weight around 1
@@ -49,18 +56,25 @@ def hybrid(tmp_path_factory):
     return path, save_hybrid(path)
 
 
+@pytest.fixture(scope="module")
+def hybrid_moe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_5_moe")
+    return path, save_hybrid(path, moe=True)
+
+
 def rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def test_logits_match_transformers(hybrid):
+@pytest.mark.parametrize("fixture", ["hybrid", "hybrid_moe"])
+def test_logits_match_transformers(fixture, request):
     """A prompt longer than one recurrence chunk, then decode steps and a second chunk on the cache."""
     import torch
 
     from qwen3_mlx.loader import load_model
     from qwen3_mlx.models.cache import make_cache
 
-    path, torch_model = hybrid
+    path, torch_model = request.getfixturevalue(fixture)
     ids = np.random.RandomState(0).randint(0, 500, (1, 150))
     with torch.no_grad():
         ref = torch_model(torch.tensor(ids)).logits.numpy()
@@ -178,3 +192,24 @@ def test_unsupported_options_refused(hybrid):
     store.put([1, 2, 3, 4, 5, 6], cache)
     got, held = store.take([1, 2, 3, 9, 9], model)
     assert held == 0 and all(c.offset == 0 for c in got)
+
+
+def test_moe_fused_expert_layout_loads(hybrid_moe, tmp_path):
+    """transformers' in-memory layout (experts.gate_up_proj [E, 2I, D], experts.down_proj) loads as the
+    per-expert tensors the hub checkpoints hold."""
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_mlx.loader import load_model
+
+    path, _ = hybrid_moe
+    tensors = load_file(path / "model.safetensors")
+    for layer in range(4):
+        p = f"model.layers.{layer}.mlp.experts"
+        gate = [tensors.pop(f"{p}.{e}.gate_proj.weight") for e in range(8)]
+        up = [tensors.pop(f"{p}.{e}.up_proj.weight") for e in range(8)]
+        tensors[f"{p}.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+        tensors[f"{p}.down_proj"] = np.stack([tensors.pop(f"{p}.{e}.down_proj.weight") for e in range(8)])
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    ids = mx.array([[5, 6, 7, 8, 9, 10]])
+    assert np.array_equal(np.array(load_model(tmp_path)[0](ids)), np.array(load_model(path)[0](ids)))

@@ -52,10 +52,7 @@ class ModelArgs(BaseModelArgs):
     @classmethod
     def from_dict(cls, params: dict[str, Any]):
         """A text config, or a vision-language config whose `text_config` holds the language model's keys."""
-        if isinstance(params.get("text_config"), dict):
-            top = {k: v for k, v in params.items() if k in ("tie_word_embeddings",)}
-            params = {**params["text_config"], **top, "model_type": params.get("model_type", "qwen3_5")}
-        return super().from_dict(params)
+        return super().from_dict(text_params(params))
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -68,6 +65,15 @@ class ModelArgs(BaseModelArgs):
         if unknown or len(self.layer_types) != self.num_hidden_layers:
             raise ModelLoadError(f"layer_types must list {self.num_hidden_layers} of full_attention / "
                                  f"linear_attention, got {self.layer_types}")
+
+
+def text_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config keys: `text_config` of a vision-language config (the top-level model_type and
+    tie_word_embeddings kept), or the config itself."""
+    if not isinstance(params.get("text_config"), dict):
+        return params
+    top = {k: v for k, v in params.items() if k in ("tie_word_embeddings",)}
+    return {**params["text_config"], **top, "model_type": params["model_type"]}
 
 
 class ZeroCenteredRMSNorm(RMSNorm):
@@ -187,14 +193,14 @@ class GatedDeltaNet(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str):
+    def __init__(self, args: ModelArgs, layer_type: str, mlp: nn.Module | None = None):
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(args)
         else:
             self.self_attn = GatedAttention(args)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -205,13 +211,11 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layers: list[nn.Module] | None = None):
         super().__init__()
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, t) for t in args.layer_types]
+        self.layers = layers if layers is not None else [DecoderLayer(args, t) for t in args.layer_types]
         self.norm = ZeroCenteredRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.first_attention = args.layer_types.index("full_attention") if "full_attention" in args.layer_types \
-            else None
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         h = self.embed_tokens(inputs)  # [B, L] -> [B, L, hidden]
@@ -224,11 +228,11 @@ class TextModel(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, model: TextModel | None = None):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = TextModel(args)
+        self.model = model if model is not None else TextModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -60,21 +60,26 @@ class Model(qwen3.Model):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Stack HF's per-expert tensors `mlp.experts.{e}.{proj}.*` into `mlp.switch_mlp.{proj}.*` [E, ...]."""
-        weights = super().sanitize(weights)
-        pattern = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
-        groups: dict[tuple[str, str, str], dict[int, str]] = {}
-        for key in weights:
-            m = pattern.match(key)
-            if m:
-                prefix, e, proj, kind = m.groups()
-                groups.setdefault((prefix, proj, kind), {})[int(e)] = key
-        for (prefix, proj, kind), by_expert in groups.items():
-            n = self.args.num_experts
-            missing = [e for e in range(n) if e not in by_expert]
-            if missing:
-                raise ModelLoadError(f"missing tensor {prefix}.experts.{missing[0]}.{proj}.{kind} in the checkpoint")
-            extra = [e for e in by_expert if e >= n]
-            if extra:
-                raise ModelLoadError(f"unexpected tensor {by_expert[extra[0]]} (num_experts is {n})")
-            weights[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([weights.pop(by_expert[e]) for e in range(n)])
-        return weights
+        return stack_experts(super().sanitize(weights), self.args.num_experts)
+
+
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+
+
+def stack_experts(weights: dict[str, mx.array], n: int) -> dict[str, mx.array]:
+    """`{prefix}.experts.{e}.{proj}.{kind}` for e < n -> `{prefix}.switch_mlp.{proj}.{kind}` [n, ...], in place."""
+    groups: dict[tuple[str, str, str], dict[int, str]] = {}
+    for key in weights:
+        m = _PER_EXPERT.match(key)
+        if m:
+            prefix, e, proj, kind = m.groups()
+            groups.setdefault((prefix, proj, kind), {})[int(e)] = key
+    for (prefix, proj, kind), by_expert in groups.items():
+        missing = [e for e in range(n) if e not in by_expert]
+        if missing:
+            raise ModelLoadError(f"missing tensor {prefix}.experts.{missing[0]}.{proj}.{kind} in the checkpoint")
+        extra = [e for e in by_expert if e >= n]
+        if extra:
+            raise ModelLoadError(f"unexpected tensor {by_expert[extra[0]]} (num_experts is {n})")
+        weights[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([weights.pop(by_expert[e]) for e in range(n)])
+    return weights
