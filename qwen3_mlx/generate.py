@@ -163,6 +163,15 @@ def prefill_plan(n: int, step: int = 512, piece: int | None = None) -> list[tupl
     return ranges
 
 
+def split_at(ranges: list[tuple[int, int]], cuts: list[int]) -> list[tuple[int, int]]:
+    """`ranges` cut in two wherever a position of `cuts` falls inside one."""
+    out = []
+    for a, b in ranges:
+        inner = sorted(c for c in set(cuts) if a < c < b)
+        out.extend(zip([a, *inner], [*inner, b]))
+    return out
+
+
 class Sequence:
     """One generation's state between model forwards, shared by `stream_generate` (one sequence) and the
     server's engine (a batch of them): the first input after the prefill, the sampling of each forward's
@@ -235,6 +244,12 @@ class Sequence:
             raise Qwen3MLXError(f"repetition_penalty must be above 0, got {params.repetition_penalty}")
 
         self.ids, self.prefill = ids, ids[:-1]
+        # A model with recurrent state can only go back to a checkpoint: its prefill ends a forward at the start
+        # of each message (the end of the system prompt, of each turn), where a later prompt still agrees.
+        self.cuts: list[int] = []
+        if hasattr(model, "make_cache") and tokenizer is not None:
+            im_start = tokenizer.token_to_id("<|im_start|>")
+            self.cuts = [i for i, t in enumerate(self.prefill) if t == im_start and i > 0]
         self.max_tokens, self.constraint, self.enable_thinking = max_tokens, constraint, enable_thinking
         self.thinking_budget = thinking_budget
         self.cache = prompt_cache if prompt_cache is not None else make_cache(model)
@@ -417,7 +432,7 @@ def stream_generate(
         check_draft(model, draft_model)
         spec = Speculator(model, draft_model, seq, num_draft, draft_cache)
     # Prefill all but the last prompt token in chunks, evaluating each so memory stays bounded.
-    for start, end in prefill_plan(len(seq.prefill), prefill_step_size):
+    for start, end in split_at(prefill_plan(len(seq.prefill), prefill_step_size), seq.cuts):
         seq.quantize_cache()
         model.fill(mx.array(seq.prefill[start:end])[None], seq.cache)
         mx.eval([c.state for c in seq.cache])

@@ -159,18 +159,28 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert out.tokens == ref
 
 
-def test_recurrent_state_is_emptied_rather_than_cut_back():
-    """A state cannot forget tokens: cutting a hybrid cache back empties every layer (the caller refills)."""
-    from qwen3_mlx.models.cache import KVCache, RecurrentCache, truncate_cache
+def test_recurrent_state_goes_back_to_checkpoints(hybrid):
+    """A state cannot forget tokens: cutting a hybrid cache back lands on the latest checkpoint at or before the
+    length asked (the end of a multi-token forward, or the step before the newest), where the logits continue
+    exactly as from a fresh prefill."""
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache, truncate_cache
 
-    kv, rec = KVCache(), RecurrentCache()
-    kv.offset = 10
-    rec.advance(10)
-    assert truncate_cache([rec, kv], 10) == 10 and rec.offset == 10
-    assert truncate_cache([rec, kv], 7) == 0 and rec.offset == 0 and kv.offset == 0
-    with pytest.raises(ValueError, match="cannot go back"):
-        rec.advance(5)
-        rec.offset = 3
+    model, _ = load_model(hybrid[0])
+    ids = list(range(20, 80))
+    cache = make_cache(model)
+    model.fill(mx.array([ids[:30]]), cache)
+    model.fill(mx.array([ids[30:45]]), cache)
+    for t in ids[45:50]:
+        model(mx.array([[t]]), cache)
+    assert truncate_cache(cache, 49) == 49  # the step before the newest
+    assert truncate_cache(cache, 47) == 45  # back to the end of the second forward
+    assert truncate_cache(cache, 40) == 30 and all(c.offset == 30 for c in cache)
+    got = model(mx.array([ids[30:40]]), cache)
+    fresh = make_cache(model)
+    model.fill(mx.array([ids[:30]]), fresh)
+    assert np.array_equal(np.array(got), np.array(model(mx.array([ids[30:40]]), fresh)))
+    assert truncate_cache(cache, 10) == 0 and all(c.offset == 0 for c in cache)
 
 
 def test_unsupported_options_refused(hybrid):
@@ -185,13 +195,14 @@ def test_unsupported_options_refused(hybrid):
         generate(model, None, [1, 2, 3], kv_bits=8, max_tokens=2)
     with pytest.raises(Qwen3MLXError, match="speculative decoding does not support qwen3_5_text"):
         generate(model, None, [1, 2, 3], draft_model=model, max_tokens=2)
-    # The server's prefix cache: a stored hybrid cache that would need cutting back is handed out empty.
+    # The server's prefix cache hands out what a stored hybrid cache can really go back to.
     store = PrefixCache(1 << 30)
     cache = make_cache(model)
-    model.fill(mx.array([[1, 2, 3, 4, 5, 6]]), cache)
+    model.fill(mx.array([[1, 2, 3, 4]]), cache)
+    model.fill(mx.array([[5, 6]]), cache)
     store.put([1, 2, 3, 4, 5, 6], cache)
-    got, held = store.take([1, 2, 3, 9, 9], model)
-    assert held == 0 and all(c.offset == 0 for c in got)
+    got, held = store.take([1, 2, 3, 4, 5, 9, 9], model)
+    assert held == 4 and all(c.offset == 4 for c in got)
 
 
 def test_moe_fused_expert_layout_loads(hybrid_moe, tmp_path):
@@ -213,3 +224,74 @@ def test_moe_fused_expert_layout_loads(hybrid_moe, tmp_path):
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     ids = mx.array([[5, 6, 7, 8, 9, 10]])
     assert np.array_equal(np.array(load_model(tmp_path)[0](ids)), np.array(load_model(path)[0](ids)))
+
+
+@pytest.fixture(scope="module")
+def hybrid_real_vocab(tmp_path_factory):
+    from qwen3_mlx import load
+
+    path = tmp_path_factory.mktemp("qwen3_5_vocab")
+    save_hybrid(path, tokenizer=True, vocab_size=REAL_VOCAB)
+    return load(path)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_chat_turns_reuse_state_checkpoints(hybrid_real_vocab, thinking):
+    """Turn after turn, the chat resumes from a state checkpoint and prefills only the new part of the
+    conversation (the template drops earlier thinking), with the tokens of a fresh run."""
+    from qwen3_mlx.chat import ChatSession
+    from qwen3_mlx.generate import generate
+
+    model, tokenizer = hybrid_real_vocab
+    session = ChatSession(model, tokenizer, temperature=0, max_tokens=6, enable_thinking=thinking)
+    for i, question in enumerate(["Hi there", "Tell me more", "Thanks"]):
+        tokens = [r.token for r in session.send(question)]
+        expected = generate(model, tokenizer, session.conversation()[:-1], temperature=0, max_tokens=6,
+                            enable_thinking=thinking)
+        assert tokens == expected.tokens
+        stats = session.history[-1]
+        assert stats.prefill_tokens + stats.reused_tokens == stats.prompt_tokens
+        if i:  # resumed at the previous prompt's assistant header or later: at most "<|im_start|>assistant\n"
+            # and the empty "<think>\n\n</think>\n\n" the template drops are computed again, and the new turn
+            assert stats.reused_tokens >= session.history[i - 1].prompt_tokens - 7 > 0
+
+
+def test_server_prefix_cache_hits_on_a_hybrid(hybrid_real_vocab):
+    """The engine serving a hybrid model: a second request with the same system prompt resumes from a state
+    checkpoint (cached_tokens > 0), batched with a third, each with the tokens `generate` gives alone."""
+    import asyncio
+
+    from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.server.engine import Engine, Job
+
+    model, tokenizer = hybrid_real_vocab
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence."}
+    prompts = [[system, {"role": "user", "content": q}] for q in ("Hi", "What is the sea?", "Name a colour.")]
+    options = dict(max_tokens=8, temperature=0, enable_thinking=False)
+    expected = [generate(model, tokenizer, p, **options).tokens for p in prompts]
+
+    async def run():
+        engine = Engine(model, tokenizer, max_concurrency=4)
+        loop = asyncio.get_running_loop()
+
+        async def one(p):
+            job = Job(prompt_tokens(tokenizer, p, enable_thinking=False), dict(options), loop)
+            engine.submit(job)
+            out = []
+            while True:
+                kind, value = await job.out.get()
+                if kind == "done":
+                    return out, job.cached_tokens
+                assert kind == "token", value
+                out.append(value.token)
+
+        try:
+            first = await one(prompts[0])
+            rest = await asyncio.gather(one(prompts[1]), one(prompts[2]))
+            return [first, *rest]
+        finally:
+            engine.close()
+
+    results = asyncio.run(run())
+    assert [tokens for tokens, _ in results] == expected
+    assert results[0][1] == 0 and results[1][1] > 0

@@ -131,15 +131,50 @@ class QuantizedKVCache:
 
 class RecurrentCache:
     """A linear-attention layer's state: the last kernel - 1 inputs of its causal conv (`conv` [B, K - 1, C]) and
-    the gated delta rule's state (`recurrent` [B, H, Dk, Dv], float32). It cannot be cut back: `offset` may only
-    be set to where it is, or to 0 (emptied); `truncate_cache` empties every layer rather than keep a state that
-    has seen more tokens than the KV caches beside it."""
+    the gated delta rule's state (`recurrent` [B, H, Dk, Dv], float32).
+
+    A state cannot forget tokens, so it keeps checkpoints to go back to: the state before and after every
+    multi-token forward (a prompt's chunks, a turn's prefill) and before the latest single-token step, at most
+    `max_checkpoints` (the newest). MLX arrays are immutable, so a checkpoint holds references, costing the
+    state's bytes only while nothing newer shares them. `offset` may be set to where it is, to a checkpoint, or
+    to 0; `truncate_cache` goes back to the latest checkpoint at or before the length asked for."""
+
+    max_checkpoints = 16
 
     def __init__(self):
         self.conv: mx.array | None = None
         self.recurrent: mx.array | None = None
         self._offset = 0
         self.uid = next(_uids)
+        self.checkpoints: dict[int, tuple] = {}  # position -> (conv, recurrent), around multi-token forwards
+        self.step: tuple | None = None  # (position, conv, recurrent) before the latest single-token step
+
+    def _save(self) -> None:
+        if self.recurrent is not None:
+            self.checkpoints.pop(self._offset, None)
+            self.checkpoints[self._offset] = (self.conv, self.recurrent)
+            while len(self.checkpoints) > self.max_checkpoints:
+                self.checkpoints.pop(next(iter(self.checkpoints)))
+
+    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
+        """The state after `n` more positions (checkpointing as the class says)."""
+        if n == 1:
+            self.step = (self._offset, self.conv, self.recurrent) if self.recurrent is not None else None
+        else:
+            self._save()
+        self.conv, self.recurrent = conv, recurrent
+        self._offset += n
+        if n > 1:
+            self._save()
+
+    def _positions(self) -> list[int]:
+        return [*self.checkpoints, *([self.step[0]] if self.step else [])]
+
+    def reachable(self, length: int) -> int:
+        """The largest position <= `length` this state can be put back to."""
+        if length >= self._offset:
+            return self._offset
+        return max([p for p in self._positions() if p <= length], default=0)
 
     @property
     def offset(self) -> int:
@@ -149,13 +184,17 @@ class RecurrentCache:
     def offset(self, value: int) -> None:
         if value == self._offset:
             return
-        if value != 0:
-            raise ValueError(f"a recurrent state cannot go back from {self._offset} to {value} positions")
-        self.conv = self.recurrent = None
-        self._offset = 0
-
-    def advance(self, n: int) -> None:
-        self._offset += n
+        if value == 0:
+            self.conv = self.recurrent = self.step = None
+            self.checkpoints = {}
+        elif value in self.checkpoints or (self.step and self.step[0] == value):
+            self.conv, self.recurrent = self.checkpoints[value] if value in self.checkpoints else self.step[1:]
+            self.checkpoints = {p: c for p, c in self.checkpoints.items() if p <= value}
+            self.step = self.step if self.step and self.step[0] < value else None
+        else:
+            raise ValueError(f"a recurrent state cannot go back from {self._offset} to {value} positions "
+                             f"(checkpoints at {sorted(self._positions())})")
+        self._offset = value
 
     @property
     def state(self) -> tuple:
@@ -163,7 +202,10 @@ class RecurrentCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
+        """The live state and the checkpoints that do not share its arrays."""
+        saved = [*self.checkpoints.values(), *([self.step[1:]] if self.step else [])]
+        arrays = {id(a): a for pair in [self.state, *saved] for a in pair}
+        return sum(a.nbytes for a in arrays.values())
 
 
 def quantize_cache(cache: list, *, bits: int | None, group_size: int = 64, start: int = 0) -> None:
@@ -205,9 +247,41 @@ class BatchKVCache:
         return new_k, new_v
 
 
-def batch_cache(caches: list[list[KVCache]]) -> list[BatchKVCache]:
-    """Per-layer batch views over the caches of several sequences (each a list of per-layer KVCache)."""
-    return [BatchKVCache(list(layer)) for layer in zip(*caches)]
+class BatchRecurrentCache:
+    """One linear-attention layer's view of several sequences' RecurrentCache as one batch for a decode step:
+    their states stacked [B, ...] in, each row's new state back to its own cache."""
+
+    def __init__(self, caches: list[RecurrentCache]):
+        self.caches = caches
+
+    @property
+    def offset(self) -> list[int]:
+        return [c.offset for c in self.caches]
+
+    def _rows(self, name: str) -> mx.array | None:
+        rows = [getattr(c, name) for c in self.caches]
+        like = next((r for r in rows if r is not None), None)
+        if like is None:
+            return None
+        return mx.concatenate([r if r is not None else mx.zeros_like(like) for r in rows], axis=0)
+
+    @property
+    def conv(self) -> mx.array | None:
+        return self._rows("conv")
+
+    @property
+    def recurrent(self) -> mx.array | None:
+        return self._rows("recurrent")
+
+    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
+        for b, c in enumerate(self.caches):
+            c.update(conv[b : b + 1], recurrent[b : b + 1], n)
+
+
+def batch_cache(caches: list[list]) -> list:
+    """Per-layer batch views over the caches of several sequences (each a list of per-layer caches)."""
+    return [BatchRecurrentCache(list(layer)) if isinstance(layer[0], RecurrentCache) else BatchKVCache(list(layer))
+            for layer in zip(*caches)]
 
 
 def make_cache(model, *, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
@@ -230,8 +304,11 @@ def truncate_cache(cache: list[KVCache], length: int) -> int:
     if not cache:
         return 0
     length = min(length, *(c.offset for c in cache))
-    if any(isinstance(c, RecurrentCache) and c.offset != length for c in cache):
-        length = 0  # a recurrent state cannot go back: start over
+    while True:  # recurrent layers go back only to a checkpoint (all of them hold the same positions)
+        reachable = min([c.reachable(length) for c in cache if isinstance(c, RecurrentCache)], default=length)
+        if reachable == length:
+            break
+        length = reachable
     for c in cache:
         c.offset = length
     return length

@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..errors import ModelLoadError
-from .base import BaseModelArgs, RoPE, rope_settings
+from .base import BaseModelArgs, RoPE, attention_mask, rope_settings
 from .cache import KVCache, RecurrentCache
 from .gated_delta import gated_delta_chunked, gated_delta_step
 from .layers import Embedding, Linear, RMSNorm
@@ -152,20 +152,19 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.dv, args.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, D, bias=False)
 
-    def _conv(self, x: mx.array, cache: RecurrentCache | None) -> mx.array:
+    def _conv(self, x: mx.array, cache: RecurrentCache | None) -> tuple[mx.array, mx.array]:
+        """The causal depthwise conv over [B, L, C] after the cached inputs; (output, the new conv state)."""
         B, L, C = x.shape
         K = self.kernel
         past = cache.conv if cache is not None and cache.conv is not None else mx.zeros((B, K - 1, C), x.dtype)
         xs = mx.concatenate([past, x], axis=1)  # [B, K - 1 + L, C]
-        if cache is not None:
-            cache.conv = xs[:, -(K - 1):]
         w = self.conv1d.weight[:, :, 0]  # [C, K]
         out = sum(xs[:, i : i + L] * w[:, i] for i in range(K))
-        return nn.silu(out)
+        return nn.silu(out), xs[:, -(K - 1):]
 
     def __call__(self, x: mx.array, mask=None, cache: RecurrentCache | None = None) -> mx.array:
         B, L, _ = x.shape
-        qkv = self._conv(self.in_proj_qkv(x), cache)
+        qkv, conv = self._conv(self.in_proj_qkv(x), cache)
         q, k, v = mx.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
         # [B, L, heads, d] -> [B, heads, L, d]; key heads repeated to the value heads they serve
         q, k = (t.reshape(B, L, self.n_k, self.dk) for t in (q, k))
@@ -185,8 +184,7 @@ class GatedDeltaNet(nn.Module):
         else:
             o, state = gated_delta_chunked(q, k, v, g, beta, state)
         if cache is not None:
-            cache.recurrent = state
-            cache.advance(L)
+            cache.update(conv, state, L)
         z = self.in_proj_z(x).reshape(B, L, self.n_v, self.dv)
         o = self.norm(o.transpose(0, 2, 1, 3), z)  # [B, L, Hv, Dv]
         return self.out_proj(o.reshape(B, L, -1))
@@ -220,8 +218,9 @@ class TextModel(nn.Module):
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
         h = self.embed_tokens(inputs)  # [B, L] -> [B, L, hidden]
         cache = cache if cache is not None else [None] * len(self.layers)
-        L = h.shape[1]
-        mask = "causal" if L > 1 else None
+        # The attention layers' mask (per-row lengths for a batch at different lengths), from the first one's cache.
+        first = next((c for layer, c in zip(self.layers, cache) if not layer.is_linear), None)
+        mask = attention_mask(h.shape[1], first)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

@@ -28,7 +28,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import Qwen3MLXError
-from ..generate import Sequence, prefill_plan
+from ..generate import Sequence, prefill_plan, split_at
 from ..models.cache import batch_cache, make_cache, truncate_cache
 from .protocol import ApiError
 
@@ -189,7 +189,9 @@ class Engine:
         seq.base = 0  # the job's prompt includes the cached prefix: token i sits at position i
         job.cached_tokens = cached
         rest = seq.prefill[cached:]
-        work = [_Forward(rest[a:b]) for a, b in prefill_plan(len(rest), self.prefill_step_size, self.prefill_piece)]
+        plan = split_at(prefill_plan(len(rest), self.prefill_step_size, self.prefill_piece),
+                        [c - cached for c in seq.cuts])
+        work = [_Forward(rest[a:b]) for a, b in plan]
         tokens, n_generated, mask = seq.first_input()
         work.append(_Forward(tokens, True, n_generated, mask))
         r = _Running(job, seq, work)
