@@ -1,4 +1,4 @@
-"""Qwen3.5 / 3.6 (hybrid Gated DeltaNet + gated attention) against transformers' Qwen3_5ForCausalLM."""
+"""Qwen3.5 / 3.6 and Qwen3-Next (hybrid Gated DeltaNet + gated attention) against transformers."""
 
 from __future__ import annotations
 
@@ -25,14 +25,18 @@ def text_config(**overrides):
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 
 
-def save_hybrid(path, seed=0, tokenizer=False, moe=False, **overrides):
-    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM with `moe`) written by transformers; weights widened
-    so the layers matter."""
+def save_hybrid(path, seed=0, tokenizer=False, moe=False, next_=False, **overrides):
+    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM with `moe`, Qwen3NextForCausalLM with `next_`: fused
+    DeltaNet projections, layer 1 a dense MLP) written by transformers; weights widened so the layers matter."""
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+    from transformers import (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig,
+                              Qwen3NextConfig, Qwen3NextForCausalLM)
 
     torch.manual_seed(seed)
-    if moe:
+    if next_:
+        cfg = text_config(**{**MOE, "intermediate_size": 96, "mlp_only_layers": [1], **overrides})
+        model = Qwen3NextForCausalLM(Qwen3NextConfig(**cfg)).eval()
+    elif moe:
         model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text_config(**{**MOE, **overrides}))).eval()
     else:
         model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text_config(**overrides))).eval()
@@ -57,6 +61,12 @@ def hybrid(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def hybrid_next(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_next")
+    return path, save_hybrid(path, next_=True)
+
+
+@pytest.fixture(scope="module")
 def hybrid_moe(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3_5_moe")
     return path, save_hybrid(path, moe=True)
@@ -66,7 +76,7 @@ def rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-@pytest.mark.parametrize("fixture", ["hybrid", "hybrid_moe"])
+@pytest.mark.parametrize("fixture", ["hybrid", "hybrid_moe", "hybrid_next"])
 def test_logits_match_transformers(fixture, request):
     """A prompt longer than one recurrence chunk, then decode steps and a second chunk on the cache."""
     import torch

@@ -162,9 +162,16 @@ class GatedDeltaNet(nn.Module):
         out = sum(xs[:, i : i + L] * w[:, i] for i in range(K))
         return nn.silu(out), xs[:, -(K - 1):]
 
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """(q, k, v concatenated [B, L, conv_dim], z [B, L, Hv, Dv], b and a [B, L, Hv])."""
+        B, L, _ = x.shape
+        z = self.in_proj_z(x).reshape(B, L, self.n_v, self.dv)
+        return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+
     def __call__(self, x: mx.array, mask=None, cache: RecurrentCache | None = None) -> mx.array:
         B, L, _ = x.shape
-        qkv, conv = self._conv(self.in_proj_qkv(x), cache)
+        mixed, z, b, a = self._project(x)
+        qkv, conv = self._conv(mixed, cache)
         q, k, v = mx.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
         # [B, L, heads, d] -> [B, heads, L, d]; key heads repeated to the value heads they serve
         q, k = (t.reshape(B, L, self.n_k, self.dk) for t in (q, k))
@@ -174,8 +181,8 @@ class GatedDeltaNet(nn.Module):
                 for t in (q, k))
         q = q * mx.rsqrt((q * q).sum(-1, keepdims=True) + 1e-6) * self.dk**-0.5
         k = k * mx.rsqrt((k * k).sum(-1, keepdims=True) + 1e-6)
-        beta = mx.sigmoid(self.in_proj_b(x)).transpose(0, 2, 1)  # [B, Hv, L]
-        g = (-mx.exp(self.A_log) * nn.softplus(self.in_proj_a(x) + self.dt_bias)).transpose(0, 2, 1)
+        beta = mx.sigmoid(b).transpose(0, 2, 1)  # [B, Hv, L]
+        g = (-mx.exp(self.A_log) * nn.softplus(a + self.dt_bias)).transpose(0, 2, 1)
         state = cache.recurrent if cache is not None and cache.recurrent is not None else \
             mx.zeros((B, self.n_v, self.dk, self.dv), mx.float32)
         if L == 1:
@@ -185,17 +192,16 @@ class GatedDeltaNet(nn.Module):
             o, state = gated_delta_chunked(q, k, v, g, beta, state)
         if cache is not None:
             cache.update(conv, state, L)
-        z = self.in_proj_z(x).reshape(B, L, self.n_v, self.dv)
         o = self.norm(o.transpose(0, 2, 1, 3), z)  # [B, L, Hv, Dv]
         return self.out_proj(o.reshape(B, L, -1))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str, mlp: nn.Module | None = None):
+    def __init__(self, args: ModelArgs, layer_type: str, mlp: nn.Module | None = None, linear=GatedDeltaNet):
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
-            self.linear_attn = GatedDeltaNet(args)
+            self.linear_attn = linear(args)
         else:
             self.self_attn = GatedAttention(args)
         self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size)
