@@ -558,7 +558,7 @@ def generate(model, tokenizer, prompt, **options) -> GenerationResult:
         pieces[last.segment].append(last.text)
     reasoning, answer = tidy_segments("".join(pieces["reasoning"]), "".join(pieces["answer"]))
     result = GenerationResult(
-        text="".join(text), reasoning=reasoning, answer=answer, tool_calls=parse_tool_calls(answer), tokens=tokens
+        text="".join(text), reasoning=reasoning, answer=answer, tool_calls=parse_tool_calls(answer, options.get("tools")), tokens=tokens
     )
     if last is not None:
         for name in (

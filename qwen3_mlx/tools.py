@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(</function>|$)", re.DOTALL)
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
 
 
 @dataclass
@@ -28,31 +30,101 @@ class ToolCall:
         return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def parse_tool_calls(text: str) -> list[ToolCall]:
-    """Every `<tool_call>` block in `text`, in order. Malformed blocks (bad JSON, no name, unclosed) are returned
-    with `error` set rather than raising: model output is not trusted to be well-formed."""
+def parse_tool_calls(text: str, tools: list[dict] | None = None) -> list[ToolCall]:
+    """Every tool call in `text`, in order, in either form (module docstring). `tools`: the request's tool
+    definitions (OpenAI form), whose parameter schemas type the XML form's values. Malformed blocks (bad JSON, no
+    name, unclosed) are returned with `error` set rather than raising: model output is not trusted."""
+    blocks = [(m.group(1).strip(), bool(m.group(2))) for m in _BLOCK.finditer(text)]
+    if not blocks and "<function=" in text:  # the XML form without its <tool_call> wrapper
+        blocks = [(m.group(0), True) for m in _FUNCTION.finditer(text)]
     calls = []
-    for match in _BLOCK.finditer(text):
-        raw, closed = match.group(1).strip(), bool(match.group(2))
-        if not closed:
+    for raw, closed in blocks:
+        if raw.startswith("<function="):
+            calls.append(_xml_call(raw, closed, _schemas(tools)))
+        elif not closed:
             calls.append(ToolCall(None, raw=raw, error="unterminated <tool_call> block (no </tool_call>)"))
-            continue
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            calls.append(ToolCall(None, raw=raw, error=f"malformed JSON: {e}"))
-            continue
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            calls.append(ToolCall(None, raw=raw, error='expected a JSON object with a string "name"'))
-            continue
-        arguments = data.get("arguments", {})
-        if isinstance(arguments, str):  # some models double-encode the arguments
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(arguments, dict):
-            calls.append(ToolCall(data["name"], raw=raw, error='"arguments" is not a JSON object'))
-            continue
-        calls.append(ToolCall(data["name"], arguments, raw=raw))
+        else:
+            calls.append(_json_call(raw))
     return calls
+
+
+def _json_call(raw: str) -> ToolCall:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return ToolCall(None, raw=raw, error=f"malformed JSON: {e}")
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return ToolCall(None, raw=raw, error='expected a JSON object with a string "name"')
+    arguments = data.get("arguments", {})
+    if isinstance(arguments, str):  # some models double-encode the arguments
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(arguments, dict):
+        return ToolCall(data["name"], raw=raw, error='"arguments" is not a JSON object')
+    return ToolCall(data["name"], arguments, raw=raw)
+
+
+def _schemas(tools: list[dict] | None) -> dict[str, dict]:
+    """Tool name -> its parameters' `properties` schemas."""
+    out = {}
+    for t in tools or []:
+        fn = t.get("function", t) if isinstance(t, dict) else {}
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            params = fn.get("parameters") or {}
+            out[fn["name"]] = params.get("properties") or {} if isinstance(params, dict) else {}
+    return out
+
+
+def _xml_call(raw: str, closed: bool, schemas: dict[str, dict]) -> ToolCall:
+    m = _FUNCTION.match(raw)
+    if m is None:
+        return ToolCall(None, raw=raw, error="expected <function=NAME>")
+    name = m.group(1).strip()
+    if not (closed and m.group(3)):
+        return ToolCall(name, raw=raw, error="unterminated <function=...> block (no </function>)")
+    props = schemas.get(name, {})
+    arguments = {}
+    for p in _PARAMETER.finditer(m.group(2)):
+        key, value = p.group(1).strip(), p.group(2)
+        # The template writes "<parameter=k>\nvalue\n</parameter>": one newline each side is layout.
+        value = value[1:] if value.startswith("\n") else value
+        value = value[:-1] if value.endswith("\n") else value
+        arguments[key] = coerce(value, props.get(key))
+    return ToolCall(name, arguments, raw=raw)
+
+
+def coerce(value: str, schema: dict | None) -> Any:
+    """An XML parameter's text as the JSON type its schema declares (the text itself when it does not parse
+    as that type, or without a schema)."""
+    kinds = (schema or {}).get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    text = value.strip()
+    for kind in kinds:
+        if kind in ("integer", "number"):
+            try:
+                return int(text)
+            except ValueError:
+                pass
+            try:
+                number = float(text)
+            except ValueError:
+                continue
+            if kind == "number":
+                return number
+            if number.is_integer():
+                return int(number)
+            continue
+        if kind == "boolean" and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind == "null" and text.lower() in ("null", "none"):
+            return None
+        if kind in ("object", "array"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(parsed, dict if kind == "object" else list):
+                return parsed
+    return value

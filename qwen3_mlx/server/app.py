@@ -177,7 +177,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
             choice = {"index": 0, "text": "".join(pieces["answer"]), "finish_reason": finish, "logprobs": None}
             return {"id": cid, "object": "text_completion", "created": stamp, "model": model_id,
                     "choices": [choice], "usage": used}
-        message, has_calls = chat_message("".join(pieces["reasoning"]), "".join(pieces["answer"]))
+        message, has_calls = chat_message("".join(pieces["reasoning"]), "".join(pieces["answer"]), req.tools)
         choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if has_calls else finish,
                   "logprobs": None}
         return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_id, "choices": [choice],
@@ -224,7 +224,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                 yield sse(chunk(cid, model_id, stamp, {"content": tail}, None, chat=chat, text=tail))
             finish = finish_of(matcher, last)
             if tool_text is not None:
-                calls = openai_tool_calls("".join(tool_text))
+                calls = openai_tool_calls("".join(tool_text), req.tools)
                 rest = strip_tool_blocks("".join(tool_text))
                 if rest:
                     yield sse(chunk(cid, model_id, stamp, {"content": rest}, None, chat=True))

@@ -190,25 +190,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def openai_tool_calls(answer: str) -> list[dict]:
-    """Parsed `<tool_call>` blocks in OpenAI's form (arguments as a JSON string); malformed ones are left out."""
+def openai_tool_calls(answer: str, tools: list[dict] | None = None) -> list[dict]:
+    """Parsed tool calls (JSON or XML form, values typed by `tools`' schemas) in OpenAI's form (arguments as a
+    JSON string); malformed ones are left out."""
     return [
         {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
          "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
-        for c in parse_tool_calls(answer) if c.ok
+        for c in parse_tool_calls(answer, tools) if c.ok
     ]
 
 
 def strip_tool_blocks(answer: str) -> str:
-    """The answer text outside `<tool_call>` blocks."""
-    head, sep, _ = answer.partition("<tool_call>")
-    return head.strip() if sep else answer
+    """The answer text before its first tool call (`<tool_call>`, or an unwrapped `<function=`)."""
+    for marker in ("<tool_call>", "<function="):
+        head, sep, _ = answer.partition(marker)
+        if sep:
+            return head.strip()
+    return answer
 
 
-def chat_message(reasoning: str, answer: str) -> tuple[dict, bool]:
+def chat_message(reasoning: str, answer: str, tools: list[dict] | None = None) -> tuple[dict, bool]:
     """The assistant message for a finished chat generation, and whether it holds tool calls."""
     reasoning, answer = tidy_segments(reasoning, answer)
-    calls = openai_tool_calls(answer)
+    calls = openai_tool_calls(answer, tools)
     message: dict[str, Any] = {"role": "assistant", "content": strip_tool_blocks(answer) if calls else answer}
     if reasoning:
         message["reasoning_content"] = reasoning

@@ -1,0 +1,73 @@
+"""The Qwen3.5 / 3.6 XML tool-call form, parsed into typed arguments (and the older JSON form beside it)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen3_mlx.server.protocol import chat_message
+from qwen3_mlx.tools import parse_tool_calls
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "temp": {"type": "number"},
+    "opts": {"type": "object"}, "tags": {"type": "array"}, "metric": {"type": "boolean"},
+    "code": {"type": "string"}}}}}]
+
+
+def render(name: str, arguments: dict) -> str:
+    """What Qwen3.5's chat template writes for a call: strings as they are, everything else as JSON."""
+    params = "".join(
+        f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n" for k, v in arguments.items())
+    return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+def test_hand_written_call_is_typed_by_the_schema():
+    text = ("Let me look that up.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+            "<parameter=days>\n3\n</parameter>\n<parameter=temp>\n21.5\n</parameter>\n<parameter=opts>\n"
+            '{"unit": "C", "hourly": false}\n</parameter>\n<parameter=metric>\ntrue\n</parameter>\n<parameter=code>\n'
+            "007\n</parameter>\n</function>\n</tool_call>")
+    (call,) = parse_tool_calls(text, TOOLS)
+    assert call.ok and call.name == "get_weather"
+    assert call.arguments == {"city": "Paris", "days": 3, "temp": 21.5, "opts": {"unit": "C", "hourly": False},
+                              "metric": True, "code": "007"}  # a string stays a string, leading zeros and all
+    message, has_calls = chat_message("", text, TOOLS)
+    assert has_calls and message["content"] == "Let me look that up."
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"])["days"] == 3
+
+
+def test_tolerated_forms():
+    # no <tool_call> wrapper; no schema (values stay text); a multi-line value; two calls; the older JSON form
+    (bare,) = parse_tool_calls("<function=f>\n<parameter=x>\n5\n</parameter>\n</function>")
+    assert bare.ok and bare.arguments == {"x": "5"}
+    (multi,) = parse_tool_calls("<tool_call>\n<function=w>\n<parameter=body>\nline 1\nline 2\n</parameter>\n"
+                                "</function>\n</tool_call>")
+    assert multi.arguments == {"body": "line 1\nline 2"}
+    two = parse_tool_calls(render("a", {"city": "x"}) + "\n" + render("b", {"city": "y"}), TOOLS)
+    assert [c.name for c in two] == ["a", "b"]
+    (old,) = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
+    assert old.ok and old.arguments == {"x": 1}
+    (cut,) = parse_tool_calls("<tool_call>\n<function=f>\n<parameter=x>\n5")
+    assert not cut.ok and "unterminated" in cut.error
+    # a value that does not parse as its declared type is kept as text rather than dropped
+    (odd,) = parse_tool_calls(render("get_weather", {"days": "three"}), TOOLS)
+    assert odd.arguments == {"days": "three"}
+
+
+values = {
+    "city": st.text(st.characters(blacklist_characters="<\x00", blacklist_categories=("Cs",)), min_size=1).filter(
+        lambda s: s == s.strip() and s.strip()),
+    "days": st.integers(-10**6, 10**6),
+    "temp": st.floats(allow_nan=False, allow_infinity=False, width=32),
+    "opts": st.dictionaries(st.text(min_size=1, max_size=5), st.integers() | st.booleans(), max_size=3),
+    "tags": st.lists(st.text(max_size=5), max_size=3),
+    "metric": st.booleans(),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.fixed_dictionaries({}, optional=values))
+def test_generated_calls_round_trip(arguments):
+    (call,) = parse_tool_calls("Sure.\n" + render("get_weather", arguments), TOOLS)
+    assert call.ok and call.arguments == arguments
