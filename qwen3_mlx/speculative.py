@@ -26,9 +26,6 @@ from .sample import filter_logits
 
 def check_draft(model, draft, tokenizer=None, draft_tokenizer=None) -> None:
     """Refuse a draft that cannot propose the target's tokens: another vocabulary or tokenizer."""
-    for m in (model, draft):
-        if hasattr(m, "make_cache"):  # a recurrent state cannot be rolled back to the last kept draft yet
-            raise Qwen3MLXError(f"speculative decoding does not support {m.model_type} models yet")
     if draft.args.vocab_size != model.args.vocab_size:
         raise Qwen3MLXError(f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the target's "
                             f"({model.args.vocab_size})")
@@ -127,7 +124,10 @@ class Speculator:
         self.proposed += self.k
         self.accepted += j
         # The target fed its last token and all k drafts: keep those kept. The draft fed up to d_{k-1}.
-        truncate_cache(cache, T + 1 + j)
+        held = truncate_cache(cache, T + 1 + j)
+        if held < T + 1 + j:  # a recurrent state went back to the round's start: feed the kept tokens again
+            kept = tokens + d[:j] if self.greedy else tokens + proposal.tolist()[:j]
+            self.model.fill(mx.array(kept[held - seq.base :])[None], cache)
         truncate_cache(dcache, min(dcache[0].offset, T + 1 + j))
         return out
 

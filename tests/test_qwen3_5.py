@@ -203,8 +203,6 @@ def test_unsupported_options_refused(hybrid):
     model, _ = load_model(hybrid[0])
     with pytest.raises(Qwen3MLXError, match="quantized KV cache is not supported for qwen3_5_text"):
         generate(model, None, [1, 2, 3], kv_bits=8, max_tokens=2)
-    with pytest.raises(Qwen3MLXError, match="speculative decoding does not support qwen3_5_text"):
-        generate(model, None, [1, 2, 3], draft_model=model, max_tokens=2)
     # The server's prefix cache hands out what a stored hybrid cache can really go back to.
     store = PrefixCache(1 << 30)
     cache = make_cache(model)
@@ -305,3 +303,23 @@ def test_server_prefix_cache_hits_on_a_hybrid(hybrid_real_vocab):
     results = asyncio.run(run())
     assert [tokens for tokens, _ in results] == expected
     assert results[0][1] == 0 and results[1][1] > 0
+
+
+@pytest.mark.parametrize("budget", [None, 5])
+def test_speculative_greedy_equals_plain_on_a_hybrid(hybrid_real_vocab, tmp_path, budget):
+    """A hybrid target (its state put back to the round's start checkpoint and the kept drafts fed again) with a
+    hybrid draft of other weights: exactly the plain greedy tokens, with and without the thinking budget."""
+    from qwen3_mlx import load
+    from qwen3_mlx.generate import generate
+
+    model, tokenizer = hybrid_real_vocab
+    save_hybrid(tmp_path, seed=3, tokenizer=True, vocab_size=REAL_VOCAB)
+    draft, _ = load(tmp_path)
+    messages = [{"role": "user", "content": "Count to ten."}]
+    options = dict(temperature=0, max_tokens=24, ignore_eos=True, thinking_budget=budget)
+    plain = generate(model, tokenizer, messages, **options)
+    for k in (1, 3):
+        spec = generate(model, tokenizer, messages, draft_model=draft, num_draft=k, **options)
+        assert spec.tokens == plain.tokens
+    selfdraft = generate(model, tokenizer, messages, draft_model=model, num_draft=3, **options)
+    assert selfdraft.tokens == plain.tokens
