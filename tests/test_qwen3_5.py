@@ -133,7 +133,7 @@ def test_layer_pattern_from_interval():
 @given(length=st.integers(1, 140), chunk=st.sampled_from([16, 32, 64]), heads=st.integers(1, 4),
        seed=st.integers(0, 1000))
 def test_chunked_recurrence_equals_step_by_step(length, chunk, heads, seed):
-    from qwen3_mlx.models.gated_delta import gated_delta_chunked, gated_delta_reference
+    from qwen3_mlx.kernels.delta_rule import gated_delta_chunked, gated_delta_reference
 
     rng = np.random.default_rng(seed)
     B, Dk, Dv = 1, 8, 12
@@ -150,6 +150,47 @@ def test_chunked_recurrence_equals_step_by_step(length, chunk, heads, seed):
     want, want_state = gated_delta_reference(q, k, v, g, beta, s0)
     got, got_state = gated_delta_chunked(q, k, v, g, beta, s0, chunk=chunk)
     assert rel(got, want) <= 1e-5 and rel(got_state, want_state) <= 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 5), length=st.integers(1, 70), dk=st.integers(1, 40),
+       dv=st.integers(1, 40), seed=st.integers(0, 1000))
+def test_native_recurrence_equals_step_by_step(batch, heads, length, dk, dv, seed):
+    """Our CPU primitive over shapes whose head dims are not multiples of the vector width, strided inputs."""
+    from qwen3_mlx import kernels
+    from qwen3_mlx.kernels import _ext
+    from qwen3_mlx.kernels.delta_rule import gated_delta_reference
+
+    if _ext is None:
+        pytest.skip("the extension is not built")
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: mx.array(rng.standard_normal(shape), mx.float32)  # noqa: E731
+    q, k = f(batch, length, heads, dk).transpose(0, 2, 1, 3) * 0.3, f(batch, heads, length, dk) * 0.3
+    v, state = f(batch, heads, length, dv), f(batch, heads, dk, dv) * 0.1
+    g, beta = -mx.exp(f(batch, heads, length)), mx.sigmoid(f(batch, heads, length))
+    want, want_state = gated_delta_reference(q, k, v, g, beta, state)
+    got, got_state = _ext.gated_delta(q, k, v, g, beta, state)
+    assert rel(got, want) <= 1e-5 and rel(got_state, want_state) <= 1e-5
+    assert kernels.active()
+
+
+def test_mlx_path_matches_transformers_too(hybrid):
+    """With our kernels off (what runs on a GPU): the chunked MLX recurrence, the same logits."""
+    import torch
+
+    from qwen3_mlx import kernels
+    from qwen3_mlx.loader import load_model
+
+    path, torch_model = hybrid
+    ids = np.random.RandomState(1).randint(0, 500, (1, 90))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)).logits.numpy()
+    kernels.set_enabled(False)
+    try:
+        model, _ = load_model(path)
+        assert rel(model(mx.array(ids)), ref) <= 1e-4
+    finally:
+        kernels.set_enabled(True)
 
 
 def test_greedy_generation_matches_transformers(tmp_path):

@@ -361,3 +361,22 @@ def _gather_mlx(x: mx.array, indices: mx.array, run) -> mx.array:
         return run(rows, flat[order], True)[inverse].reshape(*indices.shape, -1)
     rows = mx.expand_dims(x, -2) if per_pair else mx.expand_dims(x, (-2, -3))  # [..., k|1, 1, K]
     return run(rows, indices, False).squeeze(-2)
+
+
+def gated_delta(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array):
+    """The gated delta rule (Gated DeltaNet) over q, k [B, H, L, Dk] (q L2-normed and scaled by Dk^-0.5, k
+    normed), v [B, H, L, Dv], log decays g and betas [B, H, L], from state [B, H, Dk, Dv]: (out [B, H, L, Dv],
+    new state), float32.
+
+    Ours on the CPU (the recurrence per head on the pool, the state in cache); else MLX ops, chunked for a
+    prompt (`delta_rule.gated_delta_chunked`) and one step for decode."""
+    from .delta_rule import gated_delta_chunked, gated_delta_step
+
+    args = [a.astype(mx.float32) for a in (q, k, v, g, beta, state)]
+    if active():
+        out, new_state = _ext.gated_delta(*args)
+        return out, new_state
+    if q.shape[2] == 1:
+        o, new_state = gated_delta_step(*(a[:, :, 0] if a.ndim > 2 and i < 5 else a for i, a in enumerate(args)))
+        return o[:, :, None], new_state
+    return gated_delta_chunked(*args)

@@ -18,7 +18,6 @@ from .. import kernels
 from ..errors import ModelLoadError
 from .base import BaseModelArgs, RoPE, attention_mask, rope_settings
 from .cache import KVCache, RecurrentCache
-from .gated_delta import gated_delta_chunked, gated_delta_step
 from .layers import Embedding, Linear, RMSNorm
 from .qwen3 import MLP
 
@@ -185,11 +184,7 @@ class GatedDeltaNet(nn.Module):
         g = (-mx.exp(self.A_log) * nn.softplus(a + self.dt_bias)).transpose(0, 2, 1)
         state = cache.recurrent if cache is not None and cache.recurrent is not None else \
             mx.zeros((B, self.n_v, self.dk, self.dv), mx.float32)
-        if L == 1:
-            o, state = gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
-            o = o[:, :, None]
-        else:
-            o, state = gated_delta_chunked(q, k, v, g, beta, state)
+        o, state = kernels.gated_delta(q, k, v, g, beta, state)  # [B, Hv, L, Dv]
         if cache is not None:
             cache.update(conv, state, L)
         o = self.norm(o.transpose(0, 2, 1, 3), z)  # [B, L, Hv, Dv]

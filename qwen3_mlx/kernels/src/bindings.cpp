@@ -40,6 +40,8 @@ NB_MODULE(_ext, m) {
         "softmax(scale * q k^T [+ causal]) v, q [B, H, L, D], k/v [B, Hkv, S, D] (read in place), no score matrix.");
   m.def("route", &q3k::route, "logits"_a, "k"_a, "norm_topk_prob"_a, nb::kw_only(), "stream"_a = nb::none(),
         "MoE routing: softmax, top-k (descending) and optional renormalisation -> [indices, probabilities].");
+  m.def("gated_delta", &q3k::gated_delta, "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "state"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "Gated delta rule over [B, H, L, D] inputs: (out [B, H, L, Dv], state).");
   m.def("swiglu", &q3k::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up for float32 arrays of one shape.");
   m.def("rms_norm", &q3k::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),

@@ -77,6 +77,17 @@ struct FlashArgs {
   float* stage = nullptr;
 };
 
+// One head of the gated delta rule over L tokens, the state S [Dk, Dv] updated in place:
+// S <- exp(g_t) S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  out_t = S^T q_t.
+struct DeltaArgs {
+  const float *q = nullptr, *k = nullptr, *v = nullptr, *g = nullptr, *beta = nullptr;
+  int64_t qs = 0, ks = 0, vs = 0, gst = 1, bst = 1, os = 0;  // row strides (q, k, v, out), g and beta strides
+  int L = 0, Dk = 0, Dv = 0;
+  float* S = nullptr;
+  float* out = nullptr;
+  float* kv = nullptr;  // scratch [Dv]
+};
+
 struct Kernels {
   const char* name;
   // Q4 activations are reordered in blocks of 2 * lanes values: the even ones, then the odd ones
@@ -98,6 +109,7 @@ struct Kernels {
   void (*flash)(const FlashArgs& a);
   // out[i] = silu(g[i]) * u[i]
   void (*swiglu)(const float* g, const float* u, float* out, int64_t n);
+  void (*delta_rule)(const DeltaArgs& a);
 };
 
 const Kernels& kernels_avx512();

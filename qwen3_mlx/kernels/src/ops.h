@@ -73,6 +73,9 @@ std::vector<mx::array> route(const mx::array& logits, int k, bool norm_topk_prob
 
 // silu(gate) * up, float32, same shapes.
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
+// Gated delta rule over [B, H, L, *] (q already L2-normed and scaled, k normed; float32): (out, new state).
+std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& g,
+                                   const mx::array& beta, const mx::array& state, mx::StreamOrDevice s = {});
 
 // x * rsqrt(mean(x^2, -1) + eps) * weight: x [..., D] float32, weight [D] float32 or bfloat16 -> float32.
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});

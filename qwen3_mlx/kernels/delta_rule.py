@@ -2,9 +2,10 @@
 
 Per value head, with a state S [Dk, Dv] carried along the sequence:
     S <- exp(g_t) * S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t
-`gated_delta_chunked` computes a prompt in chunks (a unit-triangular solve per chunk, the state carried from chunk to
-chunk), `gated_delta_step` one token; both equal `gated_delta_reference`, the step applied token by token, to float32
-rounding. Everything runs in float32 (the state always is).
+These are MLX's path (a GPU; our CPU kernel's fallback): `gated_delta_chunked` computes a prompt in chunks (a
+unit-triangular solve per chunk, the state carried from chunk to chunk), `gated_delta_step` one token; both equal
+`gated_delta_reference`, the step applied token by token, to float32 rounding, and so does our CPU primitive
+(`kernels.gated_delta`). Everything runs in float32 (the state always is).
 """
 
 from __future__ import annotations
