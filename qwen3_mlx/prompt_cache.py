@@ -56,6 +56,8 @@ class PromptCache:
 def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], system: str | None = None) -> int:
     """Write the first len(tokens) positions of `cache` to `path`; returns the file's size in bytes."""
     n = len(tokens)
+    if hasattr(model, "make_cache"):
+        raise Qwen3MLXError(f"prompt cache files do not hold {model.model_type}'s recurrent state yet")
     if not cache or any(c.offset < n for c in cache):
         raise Qwen3MLXError(f"the cache holds fewer than the {n} tokens to save")
     arrays = {}
@@ -80,6 +82,8 @@ def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], s
 def load_prompt_cache(path: str | Path, model) -> PromptCache:
     """Read a prompt cache file for `model`, refusing one made for another model."""
     path = Path(path)
+    if hasattr(model, "make_cache"):
+        raise Qwen3MLXError(f"prompt cache files do not hold {model.model_type}'s recurrent state yet")
     if not path.is_file():
         raise Qwen3MLXError(f"no prompt cache file at {path}")
     try:

@@ -244,6 +244,14 @@ def test_unsupported_options_refused(hybrid):
     model, _ = load_model(hybrid[0])
     with pytest.raises(Qwen3MLXError, match="quantized KV cache is not supported for qwen3_5_text"):
         generate(model, None, [1, 2, 3], kv_bits=8, max_tokens=2)
+    from qwen3_mlx.prompt_cache import save_prompt_cache
+    from qwen3_mlx.quantize import plan_export
+    from qwen3_mlx.quantize.recipes import QuantSpec
+
+    with pytest.raises(Qwen3MLXError, match="quantizing qwen3_5_text checkpoints is not supported yet"):
+        plan_export(hybrid[0], QuantSpec())
+    with pytest.raises(Qwen3MLXError, match="prompt cache files do not hold qwen3_5_text's recurrent state"):
+        save_prompt_cache(hybrid[0] / "x.safetensors", model, make_cache(model), [1])
     # The server's prefix cache hands out what a stored hybrid cache can really go back to.
     store = PrefixCache(1 << 30)
     cache = make_cache(model)

@@ -37,7 +37,10 @@ def mlx_lm_twin(model: nn.Module) -> nn.Module:
     from ..loader import quantization_predicate
 
     args = model.args.to_dict()
-    arch = {"qwen3": mlx_lm.qwen3, "qwen3_moe": mlx_lm.qwen3_moe}[args["model_type"]]
+    archs = {"qwen3": mlx_lm.qwen3, "qwen3_moe": mlx_lm.qwen3_moe}
+    if args["model_type"] not in archs:
+        raise BenchError(f"--vs mlx-lm compares qwen3 and qwen3_moe models, not {args['model_type']} yet")
+    arch = archs[args["model_type"]]
     if args.get("attention_bias"):
         raise BenchError("mlx-lm's qwen3 model has no attention bias; cannot compare this config")
     twin = arch.Model(arch.ModelArgs.from_dict(args))
