@@ -173,8 +173,9 @@ def quantization_predicate(quantization: dict[str, Any], weights: dict[str, mx.a
     """
 
     def predicate(path: str, module: nn.Module):
-        if path in quantization:
-            value = quantization[path]
+        key = path if path in quantization else f"language_model.{path}"  # mlx-lm's vision-language exports
+        if key in quantization:
+            value = quantization[key]
             if isinstance(value, dict):
                 return {k: v for k, v in value.items() if k in ("group_size", "bits", "mode")}
             return bool(value)

@@ -200,7 +200,9 @@ def ranks(per_rank_args: list[list[str]], env: dict | None = None):
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_rank_stops_the_survivor(dense, victim):
     args = cli("generate", str(dense), *PROMPT, "-m", "100000")
-    with ranks([args, args]) as (r0, r1):
+    # MLX's ring raises at once when a peer's socket closes; the rare time it does not notice, our watchdog
+    # ends the wait (QWEN3_MLX_PEER_TIMEOUT) with its own message.
+    with ranks([args, args], env={"QWEN3_MLX_PEER_TIMEOUT": "15"}) as (r0, r1):
         deadline = time.monotonic() + 90
         while not select.select([r0.stdout], [], [], 0.2)[0]:  # until rank 0 prints its first tokens
             assert r0.poll() is None and time.monotonic() < deadline, r0.stderr.read()
@@ -211,7 +213,7 @@ def test_killed_rank_stops_the_survivor(dense, victim):
         assert time.monotonic() - t < 30
         err = survivor.stderr.read()
     assert survivor.returncode != 0
-    assert "lost the connection to another rank" in err, err
+    assert "lost the connection to another rank" in err or "no answer from the other ranks" in err, err
     assert "Traceback" not in err
 
 

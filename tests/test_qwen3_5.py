@@ -248,7 +248,7 @@ def test_unsupported_options_refused(hybrid):
     from qwen3_mlx.quantize import plan_export
     from qwen3_mlx.quantize.recipes import QuantSpec
 
-    with pytest.raises(Qwen3MLXError, match="quantizing qwen3_5_text checkpoints is not supported yet"):
+    with pytest.raises(Qwen3MLXError, match="qwen3_5_text is exported by qwen3_mlx.quantize.hybrid"):
         plan_export(hybrid[0], QuantSpec())
     with pytest.raises(Qwen3MLXError, match="prompt cache files do not hold qwen3_5_text's recurrent state"):
         save_prompt_cache(hybrid[0] / "x.safetensors", model, make_cache(model), [1])
@@ -372,3 +372,32 @@ def test_speculative_greedy_equals_plain_on_a_hybrid(hybrid_real_vocab, tmp_path
         assert spec.tokens == plain.tokens
     selfdraft = generate(model, tokenizer, messages, draft_model=model, num_draft=3, **options)
     assert selfdraft.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("kind", [{}, {"moe": True}, {"next_": True}])
+def test_quantized_export_runs_in_mlx_lm(tmp_path, kind):
+    """`qwen3-mlx quantize` of each hybrid: mlx_lm.load runs the export to our logits; conv, A_log (float32),
+    dt_bias and norms stay in float."""
+    import subprocess
+    import sys
+
+    import mlx_lm
+    from safetensors import safe_open
+
+    from qwen3_mlx.loader import load_model
+
+    src, out = tmp_path / "src", tmp_path / "q4"
+    save_hybrid(src, tokenizer=True, shared_expert_intermediate_size=64, **kind)
+    r = subprocess.run([sys.executable, "-m", "qwen3_mlx", "quantize", str(src), str(out), "--bits", "4",
+                        "--group-size", "32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "quality: KL" in r.stdout
+    ids = mx.array([[5, 17, 42, 99, 7, 300, 12, 8]])
+    ours, _ = load_model(out)
+    theirs, _ = mlx_lm.load(str(out))
+    assert rel(ours(ids), theirs(ids)) <= 1e-4
+    with safe_open(out / "model.safetensors", "np") as f:
+        names = list(f.keys())
+        a_log = next(n for n in names if n.endswith("A_log"))
+        assert f.get_tensor(a_log).dtype == np.float32
+    assert not any(n.endswith(("conv1d.scales", "dt_bias.scales", "norm.scales")) for n in names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import typer
@@ -76,6 +77,17 @@ def quantize(
         )
 
     t0 = time.perf_counter()
+    from ..loader import load_config, resolve_model_path
+    from ..quantize.hybrid import HYBRID_TYPES, export_hybrid, hybrid_quality
+
+    if load_config(resolve_model_path(src)).get("model_type") in HYBRID_TYPES:
+        with err.status(f"quantizing {src} in memory") if show_progress() else nullcontext():
+            written = export_hybrid(src, out_dir, spec, force=force, log=err.print)
+        size = sum(f.stat().st_size for f in written.glob("*.safetensors"))
+        err.print(f"wrote {written}: {_size(size)} ({spec.label}) in {time.perf_counter() - t0:.1f}s")
+        if not no_eval:
+            out.print(f"quality: {hybrid_quality(resolve_model_path(src), written)}")
+        return
     if show_progress():
         with _progress_bar() as bar:
             task = bar.add_task("quantize", total=None)

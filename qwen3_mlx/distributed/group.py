@@ -18,7 +18,7 @@ from ..errors import Qwen3MLXError
 
 # How long a rank waits for the others to connect at start, and for a step it started to come back.
 CONNECT_TIMEOUT = float(os.environ.get("QWEN3_MLX_CONNECT_TIMEOUT", "60"))
-PEER_TIMEOUT = float(os.environ.get("QWEN3_MLX_PEER_TIMEOUT", "120"))
+PEER_TIMEOUT = float(os.environ.get("QWEN3_MLX_PEER_TIMEOUT", "60"))
 
 
 class DistributedError(Qwen3MLXError):

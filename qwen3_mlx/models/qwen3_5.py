@@ -262,7 +262,9 @@ class Model(nn.Module):
         for key, w in weights.items():
             if key in skipped:
                 continue
-            key = key.replace("model.language_model.", "model.", 1)
+            key = key.replace("model.language_model.", "model.", 1)  # HF's vision-language layout
+            if key.startswith("language_model."):  # mlx-lm's (our exports)
+                key = key[len("language_model."):]
             out[key] = w
         hf = any(k.endswith("conv1d.weight") and w.shape[-1] != 1 for k, w in out.items())
         if hf:

@@ -185,8 +185,8 @@ def plan_export(
     config = load_config(source)
     get_architecture(config.get("model_type"))  # unknown model_type: clear error
     if config.get("model_type") not in ("qwen3", "qwen3_moe"):
-        raise QuantizeError(f"quantizing {config['model_type']} checkpoints is not supported yet (qwen3 and "
-                            "qwen3_moe are); its float weights load and run as they are")
+        raise QuantizeError(f"the streaming exporter covers qwen3 and qwen3_moe; {config['model_type']} is "
+                            "exported by qwen3_mlx.quantize.hybrid.export_hybrid (what `qwen3-mlx quantize` runs)")
     if config.get("quantization") or config.get("quantization_config"):
         raise QuantizeError(f"{source} is already quantized; quantize from the original bf16/fp16/fp32 weights")
     infos = scan(weight_files(source))
