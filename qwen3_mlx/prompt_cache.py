@@ -1,7 +1,8 @@
 """Prompt cache files: the KV cache of a long system prompt or document, saved once and reused by later runs.
 
 A file (safetensors) holds each layer's keys and values (float, or the quantized cache's words, scales and
-biases) for the first N tokens, with the token ids, the system prompt they came from (if any) and a
+biases) for the first N tokens, or a linear-attention layer's conv and recurrent state after them, with the
+token ids, the system prompt they came from (if any) and a
 fingerprint of the model (its config and a slice of its weights), so a cache is never applied to another
 model or to a prompt that does not start with its tokens.
 """
@@ -17,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import Qwen3MLXError
-from .models.cache import KVCache, QuantizedKVCache, truncate_cache
+from .models.cache import KVCache, QuantizedKVCache, RecurrentCache, truncate_cache
 
 FORMAT = "qwen3-mlx-prompt-cache/1"
 
@@ -56,14 +57,17 @@ class PromptCache:
 def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], system: str | None = None) -> int:
     """Write the first len(tokens) positions of `cache` to `path`; returns the file's size in bytes."""
     n = len(tokens)
-    if hasattr(model, "make_cache"):
-        raise Qwen3MLXError(f"prompt cache files do not hold {model.model_type}'s recurrent state yet")
     if not cache or any(c.offset < n for c in cache):
         raise Qwen3MLXError(f"the cache holds fewer than the {n} tokens to save")
+    if any(isinstance(c, RecurrentCache) and c.offset != n for c in cache):
+        raise Qwen3MLXError(f"a recurrent state can be saved only where it is ({cache[0].offset} positions, not {n})")
     arrays = {}
-    quantized = isinstance(cache[0], QuantizedKVCache)
+    kv = [c for c in cache if not isinstance(c, RecurrentCache)]
+    quantized = bool(kv) and isinstance(kv[0], QuantizedKVCache)
     for i, c in enumerate(cache):
-        if quantized:
+        if isinstance(c, RecurrentCache):
+            arrays[f"{i}.conv"], arrays[f"{i}.recurrent"] = c.conv, c.recurrent
+        elif quantized:
             for kind, parts in (("keys", c.keys), ("values", c.values)):
                 for name, a in zip(("words", "scales", "biases"), parts):
                     arrays[f"{i}.{kind}.{name}"] = a[..., :n, :]
@@ -71,9 +75,10 @@ def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], s
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :n, :], c.values[..., :n, :]
     metadata = {"format": FORMAT, "tokens": json.dumps(tokens), "model": model_fingerprint(model),
                 "model_name": str(getattr(model, "model_path", "") or model.args.model_type),
-                "system": json.dumps(system), "layers": str(len(cache))}
+                "system": json.dumps(system), "layers": str(len(cache)),
+                "recurrent": json.dumps([i for i, c in enumerate(cache) if isinstance(c, RecurrentCache)])}
     if quantized:
-        metadata.update(kv_bits=str(cache[0].bits), kv_group_size=str(cache[0].group_size))
+        metadata.update(kv_bits=str(kv[0].bits), kv_group_size=str(kv[0].group_size))
     path = Path(path)
     mx.save_safetensors(str(path), arrays, metadata=metadata)
     return path.stat().st_size
@@ -82,8 +87,6 @@ def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], s
 def load_prompt_cache(path: str | Path, model) -> PromptCache:
     """Read a prompt cache file for `model`, refusing one made for another model."""
     path = Path(path)
-    if hasattr(model, "make_cache"):
-        raise Qwen3MLXError(f"prompt cache files do not hold {model.model_type}'s recurrent state yet")
     if not path.is_file():
         raise Qwen3MLXError(f"no prompt cache file at {path}")
     try:
@@ -99,8 +102,14 @@ def load_prompt_cache(path: str | Path, model) -> PromptCache:
         )
     tokens = json.loads(metadata["tokens"])
     layers = int(metadata["layers"])
+    recurrent = set(json.loads(metadata.get("recurrent", "[]")))
     cache: list = []
     for i in range(layers):
+        if i in recurrent:
+            c = RecurrentCache()
+            c.update(arrays[f"{i}.conv"], arrays[f"{i}.recurrent"], len(tokens))
+            cache.append(c)
+            continue
         if "kv_bits" in metadata:
             c = QuantizedKVCache(int(metadata["kv_bits"]), int(metadata["kv_group_size"]))
             c.keys = tuple(arrays[f"{i}.keys.{n}"] for n in ("words", "scales", "biases"))

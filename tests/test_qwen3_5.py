@@ -250,8 +250,10 @@ def test_unsupported_options_refused(hybrid):
 
     with pytest.raises(Qwen3MLXError, match="qwen3_5_text is exported by qwen3_mlx.quantize.hybrid"):
         plan_export(hybrid[0], QuantSpec())
-    with pytest.raises(Qwen3MLXError, match="prompt cache files do not hold qwen3_5_text's recurrent state"):
-        save_prompt_cache(hybrid[0] / "x.safetensors", model, make_cache(model), [1])
+    with pytest.raises(Qwen3MLXError, match="a recurrent state can be saved only where it is"):
+        c = make_cache(model)
+        model.fill(mx.array([[1, 2, 3]]), c)
+        save_prompt_cache(hybrid[0] / "x.safetensors", model, c, [1, 2])
     # The server's prefix cache hands out what a stored hybrid cache can really go back to.
     store = PrefixCache(1 << 30)
     cache = make_cache(model)
@@ -401,3 +403,30 @@ def test_quantized_export_runs_in_mlx_lm(tmp_path, kind):
         a_log = next(n for n in names if n.endswith("A_log"))
         assert f.get_tensor(a_log).dtype == np.float32
     assert not any(n.endswith(("conv1d.scales", "dt_bias.scales", "norm.scales")) for n in names)
+
+
+def test_prompt_cache_file_holds_the_recurrent_state(hybrid_real_vocab, tmp_path):
+    """`cache-prompt` on a hybrid: the file's KV caches and states continue a prompt as a fresh prefill does."""
+    import subprocess
+    import sys
+
+    from qwen3_mlx.generate import prompt_tokens
+    from qwen3_mlx.models.cache import make_cache
+    from qwen3_mlx.prompt_cache import load_prompt_cache
+
+    model, tokenizer = hybrid_real_vocab
+    system = "You are a patient tutor. " * 20
+    (tmp_path / "system.txt").write_text(system)
+    out = tmp_path / "cache.safetensors"
+    r = subprocess.run([sys.executable, "-m", "qwen3_mlx", "cache-prompt", str(tokenizer.path), "--prompt-file",
+                        str(tmp_path / "system.txt"), "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ids = prompt_tokens(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}])
+    cached = load_prompt_cache(out, model)
+    cache, reused = cached.take(ids)
+    assert reused == len(cached.tokens) > 100
+    got = model(mx.array([ids[reused:]]), cache)[0, -1]
+    fresh = make_cache(model)
+    model.fill(mx.array([ids[:reused]]), fresh)
+    want = model(mx.array([ids[reused:]]), fresh)[0, -1]
+    assert rel(got, want) <= 1e-5

@@ -50,7 +50,10 @@ def cache_prompt(
     head_dim = getattr(llm.args, "head_dim", 0)
     if kv_bits is not None and (kv_group_size not in (32, 64, 128) or head_dim % kv_group_size):
         fail(f"--kv-group-size must be 32, 64 or 128 and divide head_dim ({head_dim}), got {kv_group_size}")
-    cache = make_cache(llm, kv_bits=kv_bits, kv_group_size=kv_group_size)
+    try:
+        cache = make_cache(llm, kv_bits=kv_bits, kv_group_size=kv_group_size)
+    except ValueError as e:
+        fail(str(e))
     with err.status(f"prefilling {len(tokens)} tokens...") as status:
         for i in range(0, len(tokens), 512):
             llm.fill(mx.array(tokens[i : i + 512])[None], cache)
