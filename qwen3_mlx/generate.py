@@ -231,8 +231,6 @@ class Sequence:
         if kv_bits is not None:
             if kv_bits not in (4, 8):
                 raise Qwen3MLXError(f"kv_bits must be 4 or 8, got {kv_bits}")
-            if hasattr(model, "make_cache"):
-                raise Qwen3MLXError(f"a quantized KV cache is not supported for {model.model_type} models yet")
             head_dim = getattr(model.args, "head_dim", 0)
             if kv_group_size not in (32, 64, 128) or (head_dim and head_dim % kv_group_size):
                 raise Qwen3MLXError(f"kv_group_size must be 32, 64 or 128 and divide head_dim ({head_dim}), "

@@ -242,8 +242,6 @@ def test_unsupported_options_refused(hybrid):
     from qwen3_mlx.server.engine import PrefixCache
 
     model, _ = load_model(hybrid[0])
-    with pytest.raises(Qwen3MLXError, match="quantized KV cache is not supported for qwen3_5_text"):
-        generate(model, None, [1, 2, 3], kv_bits=8, max_tokens=2)
     from qwen3_mlx.prompt_cache import save_prompt_cache
     from qwen3_mlx.quantize import plan_export
     from qwen3_mlx.quantize.recipes import QuantSpec
@@ -430,3 +428,28 @@ def test_prompt_cache_file_holds_the_recurrent_state(hybrid_real_vocab, tmp_path
     model.fill(mx.array([ids[:reused]]), fresh)
     want = model(mx.array([ids[reused:]]), fresh)[0, -1]
     assert rel(got, want) <= 1e-5
+
+
+def test_quantized_kv_cache_on_the_attention_layers(hybrid):
+    """--kv-bits quantizes a hybrid's attention layers only (the states stay float32), from the start or after
+    `quantized_kv_start` positions, with logits close to the float cache's; trimming back still works."""
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import QuantizedKVCache, RecurrentCache, make_cache, quantize_cache, truncate_cache
+
+    model, _ = load_model(hybrid[0])
+    ids = mx.array([list(range(30, 90))])
+    float_cache, q_cache = make_cache(model), make_cache(model, kv_bits=8, kv_group_size=32)
+    assert {type(c) for c in q_cache} == {RecurrentCache, QuantizedKVCache}
+    model.fill(ids[:, :50], float_cache)
+    model.fill(ids[:, :50], q_cache)
+    want, got = model(ids[:, 50:], float_cache), model(ids[:, 50:], q_cache)
+    assert rel(got, want) <= 0.05
+    assert truncate_cache(q_cache, 50) == 50
+    late = make_cache(model)
+    model.fill(ids[:, :20], late)
+    quantize_cache(late, bits=8, group_size=32, start=16)
+    assert isinstance(late[3], QuantizedKVCache) and late[3].offset == 20 and isinstance(late[0], RecurrentCache)
+    out = generate(model, None, list(range(30, 60)), kv_bits=8, kv_group_size=32, quantized_kv_start=16,
+                   temperature=0, max_tokens=6, ignore_eos=True)
+    assert len(out.tokens) == 6

@@ -211,10 +211,11 @@ class RecurrentCache:
 def quantize_cache(cache: list, *, bits: int | None, group_size: int = 64, start: int = 0) -> None:
     """Replace, in place, the float layers of `cache` by quantized ones once they hold `start` positions
     (nothing when `bits` is None). Called between forwards, so a prompt prefills in float up to there."""
-    if bits is None or not cache or not isinstance(cache[0], KVCache) or cache[0].offset < start:
+    kv = [i for i, c in enumerate(cache) if not isinstance(c, RecurrentCache)]  # a hybrid's attention layers
+    if bits is None or not kv or not isinstance(cache[kv[0]], KVCache) or cache[kv[0]].offset < start:
         return
-    for i, c in enumerate(cache):
-        cache[i] = QuantizedKVCache.from_float(c, bits, group_size)
+    for i in kv:
+        cache[i] = QuantizedKVCache.from_float(cache[i], bits, group_size)
 
 
 class BatchKVCache:
@@ -287,9 +288,9 @@ def batch_cache(caches: list[list]) -> list:
 def make_cache(model, *, kv_bits: int | None = None, kv_group_size: int = 64) -> list:
     """One KVCache per decoder layer of `model` (QuantizedKVCache with `kv_bits`); a hybrid model's own mix."""
     if hasattr(model, "make_cache"):
-        if kv_bits is not None:
-            raise ValueError(f"a quantized KV cache is not supported for {model.model_type} yet")
-        return model.make_cache()
+        cache = model.make_cache()
+        quantize_cache(cache, bits=kv_bits, group_size=kv_group_size)
+        return cache
     if kv_bits is not None:
         return [QuantizedKVCache(kv_bits, kv_group_size) for _ in model.layers]
     return [KVCache() for _ in model.layers]
