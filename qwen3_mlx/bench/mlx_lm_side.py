@@ -22,6 +22,8 @@ def _import_mlx_lm() -> SimpleNamespace:
         mods = {name: import_module(f"mlx_lm.{name}") for name in ("generate", "sample_utils")}
         mods["qwen3"] = import_module("mlx_lm.models.qwen3")
         mods["qwen3_moe"] = import_module("mlx_lm.models.qwen3_moe")
+        for name in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
+            mods[name] = import_module(f"mlx_lm.models.{name}")
     except ImportError as e:
         raise BenchError(f"--vs mlx-lm needs the mlx-lm package (pip install mlx-lm): {e}") from None
     return SimpleNamespace(**mods)
@@ -37,14 +39,19 @@ def mlx_lm_twin(model: nn.Module) -> nn.Module:
     from ..loader import quantization_predicate
 
     args = model.args.to_dict()
-    archs = {"qwen3": mlx_lm.qwen3, "qwen3_moe": mlx_lm.qwen3_moe}
-    if args["model_type"] not in archs:
-        raise BenchError(f"--vs mlx-lm compares qwen3 and qwen3_moe models, not {args['model_type']} yet")
-    arch = archs[args["model_type"]]
-    if args.get("attention_bias"):
-        raise BenchError("mlx-lm's qwen3 model has no attention bias; cannot compare this config")
-    twin = arch.Model(arch.ModelArgs.from_dict(args))
     params = dict(tree_flatten(model.parameters()))
+    if args["model_type"] in ("qwen3", "qwen3_moe"):
+        arch = getattr(mlx_lm, args["model_type"])
+        if args.get("attention_bias"):
+            raise BenchError("mlx-lm's qwen3 model has no attention bias; cannot compare this config")
+    else:  # the hybrids, in the layout our exports write for mlx-lm (its qwen3_5 models read the VL one)
+        from ..quantize.hybrid import _VL, _export_config, _export_name
+
+        vl = args["model_type"] in _VL
+        arch = getattr(mlx_lm, _VL.get(args["model_type"], args["model_type"]))
+        args = _export_config(args, {}, vl)
+        params = {_export_name(k, vl): v for k, v in params.items()}
+    twin = arch.Model(arch.ModelArgs.from_dict(args))
     quantization = getattr(model, "quantization", None)
     if quantization and "bits" in quantization:
         nn.quantize(
