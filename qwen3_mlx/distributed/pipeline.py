@@ -19,8 +19,8 @@ import mlx.nn as nn
 
 from ..models.base import attention_mask
 from ..models.cache import make_cache
-from .group import Watchdog, lost
-from .protocol import FORWARD, SIZE, STOP, Caches, Header, Rows, states
+from .group import Watchdog
+from .protocol import FORWARD, SIZE, STOP, Caches, Header, LeadModel, serve_forwards, states
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -48,27 +48,12 @@ def shard(start: int, end: int, first: bool):
     return narrow
 
 
-class PipelineModel(nn.Module):
-    """Rank 0's model: called like a `Model` by every front end; runs its layers and the other ranks'.
-
-    Its cache is the cache of its own layers; the other ranks mirror each cache rank 0 uses (protocol)."""
+class PipelineModel(LeadModel):
+    """Rank 0's model: runs its layers and the other ranks'; they mirror each cache rank 0 uses (protocol)."""
 
     def __init__(self, model: nn.Module, group, watchdog: Watchdog, layers: list[tuple[int, int]]):
-        super().__init__()
-        self.args, self.model_type = model.args, model.model_type
-        self.model = model.model
-        if "lm_head" in model:
-            self.lm_head = model.lm_head
-        self.model_path = getattr(model, "model_path", None)
+        super().__init__(model, group, watchdog)
         self.rank_layers = layers  # (start, end) per rank
-        self._group, self._watchdog = group, watchdog
-        self._size = group.size()
-        self._rows = Rows()
-        self._stopped = False
-
-    @property
-    def layers(self):
-        return self.model.layers
 
     def _run(self, inputs: mx.array, cache, want: bool):
         cache = cache if cache is not None else make_cache(self)
@@ -80,42 +65,23 @@ class PipelineModel(nn.Module):
         g = self._group
         # One eval per message: MLX may run independent sends in any order, and the header must go first.
         self._wait([mx.distributed.send(header.encode(), 1, group=g)], "sending a forward")
-        self._wait([mx.distributed.send(h, 1, group=g)] + states(cache), "running a forward")
+        self._wait([mx.distributed.send(h, 1, group=g)] + states(cache))
         if not want:
             return None
-        back = mx.distributed.recv_like(h, self._size - 1, group=g)
+        back = mx.distributed.recv_like(h, g.size() - 1, group=g)
         self._wait([back], "waiting for the last rank")
         return back
 
-    def _wait(self, arrays, what: str) -> None:
-        self._watchdog.arm(what)
-        try:
-            mx.eval(arrays)
-        except RuntimeError as e:
-            raise lost(e, 0) or e
-        finally:
-            self._watchdog.disarm()
-
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         """Logits [B, L, vocab] for token ids [B, L], through every rank's layers."""
-        h = self.model.norm(self._run(inputs, cache, want=True))
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.model.embed_tokens.as_linear(h)
+        return self._logits(self.model.norm(self._run(inputs, cache, want=True)))
 
     def fill(self, inputs: mx.array, cache) -> None:
         """Append token ids to the caches of every rank, without waiting for the last rank."""
         self._run(inputs, cache, want=False)
 
-    def stop(self) -> None:
-        """Tell the other ranks to exit (once; at exit of the front end)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            mx.eval(mx.distributed.send(Header(STOP).encode(), 1, group=self._group))
-        except RuntimeError:
-            pass  # already gone
+    def _send_stop(self) -> None:
+        mx.eval(mx.distributed.send(Header(STOP).encode(), 1, group=self._group))
 
 
 def follow(stage: nn.Module, group, layers: tuple[int, int]) -> None:
@@ -125,34 +91,31 @@ def follow(stage: nn.Module, group, layers: tuple[int, int]) -> None:
     hidden = stage.args.hidden_size
     caches = Caches(stage)
     nxt = (rank + 1) % size
-    try:
-        while True:
-            raw = mx.distributed.recv((SIZE,), mx.int32, rank - 1, group=group)
-            mx.eval(raw)
-            h = Header.decode(raw)
-            if h.command == STOP:
-                if nxt != 0:
-                    mx.eval(mx.distributed.send(raw, nxt, group=group))
-                break
-            if h.command != FORWARD:
-                raise RuntimeError(f"rank {rank}: unknown command {h.command} from rank {rank - 1}")
-            x = mx.distributed.recv((h.batch, h.length, hidden), h.dtype, rank - 1, group=group)
-            cache = caches.for_forward(h)
-            mask = attention_mask(h.length, cache[0])
-            for layer, c in zip(stage.model.layers, cache):
-                x = layer(x, mask, c)
+
+    def step() -> bool:
+        raw = mx.distributed.recv((SIZE,), mx.int32, rank - 1, group=group)
+        mx.eval(raw)
+        h = Header.decode(raw)
+        if h.command == STOP:
             if nxt != 0:
                 mx.eval(mx.distributed.send(raw, nxt, group=group))
-                out = [mx.distributed.send(x, nxt, group=group)]
-            else:
-                out = [mx.distributed.send(x, 0, group=group)] if h.want else []
-            mx.eval(out + states(cache))
-    except RuntimeError as e:
-        err = lost(e, rank)
-        if err is None:
-            raise
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(1) from None
+            return False
+        if h.command != FORWARD:
+            raise RuntimeError(f"rank {rank}: unknown command {h.command} from rank {rank - 1}")
+        x = mx.distributed.recv((h.batch, h.length, hidden), h.dtype, rank - 1, group=group)
+        cache = caches.for_forward(h)
+        mask = attention_mask(h.length, cache[0])
+        for layer, c in zip(stage.model.layers, cache):
+            x = layer(x, mask, c)
+        if nxt != 0:
+            mx.eval(mx.distributed.send(raw, nxt, group=group))
+            out = [mx.distributed.send(x, nxt, group=group)]
+        else:
+            out = [mx.distributed.send(x, 0, group=group)] if h.want else []
+        mx.eval(out + states(cache))
+        return True
+
+    serve_forwards(rank, step)
     start, end = layers
     sys.stderr.write(
         f"rank {rank}: layers {start}-{end - 1} | peak memory {mx.get_peak_memory() / 1e9:.2f} GB\n"

@@ -8,13 +8,15 @@ a released uid frees the cache.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..models.cache import KVCache, QuantizedKVCache, batch_cache, make_cache, quantize_cache, truncate_cache
-from .group import DistributedError
+from .group import DistributedError, Watchdog, lost
 
 MAX_ROWS = 64  # sequences in one forward (the server's batch)
 MAX_RELEASE = 64
@@ -107,3 +109,65 @@ class Caches:
                 quantize_cache(c, bits=kv >> 8, group_size=kv & 0xFF)
             rows.append(c)
         return batch_cache(rows) if h.batched else rows[0]
+
+
+class LeadModel(nn.Module):
+    """Rank 0's model, which the front ends call like a `Model` (`__call__`, `fill`, `layers`, `args`): the
+    shared part of the pipeline and tensor-parallel ones. Its cache is the cache of its own layers."""
+
+    def __init__(self, model: nn.Module, group, watchdog: Watchdog):
+        super().__init__()
+        self.args, self.model_type = model.args, model.model_type
+        self.model = model.model
+        if "lm_head" in model:
+            self.lm_head = model.lm_head
+        self._group, self._watchdog = group, watchdog
+        self._rows = Rows()
+        self._stopped = False
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def _wait(self, arrays, what: str = "running a forward") -> None:
+        """Evaluate `arrays`, bounded by the watchdog; a lost peer becomes a DistributedError."""
+        self._watchdog.arm(what)
+        try:
+            mx.eval(arrays)
+        except RuntimeError as e:
+            raise lost(e, 0) or e
+        finally:
+            self._watchdog.disarm()
+
+    def _logits(self, h: mx.array) -> mx.array:
+        """The head over final (normed) hidden states."""
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h)
+
+    def _send_stop(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Tell the other ranks to exit (once; at exit of the front end)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._send_stop()
+        except RuntimeError:
+            pass  # already gone
+
+
+def serve_forwards(rank: int, step) -> None:
+    """A following rank's loop: `step()` until it returns False (rank 0 said stop). A lost peer is one line on
+    stderr and exit code 1."""
+    try:
+        while step():
+            pass
+    except RuntimeError as e:
+        err = lost(e, rank)
+        if err is None:
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(1) from None

@@ -18,8 +18,8 @@ import mlx.nn as nn
 
 from ..models import qwen3_moe
 from ..models.cache import make_cache
-from .group import DistributedError, Watchdog, lost
-from .protocol import FORWARD, SIZE, STOP, Caches, Header, Rows, states
+from .group import DistributedError
+from .protocol import FORWARD, SIZE, STOP, Caches, Header, LeadModel, serve_forwards, states
 
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 
@@ -72,31 +72,8 @@ def shard(group):
     return narrow
 
 
-class TensorParallelModel(nn.Module):
-    """Rank 0's model: called like a `Model`; every forward runs on all ranks at once."""
-
-    def __init__(self, model: nn.Module, group, watchdog: Watchdog):
-        super().__init__()
-        self.args, self.model_type = model.args, model.model_type
-        self.model = model.model
-        if "lm_head" in model:
-            self.lm_head = model.lm_head
-        self._group, self._watchdog = group, watchdog
-        self._rows = Rows()
-        self._stopped = False
-
-    @property
-    def layers(self):
-        return self.model.layers
-
-    def _wait(self, arrays) -> None:
-        self._watchdog.arm("running a forward")
-        try:
-            mx.eval(arrays)
-        except RuntimeError as e:
-            raise lost(e, 0) or e
-        finally:
-            self._watchdog.disarm()
+class TensorParallelModel(LeadModel):
+    """Rank 0's model: every forward runs on all ranks at once."""
 
     def _run(self, inputs: mx.array, cache) -> mx.array:
         cache = cache if cache is not None else make_cache(self)
@@ -111,46 +88,33 @@ class TensorParallelModel(nn.Module):
         return h
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self._run(inputs, cache)
-        if "lm_head" in self:
-            return self.lm_head(h)
-        return self.model.embed_tokens.as_linear(h)
+        return self._logits(self._run(inputs, cache))
 
     def fill(self, inputs: mx.array, cache) -> None:
         self._run(inputs, cache)
 
-    def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            mx.eval(mx.distributed.all_sum(Header(STOP).encode(), group=self._group))
-        except RuntimeError:
-            pass
+    def _send_stop(self) -> None:
+        mx.eval(mx.distributed.all_sum(Header(STOP).encode(), group=self._group))
 
 
 def follow(model: nn.Module, group) -> None:
     """Rank r > 0: run each forward rank 0 broadcasts, on this rank's expert slices, until it says stop."""
     rank = group.rank()
     caches = Caches(model)
-    try:
-        while True:
-            raw = mx.distributed.all_sum(mx.zeros((SIZE,), mx.int32), group=group)
-            mx.eval(raw)
-            h = Header.decode(raw)
-            if h.command == STOP:
-                break
-            if h.command != FORWARD:
-                raise RuntimeError(f"rank {rank}: unknown command {h.command}")
-            tokens = mx.distributed.all_sum(mx.zeros((h.batch, h.length), mx.int32), group=group)
-            cache = caches.for_forward(h)
-            out = model.model(tokens, cache)
-            mx.eval([out] + states(cache))
-    except RuntimeError as e:
-        err = lost(e, rank)
-        if err is None:
-            raise
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(1) from None
+
+    def step() -> bool:
+        raw = mx.distributed.all_sum(mx.zeros((SIZE,), mx.int32), group=group)
+        mx.eval(raw)
+        h = Header.decode(raw)
+        if h.command == STOP:
+            return False
+        if h.command != FORWARD:
+            raise RuntimeError(f"rank {rank}: unknown command {h.command}")
+        tokens = mx.distributed.all_sum(mx.zeros((h.batch, h.length), mx.int32), group=group)
+        cache = caches.for_forward(h)
+        mx.eval([model.model(tokens, cache)] + states(cache))
+        return True
+
+    serve_forwards(rank, step)
     sys.stderr.write(f"rank {rank}: 1/{group.size()} of every expert | peak memory "
                      f"{mx.get_peak_memory() / 1e9:.2f} GB\n")
