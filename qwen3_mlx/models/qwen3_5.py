@@ -16,30 +16,15 @@ import mlx.nn as nn
 
 from .. import kernels
 from ..errors import ModelLoadError
-from .base import BaseModelArgs, RoPE, attention_mask, rope_settings
+from . import qwen3
+from .base import RoPE, attention_mask, rope_settings
 from .cache import KVCache, RecurrentCache
 from .layers import Embedding, Linear, RMSNorm
-from .qwen3 import MLP
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    vocab_size: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 32768
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
-    rope_parameters: dict[str, Any] | None = None
+class ModelArgs(qwen3.ModelArgs):
     partial_rotary_factor: float = 0.25
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
     linear_conv_kernel_dim: int = 4
     linear_key_head_dim: int = 128
     linear_value_head_dim: int = 128
@@ -54,8 +39,7 @@ class ModelArgs(BaseModelArgs):
         return super().from_dict(text_params(params))
 
     def __post_init__(self):
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        super().__post_init__()
         if not self.layer_types:
             n = self.full_attention_interval
             self.layer_types = ["full_attention" if (i + 1) % n == 0 else "linear_attention"
@@ -199,7 +183,7 @@ class DecoderLayer(nn.Module):
             self.linear_attn = linear(args)
         else:
             self.self_attn = GatedAttention(args)
-        self.mlp = mlp if mlp is not None else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = mlp if mlp is not None else qwen3.MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -227,25 +211,9 @@ class TextModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(qwen3.Model):
     def __init__(self, args: ModelArgs, model: TextModel | None = None):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = model if model is not None else TextModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
-        """Logits [B, L, vocab] for token ids [B, L], appending to `cache` when given."""
-        h = self.model(inputs, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def fill(self, inputs: mx.array, cache: list) -> None:
-        """Append token ids [B, L] to `cache` without computing logits (a prompt's prefill)."""
-        self.model(inputs, cache)
+        super().__init__(args, model if model is not None else TextModel(args))
 
     def make_cache(self) -> list:
         """A KVCache per attention layer, a RecurrentCache (conv and delta-rule state) per linear one."""
@@ -254,7 +222,7 @@ class Model(nn.Module):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF tensors to ours: the language model of a vision-language checkpoint (vision tower and MTP head
         skipped), conv weights [C, 1, K] -> [C, K, 1], and the 1 of the zero-centred norms folded in."""
-        skipped = [k for k in weights if k.startswith(("model.visual.", "visual.", "mtp.", "model.mtp."))]
+        skipped = {k for k in weights if k.startswith(("model.visual.", "visual.", "mtp.", "model.mtp."))}
         if skipped:
             print(f"qwen3-mlx: skipping {len(skipped)} vision / multi-token-prediction tensors (text only)",
                   file=sys.stderr)
@@ -274,10 +242,4 @@ class Model(nn.Module):
                 elif key.endswith(("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
                                    "k_norm.weight")) or key == "model.norm.weight":
                     out[key] = w + 1.0
-        if self.args.tie_word_embeddings:
-            out.pop("lm_head.weight", None)
-        return out
-
-    @property
-    def layers(self):
-        return self.model.layers
+        return super().sanitize(out)
