@@ -121,19 +121,39 @@ def test_vision_language_layout_loads_the_language_model(hybrid, tmp_path, capsy
 
 
 def test_layer_pattern_from_interval():
+    from transformers import Qwen3_5TextConfig
+
     from qwen3_mlx.models.qwen3_5 import ModelArgs
 
     args = ModelArgs.from_dict({**text_config(num_hidden_layers=8), "model_type": "qwen3_5_text",
                                 "full_attention_interval": 4})
     assert args.layer_types == ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + [
         "full_attention"]
+    for n, interval in [(8, 4), (7, 3), (6, 2)]:
+        ref = Qwen3_5TextConfig(**text_config(num_hidden_layers=n), full_attention_interval=interval).layer_types
+        got = ModelArgs.from_dict({**text_config(num_hidden_layers=n), "model_type": "qwen3_5_text",
+                                   "full_attention_interval": interval}).layer_types
+        assert got == ref
+
+
+def reference_recurrence(q, k, v, g, beta, state):
+    """transformers' token-by-token gated delta rule on our [B, H, L, D] layout (q already scaled by Dk^-0.5,
+    which the reference applies itself)."""
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+    out, new_state = torch_recurrent_gated_delta_rule(
+        t(q * q.shape[-1] ** 0.5).transpose(1, 2), t(k).transpose(1, 2), t(v).transpose(1, 2), t(g).transpose(1, 2),
+        t(beta).transpose(1, 2), initial_state=t(state), output_final_state=True, use_qk_l2norm_in_kernel=False)
+    return out.transpose(1, 2).numpy(), new_state.numpy()
 
 
 @settings(max_examples=25, deadline=None)
 @given(length=st.integers(1, 140), chunk=st.sampled_from([16, 32, 64]), heads=st.integers(1, 4),
        seed=st.integers(0, 1000))
 def test_chunked_recurrence_equals_step_by_step(length, chunk, heads, seed):
-    from qwen3_mlx.kernels.delta_rule import gated_delta_chunked, gated_delta_reference
+    from qwen3_mlx.kernels.delta_rule import gated_delta_chunked
 
     rng = np.random.default_rng(seed)
     B, Dk, Dv = 1, 8, 12
@@ -147,7 +167,7 @@ def test_chunked_recurrence_equals_step_by_step(length, chunk, heads, seed):
     g = mx.array(-np.exp(rng.standard_normal((B, heads, length))) * 0.5, mx.float32)
     beta = mx.array(1 / (1 + np.exp(-rng.standard_normal((B, heads, length)))), mx.float32)
     s0 = mx.array(rng.standard_normal((B, heads, Dk, Dv)) * 0.1, mx.float32)
-    want, want_state = gated_delta_reference(q, k, v, g, beta, s0)
+    want, want_state = reference_recurrence(q, k, v, g, beta, s0)
     got, got_state = gated_delta_chunked(q, k, v, g, beta, s0, chunk=chunk)
     assert rel(got, want) <= 1e-5 and rel(got_state, want_state) <= 1e-5
 
@@ -159,7 +179,6 @@ def test_native_recurrence_equals_step_by_step(batch, heads, length, dk, dv, see
     """Our CPU primitive over shapes whose head dims are not multiples of the vector width, strided inputs."""
     from qwen3_mlx import kernels
     from qwen3_mlx.kernels import _ext
-    from qwen3_mlx.kernels.delta_rule import gated_delta_reference
 
     if _ext is None:
         pytest.skip("the extension is not built")
@@ -168,18 +187,20 @@ def test_native_recurrence_equals_step_by_step(batch, heads, length, dk, dv, see
     q, k = f(batch, length, heads, dk).transpose(0, 2, 1, 3) * 0.3, f(batch, heads, length, dk) * 0.3
     v, state = f(batch, heads, length, dv), f(batch, heads, dk, dv) * 0.1
     g, beta = -mx.exp(f(batch, heads, length)), mx.sigmoid(f(batch, heads, length))
-    want, want_state = gated_delta_reference(q, k, v, g, beta, state)
+    want, want_state = reference_recurrence(q, k, v, g, beta, state)
     got, got_state = _ext.gated_delta(q, k, v, g, beta, state)
     assert rel(got, want) <= 1e-5 and rel(got_state, want_state) <= 1e-5
     assert kernels.active()
 
 
 def test_mlx_path_matches_transformers_too(hybrid):
-    """With our kernels off (what runs on a GPU): the chunked MLX recurrence, the same logits."""
+    """With our kernels off (what runs on a GPU): the chunked MLX recurrence for a prompt and its single step
+    for decode, the same logits."""
     import torch
 
     from qwen3_mlx import kernels
     from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache
 
     path, torch_model = hybrid
     ids = np.random.RandomState(1).randint(0, 500, (1, 90))
@@ -189,6 +210,10 @@ def test_mlx_path_matches_transformers_too(hybrid):
     try:
         model, _ = load_model(path)
         assert rel(model(mx.array(ids)), ref) <= 1e-4
+        cache = make_cache(model)
+        model.fill(mx.array(ids[:, :86]), cache)
+        steps = mx.concatenate([model(mx.array(ids[:, t : t + 1]), cache) for t in range(86, 90)], axis=1)
+        assert rel(steps, ref[:, 86:]) <= 1e-4
     finally:
         kernels.set_enabled(True)
 
@@ -236,7 +261,6 @@ def test_recurrent_state_goes_back_to_checkpoints(hybrid):
 
 def test_unsupported_options_refused(hybrid):
     from qwen3_mlx.errors import Qwen3MLXError
-    from qwen3_mlx.generate import generate
     from qwen3_mlx.loader import load_model
     from qwen3_mlx.models.cache import make_cache
     from qwen3_mlx.server.engine import PrefixCache

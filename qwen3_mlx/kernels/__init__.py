@@ -372,11 +372,11 @@ def gated_delta(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.arr
     prompt (`delta_rule.gated_delta_chunked`) and one step for decode."""
     from .delta_rule import gated_delta_chunked, gated_delta_step
 
-    args = [a.astype(mx.float32) for a in (q, k, v, g, beta, state)]
+    q, k, v, g, beta, state = (a.astype(mx.float32) for a in (q, k, v, g, beta, state))
     if active():
-        out, new_state = _ext.gated_delta(*args)
+        out, new_state = _ext.gated_delta(q, k, v, g, beta, state)
         return out, new_state
-    if q.shape[2] == 1:
-        o, new_state = gated_delta_step(*(a[:, :, 0] if a.ndim > 2 and i < 5 else a for i, a in enumerate(args)))
+    if q.shape[2] == 1:  # one position of each: [B, H, 1, ...] -> [B, H, ...]
+        o, new_state = gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
         return o[:, :, None], new_state
-    return gated_delta_chunked(*args)
+    return gated_delta_chunked(q, k, v, g, beta, state)

@@ -3,9 +3,9 @@
 Per value head, with a state S [Dk, Dv] carried along the sequence:
     S <- exp(g_t) * S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t
 These are MLX's path (a GPU; our CPU kernel's fallback): `gated_delta_chunked` computes a prompt in chunks (a
-unit-triangular solve per chunk, the state carried from chunk to chunk), `gated_delta_step` one token; both equal
-`gated_delta_reference`, the step applied token by token, to float32 rounding, and so does our CPU primitive
-(`kernels.gated_delta`). Everything runs in float32 (the state always is).
+unit-triangular solve per chunk, the state carried from chunk to chunk), `gated_delta_step` one token. Both, and
+our CPU primitive (`kernels.gated_delta`), equal transformers' token-by-token recurrence to float32 rounding
+(tests). Everything runs in float32 (the state always is).
 """
 
 from __future__ import annotations
@@ -25,17 +25,9 @@ def gated_delta_step(q, k, v, g, beta, state):
     return (state * q[..., None]).sum(axis=-2), state
 
 
-def gated_delta_reference(q, k, v, g, beta, state):
-    """The step, token by token: q, k [B, H, L, Dk], v [B, H, L, Dv], g, beta [B, H, L]."""
-    outs = []
-    for t in range(q.shape[2]):
-        o, state = gated_delta_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t], state)
-        outs.append(o)
-    return mx.stack(outs, axis=2), state
-
-
 def gated_delta_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
-    """Shapes as `gated_delta_reference`; the sequence in chunks of `chunk` positions."""
+    """q, k [B, H, L, Dk], v [B, H, L, Dv], g, beta [B, H, L], state [B, H, Dk, Dv] -> (output [B, H, L, Dv],
+    new state); the sequence in chunks of `chunk` positions."""
     B, H, L, Dk = k.shape
     Dv = v.shape[-1]
     pad = (-L) % chunk
