@@ -65,8 +65,10 @@ def free_ports(n: int) -> int:
 
 @contextmanager
 def session(cmd, **kw):
-    """A process in its own session, killed with everything it started when the block ends."""
-    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    """A process in its own session, killed with everything it started when the block ends (output piped as
+    text unless `kw` says otherwise)."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kw}
+    p = subprocess.Popen(cmd, start_new_session=True, **kw)
     try:
         yield p
     finally:
@@ -77,12 +79,16 @@ def session(cmd, **kw):
         p.wait()
 
 
+def launch_cmd(n: int, args: list[str]) -> list[str]:
+    """`mlx.launch -n N -- python ARGS` on the ring backend over loopback, on free ports."""
+    return [sys.executable, "-c", LAUNCH, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
+            "--", sys.executable, *args]
+
+
 def launch(n: int, args: list[str], timeout: float = 180) -> tuple[str, str]:
-    """`mlx.launch -n N -- python ARGS` (ring, loopback); (stdout, stderr). mlx.launch exits 0 even when a rank
-    fails, so a failing rank shows as its traceback or error line in stderr."""
-    cmd = [sys.executable, "-c", LAUNCH, "-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n)),
-           "--", sys.executable, *args]
-    with session(cmd) as p:
+    """Run `launch_cmd(n, args)`; (stdout, stderr). mlx.launch exits 0 even when a rank fails, so a failing rank
+    shows as its traceback or error line in stderr."""
+    with session(launch_cmd(n, args)) as p:
         out, err = p.communicate(timeout=timeout)
     assert "Traceback" not in err and "error:" not in err, err
     return out, err
@@ -137,9 +143,7 @@ def test_chat_turns_across_ranks(dense):
     args = cli("chat", str(dense), "--temp", "0", "--no-think", "-m", "12")
     turns = "Hello there\nAnd what about the moon?\n/exit\n"
     solo = subprocess.run([sys.executable, *args], input=turns, capture_output=True, text=True, timeout=120)
-    cmd = [sys.executable, "-c", LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)),
-           "--", sys.executable, *args]
-    with session(cmd, stdin=subprocess.PIPE) as p:
+    with session(launch_cmd(2, args), stdin=subprocess.PIPE) as p:
         out, err = p.communicate(turns, timeout=180)
     assert "Traceback" not in err and "error:" not in err, err
     assert out == solo.stdout and out.count("\n") >= 2
@@ -271,9 +275,8 @@ def test_serve_across_ranks(dense, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "serve.err"
-    cmd = [sys.executable, "-c", LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_ports(2)), "--",
-           sys.executable, *cli("serve", str(dense), "--port", str(port))]
-    with open(log, "w") as f, _session_to(cmd, f):
+    cmd = launch_cmd(2, cli("serve", str(dense), "--port", str(port)))
+    with open(log, "w") as f, session(cmd, stdout=subprocess.DEVNULL, stderr=f):
         deadline = time.monotonic() + 90
         while "serving" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()
@@ -292,19 +295,6 @@ def test_serve_across_ranks(dense, tmp_path):
         again, cached = ask(prompts[0])
         assert again == want[0] and cached > 0
     assert "Traceback" not in log.read_text()
-
-
-@contextmanager
-def _session_to(cmd, stderr_file):
-    p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr_file)
-    try:
-        yield p
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
 
 
 def test_bench_across_ranks(dense):
