@@ -144,6 +144,23 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2, kv_bits: in
     return 2 * c["num_hidden_layers"] * KV * row
 
 
+def tensor_costs(c: dict[str, Any], spec: QuantSpec, unquantized: bool = False, dtype_bytes: int = 2):
+    """(tensor, bits, bytes, bytes read per decoded token) of every weight-bearing module of config `c` under
+    `spec` (every tensor in float when `unquantized`)."""
+    L = c["num_hidden_layers"]
+    tied = bool(c.get("tie_word_embeddings", False))
+    E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
+    k = c.get("num_experts_per_tok", 0)
+    for t in model_tensors(c):
+        b = 0 if (unquantized or not t.quantizable) else spec.layer_bits(t.path, L, tied)
+        n = tensor_bytes(t, b, spec.group_size, dtype_bytes)
+        if t.path == "model.embed_tokens" and not tied:
+            read = 0  # one row per token; lm_head is read in full instead
+        else:
+            read = n * k // E if ".switch_mlp." in t.path else n
+        yield t, b, n, read
+
+
 def _header_bytes(path: str, quantized: bool) -> int:
     # safetensors JSON entry per tensor: name + dtype/shape/offsets (~70 bytes); measured on real exports.
     names = [f"{path}.weight"] + ([f"{path}.scales", f"{path}.biases"] if quantized else [])
@@ -214,19 +231,13 @@ def predict(
     name = name or (config if isinstance(config, str) else c.get("_name_or_path") or c.get("model_type"))
     unquantized = spec is None and bits in (0, 16)
     spec = spec or QuantSpec(bits=4 if unquantized else bits, group_size=group_size, recipe=recipe)
-    tensors = model_tensors(c)
     L = c["num_hidden_layers"]
-    tied = bool(c.get("tie_word_embeddings", False))
     E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
     k = c.get("num_experts_per_tok", 0)
     weight = active = 0
-    for t in tensors:
-        b = 0 if (unquantized or not t.quantizable) else spec.layer_bits(t.path, L, tied)
-        n = tensor_bytes(t, b, spec.group_size, dtype_bytes)
+    for t, b, n, a in tensor_costs(c, spec, unquantized, dtype_bytes):
         weight += n + _header_bytes(t.path, b > 0)
-        if t.path == "model.embed_tokens" and not tied:
-            continue  # one row per token; lm_head is read in full instead
-        active += n * k // E if ".switch_mlp." in t.path else n
+        active += a
     weight += 8 + 8  # per-shard length prefix and metadata, one shard
     D, H = c["hidden_size"], c["num_attention_heads"]
     KV = c.get("num_key_value_heads") or H
@@ -364,23 +375,17 @@ def layer_tensor_bytes(config: dict[str, Any] | str, bits: int = 4, group_size: 
     """(weight bytes per layer, bytes read per token per layer, bytes outside the layers, of which read per
     token) at a uniform precision (`bits` 16 or 0: unquantized)."""
     c = _cfg(config)
-    L = c["num_hidden_layers"]
-    tied = bool(c.get("tie_word_embeddings", False))
-    E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
-    k = c.get("num_experts_per_tok", 0)
     spec = QuantSpec(bits=4 if bits in (0, 16) else bits, group_size=group_size)
-    layers, active, other, other_active = [0] * L, [0] * L, 0, 0
-    for t in model_tensors(c):
-        b = 0 if (bits in (0, 16) or not t.quantizable) else spec.layer_bits(t.path, L, tied)
-        n = tensor_bytes(t, b, group_size, dtype_bytes)
-        a = n * k // E if ".switch_mlp." in t.path else n
+    layers, active = [0] * c["num_hidden_layers"], [0] * c["num_hidden_layers"]
+    other = other_active = 0
+    for t, _, n, read in tensor_costs(c, spec, bits in (0, 16), dtype_bytes):
         m = t.path.split(".")
         if len(m) > 2 and m[1] == "layers":
             layers[int(m[2])] += n
-            active[int(m[2])] += a
+            active[int(m[2])] += read
         else:
             other += n
-            other_active += 0 if (t.path == "model.embed_tokens" and not tied) else a
+            other_active += read
     return layers, active, other, other_active
 
 
