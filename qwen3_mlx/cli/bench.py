@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .app import app, err, out, show_progress
-from .generate import PARALLEL, SPLIT
+from .generate import PARALLEL, SPLIT, parse_split
 
 
 def _bits(value: str) -> int | None:
@@ -26,15 +26,6 @@ def _contexts(value: str | None) -> list[int] | None:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter("a comma-separated list of prompt lengths, e.g. 128,1024,4096") from None
-
-
-def _split(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.split(",")]
-    except ValueError:
-        raise typer.BadParameter("layers per rank separated by commas, e.g. 10,18") from None
 
 
 @app.command()
@@ -106,7 +97,7 @@ def bench(
             draft_model=draft_model,
             num_draft=num_draft,
             parallel=parallel,
-            split=_split(split),
+            split=parse_split(split),
         )
     out.print(table(doc))
     if json_file:

@@ -104,13 +104,7 @@ def load_for_cli(model: str, *, parallel: str | None = None, split: str | None =
     if not local and launched():
         from .. import distributed
 
-        counts = None
-        if split is not None:
-            try:
-                counts = [int(x) for x in split.split(",")]
-            except ValueError:
-                fail(f"--split takes layers per rank separated by commas, e.g. 10,18; got {split!r}")
-        return distributed.load(model, parallel=parallel or "pipeline", split=counts)
+        return distributed.load(model, parallel=parallel or "pipeline", split=parse_split(split))
     if not local and (parallel is not None or split is not None):
         fail("--parallel and --split spread a model over several processes: start the command under mlx.launch, "
              "e.g. mlx.launch -n 2 -- qwen3-mlx generate MODEL --prompt Hi")
@@ -118,6 +112,16 @@ def load_for_cli(model: str, *, parallel: str | None = None, split: str | None =
         with err.status(f"loading {model}"):
             return load(model)
     return load(model)
+
+
+def parse_split(split: str | None) -> list[int] | None:
+    """--split's layers per rank, e.g. "10,18" -> [10, 18]."""
+    if split is None:
+        return None
+    try:
+        return [int(x) for x in split.split(",")]
+    except ValueError:
+        fail(f"--split takes layers per rank separated by commas, e.g. 10,18; got {split!r}")
 
 
 def refuse_distributed(option: str) -> None:
