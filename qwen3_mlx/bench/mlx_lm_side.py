@@ -45,12 +45,11 @@ def mlx_lm_twin(model: nn.Module) -> nn.Module:
         if args.get("attention_bias"):
             raise BenchError("mlx-lm's qwen3 model has no attention bias; cannot compare this config")
     else:  # the hybrids, in the layout our exports write for mlx-lm (its qwen3_5 models read the VL one)
-        from ..quantize.hybrid import _VL, _export_config, _export_name
+        from ..quantize.hybrid import MLX_LM_MODULE, mlx_lm_layout, mlx_lm_name
 
-        vl = args["model_type"] in _VL
-        arch = getattr(mlx_lm, _VL.get(args["model_type"], args["model_type"]))
-        args = _export_config(args, {}, vl)
-        params = {_export_name(k, vl): v for k, v in params.items()}
+        arch = getattr(mlx_lm, MLX_LM_MODULE[args["model_type"]])
+        args, vl = mlx_lm_layout(args, {})
+        params = {mlx_lm_name(k, vl): v for k, v in params.items()}
     twin = arch.Model(arch.ModelArgs.from_dict(args))
     quantization = getattr(model, "quantization", None)
     if quantization and "bits" in quantization:

@@ -22,8 +22,10 @@ from mlx.utils import tree_flatten
 from ..loader import load_config, load_model, resolve_model_path
 from .recipes import QuantizeError, QuantSpec
 
-HYBRID_TYPES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
-_VL = {"qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe"}
+# model_type -> the mlx-lm module that runs it
+MLX_LM_MODULE = {"qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe",
+                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_next": "qwen3_next"}
+HYBRID_TYPES = tuple(MLX_LM_MODULE)
 _GATES = ("mlp.gate", "shared_expert_gate")
 
 
@@ -56,20 +58,20 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
         return {"group_size": spec.group_size, "bits": spec.bits}
 
     nn.quantize(model, class_predicate=predicate)
-    vl = config.get("model_type") in _VL
+    vl = mlx_lm_layout(config, {})[1]
     weights = {}
     for name, p in tree_flatten(model.parameters()):
         if p.dtype != mx.uint32 and not name.endswith("A_log"):
             p = p.astype(dtype)  # scales, biases, norms, conv and dt_bias in the source's dtype; A_log float32
-        weights[_export_name(name, vl)] = p
+        weights[mlx_lm_name(name, vl)] = p
     quantization = {"group_size": spec.group_size, "bits": spec.bits, "mode": "affine",
-                    **{_export_name(k, vl): v for k, v in sorted(per_layer.items())}}
+                    **{mlx_lm_name(k, vl): v for k, v in sorted(per_layer.items())}}
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(_export_config(config, quantization, vl), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(mlx_lm_layout(config, quantization)[0], indent=2) + "\n")
         for w in _copy_support_files(source, tmp):
             if log:
                 log(f"warning: {w}")
@@ -92,27 +94,29 @@ def _source_dtype(source: Path) -> mx.Dtype:
     return max(counts, key=counts.get) if counts else mx.bfloat16
 
 
-def _export_name(name: str, vl: bool) -> str:
+def mlx_lm_name(name: str, vl: bool) -> str:
+    """A parameter's name in mlx-lm's layout (`vl`: under its vision-language model's `language_model.`)."""
     return f"language_model.{name}" if vl else name
 
 
-def _export_config(config: dict, quantization: dict, vl: bool) -> dict:
-    text = dict(config.get("text_config") or config)
-    text.pop("quantization", None)
+def mlx_lm_layout(config: dict, quantization: dict) -> tuple[dict, bool]:
+    """The config.json mlx-lm's module for this model reads, and whether its tensors sit under `language_model.`
+    (qwen3_5 / qwen3_5_moe: mlx-lm runs them as vision-language models whatever the checkpoint)."""
+    text = {k: v for k, v in (config.get("text_config") or config).items()
+            if k not in ("quantization", "quantization_config")}
     rope = text.get("rope_parameters") or {}
     for key in ("rope_theta", "partial_rotary_factor"):  # transformers 5 nests them; mlx-lm reads them flat
         if key not in text and key in rope:
             text[key] = rope[key]
-    if not vl:
-        return {**text, "quantization": quantization, "quantization_config": dict(quantization)}
-    top = {k: v for k, v in config.items() if k not in ("text_config", "quantization", "quantization_config")} \
-        if "text_config" in config else {}
-    model_type = _VL[config["model_type"]]
-    text["model_type"] = model_type + "_text" if not text.get("model_type", "").endswith("_text") else \
-        text["model_type"]
-    return {**top, "model_type": model_type, "text_config": text,
-            "tie_word_embeddings": bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            "quantization": quantization, "quantization_config": dict(quantization)}
+    quant = {"quantization": quantization, "quantization_config": dict(quantization)} if quantization else {}
+    module = MLX_LM_MODULE[config["model_type"]]
+    if module == "qwen3_next":
+        return {**text, **quant}, False
+    top = {k: v for k, v in config.items()
+           if "text_config" in config and k not in ("text_config", "vision_config", "quantization", "quantization_config")}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    text["model_type"] = module + "_text"
+    return {**top, "model_type": module, "text_config": text, "tie_word_embeddings": bool(tied), **quant}, True
 
 
 def hybrid_quality(src: str | os.PathLike, out: str | os.PathLike, max_tokens: int = 96):
