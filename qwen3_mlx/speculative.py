@@ -126,8 +126,7 @@ class Speculator:
         # The target fed its last token and all k drafts: keep those kept. The draft fed up to d_{k-1}.
         held = truncate_cache(cache, T + 1 + j)
         if held < T + 1 + j:  # a recurrent state went back to the round's start: feed the kept tokens again
-            kept = tokens + d[:j] if self.greedy else tokens + proposal.tolist()[:j]
-            self.model.fill(mx.array(kept[held - seq.base :])[None], cache)
+            self.model.fill(mx.array((tokens + out[:j])[held - seq.base :])[None], cache)
         truncate_cache(dcache, min(dcache[0].offset, T + 1 + j))
         return out
 
