@@ -1,7 +1,8 @@
-"""Fit planner: memory and decode-speed bound of a Qwen3 model at a precision, on a device.
+"""Fit planner: memory and decode-speed bound of a Qwen3 / Qwen3.5 model at a precision, on a device.
 
-Pure arithmetic on config.json dicts (the eight shapes live in `models.registry.SHAPES`); the layer-by-layer
-bits come from the same `QuantSpec.layer` the exporter uses, and tests check the byte counts against real
+Arithmetic on config.json dicts (the shapes live in `models.registry.SHAPES`) over the tensors of the
+architecture itself, built lazily (`model_tensors`); the layer-by-layer bits come from the same `QuantSpec.layer`
+the exporter uses, and tests check the byte counts against real
 exports and `mx.get_peak_memory()`.
 """
 
@@ -80,47 +81,56 @@ def _cfg(config: dict[str, Any] | str) -> dict[str, Any]:
     return config
 
 
-def model_tensors(config: dict[str, Any]) -> list[Tensor]:
-    """Every module with weights, as MLX lays them out (experts stacked), from config keys alone."""
+def _args(config: dict[str, Any] | str):
+    """The architecture's ModelArgs of `config` (defaults filled in, a vision-language config's text part)."""
+    from .models import get_architecture
+
     c = _cfg(config)
-    D, V = c["hidden_size"], c["vocab_size"]
-    H, KV = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    hd = c.get("head_dim") or D // H
-    E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
-    step = c.get("decoder_sparse_step", 1) or 1
-    mlp_only = set(c.get("mlp_only_layers") or [])
-    out = [Tensor("model.embed_tokens", (V, D))]
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        out += [
-            Tensor(f"{p}.self_attn.q_proj", (H * hd, D)),
-            Tensor(f"{p}.self_attn.k_proj", (KV * hd, D)),
-            Tensor(f"{p}.self_attn.v_proj", (KV * hd, D)),
-            Tensor(f"{p}.self_attn.o_proj", (D, H * hd)),
-            Tensor(f"{p}.self_attn.q_norm", (hd,), False),
-            Tensor(f"{p}.self_attn.k_norm", (hd,), False),
-            Tensor(f"{p}.input_layernorm", (D,), False),
-            Tensor(f"{p}.post_attention_layernorm", (D,), False),
-        ]
-        if E > 0 and i not in mlp_only and (i + 1) % step == 0:
-            I = c["moe_intermediate_size"]
-            out += [
-                Tensor(f"{p}.mlp.gate", (E, D)),
-                Tensor(f"{p}.mlp.switch_mlp.gate_proj", (E, I, D)),
-                Tensor(f"{p}.mlp.switch_mlp.up_proj", (E, I, D)),
-                Tensor(f"{p}.mlp.switch_mlp.down_proj", (E, D, I)),
-            ]
-        else:
-            I = c["intermediate_size"]
-            out += [
-                Tensor(f"{p}.mlp.gate_proj", (I, D)),
-                Tensor(f"{p}.mlp.up_proj", (I, D)),
-                Tensor(f"{p}.mlp.down_proj", (D, I)),
-            ]
-    out.append(Tensor("model.norm", (D,), False))
-    if not c.get("tie_word_embeddings", False):
-        out.append(Tensor("lm_head", (V, D)))
+    return get_architecture(c.get("model_type")).ModelArgs.from_dict(c)
+
+
+def model_tensors(config: dict[str, Any] | str) -> list[Tensor]:
+    """Every weight-bearing module as MLX lays it out (experts stacked), read off the architecture itself: the
+    model is built lazily, so no weight is ever materialised. Quantizable: the modules `nn.quantize` converts."""
+    import mlx.core as mx
+
+    from .models import build_model
+
+    c = _cfg(config)
+    out = []
+    for path, module in build_model(c).named_modules():
+        for name, v in module.items():
+            if isinstance(v, mx.array) and not name.startswith("_"):  # private arrays (RoPE's) are not weights
+                quantizable = name == "weight" and hasattr(module, "to_quantized")
+                out.append(Tensor(path if name == "weight" else f"{path}.{name}", tuple(v.shape), quantizable))
     return out
+
+
+def layer_kinds(config: dict[str, Any] | str) -> list[str]:
+    """Per layer, "full_attention" (a KV cache that grows with the context) or "linear_attention" (a state of
+    fixed size)."""
+    a = _args(config)
+    return list(getattr(a, "layer_types", None) or ["full_attention"] * a.num_hidden_layers)
+
+
+def state_bytes_per_layer(config: dict[str, Any] | str, dtype_bytes: int = 2) -> int:
+    """Bytes of one linear-attention layer's state: the causal conv's last kernel - 1 inputs (`dtype_bytes`) and
+    the delta rule's [heads, Dk, Dv] state (float32); 0 for a model without such layers."""
+    a = _args(config)
+    if not hasattr(a, "linear_num_value_heads"):
+        return 0
+    hv, dk, dv = a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim
+    conv_dim = 2 * a.linear_num_key_heads * dk + hv * dv
+    return (a.linear_conv_kernel_dim - 1) * conv_dim * dtype_bytes + hv * dk * dv * 4
+
+
+def state_copies(context: int, prefill_step: int = 512) -> int:
+    """States a linear layer holds at once while decoding after a `context`-token prompt: the live one, the one
+    before the latest step, and a checkpoint after each prefill chunk of the prompt but its last token (the
+    newest 16; `RecurrentCache`)."""
+    from .models.cache import RecurrentCache
+
+    return 2 + min(RecurrentCache.max_checkpoints, math.ceil(max(context - 1, 0) / prefill_step))
 
 
 def tensor_bytes(t: Tensor, bits: int, group_size: int, dtype_bytes: int) -> int:
@@ -132,25 +142,22 @@ def tensor_bytes(t: Tensor, bits: int, group_size: int, dtype_bytes: int) -> int
     return rows * (cols * bits // 32) * 4 + 2 * rows * (cols // group_size) * dtype_bytes
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int = 2, kv_bits: int | None = None,
+def kv_bytes_per_token(config: dict[str, Any] | str, dtype_bytes: int = 2, kv_bits: int | None = None,
                        kv_group_size: int = 64) -> int:
-    """Bytes of keys and values one position occupies across all layers (quantized to `kv_bits`: packed
-    values plus a scale and a bias of `dtype_bytes` per group of `kv_group_size`)."""
-    c = _cfg(config)
-    H = c["num_attention_heads"]
-    KV = c.get("num_key_value_heads") or H
-    hd = c.get("head_dim") or c["hidden_size"] // H
+    """Bytes of keys and values one position occupies across all attention layers (quantized to `kv_bits`:
+    packed values plus a scale and a bias of `dtype_bytes` per group of `kv_group_size`)."""
+    a = _args(config)
+    KV, hd = a.num_key_value_heads, a.head_dim
     row = hd * dtype_bytes if kv_bits is None else hd * kv_bits // 8 + 2 * (hd // kv_group_size) * dtype_bytes
-    return 2 * c["num_hidden_layers"] * KV * row
+    return 2 * layer_kinds(config).count("full_attention") * KV * row
 
 
 def tensor_costs(c: dict[str, Any], spec: QuantSpec, unquantized: bool = False, dtype_bytes: int = 2):
     """(tensor, bits, bytes, bytes read per decoded token) of every weight-bearing module of config `c` under
     `spec` (every tensor in float when `unquantized`)."""
-    L = c["num_hidden_layers"]
-    tied = bool(c.get("tie_word_embeddings", False))
-    E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
-    k = c.get("num_experts_per_tok", 0)
+    a = _args(c)
+    L, tied = a.num_hidden_layers, bool(a.tie_word_embeddings)
+    E, k = getattr(a, "num_experts", 0) or 0, getattr(a, "num_experts_per_tok", 0)
     for t in model_tensors(c):
         b = 0 if (unquantized or not t.quantizable) else spec.layer_bits(t.path, L, tied)
         n = tensor_bytes(t, b, spec.group_size, dtype_bytes)
@@ -178,7 +185,8 @@ class Fit:
     kv_bytes: int  # KV cache at `context` (allocated in steps of 256 positions)
     activation_bytes: int  # transient tensors of one prefill chunk
     runtime_bytes: int  # app/runtime memory outside MLX's allocator
-    active_bytes: int  # bytes read per decoded token (weights touched + KV)
+    active_bytes: int  # bytes read per decoded token (weights touched + KV + live recurrent state)
+    state_bytes: int = 0  # linear-attention layers' states with their checkpoints (`state_copies`), any context
 
     @property
     def overhead(self) -> int:
@@ -187,11 +195,11 @@ class Fit:
     @property
     def peak_mlx_bytes(self) -> int:
         """What `mx.get_peak_memory()` should report during generation."""
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+        return self.weight_bytes + self.kv_bytes + self.state_bytes + self.activation_bytes
 
     @property
     def total(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.overhead
+        return self.weight_bytes + self.kv_bytes + self.state_bytes + self.overhead
 
     def fits(self, device: Device | str) -> bool:
         device = get_device(device) if isinstance(device, str) else device
@@ -228,29 +236,30 @@ def predict(
     cache (4 or 8 bits, groups of `kv_group_size`).
     """
     c = _cfg(config)
+    a = _args(c)
     name = name or (config if isinstance(config, str) else c.get("_name_or_path") or c.get("model_type"))
     unquantized = spec is None and bits in (0, 16)
     spec = spec or QuantSpec(bits=4 if unquantized else bits, group_size=group_size, recipe=recipe)
-    L = c["num_hidden_layers"]
-    E = c.get("num_experts", c.get("num_local_experts", 0)) or 0
-    k = c.get("num_experts_per_tok", 0)
+    E, k = getattr(a, "num_experts", 0) or 0, getattr(a, "num_experts_per_tok", 0)
     weight = active = 0
-    for t, b, n, a in tensor_costs(c, spec, unquantized, dtype_bytes):
+    for t, b, n, read in tensor_costs(c, spec, unquantized, dtype_bytes):
         weight += n + _header_bytes(t.path, b > 0)
-        active += a
+        active += read
     weight += 8 + 8  # per-shard length prefix and metadata, one shard
-    D, H = c["hidden_size"], c["num_attention_heads"]
-    KV = c.get("num_key_value_heads") or H
-    hd = c.get("head_dim") or D // H
+    D, H, KV, hd = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    kinds = layer_kinds(c)
+    La = kinds.count("full_attention")
     positions = math.ceil(context / KV_STEP) * KV_STEP
-    kv_row = kv_bytes_per_token(c, dtype_bytes, kv_bits, kv_group_size) // (2 * L * KV)  # one head, one position
-    kv = 2 * L * KV * kv_row * positions
+    kv_row = kv_bytes_per_token(c, dtype_bytes, kv_bits, kv_group_size) // (2 * La * KV)  # one head, one position
+    kv = 2 * La * KV * kv_row * positions
+    live_state = state_bytes_per_layer(c, dtype_bytes) * kinds.count("linear_attention")
+    state = live_state * state_copies(context, prefill_step)
     chunk = min(prefill_step, context)
     # Largest score matrix of the chunked prefill: chunk length x keys cached so far, over all chunks.
     score_cells = max(
         min(prefill_step, context - s) * min(s + prefill_step, context) for s in range(0, context, prefill_step)
     )
-    inter = c["moe_intermediate_size"] * k if E else c["intermediate_size"]
+    inter = a.moe_intermediate_size * k if E else a.intermediate_size
     # One layer's transients at a time (the kernels let MLX run only a few nodes ahead on large outputs):
     # the residual stream, plus the larger of the attention half and the MLP half, or the last logits.
     attention_half = (
@@ -261,9 +270,10 @@ def predict(
         + 2 * KV * kv_row * (positions + KV_STEP)  # one layer's cache while it grows (old + new)
     )
     mlp_half = chunk * D * dtype_bytes + 2 * chunk * inter * dtype_bytes  # norm, gate and up (silu*up reuses gate)
-    logits = c["vocab_size"] * 4 * 2  # last-position logits in float32 for sampling
+    logits = a.vocab_size * 4 * 2  # last-position logits in float32 for sampling
     activation = chunk * D * dtype_bytes + max(attention_half, mlp_half, logits)
-    return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv)
+    # Per token the live state is read and written once, like the KV cache.
+    return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv + live_state, state)
 
 
 def choose(
@@ -336,7 +346,7 @@ class HostShare:
     device: Device
     layers: tuple[int, int]  # [start, end)
     weight_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # the KV caches and recurrent states of its layers
     overhead_bytes: int
     active_bytes: int  # read per decoded token
 
@@ -376,7 +386,8 @@ def layer_tensor_bytes(config: dict[str, Any] | str, bits: int = 4, group_size: 
     token) at a uniform precision (`bits` 16 or 0: unquantized)."""
     c = _cfg(config)
     spec = QuantSpec(bits=4 if bits in (0, 16) else bits, group_size=group_size)
-    layers, active = [0] * c["num_hidden_layers"], [0] * c["num_hidden_layers"]
+    L = _args(c).num_hidden_layers
+    layers, active = [0] * L, [0] * L
     other = other_active = 0
     for t, _, n, read in tensor_costs(c, spec, bits in (0, 16), dtype_bytes):
         m = t.path.split(".")
@@ -397,17 +408,21 @@ def plan_hosts(config: dict[str, Any] | str, hosts: list[Device | str], bits: in
     devices = [get_device(h) if isinstance(h, str) else h for h in hosts]
     c = _cfg(config)
     layers, active, other, other_active = layer_tensor_bytes(c, bits, group_size, dtype_bytes)
-    L = c["num_hidden_layers"]
     whole = predict(c, bits, group_size, context, dtype_bytes=dtype_bytes, kv_bits=kv_bits)
-    kv_layer = whole.kv_bytes // L
+    kinds = layer_kinds(c)
+    # Each layer's cache: its share of the KV cache, or its state with the checkpoints; and what a token reads.
+    kv_layer = whole.kv_bytes // kinds.count("full_attention")
+    state_layer = state_bytes_per_layer(c, dtype_bytes)
+    cache = [kv_layer if k == "full_attention" else state_layer * state_copies(context) for k in kinds]
+    cache_read = [kv_layer if k == "full_attention" else state_layer for k in kinds]
     overhead = whole.overhead
     capacities = [max(d.usable_bytes - overhead, 1) for d in devices]
-    counts = split_layers([b + kv_layer for b in layers], capacities, other)
+    counts = split_layers([b + m for b, m in zip(layers, cache)], capacities, other)
     shares, start = [], 0
     for h, (d, n) in enumerate(zip(devices, counts)):
         end = start + n
         w = sum(layers[start:end]) + (other if h == 0 else 0)
-        a = sum(active[start:end]) + (other_active if h == 0 else 0) + kv_layer * n
-        shares.append(HostShare(d, (start, end), w, kv_layer * n, overhead, a))
+        a = sum(active[start:end]) + (other_active if h == 0 else 0) + sum(cache_read[start:end])
+        shares.append(HostShare(d, (start, end), w, sum(cache[start:end]), overhead, a))
         start = end
     return HostPlan(shares, hop_ms)

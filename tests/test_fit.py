@@ -115,7 +115,8 @@ def test_devices_and_registry():
                 "m3-ultra-512gb"):
         d = get_device(key)
         assert 0 < d.usable_gb <= d.memory_gb and d.bandwidth_gbs > 0
-    assert len(SHAPES) == 8
+    assert len([k for k in SHAPES if k.startswith("qwen3-")]) == 9  # eight Qwen3, one Qwen3-Next
+    assert {k for k in SHAPES if k.startswith("qwen3.5-")} == {"qwen3.5-0.8b", "qwen3.5-4b", "qwen3.5-35b-a3b"}
     with pytest.raises(Qwen3MLXError, match="unknown device"):
         get_device("pdp-11")
 
@@ -222,6 +223,7 @@ MODEL_CARDS = {
     "qwen3-32b": (32.8, 31.2),
     "qwen3-30b-a3b": (30.5, None),
     "qwen3-235b-a22b": (235.0, None),
+    "qwen3-next-80b-a3b": (80.0, None),  # the Qwen3.5 cards count their vision towers too, which we do not build
 }
 
 

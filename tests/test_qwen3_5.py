@@ -477,3 +477,53 @@ def test_quantized_kv_cache_on_the_attention_layers(hybrid):
     out = generate(model, None, list(range(30, 60)), kv_bits=8, kv_group_size=32, quantized_kv_start=16,
                    temperature=0, max_tokens=6, ignore_eos=True)
     assert len(out.tokens) == 6
+
+
+@pytest.mark.parametrize("kind", [{}, {"moe": True}, {"next_": True}], ids=["dense", "moe", "next"])
+def test_fit_predicts_the_hybrid_export_bytes(tmp_path, kind):
+    """The planner's weight bytes (tensors read off the architecture) against the export's file size."""
+    from qwen3_mlx.fit import predict
+    from qwen3_mlx.loader import load_config
+    from qwen3_mlx.quantize import QuantSpec
+    from qwen3_mlx.quantize.hybrid import export_hybrid
+
+    save_hybrid(tmp_path / "src", hidden_size=128, intermediate_size=256, shared_expert_intermediate_size=64, **kind)
+    spec = QuantSpec(bits=4, group_size=32)
+    export_hybrid(tmp_path / "src", tmp_path / "out", spec)
+    actual = (tmp_path / "out" / "model.safetensors").stat().st_size
+    predicted = predict(load_config(tmp_path / "src"), spec=spec, dtype_bytes=4).weight_bytes  # a float32 source
+    print(f"FIT hybrid {kind}: predicted {predicted} actual {actual} ({(predicted - actual) / actual:+.2%})")
+    assert abs(predicted - actual) / actual < 0.01
+
+
+def test_fit_counts_kv_on_attention_layers_and_states_with_checkpoints():
+    """KV bytes per position only for the full-attention layers, and the linear layers' states with their
+    checkpoints, against the caches of a real prefill run as generate runs it (chunks, then single steps)."""
+    from qwen3_mlx.fit import kv_bytes_per_token, predict, state_bytes_per_layer, state_copies
+    from qwen3_mlx.generate import prefill_plan
+    from qwen3_mlx.models import make_cache
+    from qwen3_mlx.models.cache import KVCache, RecurrentCache
+    from qwen3_mlx.models.registry import random_model
+
+    cfg = {**text_config(num_hidden_layers=8), "model_type": "qwen3_5_text"}
+    model = random_model(cfg, mx.float32)
+    prompt, step = 700, 128
+    cache = make_cache(model)
+    ids = mx.array(np.random.default_rng(0).integers(0, 500, prompt), dtype=mx.int32)
+    for a, b in prefill_plan(prompt - 1, step):
+        model.fill(ids[None, a:b], cache)
+        mx.eval([c.state for c in cache])
+    for t in (prompt - 1, prompt - 1):  # the prompt's last token, then one generated token
+        mx.eval(model(ids[None, t : t + 1], cache))
+    kv = [c for c in cache if isinstance(c, KVCache)]
+    states = [c for c in cache if isinstance(c, RecurrentCache)]
+    assert len(kv) == 2 and len(states) == 6
+    allocated = sum(c.keys.nbytes + c.values.nbytes for c in kv)
+    assert allocated == kv_bytes_per_token(cfg, 4) * 768  # 701 positions, in steps of 256
+    assert states[0].conv.nbytes + states[0].recurrent.nbytes == state_bytes_per_layer(cfg, 4)
+    copies = state_copies(prompt, step)
+    assert copies == 2 + 6  # ceil(699 / 128) chunk checkpoints, the state before the step and the live one
+    assert sum(c.nbytes for c in states) == 6 * state_bytes_per_layer(cfg, 4) * copies
+    f = predict(cfg, 16, context=prompt, prefill_step=step, dtype_bytes=4)
+    assert f.state_bytes == 6 * state_bytes_per_layer(cfg, 4) * copies
+    assert f.kv_bytes == allocated

@@ -1,4 +1,4 @@
-"""`qwen3-mlx fit`: memory and decode-speed bound of the Qwen3 models per precision and device."""
+"""`qwen3-mlx fit`: memory and decode-speed bound of the Qwen3 / Qwen3.5 models per precision and device."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def fit_table(models: list[str], devices: list[str], context: int, bits: list[in
     from ..fit import DEVICES, GB, model_label, predict
 
     kv_label = f"KV@{context}" + (f" ({kv_bits}-bit)" if kv_bits else "")
-    head = ["model", "precision", "weights GB", f"{kv_label} GB", "overhead GB", "total GB"]
+    hybrid = any(predict(m, 4, group_size, context).state_bytes for m in models)
+    head = ["model", "precision", "weights GB", f"{kv_label} GB", *(["state GB"] if hybrid else []), "overhead GB",
+            "total GB"]
     head += [f"{DEVICES[d].key} fit / tok/s" for d in devices]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
@@ -25,7 +27,7 @@ def fit_table(models: list[str], devices: list[str], context: int, bits: list[in
             f = predict(m, b, group_size, context, kv_bits=kv_bits)
             prec = "bf16" if b == 16 else f"{b}-bit g{group_size}"
             cells = [model_label(m), prec, f"{f.weight_bytes / GB:.2f}", f"{f.kv_bytes / GB:.2f}",
-                     f"{f.overhead / GB:.2f}", f"{f.total / GB:.2f}"]
+                     *([f"{f.state_bytes / GB:.2f}"] if hybrid else []), f"{f.overhead / GB:.2f}", f"{f.total / GB:.2f}"]
             for d in devices:
                 ok = f.fits(d)
                 cells.append(f"{'yes' if ok else 'no'} / {f.tokens_per_s(d):.0f}" if ok else "no")
@@ -42,7 +44,8 @@ def hosts_table(model: str, hosts: list[str], bits: int, group_size: int, contex
     prec = "bf16" if bits == 16 else f"{bits}-bit g{group_size}"
     kv = f"KV@{context}" + (f" ({kv_bits}-bit)" if kv_bits else "")
     rows = [f"{model_label(model)} at {prec} over {len(hosts)} hosts (pipeline, split by memory):", "",
-            f"| rank | host | layers | weights GB | {kv} GB | total GB | usable GB | fits |", "|---" * 8 + "|"]
+            f"| rank | host | layers | weights GB | {kv} (and states) GB | total GB | usable GB | fits |",
+            "|---" * 8 + "|"]
     for r, s in enumerate(plan.shares):
         a, b = s.layers
         extra = " + embedding, head" if r == 0 else ""
@@ -59,14 +62,14 @@ def hosts_table(model: str, hosts: list[str], bits: int, group_size: int, contex
 
 @app.command()
 def fit(
-    model: Optional[str] = typer.Argument(None, help="Registry model, e.g. qwen3-8b or Qwen/Qwen3-8B."),
+    model: Optional[str] = typer.Argument(None, help="Registry model, e.g. qwen3-8b, Qwen/Qwen3-8B or qwen3.5-4b."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="One device (default: all)."),
     context: int = typer.Option(4096, "--context", "-c", help="Context length (tokens) for the KV cache."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="One precision (16 = bf16); default 16, 8, 6, 4, 3."),
     group_size: int = typer.Option(
         64, "--group-size", "-g", help="Quantization group size (32, 64 or 128): one scale and bias per group."
     ),
-    all_models: bool = typer.Option(False, "--all", help="All eight Qwen3 models."),
+    all_models: bool = typer.Option(False, "--all", help="Every registry model (Qwen3, Qwen3.5, Qwen3-Next)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache (4 or 8 bits, groups of 64)."),
     hosts: Optional[str] = typer.Option(
         None, "--hosts", help="Devices in ring order (the first holds embedding and head), comma-separated: the "
@@ -77,9 +80,10 @@ def fit(
     """Predicted memory (weights, KV cache, overhead) per precision, fit per device, decode tok/s bound.
 
     Examples: `qwen3-mlx fit qwen3-8b`, `qwen3-mlx fit --all -d iphone-15-pro -b 4`,
+    `qwen3-mlx fit qwen3.5-4b -d iphone-16-pro -c 32768`,
     `qwen3-mlx fit qwen3-235b-a22b --bits 8 --hosts m4-max-128gb,m4-max-128gb,m3-ultra-512gb`.
     """
-    from ..fit import DEVICES, get_device
+    from ..fit import DEVICES, get_device, predict
     from ..models.registry import SHAPES, shape_config
 
     if hosts is not None:
@@ -107,6 +111,9 @@ def fit(
     out.print(
         "\noverhead = activations of a 512-token prefill chunk + 0.4 GB runtime; tok/s = bandwidth / bytes read "
         "per token (active weights + KV cache), an upper bound.\n"
+        + ("state = the linear-attention layers' recurrent states: the live one, the one before the latest step and "
+           "a checkpoint per 512-token prefill chunk (at most 16: it stops growing at 8K tokens).\n"
+           if any(predict(m, 4, group_size, context).state_bytes for m in models) else "")
         + "; ".join(f"{d.key}: {d.usable_gb:g} of {d.memory_gb:g} GB usable, {d.bandwidth_gbs:g} GB/s"
                     for d in (DEVICES[k] for k in devices))
     )

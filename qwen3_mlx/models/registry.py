@@ -1,4 +1,5 @@
-"""The eight Qwen3 models (2504 release) as config.json dicts, and random-weight models of any shape."""
+"""The Qwen3 models (2504 release) and the hybrid Qwen3.5 / Qwen3-Next ones as config.json dicts, and
+random-weight models of any shape."""
 
 from __future__ import annotations
 
@@ -46,6 +47,25 @@ def _moe(layers, hidden, heads, kv_heads, inter, experts, active, moe_inter):
     )
 
 
+def _hybrid(model_type, layers, hidden, heads, kv_heads, inter, tied, vocab=248320, v_heads=32, **moe):
+    """A Qwen3.5 / Qwen3-Next text config: every 4th layer gated full attention (256-dim heads, a quarter of each
+    rotated), the others Gated DeltaNet with 16 key heads and `v_heads` value heads of 128."""
+    return dict(
+        model_type=model_type, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=256, intermediate_size=inter, tie_word_embeddings=tied,
+        vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=262144, attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+        full_attention_interval=4, linear_conv_kernel_dim=4, linear_num_key_heads=16, linear_num_value_heads=v_heads,
+        linear_key_head_dim=128, linear_value_head_dim=128, **moe,
+    )
+
+
+def _hybrid_moe(model_type, layers, hidden, heads, kv_heads, experts, active, moe_inter, vocab=248320):
+    return _hybrid(model_type, layers, hidden, heads, kv_heads, 0, False, vocab, num_experts=experts,
+                   num_experts_per_tok=active, moe_intermediate_size=moe_inter,
+                   shared_expert_intermediate_size=moe_inter, norm_topk_prob=True)
+
+
 SHAPES: dict[str, dict] = {
     "qwen3-0.6b": _dense(28, 1024, 16, 8, 3072, True),
     "qwen3-1.7b": _dense(28, 2048, 16, 8, 6144, True),
@@ -55,6 +75,13 @@ SHAPES: dict[str, dict] = {
     "qwen3-32b": _dense(64, 5120, 64, 8, 25600, False),
     "qwen3-30b-a3b": _moe(48, 2048, 32, 4, 6144, 128, 8, 768),
     "qwen3-235b-a22b": _moe(94, 4096, 64, 4, 12288, 128, 8, 1536),
+    # The hybrid generation's text models, from their published configs (layers, widths, heads, experts); the
+    # 4B's value-head count and tied embeddings from configs quoted in public code, not read off the hub here.
+    "qwen3.5-0.8b": _hybrid("qwen3_5_text", 24, 1024, 8, 2, 3584, True, v_heads=16),
+    "qwen3.5-4b": _hybrid("qwen3_5_text", 32, 2560, 16, 4, 9216, True),
+    "qwen3.5-35b-a3b": _hybrid_moe("qwen3_5_moe_text", 40, 2048, 16, 2, 256, 8, 512),
+    "qwen3-next-80b-a3b": {**_hybrid_moe("qwen3_next", 48, 2048, 16, 2, 512, 10, 512, vocab=151936),
+                           "decoder_sparse_step": 1, "mlp_only_layers": []},
 }
 
 # Hugging Face repo of each shape, for messages and defaults.
@@ -67,6 +94,10 @@ HF_REPOS = {
     "qwen3-32b": "Qwen/Qwen3-32B",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
     "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
+    "qwen3.5-0.8b": "Qwen/Qwen3.5-0.8B",
+    "qwen3.5-4b": "Qwen/Qwen3.5-4B",
+    "qwen3.5-35b-a3b": "Qwen/Qwen3.5-35B-A3B",
+    "qwen3-next-80b-a3b": "Qwen/Qwen3-Next-80B-A3B-Instruct",
 }
 
 

@@ -3,7 +3,7 @@
 Unlike `convert` (which streams qwen3 / qwen3_moe tensor by tensor in bounded memory), this loads the model,
 quantizes it in memory and writes it: peak memory is about the float model's. Kept in float, as mlx-lm keeps
 them: the causal conv weights, `A_log` (float32), `dt_bias` and the norms (zero-centred ones with their 1
-folded in). MoE routers and shared-expert gates are 8-bit, mlx-lm's choice. Qwen3.5 / 3.6 exports use
+folded in). MoE routers and shared-expert gates are 8-bit (`QuantSpec.router_bits`), mlx-lm's choice. Qwen3.5 / 3.6 exports use
 mlx-lm's vision-language layout (`model_type` qwen3_5 / qwen3_5_moe with `text_config`, tensors under
 `language_model.`), the one its `qwen3_5` models read; Qwen3-Next keeps its own.
 """
@@ -26,7 +26,6 @@ from .recipes import QuantizeError, QuantSpec
 MLX_LM_MODULE = {"qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe",
                  "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_next": "qwen3_next"}
 HYBRID_TYPES = tuple(MLX_LM_MODULE)
-_GATES = ("mlp.gate", "shared_expert_gate")
 
 
 def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpec | None = None, *,
@@ -48,16 +47,17 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
     model, _ = load_model(source, dtype=mx.float32)
     dtype = _source_dtype(source)
     per_layer = {}
+    L, tied = model.args.num_hidden_layers, bool(model.args.tie_word_embeddings)
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        if path.endswith(_GATES):
-            per_layer[path] = {"group_size": 64, "bits": 8}
-            return per_layer[path]
-        return {"group_size": spec.group_size, "bits": spec.bits}
+        q = spec.layer(path, L, tied)  # routers and shared-expert gates at 8 bits, as mlx-lm keeps them
+        if isinstance(q, dict):
+            per_layer[path] = {"group_size": q["group_size"], "bits": q["bits"]}
+        return q
 
-    nn.quantize(model, class_predicate=predicate)
+    nn.quantize(model, group_size=spec.group_size, bits=spec.bits, class_predicate=predicate)
     vl = mlx_lm_layout(config, {})[1]
     weights = {}
     for name, p in tree_flatten(model.parameters()):

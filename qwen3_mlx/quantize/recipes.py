@@ -81,7 +81,7 @@ class QuantSpec:
     def layer_bits(self, path: str, num_layers: int, tied: bool = False) -> int:
         """Bits for the quantizable module at `path` (0 = left unquantized)."""
         mixed = self.recipe != "uniform"
-        if path.endswith("mlp.gate"):
+        if path.endswith(("mlp.gate", "shared_expert_gate")):  # routers and Qwen3.5's shared-expert gates
             return self.router_bits
         if path == "model.embed_tokens":
             if self.embed_bits is not None:
