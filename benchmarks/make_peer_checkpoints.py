@@ -3,6 +3,7 @@
 Writes, under --out (default /tmp/peer-ckpt):
   qwen3-0.6b/       Qwen3ForCausalLM, the config of Qwen/Qwen3-0.6B
   moe-12l-64e-a8/   Qwen3MoeForCausalLM, the Qwen3-30B-A3B shape cut to 12 layers and 64 experts (8 active)
+  qwen3.5-0.8b/, qwen3.5-4b/   Qwen3_5ForCausalLM (text only) at the Qwen3.5 shapes (`--only` them; 4B is 8.4 GB)
 each as bf16 safetensors (`save_pretrained`) plus the real Qwen3 tokenizer files, which is what
 `../shared/peers/llama-bench.sh` converts to GGUF. Weights are N(0, 0.02) (norms at 1), so the models
 are not degenerate but mean nothing: use them for speed figures only.
@@ -31,7 +32,10 @@ CHECKPOINTS = {
     "moe-12l-64e-a8": lambda: shape_config(
         "qwen3-30b-a3b", num_hidden_layers=12, num_experts=64, num_experts_per_tok=8
     ),
+    "qwen3.5-0.8b": lambda: shape_config("qwen3.5-0.8b"),
+    "qwen3.5-4b": lambda: shape_config("qwen3.5-4b"),
 }
+DEFAULT = ("qwen3-0.6b", "moe-12l-64e-a8")
 
 
 def hf_config(cfg: dict):
@@ -52,7 +56,7 @@ def fix_config_json(path: Path, cfg: dict) -> None:
     transformers 5 saves it only inside `rope_parameters`, which llama.cpp's converter may not read.
     """
     data = json.loads(path.read_text())
-    data.setdefault("rope_theta", cfg["rope_theta"])
+    data.setdefault("rope_theta", cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     data.setdefault("torch_dtype", data.get("dtype", "bfloat16"))
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -111,7 +115,8 @@ def build(name: str, folder: Path, seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/peer-ckpt"), help="output folder (default %(default)s)")
-    ap.add_argument("--only", nargs="+", choices=list(CHECKPOINTS), help="build only these checkpoints")
+    ap.add_argument("--only", nargs="+", choices=list(CHECKPOINTS),
+                    help=f"build these checkpoints (default: {', '.join(DEFAULT)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if a complete checkpoint is there")
     args = ap.parse_args(argv)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: Qwen3 tokenizer folder not found: {TOKENIZER_DIR}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.only or CHECKPOINTS:
+    for name in args.only or DEFAULT:
         folder = args.out / name
         if not args.force and is_complete(folder):
             print(f"{name}: {folder} is complete, skipped")

@@ -86,7 +86,8 @@ def test_the_cache_holds_what_mx_quantize_gives_and_grows(bits):
     for got, want in zip(keys, mx.quantize(x, group_size=32, bits=bits)):
         assert np.array_equal(np.array(got), np.array(want))
     assert cache.offset == 300 and cache.keys[0].shape[2] == 512  # two steps of 256
-    cfg = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, num_hidden_layers=1)
+    cfg = dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, num_hidden_layers=1,
+               intermediate_size=512, vocab_size=1000)
     assert cache.nbytes == kv_bytes_per_token(cfg, 4, bits, 32) * 512
     with pytest.raises(ValueError, match="divide head_dim"):
         QuantizedKVCache(8, 128).update_and_fetch(x, x)

@@ -71,3 +71,30 @@ values = {
 def test_generated_calls_round_trip(arguments):
     (call,) = parse_tool_calls("Sure.\n" + render("get_weather", arguments), TOOLS)
     assert call.ok and call.arguments == arguments
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab<>=fnuctio \n", max_size=30), st.sampled_from(["", "<tool_call>\n", "<function=f>\n"]),
+       st.lists(st.integers(1, 7), max_size=20))
+def test_streamed_tool_call_start_equals_the_whole_text_split(before, marker, cuts):
+    """The server's streaming split (text shown as it comes, the answer from the first tool-call marker on held
+    for parsing) against the same split of the whole answer, however the text arrives in pieces."""
+    from qwen3_mlx.server.protocol import TOOL_MARKERS, ToolStart
+
+    answer = before + marker + ("<parameter=x>\n5\n</parameter>\n</function>" if marker else "")
+    pieces, i = [], 0
+    for n in cuts:
+        pieces.append(answer[i : i + n])
+        i += n
+    pieces.append(answer[i:])
+    starts, shown, call = ToolStart(), "", None
+    for p in pieces:
+        if call is not None:
+            call += p
+            continue
+        text, call = starts.feed(p)
+        shown += text
+    if call is None:
+        shown += starts.flush()
+    at = min((j for j in (answer.find(m) for m in TOOL_MARKERS) if j >= 0), default=-1)
+    assert (shown, call) == ((answer[:at], answer[at:]) if at >= 0 else (answer, None))

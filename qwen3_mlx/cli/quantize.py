@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Optional
 
 import typer
@@ -51,7 +50,7 @@ def quantize(
     context: int = typer.Option(4096, "--context", help="Context length for --fit."),
     check: Optional[str] = typer.Option(None, "--check", help="Only check an exported folder against MLX Swift's rules."),
 ):
-    """Quantize a Hugging Face Qwen3 checkpoint to MLX's format in bounded memory."""
+    """Quantize a Hugging Face Qwen3 / Qwen3.5 / Qwen3-Next checkpoint to MLX's format in bounded memory."""
     from ..quantize import QuantSpec, check_export, convert, quality_report
 
     if check:
@@ -78,16 +77,11 @@ def quantize(
 
     t0 = time.perf_counter()
     from ..loader import load_config, resolve_model_path
-    from ..quantize.hybrid import HYBRID_TYPES, export_hybrid, hybrid_quality
+    from ..quantize.hybrid import HYBRID_TYPES, export_hybrid
 
-    if load_config(resolve_model_path(src)).get("model_type") in HYBRID_TYPES:
-        with err.status(f"quantizing {src} in memory") if show_progress() else nullcontext():
-            written = export_hybrid(src, out_dir, spec, force=force, log=err.print)
-        size = sum(f.stat().st_size for f in written.glob("*.safetensors"))
-        err.print(f"wrote {written}: {_size(size)} ({spec.label}) in {time.perf_counter() - t0:.1f}s")
-        if not no_eval:
-            out.print(f"quality: {hybrid_quality(resolve_model_path(src), written)}")
-        return
+    hybrid = load_config(resolve_model_path(src)).get("model_type") in HYBRID_TYPES
+    run = export_hybrid if hybrid else convert
+    options = dict(dtype=dtype, max_shard_size=max_shard_size, force=force, log=err.print)
     if show_progress():
         with _progress_bar() as bar:
             task = bar.add_task("quantize", total=None)
@@ -95,10 +89,15 @@ def quantize(
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            result = convert(src, out_dir, spec, dtype=dtype, max_shard_size=max_shard_size, force=force,
-                             progress=progress, log=err.print)
+            result = run(src, out_dir, spec, progress=progress, **options)
     else:
-        result = convert(src, out_dir, spec, dtype=dtype, max_shard_size=max_shard_size, force=force, log=err.print)
+        result = run(src, out_dir, spec, **options)
+    if hybrid:
+        size = sum(f.stat().st_size for f in result.glob("*.safetensors"))
+        err.print(f"wrote {result}: {_size(size)} ({spec.label}) in {time.perf_counter() - t0:.1f}s")
+        if not no_eval:
+            out.print(f"quality: {quality_report(resolve_model_path(src), result)}")
+        return
     plan = result.plan
     n_over = len([k for k in plan.quantization if k not in ("bits", "group_size", "mode")])
     err.print(

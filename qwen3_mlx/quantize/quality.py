@@ -1,7 +1,8 @@
 """Quality report of an export: next-token KL divergence and top-1 agreement against the source model.
 
 Both models run layer by layer in float32, each layer's weights read from disk just before it runs and
-dropped after, so the report needs about one layer of each model in memory (plus a row block of lm_head).
+dropped after, so the report needs about one layer of each model in memory (plus a row block of lm_head; for
+the hybrids, whose tensors come through the model's `sanitize`, the whole head in its own dtype).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..loader import apply_quantization, load_config, resolve_model_path, weight_files
+from ..loader import apply_quantization, load_config, load_weights, resolve_model_path, weight_files
 from ..models import build_model
 from ..models.base import attention_mask
 from .safetensors_io import Reader, TensorInfo, scan
@@ -76,6 +77,15 @@ class _Weights:
         self.infos: dict[str, TensorInfo] = scan(weight_files(folder))
         self.reader = reader
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def names(self):
+        return self.infos.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name].shape
+
     def get(self, name: str, r0: int = 0, r1: int | None = None) -> mx.array:
         if name not in self.infos and (m := _EXPERT.match(name)):
             # HF stores experts one by one; stack them like the model's sanitize does.
@@ -85,6 +95,36 @@ class _Weights:
                 e += 1
             return mx.stack(experts)
         a = self.reader.rows(self.infos[name], r0, r1)
+        return a if a.dtype == mx.uint32 else a.astype(mx.float32)
+
+
+class _SanitizedWeights:
+    """A folder's tensors as `model.sanitize` names and shapes them (the hybrids: renames, conv transposes,
+    folded norms, stacked experts), lazily. A layer's tensors leave the dict when read, so their memory goes
+    with the layer; the embedding and head (read twice when tied) stay once read."""
+
+    def __init__(self, folder: Path, model):
+        self.lazy = model.sanitize(load_weights(folder))
+        self.shapes = {k: tuple(v.shape) for k, v in self.lazy.items()}
+        self._last: tuple[str, mx.array] | None = None  # the tensor read by rows (embedding, head)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def names(self):
+        return self.shapes.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def get(self, name: str, r0: int = 0, r1: int | None = None) -> mx.array:
+        if self._last is None or self._last[0] != name:
+            self._last = None
+            keep = name.startswith(("model.embed_tokens.", "lm_head."))
+            a = self.lazy[name] if keep else self.lazy.pop(name)
+            mx.eval(a)
+            self._last = (name, a)
+        a = self._last[1][r0:r1]
         return a if a.dtype == mx.uint32 else a.astype(mx.float32)
 
 
@@ -101,8 +141,8 @@ def _drop(module) -> None:
 def _head_logits(h: mx.array, weights: _Weights, head: str, module) -> mx.array:
     """h [1, T, D] @ head^T a row block at a time: the float head can be GBs, and MLX's CPU quantized
     matmul dequantizes the whole weight (1.2 GB for Qwen3's vocabulary at hidden 2048)."""
-    rows = weights.infos[f"{head}.weight"].shape[0]
-    quantized = f"{head}.scales" in weights.infos
+    rows = weights.shape(f"{head}.weight")[0]
+    quantized = f"{head}.scales" in weights
     blocks = []
     for r0 in range(0, rows, _ROW_BLOCK):
         r1 = min(rows, r0 + _ROW_BLOCK)
@@ -128,44 +168,46 @@ def quality_report(
     # Dropped layers must not stay in MLX's buffer cache, or resident memory grows to the whole model.
     old_limit = mx.set_cache_limit(256 << 20)
     try:
-        return _report(src, out, ref, q, quantization, text, max_tokens)
+        with Reader() as reader:
+            if src_cfg.get("model_type") in ("qwen3", "qwen3_moe"):
+                sw, qw = _Weights(src, reader), _Weights(out, reader)
+            else:  # the hybrids' checkpoints differ from their modules by more than names
+                sw, qw = _SanitizedWeights(src, ref), _SanitizedWeights(out, q)
+            return _report(out, ref, q, sw, qw, quantization, text, max_tokens)
     finally:
         mx.set_cache_limit(old_limit)
         mx.clear_cache()
 
 
-def _report(src, out, ref, q, quantization, text, max_tokens) -> QualityReport:
+def _report(out, ref, q, sw, qw, quantization, text, max_tokens) -> QualityReport:
     out_cfg = load_config(out)
-    with Reader() as reader:
-        sw, qw = _Weights(src, reader), _Weights(out, reader)
-        if quantization:
-            apply_quantization(q, quantization, {k: None for k in qw.infos})
-        vocab = out_cfg["vocab_size"]
-        ids = report_tokens(out, vocab, text, max_tokens)
-        tokens = mx.array(ids)[None]
+    if quantization:
+        apply_quantization(q, quantization, dict.fromkeys(qw.names()))
+    vocab = (out_cfg.get("text_config") or out_cfg)["vocab_size"]
+    ids = report_tokens(out, vocab, text, max_tokens)
+    tokens = mx.array(ids)[None]
 
-        emb = sw.infos["model.embed_tokens.weight"]
-        h_ref = mx.concatenate([reader.rows(emb, i, i + 1) for i in ids]).astype(mx.float32)[None]
-        _load(q.model.embed_tokens, "model.embed_tokens.", qw)
-        h_q = q.model.embed_tokens(tokens)
+    h_ref = mx.concatenate([sw.get("model.embed_tokens.weight", i, i + 1) for i in ids])[None]
+    _load(q.model.embed_tokens, "model.embed_tokens.", qw)
+    h_q = q.model.embed_tokens(tokens)
+    mx.eval(h_ref, h_q)
+    _drop(q.model.embed_tokens)
+    mask = attention_mask(len(ids))
+    for i, (lr, lq) in enumerate(zip(ref.layers, q.layers)):
+        prefix = f"model.layers.{i}."
+        _load(lr, prefix, sw)
+        _load(lq, prefix, qw)
+        h_ref, h_q = lr(h_ref, mask), lq(h_q, mask)
         mx.eval(h_ref, h_q)
-        _drop(q.model.embed_tokens)
-        mask = attention_mask(len(ids))
-        for i, (lr, lq) in enumerate(zip(ref.layers, q.layers)):
-            prefix = f"model.layers.{i}."
-            _load(lr, prefix, sw)
-            _load(lq, prefix, qw)
-            h_ref, h_q = lr(h_ref, mask), lq(h_q, mask)
-            mx.eval(h_ref, h_q)
-            _drop(lr)
-            _drop(lq)
-        _load(ref.model.norm, "model.norm.", sw)
-        _load(q.model.norm, "model.norm.", qw)
-        h_ref, h_q = ref.model.norm(h_ref), q.model.norm(h_q)
+        _drop(lr)
+        _drop(lq)
+    _load(ref.model.norm, "model.norm.", sw)
+    _load(q.model.norm, "model.norm.", qw)
+    h_ref, h_q = ref.model.norm(h_ref), q.model.norm(h_q)
 
-        head = "model.embed_tokens" if ref.args.tie_word_embeddings else "lm_head"
-        ref_logits = _head_logits(h_ref, sw, head, None)
-        q_head = q.model.embed_tokens if q.args.tie_word_embeddings else q.lm_head
-        q_logits = _head_logits(h_q, qw, head, q_head)
-        kl, top1 = kl_and_top1(np.array(ref_logits[0]), np.array(q_logits[0].astype(mx.float32)))
+    head = "model.embed_tokens" if ref.args.tie_word_embeddings else "lm_head"
+    ref_logits = _head_logits(h_ref, sw, head, None)
+    q_head = q.model.embed_tokens if q.args.tie_word_embeddings else q.lm_head
+    q_logits = _head_logits(h_q, qw, head, q_head)
+    kl, top1 = kl_and_top1(np.array(ref_logits[0]), np.array(q_logits[0].astype(mx.float32)))
     return QualityReport(len(ids), float(kl.mean()), float(kl.max()), top1)

@@ -32,6 +32,7 @@ from .protocol import (
     openai_tool_calls,
     parse_request,
     strip_tool_blocks,
+    ToolStart,
     usage,
 )
 
@@ -190,7 +191,8 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
         matcher = StopMatcher(req.stop)
         last = None
         answer_started = False
-        tool_text: list[str] | None = None  # the answer from the first <tool_call> on, parsed at the end
+        starts = ToolStart()
+        tool_text: list[str] | None = None  # the answer from the first tool call on, parsed at the end
         try:
             if chat:
                 yield sse(chunk(cid, model_id, stamp, {"role": "assistant", "content": ""}, None, chat=True))
@@ -201,11 +203,13 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                             yield sse(chunk(cid, model_id, stamp, {"reasoning_content": last.text}, None, chat=True))
                         continue
                     text = last.text
-                    if chat and tool_text is None and "<tool_call>" in text:
-                        tool_text = []
                     if tool_text is not None:
                         tool_text.append(text)
                         continue
+                    if chat:
+                        text, call = starts.feed(text)
+                        if call is not None:
+                            tool_text = [call]
                     if chat and not answer_started:
                         text = text.lstrip("\n")  # the newlines that only follow </think>
                         answer_started = bool(text)
@@ -219,7 +223,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                 yield sse(e.body())
                 yield "data: [DONE]\n\n"
                 return
-            tail = "" if matcher.hit else matcher.flush()
+            tail = "" if matcher.hit else matcher.feed(starts.flush()) + matcher.flush()
             if tail:
                 yield sse(chunk(cid, model_id, stamp, {"content": tail}, None, chat=chat, text=tail))
             finish = finish_of(matcher, last)

@@ -200,9 +200,12 @@ def openai_tool_calls(answer: str, tools: list[dict] | None = None) -> list[dict
     ]
 
 
+TOOL_MARKERS = ("<tool_call>", "<function=")  # a tool call's start: Qwen's wrapper, or Qwen3.5's XML without it
+
+
 def strip_tool_blocks(answer: str) -> str:
     """The answer text before its first tool call (`<tool_call>`, or an unwrapped `<function=`)."""
-    for marker in ("<tool_call>", "<function="):
+    for marker in TOOL_MARKERS:
         head, sep, _ = answer.partition(marker)
         if sep:
             return head.strip()
@@ -256,6 +259,29 @@ class StopMatcher:
         keep = self.hold if self.hold > 0 else 0
         out, self.pending = (self.pending[:-keep], self.pending[-keep:]) if keep else (self.pending, "")
         return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class ToolStart:
+    """Where a streamed answer's first tool call starts. `<tool_call>` is one token, but `<function=` comes in
+    pieces, so a tail that may begin a marker is held back until the next text tells."""
+
+    def __init__(self):
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(the text safe to show, and once a marker appeared, the answer from it on; else None)."""
+        buf = self.pending + text
+        at = min((i for i in (buf.find(m) for m in TOOL_MARKERS) if i >= 0), default=-1)
+        if at >= 0:
+            self.pending = ""
+            return buf[:at], buf[at:]
+        keep = max((k for m in TOOL_MARKERS for k in range(1, len(m)) if buf.endswith(m[:k])), default=0)
+        self.pending = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], None
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
