@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=128, help="prompt tokens")
     ap.add_argument("-g", type=int, default=32, help="generated tokens")
     ap.add_argument("-t", type=int, default=2, help="threads, both runtimes")
+    ap.add_argument("-r", "--trials", type=int, default=3, help="repetitions, both runtimes (long cases: 1)")
     ap.add_argument("--llama-extra", default="--repack 0", help="more llama-bench arguments")
     ap.add_argument("--vs-mlx-lm", action="store_true",
                     help="also mlx-lm on the same weights (in our bench process, alternated with ours)")
@@ -142,9 +143,9 @@ def main() -> None:
             peer = {**llama_bench(ckpt, quant, ctx, 0, args.t, extra, reps=1),
                     **llama_bench(ckpt, quant, 0, args.g, args.t, extra, reps=1, depth=ctx)}
         else:
-            peer = llama_bench(ckpt, quant, args.p, args.g, args.t, extra)
+            peer = llama_bench(ckpt, quant, args.p, args.g, args.t, extra, reps=args.trials)
         print(f"[{name}] qwen3-mlx ...", file=sys.stderr, flush=True)
-        mine = ours(ckpt, bits, long[0] if long else args.p, args.g, args.t, trials=1 if long else 3,
+        mine = ours(ckpt, bits, long[0] if long else args.p, args.g, args.t, trials=1 if long else args.trials,
                     mlx_lm=args.vs_mlx_lm)
         rows.append((name, folder, quant, bits, peer, mine))
     gbs = read_test(args.t)

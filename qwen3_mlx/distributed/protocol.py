@@ -135,7 +135,10 @@ class LeadModel(nn.Module):
         try:
             mx.eval(arrays)
         except RuntimeError as e:
-            raise lost(e, 0) or e
+            err = lost(e, 0)
+            if err is not None:
+                self._stopped = True  # nobody left to tell: a send to a lost peer never completes
+            raise err or e
         finally:
             self._watchdog.disarm()
 
@@ -153,10 +156,13 @@ class LeadModel(nn.Module):
         if self._stopped:
             return
         self._stopped = True
+        self._watchdog.arm("telling the other ranks to stop")  # a peer that hangs must not hold our exit
         try:
             self._send_stop()
         except RuntimeError:
             pass  # already gone
+        finally:
+            self._watchdog.disarm()
 
 
 def serve_forwards(rank: int, step) -> None:
