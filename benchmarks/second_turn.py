@@ -16,6 +16,7 @@ import time
 from qwen3_mlx import load
 from qwen3_mlx.chat import ChatSession
 from qwen3_mlx.generate import prompt_tokens
+from qwen3_mlx.models.cache import RecurrentCache
 
 
 def main() -> None:
@@ -37,6 +38,13 @@ def main() -> None:
     print(f"history {first.prompt_tokens} tokens; ours: second turn prompt {second.prompt_tokens} tokens, "
           f"prefilled {second.prefill_tokens}, first token after {second.time_to_first_token:.2f} s "
           f"(turn {time.perf_counter() - t:.2f} s)")
+    states = [c for c in session.cache if isinstance(c, RecurrentCache)]
+    if states:
+        kv = sum(c.nbytes for c in session.cache if not isinstance(c, RecurrentCache))
+        live = sum(sum(a.nbytes for a in c.state) for c in states)
+        print(f"ours: {len(states)} recurrent layers hold {sum(c.nbytes for c in states) / 1e6:.1f} MB "
+              f"(live state {live / 1e6:.1f} MB, checkpoints at {sorted(states[0].checkpoints)}); "
+              f"KV cache {kv / 1e6:.1f} MB")
     if a.skip_mlx_lm:
         return
     import mlx_lm

@@ -55,6 +55,11 @@ def preconvert_without_mtp(ckpt: Path) -> None:
 
     cache = Path(os.environ.get("LLAMA_CACHE", Path.home() / ".cache" / "llama-peer"))
     root = cache / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    if not (root / "convert_hf_to_gguf.py").exists():  # the peer script unpacks the sdist only when it runs
+        sdist = cache / "llama_cpp_python-0.3.36.tar.gz"
+        if not sdist.exists():
+            raise SystemExit(f"{sdist} missing: run {PEER} once on any checkpoint (it downloads and builds llama.cpp)")
+        subprocess.run(["tar", "xzf", str(sdist), "-C", str(cache)], check=True)
     stats = "".join(f"{f.name} {f.stat().st_size} {int(f.stat().st_mtime)}\n" for f in sorted(ckpt.glob("model*.safetensors*")))
     key = hashlib.sha1((ckpt / "config.json").read_bytes() + stats.encode()).hexdigest()[:8]
     out = cache / f"{ckpt.name}-{key}-F32.gguf"

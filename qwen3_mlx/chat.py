@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import Qwen3MLXError
-from .generate import GenerationResponse, stream_generate, tidy_segments
+from .generate import GenerationResponse, prompt_tokens, stream_generate, tidy_segments
 from .models.cache import make_cache, truncate_cache
 
 SAVE_FORMAT = "qwen3-mlx-chat/1"
@@ -55,9 +55,11 @@ class ChatSession:
         system: str | None = None,
         enable_thinking: bool = True,
         thinking_budget: int | None = None,
+        chat_template_kwargs: dict | None = None,
         **options,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # e.g. {"preserve_thinking": True}
         self.system = system
         self.enable_thinking = enable_thinking
         self.thinking_budget = thinking_budget
@@ -126,7 +128,8 @@ class ChatSession:
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         """Render `messages` (with the generation prompt), trim the cache to the longest common prefix with it and
         return (all prompt ids, number reused). At least one token is always left to prefill."""
-        ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, enable_thinking=self.enable_thinking))
+        ids = prompt_tokens(self.tokenizer, messages, enable_thinking=self.enable_thinking,
+                            chat_template_kwargs=self.chat_template_kwargs)
         reused = truncate_cache(self.cache, min(common_prefix_length(self.cached_tokens, ids), len(ids) - 1))
         if self.draft_cache is not None:
             if truncate_cache(self.draft_cache, reused) < reused:  # the draft holds less: both start there

@@ -85,8 +85,25 @@ def load_generation_config(model=None, tokenizer=None) -> dict:
     return {}
 
 
-def prompt_tokens(tokenizer, prompt, enable_thinking: bool = True, tools: list[dict] | None = None) -> list[int]:
-    """Token ids of a prompt given as text, token ids, or chat messages (see the module docstring)."""
+# Set by prompt_tokens itself, not through chat_template_kwargs.
+TEMPLATE_ARGUMENTS = frozenset({"messages", "tools", "enable_thinking", "add_generation_prompt", "documents"})
+
+
+def refuse_media(content, where: str) -> None:
+    """Raise for image / video / audio parts in a message's content: the models here are run as text only (a
+    Qwen3.5 / 3.6 checkpoint's vision tower is not loaded), and the template would emit placeholders for them."""
+    if isinstance(content, list):
+        for part in (p for p in content if isinstance(p, dict)):
+            kind = part.get("type") or next((k for k in ("image", "image_url", "video") if k in part), "text")
+            if kind != "text":
+                raise Qwen3MLXError(f"{where}: {kind} content is not supported: qwen3-mlx runs the "
+                                    "language model only (text in, text out)")
+
+
+def prompt_tokens(tokenizer, prompt, enable_thinking: bool = True, tools: list[dict] | None = None,
+                  chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a prompt given as text, token ids, or chat messages (see the module docstring).
+    `chat_template_kwargs`: more variables for the model's chat template (e.g. Qwen3.6's `preserve_thinking`)."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise Qwen3MLXError("a text prompt needs a tokenizer")
@@ -97,7 +114,14 @@ def prompt_tokens(tokenizer, prompt, enable_thinking: bool = True, tools: list[d
     if prompt and all(isinstance(m, dict) for m in prompt):
         if tokenizer is None:
             raise Qwen3MLXError("chat messages need a tokenizer")
-        return tokenizer.encode(tokenizer.apply_chat_template(prompt, tools=tools, enable_thinking=enable_thinking))
+        for i, m in enumerate(prompt):
+            refuse_media(m.get("content"), f"message {i}")
+        extra = dict(chat_template_kwargs or {})
+        taken = sorted(set(extra) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise Qwen3MLXError(f"chat_template_kwargs cannot set {', '.join(taken)} (given by its own option)")
+        return tokenizer.encode(tokenizer.apply_chat_template(prompt, tools=tools, enable_thinking=enable_thinking,
+                                                              **extra))
     if all(isinstance(t, int) for t in prompt):
         return [int(t) for t in prompt]
     raise Qwen3MLXError("prompt must be a string, a list of token ids, or a list of chat messages")
@@ -198,6 +222,7 @@ class Sequence:
         enable_thinking: bool = True,
         thinking_budget: int | None = None,
         tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
         prompt_cache: list | None = None,
         ignore_eos: bool = False,
         constraint=None,
@@ -206,7 +231,8 @@ class Sequence:
         quantized_kv_start: int = 0,
     ):
         self.tic = time.perf_counter()
-        ids = prompt_tokens(tokenizer, prompt, enable_thinking=enable_thinking, tools=tools)
+        ids = prompt_tokens(tokenizer, prompt, enable_thinking=enable_thinking, tools=tools,
+                            chat_template_kwargs=chat_template_kwargs)
         if not ids:
             raise Qwen3MLXError("the prompt is empty")
         if max_tokens is None or max_tokens < 1:
@@ -366,6 +392,7 @@ def stream_generate(
     enable_thinking: bool = True,
     thinking_budget: int | None = None,
     tools: list[dict] | None = None,
+    chat_template_kwargs: dict | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
     ignore_eos: bool = False,
@@ -394,6 +421,7 @@ def stream_generate(
 
     `prompt_cache`: a list of KVCache to extend (the caller passes only the tokens not already cached);
     a fresh cache is made otherwise. `ignore_eos=True` generates exactly `max_tokens` tokens.
+    `chat_template_kwargs`: more variables for the chat template of a messages prompt (`preserve_thinking`, ...).
 
     `constraint`: limits the answer's tokens (not the reasoning's), e.g. to a JSON schema. An object with
     `mask()` (an additive [vocab] logits mask for the next token: 0 allowed, -inf not) and `advance(token)`.
@@ -410,8 +438,8 @@ def stream_generate(
     seq = Sequence(
         model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
-        enable_thinking=enable_thinking, thinking_budget=thinking_budget, tools=tools, prompt_cache=prompt_cache,
-        ignore_eos=ignore_eos, constraint=constraint, kv_bits=kv_bits, kv_group_size=kv_group_size,
+        enable_thinking=enable_thinking, thinking_budget=thinking_budget, tools=tools, chat_template_kwargs=chat_template_kwargs,
+        prompt_cache=prompt_cache, ignore_eos=ignore_eos, constraint=constraint, kv_bits=kv_bits, kv_group_size=kv_group_size,
         quantized_kv_start=quantized_kv_start,
     )
 

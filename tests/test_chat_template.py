@@ -181,3 +181,48 @@ def test_missing_template(tmp_path, tokenizer_dir):
     (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     with pytest.raises(ChatTemplateError, match="no chat template"):
         Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+# A Qwen3.6-style switch: earlier turns keep their reasoning only with preserve_thinking.
+PRESERVE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.role == 'assistant' and m.reasoning_content and (preserve_thinking or loop.last) %}"
+    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_extra_template_variables_pass_through_as_in_transformers(tmp_path, tokenizer_dir):
+    """chat_template_kwargs reach the template and render as transformers renders
+    the same keyword; the arguments set by their own options cannot be overridden through them."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.generate import prompt_tokens
+
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": PRESERVE}))
+    ours, reference = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+                {"role": "user", "content": "And 3+3?"}]
+    for preserve in (True, False):
+        want = reference.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True,
+                                             preserve_thinking=preserve)
+        assert prompt_tokens(ours, messages, chat_template_kwargs={"preserve_thinking": preserve}) == want
+    assert "Add." in ours.decode(prompt_tokens(ours, messages, chat_template_kwargs={"preserve_thinking": True}))
+    assert "Add." not in ours.decode(prompt_tokens(ours, messages))
+    with pytest.raises(Qwen3MLXError, match="cannot set enable_thinking"):
+        prompt_tokens(ours, messages, chat_template_kwargs={"enable_thinking": False})
+
+
+def test_image_content_is_refused_with_a_clear_error(ours):
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.generate import prompt_tokens
+
+    for part in ({"type": "image", "image": "cat.png"}, {"type": "image_url", "image_url": {"url": "data:,"}},
+                 {"image": "cat.png"}, {"type": "video", "video": "v.mp4"}):
+        with pytest.raises(Qwen3MLXError, match="content is not supported: qwen3-mlx runs the language model only"):
+            prompt_tokens(ours, [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, part]}])

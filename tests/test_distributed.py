@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REAL_VOCAB, dense_config, moe_config, save_checkpoint
+from helpers import REAL_VOCAB, dense_config, moe_config, save_checkpoint, save_hybrid
 
 HERE = Path(__file__).parent
 LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
@@ -37,6 +37,14 @@ def dense(tmp_path_factory):
 def moe(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist-moe")
     save_checkpoint(path, moe_config(vocab_size=REAL_VOCAB, head_dim=32), moe=True, tokenizer=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """Qwen3.5 MoE: 6 layers, Gated DeltaNet but for layers 3 (full attention, every 4th)."""
+    path = tmp_path_factory.mktemp("dist-hybrid")
+    save_hybrid(path, moe=True, tokenizer=True, vocab_size=REAL_VOCAB, num_hidden_layers=6)
     return path
 
 
@@ -116,7 +124,7 @@ def assert_close(got: dict, want: dict, rel: float = 1e-5):
 @pytest.mark.parametrize(
     "ranks,parallel,split,fixture",
     [(2, "pipeline", None, "dense"), (3, "pipeline", "1,3,2", "dense"), (2, "pipeline", None, "moe"),
-     (2, "tensor", None, "moe")],
+     (2, "tensor", None, "moe"), (2, "pipeline", None, "hybrid"), (3, "pipeline", "4,1,1", "hybrid")],
 )
 def test_logits_equal_single_process(ranks, parallel, split, fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
@@ -127,7 +135,7 @@ def test_logits_equal_single_process(ranks, parallel, split, fixture, request, t
 
 
 @pytest.mark.parametrize("ranks,extra,fixture", [(2, [], "dense"), (3, [], "dense"), (2, [], "moe"),
-                                                  (2, ["--parallel", "tensor"], "moe")])
+                                                  (2, ["--parallel", "tensor"], "moe"), (2, [], "hybrid")])
 def test_greedy_generate_identical(ranks, extra, fixture, request):
     path = str(request.getfixturevalue(fixture))
     args = cli("generate", path, *PROMPT, "-m", "24")
@@ -137,10 +145,11 @@ def test_greedy_generate_identical(ranks, extra, fixture, request):
     assert f"rank {ranks - 1}:" in err  # the last rank's own report at exit
 
 
-def test_chat_turns_across_ranks(dense):
-    """Two turns of `chat` (rank 0 reads stdin): the second reuses the cache that every rank holds.
-    mlx.launch never closes a rank's stdin, so the chat ends with /exit."""
-    args = cli("chat", str(dense), "--temp", "0", "--no-think", "-m", "12")
+@pytest.mark.parametrize("fixture", ["dense", "hybrid"])
+def test_chat_turns_across_ranks(fixture, request):
+    """Two turns of `chat` (rank 0 reads stdin): the second reuses the cache that every rank holds (a hybrid's
+    from its state checkpoints). mlx.launch never closes a rank's stdin, so the chat ends with /exit."""
+    args = cli("chat", str(request.getfixturevalue(fixture)), "--temp", "0", "--no-think", "-m", "12")
     turns = "Hello there\nAnd what about the moon?\n/exit\n"
     solo = subprocess.run([sys.executable, *args], input=turns, capture_output=True, text=True, timeout=120)
     with session(launch_cmd(2, args), stdin=subprocess.PIPE) as p:
@@ -252,6 +261,20 @@ def test_unreachable_rank_times_out(dense):
         err = r0.stderr.read()
     assert r0.returncode != 0 and time.monotonic() - t < 20
     assert "could not connect to the other ranks within 3 s" in err, err
+
+
+def test_hybrid_tensor_parallel_and_a_split_without_attention_on_rank_0_refused(hybrid):
+    with ranks([cli("generate", str(hybrid), *PROMPT, "--parallel", "tensor")] * 2) as procs:
+        for p in procs:
+            p.wait(timeout=60)
+        errs = [p.stderr.read() for p in procs]
+    assert all(p.returncode == 1 for p in procs), errs
+    assert all("run qwen3_5_moe_text with --parallel pipeline" in e and "Traceback" not in e for e in errs), errs
+    with ranks([cli("generate", str(hybrid), *PROMPT, "--split", "3,3")] * 2) as procs:
+        for p in procs:
+            p.wait(timeout=60)
+        errs = [p.stderr.read() for p in procs]
+    assert all(p.returncode == 1 and "--split must give rank 0 at least 4 layers" in e for p, e in zip(procs, errs)), errs
 
 
 def test_options_need_launch(dense):

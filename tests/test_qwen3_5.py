@@ -10,48 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import REAL_VOCAB, copy_tokenizer
-
-
-def text_config(**overrides):
-    cfg = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
-               linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-               max_position_embeddings=4096, tie_word_embeddings=False)
-    cfg.update(overrides)
-    return cfg
-
-
-MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
-
-
-def save_hybrid(path, seed=0, tokenizer=False, moe=False, next_=False, **overrides):
-    """A random Qwen3_5ForCausalLM (Qwen3_5MoeForCausalLM with `moe`, Qwen3NextForCausalLM with `next_`: fused
-    DeltaNet projections, layer 1 a dense MLP) written by transformers; weights widened so the layers matter."""
-    import torch
-    from transformers import (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig,
-                              Qwen3NextConfig, Qwen3NextForCausalLM)
-
-    torch.manual_seed(seed)
-    if next_:
-        cfg = text_config(**{**MOE, "intermediate_size": 96, "mlp_only_layers": [1], **overrides})
-        model = Qwen3NextForCausalLM(Qwen3NextConfig(**cfg)).eval()
-    elif moe:
-        model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text_config(**{**MOE, **overrides}))).eval()
-    else:
-        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text_config(**overrides))).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # zero-centred norms around 0, the gated norm's plain weight around 1
-                p.copy_(0.1 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
-            elif "A_log" in name or "dt_bias" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(path)
-    if tokenizer:
-        copy_tokenizer(path)
-    return model
+from helpers import REAL_VOCAB, save_hybrid, text_config
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,9 @@ def test_errors_have_openai_shape_and_status(thinker_server):
         (s.post("/v1/chat/completions", {"messages": HI, "max_tokens": 32768}), 400),  # = the server's limit, still too long
         (s.post("/v1/chat/completions", {"messages": HI, "thinking_budget": 4,
                                          "response_format": {"type": "json_object"}}), 400),
+        (s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "chat_template_kwargs": {"tools": []}}), 400),
         (s.post("/v1/chat/completions", {"messages": HI}, key=None), 401),
         (s.post("/v1/chat/completions", {"messages": HI}, key="wrong"), 401),
         (s.post("/v1/chat/completions", {"model": "gpt-4", "messages": HI}), 404),
@@ -215,8 +218,18 @@ def test_errors_have_openai_shape_and_status(thinker_server):
         assert status == want, body
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
         assert "Traceback" not in body["error"]["message"]
+    assert "image_url content is not supported" in cases[-7][0][1]["error"]["message"]
     with pytest.raises(openai.AuthenticationError):
         s.client(key="wrong").models.list()
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """Variables besides enable_thinking (Qwen3.6's preserve_thinking) go to the template as given."""
+    from qwen3_mlx.server.protocol import parse_request
+
+    body = {"messages": HI, "chat_template_kwargs": {"enable_thinking": False, "preserve_thinking": True, "x": [1]}}
+    req = parse_request(body, chat=True, model_ids=("m",), max_tokens_limit=100)
+    assert req.template_kwargs == {"preserve_thinking": True, "x": [1]} and req.enable_thinking is False
 
 
 def test_queue_full_is_429_and_a_dropped_stream_frees_the_engine(tiny_server, tiny):

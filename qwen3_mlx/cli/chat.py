@@ -34,10 +34,12 @@ from .generate import (
     SPLIT,
     SYSTEM,
     TEMPERATURE,
+    TEMPLATE_KWARGS,
     TOP_K,
     TOP_P,
     ReasoningFilter,
     draft_options,
+    template_kwargs,
     kv_options,
     load_for_cli,
     refuse_distributed,
@@ -293,10 +295,12 @@ def chat(
     num_draft: int = NUM_DRAFT,
     parallel: str = PARALLEL,
     split: str = SPLIT,
+    chat_template_kwargs: str = TEMPLATE_KWARGS,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits (/exit under
     mlx.launch, which does not pass Ctrl-D on)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    variables = template_kwargs(chat_template_kwargs)
     term = Terminal(interactive)
     if prompt_cache is not None:
         refuse_distributed("--prompt-cache")
@@ -317,6 +321,7 @@ def chat(
         system=system,
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
+        chat_template_kwargs=variables,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
         **kv_options(kv_bits, kv_group_size, quantized_kv_start),
         **draft_options(llm, tokenizer, draft_model, num_draft),

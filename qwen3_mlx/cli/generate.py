@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
+from ..errors import Qwen3MLXError
 from .app import app, err, fail, out
 
 # Shared with `qwen3-mlx chat`. Help text is rich markup: a literal "[" must be written "\\[" or rich eats the tag.
@@ -53,6 +55,25 @@ SPLIT = typer.Option(
     None, "--split", help="Under mlx.launch with pipeline: layers per rank, e.g. 10,18 \\[default: by each host's "
     "memory]."
 )
+TEMPLATE_KWARGS = typer.Option(
+    None, "--chat-template-kwargs", help="More variables for the model's chat template, as a JSON object, e.g. "
+    "'{\"preserve_thinking\": true}' (Qwen3.6: keep earlier turns' reasoning)."
+)
+
+
+def template_kwargs(text: str | None) -> dict:
+    """--chat-template-kwargs as a dict (a domain error unless it is a JSON object)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Qwen3MLXError(f"--chat-template-kwargs is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise Qwen3MLXError("--chat-template-kwargs must be a JSON object, e.g. '{\"preserve_thinking\": true}'")
+    return value
+
+
 KV_START = typer.Option(
     0, "--quantized-kv-start", help="With --kv-bits: keep the cache in float until it holds N positions.", min=0
 )
@@ -201,6 +222,7 @@ def generate(
     num_draft: int = NUM_DRAFT,
     parallel: str = PARALLEL,
     split: str = SPLIT,
+    chat_template_kwargs: str = TEMPLATE_KWARGS,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
 
@@ -209,6 +231,7 @@ def generate(
     """
     from ..generate import stream_generate
 
+    variables = template_kwargs(chat_template_kwargs)
     if prompt_cache is not None:
         refuse_distributed("--prompt-cache")
     llm, tokenizer = load_for_cli(model, parallel=parallel, split=split)
@@ -223,7 +246,7 @@ def generate(
     if cached is not None:
         from ..generate import prompt_tokens
 
-        ids = prompt_tokens(tokenizer, messages, enable_thinking=not no_think)
+        ids = prompt_tokens(tokenizer, messages, enable_thinking=not no_think, chat_template_kwargs=variables)
         extra["prompt_cache"], reused = cached.take(ids)
         source = ids[reused:]
     show = ReasoningFilter()
@@ -237,6 +260,7 @@ def generate(
         source,
         enable_thinking=not no_think,
         thinking_budget=thinking_budget,
+        chat_template_kwargs=variables,
         **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
         **kv_options(kv_bits, kv_group_size, quantized_kv_start),
         **draft_options(llm, tokenizer, draft_model, num_draft),

@@ -19,6 +19,7 @@ import mlx.core as mx
 from .group import DistributedError, Watchdog, check_same, fingerprint, init, launched, lost
 
 PARALLEL = ("pipeline", "tensor")
+HYBRID = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")  # pipeline only
 SPLIT_CONTEXT = 4096  # KV cache positions the memory split reserves per layer (the planner's default)
 
 
@@ -60,20 +61,27 @@ def layer_file_bytes(model_path, n_layers: int) -> tuple[list[int], int]:
     return layers, other
 
 
-def split_by_memory(model_path, config, capacities: list[float]) -> list[int]:
-    """Layers per rank from the bytes on disk and a KV cache of SPLIT_CONTEXT positions per layer: the split
-    `qwen3-mlx fit --hosts` predicts for the same model (both use `fit.split_layers`)."""
-    from ..fit import kv_bytes_per_token, split_layers
+def _layers(config) -> int:
+    return (config.get("text_config") or config)["num_hidden_layers"]  # a Qwen3.5 VL config: its text part
 
-    L = config["num_hidden_layers"]
-    layers, other = layer_file_bytes(model_path, L)
-    kv = kv_bytes_per_token(config, 2) // L * SPLIT_CONTEXT
-    return split_layers([b + kv for b in layers], capacities, other)
+
+def split_by_memory(model_path, config, capacities: list[float]) -> list[int]:
+    """Layers per rank from the bytes on disk and what each layer caches (keys and values of SPLIT_CONTEXT
+    positions, or a linear layer's fixed state): the split `qwen3-mlx fit --hosts` predicts for the same model
+    (both use `fit.split_layers`)."""
+    from ..fit import kv_bytes_per_token, layer_kinds, split_layers, state_bytes_per_layer
+
+    kinds = layer_kinds(config)
+    layers, other = layer_file_bytes(model_path, len(kinds))
+    kv = kv_bytes_per_token(config, 2) // kinds.count("full_attention") * SPLIT_CONTEXT
+    state = state_bytes_per_layer(config, 2)
+    return split_layers([b + (state if k == "linear_attention" else kv) for b, k in zip(layers, kinds)], capacities,
+                        other)
 
 
 def pipeline_split(group, model_path, config, split: list[int] | None) -> list[tuple[int, int]]:
     """(start, end) layers per rank: `split` (layers per rank) as given, else by each rank's memory."""
-    n, L = group.size(), config["num_hidden_layers"]
+    n, L = group.size(), _layers(config)
     if split is not None:
         if len(split) != n or sum(split) != L or min(split) < 1:
             raise DistributedError(
@@ -84,11 +92,35 @@ def pipeline_split(group, model_path, config, split: list[int] | None) -> list[t
     else:
         memory = mx.distributed.all_gather(mx.array([_memory_bytes() / 1e6], dtype=mx.float32), group=group)
         counts = split_by_memory(model_path, config, [m * 1e6 for m in memory.tolist()])
+    counts = _lead_holds_attention(config, list(counts), given=split is not None)
     ranges, start = [], 0
     for c in counts:
         ranges.append((start, start + c))
         start += c
     return ranges
+
+
+def _lead_holds_attention(config, counts: list[int], given: bool) -> list[int]:
+    """A hybrid's rank 0 must hold an attention layer: the other ranks learn from its KV caches whether to
+    quantize theirs (--kv-bits). The memory split moves layers to rank 0 until it does; a given one is refused."""
+    from ..fit import layer_kinds
+
+    kinds = layer_kinds(config)
+    first = kinds.index("full_attention") if "full_attention" in kinds else 0
+    need = first + 1 - counts[0]
+    if need <= 0:
+        return counts
+    if given:
+        raise DistributedError(f"--split must give rank 0 at least {first + 1} layers: it has to hold an attention "
+                               f"layer of this hybrid model (the first is layer {first})")
+    for r in range(1, len(counts)):
+        take = min(need, counts[r] - 1)
+        counts[r] -= take
+        counts[0] += take
+        need -= take
+    if need > 0:
+        raise DistributedError(f"{len(counts)} ranks are too many for this model's {len(kinds)} layers")
+    return counts
 
 
 def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = None):
@@ -103,9 +135,11 @@ def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = 
     rank = group.rank()
     model_path = resolve_model_path(path_or_repo)
     config = load_config(model_path)
-    if config.get("model_type") not in ("qwen3", "qwen3_moe"):
-        raise DistributedError(f"running {config.get('model_type')} across ranks is not supported yet "
-                               "(qwen3 and qwen3_moe are)")
+    model_type = config.get("model_type")
+    if model_type not in ("qwen3", "qwen3_moe") + HYBRID:
+        raise DistributedError(f"running {model_type} across ranks is not supported")
+    if parallel == "tensor" and model_type in HYBRID:
+        raise DistributedError(f"--parallel tensor is for qwen3_moe; run {model_type} with --parallel pipeline")
     try:
         if parallel == "pipeline":
             from . import pipeline

@@ -22,7 +22,8 @@ from ..models.cache import make_cache
 from .group import Watchdog
 from .protocol import FORWARD, SIZE, STOP, Caches, Header, LeadModel, serve_forwards, states
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# A decoder layer's tensor: ours (after sanitize), or on disk in a Qwen3.5 VL checkpoint or its mlx-lm export
+_LAYER = re.compile(r"^(?:language_model\.)?model\.(?:language_model\.)?layers\.(\d+)\.(.+)$")
 
 
 def shard(start: int, end: int, first: bool):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..models.cache import KVCache, QuantizedKVCache, batch_cache, make_cache, quantize_cache, truncate_cache
+from ..models.cache import (KVCache, QuantizedKVCache, RecurrentCache, batch_cache, make_cache, quantize_cache,
+                           truncate_cache)
 from .group import DistributedError, Watchdog, lost
 
 MAX_ROWS = 64  # sequences in one forward (the server's batch)
@@ -79,7 +80,9 @@ class Rows:
             self._track(c)
         # A uid is released once no object holds it (a float cache replaced by its quantized copy keeps it).
         release, self._dead = [u for u in self._dead if u not in self._live][:MAX_RELEASE], []
-        kv = [c.bits << 8 | c.group_size if isinstance(c, QuantizedKVCache) else 0 for c in layer]
+        # A hybrid's KV quantization shows on its attention layers (a recurrent state stays float).
+        attn = next((l for l in cache if not isinstance(getattr(l, "caches", [l])[0], RecurrentCache)), first)
+        kv = [c.bits << 8 | c.group_size if isinstance(c, QuantizedKVCache) else 0 for c in getattr(attn, "caches", [attn])]
         B, L = inputs.shape
         return Header(FORWARD, B, L, dtype, want, hasattr(first, "caches"), [c.uid for c in layer],
                       [c.offset for c in layer], kv, release)
@@ -105,7 +108,7 @@ class Caches:
             c = self.by_uid.setdefault(u, make_cache(self.stage))
             if truncate_cache(c, offset) != offset:
                 raise DistributedError(f"a cache out of step with rank 0 (holds {c[0].offset} of {offset} positions)")
-            if kv and isinstance(c[0], KVCache):
+            if kv:  # converts the float attention layers, once
                 quantize_cache(c, bits=kv >> 8, group_size=kv & 0xFF)
             rows.append(c)
         return batch_cache(rows) if h.batched else rows[0]
@@ -124,6 +127,11 @@ class LeadModel(nn.Module):
         self._group, self._watchdog = group, watchdog
         self._rows = Rows()
         self._stopped = False
+        self._own_cache = getattr(model, "make_cache", None)  # a hybrid's mix of KV and recurrent caches
+
+    def make_cache(self) -> list:
+        """Caches for rank 0's layers (each other rank makes its own alike)."""
+        return self._own_cache() if self._own_cache is not None else [KVCache() for _ in self.layers]
 
     @property
     def layers(self):

@@ -103,7 +103,8 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
     async def run(request: HttpRequest, chat: bool):
         req = parse_request(await body_of(request), chat=chat, model_ids=model_ids, max_tokens_limit=max_tokens_limit)
         try:
-            ids = prompt_tokens(tokenizer, req.prompt, enable_thinking=req.enable_thinking, tools=req.tools)
+            ids = prompt_tokens(tokenizer, req.prompt, enable_thinking=req.enable_thinking, tools=req.tools,
+                                chat_template_kwargs=req.template_kwargs)
         except Qwen3MLXError as e:
             raise ApiError(400, str(e)) from None
         if not ids:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..generate import tidy_segments
+from ..errors import Qwen3MLXError
+from ..generate import TEMPLATE_ARGUMENTS, refuse_media, tidy_segments
 from ..tools import parse_tool_calls
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -50,6 +51,10 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
+        try:
+            refuse_media(content, where)
+        except Qwen3MLXError as e:
+            raise ApiError(400, str(e), param="messages") from None
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
@@ -110,6 +115,7 @@ class Request:
     tools: list[dict] | None
     enable_thinking: bool
     response_format: dict | None = None
+    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs besides enable_thinking
 
 
 def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int) -> Request:
@@ -164,6 +170,10 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
     enable_thinking = kwargs.get("enable_thinking", True)
     if not isinstance(enable_thinking, bool):
         raise ApiError(400, "'chat_template_kwargs.enable_thinking' must be a boolean", param="chat_template_kwargs")
+    template_kwargs = {k: v for k, v in kwargs.items() if k != "enable_thinking"}
+    taken = sorted(set(template_kwargs) & TEMPLATE_ARGUMENTS)
+    if taken:
+        raise ApiError(400, f"'chat_template_kwargs' cannot set {', '.join(taken)}", param="chat_template_kwargs")
     tools = _get(body, "tools", (list,))
     if tools is not None and not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
         raise ApiError(400, "'tools' must be a list of {type: function, function: {...}} objects", param="tools")
@@ -177,7 +187,7 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
         raise ApiError(400, "thinking_budget cannot be combined with a JSON response_format yet (the budget's "
                             "closing text would precede the JSON)", param="thinking_budget")
     return Request(chat, prompt, options, stream, bool(stream_options.get("include_usage")), stop or [], tools,
-                   enable_thinking, fmt)
+                   enable_thinking, fmt, template_kwargs)
 
 
 def completion_id(chat: bool) -> str:
@@ -319,7 +329,8 @@ CHAT_REQUEST_SCHEMA = {
         "response_format": {"type": "object", "properties": {
             "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
             "json_schema": {"type": "object"}}},
-        "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}}},
+        "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}},
+                                 "additionalProperties": True},
         "thinking_budget": {"type": "integer", "minimum": 0},
     },
 }
