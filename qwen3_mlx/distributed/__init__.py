@@ -19,7 +19,6 @@ import mlx.core as mx
 from .group import DistributedError, Watchdog, check_same, fingerprint, init, launched, lost
 
 PARALLEL = ("pipeline", "tensor")
-HYBRID = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")  # pipeline only
 SPLIT_CONTEXT = 4096  # KV cache positions the memory split reserves per layer (the planner's default)
 
 
@@ -61,10 +60,6 @@ def layer_file_bytes(model_path, n_layers: int) -> tuple[list[int], int]:
     return layers, other
 
 
-def _layers(config) -> int:
-    return (config.get("text_config") or config)["num_hidden_layers"]  # a Qwen3.5 VL config: its text part
-
-
 def split_by_memory(model_path, config, capacities: list[float]) -> list[int]:
     """Layers per rank from the bytes on disk and what each layer caches (keys and values of SPLIT_CONTEXT
     positions, or a linear layer's fixed state): the split `qwen3-mlx fit --hosts` predicts for the same model
@@ -81,7 +76,9 @@ def split_by_memory(model_path, config, capacities: list[float]) -> list[int]:
 
 def pipeline_split(group, model_path, config, split: list[int] | None) -> list[tuple[int, int]]:
     """(start, end) layers per rank: `split` (layers per rank) as given, else by each rank's memory."""
-    n, L = group.size(), _layers(config)
+    from ..fit import layer_kinds
+
+    n, L = group.size(), len(layer_kinds(config))  # layer_kinds reads a Qwen3.5 VL config's text part
     if split is not None:
         if len(split) != n or sum(split) != L or min(split) < 1:
             raise DistributedError(
@@ -135,11 +132,6 @@ def load(path_or_repo, *, parallel: str = "pipeline", split: list[int] | None = 
     rank = group.rank()
     model_path = resolve_model_path(path_or_repo)
     config = load_config(model_path)
-    model_type = config.get("model_type")
-    if model_type not in ("qwen3", "qwen3_moe") + HYBRID:
-        raise DistributedError(f"running {model_type} across ranks is not supported")
-    if parallel == "tensor" and model_type in HYBRID:
-        raise DistributedError(f"--parallel tensor is for qwen3_moe; run {model_type} with --parallel pipeline")
     try:
         if parallel == "pipeline":
             from . import pipeline

@@ -42,6 +42,9 @@ def shard(group):
 
     def narrow(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         args = model.args
+        if hasattr(model, "make_cache"):  # the hybrids: recurrent layers whose state would need splitting too
+            raise DistributedError(f"--parallel tensor is for qwen3_moe; run {args.model_type} with --parallel "
+                                   "pipeline")
         if not getattr(args, "num_experts", 0):
             raise DistributedError(f"--parallel tensor splits MoE experts, and {args.model_type} has none: "
                                    "use --parallel pipeline")

@@ -200,10 +200,7 @@ def plan_export(
         for i in infos.values():
             counts[i.dtype] = counts.get(i.dtype, 0) + i.nbytes
         dtype = _ST_TO_NAME[max(counts, key=counts.get)]
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise QuantizeError(f"unsupported dtype {dtype!r} (use bfloat16, float16 or float32)")
-        dtype = DTYPE_NAMES[dtype]
+    dtype = resolve_dtype(dtype)
 
     quantization, modules, float_shapes = plan_model(config, spec, dtype)
     tied = bool(config.get("tie_word_embeddings", False))
@@ -250,6 +247,15 @@ def plan_export(
     plan = Plan(source, config, spec, dtype, quantization, units)
     plan.shards = _split(units, parse_size(max_shard_size))
     return plan
+
+
+def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
+    """`--dtype` by name ("bfloat16", "float16", "float32") or as an MLX dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise QuantizeError(f"unsupported dtype {dtype!r} (use bfloat16, float16 or float32)")
+        return DTYPE_NAMES[dtype]
+    return dtype
 
 
 def _split(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
@@ -330,6 +336,51 @@ def _refuse_overlap(source: Path, out: Path) -> None:
         raise QuantizeError(f"the output folder {out} is inside the source {source}; choose a folder outside it")
 
 
+def write_folder(source: Path, out: Path, shards: list[list[Unit]], write_unit: Callable[[Unit, ShardWriter], None],
+                 config: dict[str, Any], log: Callable[[str], None] | None) -> list[Path]:
+    """Write an export's shards (each unit's tensors by `write_unit`), index, config.json and the source's support
+    files into a hidden folder beside `out`, then swap it in (an existing `out` goes only once the new one is
+    complete; an interrupted run leaves nothing at `out`). Returns the shard files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    old_limit = mx.set_cache_limit(CHUNK_BYTES * 4)  # freed row blocks must not pile up in MLX's cache
+    try:
+        weight_map: dict[str, str] = {}
+        files = []
+        for i, units in enumerate(shards):
+            name = shard_name(i, len(shards))
+            with ShardWriter(tmp / name, [t for u in units for t in u.outputs], SHARD_METADATA) as writer:
+                for u in units:
+                    write_unit(u, writer)
+                    for t in u.outputs:
+                        weight_map[t.name] = name
+            files.append(out / name)
+        total = sum(u.nbytes for units in shards for u in units)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for w in _copy_support_files(source, tmp):
+            if log:
+                log(f"warning: {w}")
+        if out.exists():  # --force: swap in the finished folder, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        mx.set_cache_limit(old_limit)
+        mx.clear_cache()
+    return files
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -353,11 +404,6 @@ def convert(
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
     plan = plan_export(src, spec, dtype=dtype, max_shard_size=max_shard_size)
     _refuse_overlap(plan.source, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     total, done = plan.source_bytes, 0
 
     def advance(n: int) -> None:
@@ -366,39 +412,8 @@ def convert(
         if progress:
             progress(done, total)
 
-    old_limit = mx.set_cache_limit(CHUNK_BYTES * 4)  # freed row blocks must not pile up in MLX's cache
-    try:
-        n = len(plan.shards)
-        weight_map: dict[str, str] = {}
-        files = []
-        with Reader() as reader:
-            for i, units in enumerate(plan.shards):
-                name = shard_name(i, n)
-                with ShardWriter(tmp / name, [t for u in units for t in u.outputs], SHARD_METADATA) as writer:
-                    for u in units:
-                        _write_unit(u, reader, writer, plan.dtype, advance)
-                        for t in u.outputs:
-                            weight_map[t.name] = name
-                files.append(out / name)
-        index = {"metadata": {"total_size": plan.weight_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        config = export_config(plan.config, plan.quantization, plan.dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for w in _copy_support_files(plan.source, tmp):
-            if log:
-                log(f"warning: {w}")
-        if out.exists():  # --force: swap in the finished folder, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        mx.set_cache_limit(old_limit)
-        mx.clear_cache()
+    with Reader() as reader:
+        files = write_folder(plan.source, out, plan.shards, lambda u, w: _write_unit(u, reader, w, plan.dtype, advance),
+                             export_config(plan.config, plan.quantization, plan.dtype), log)
     size = sum(f.stat().st_size for f in files)
     return ConvertResult(out, plan, files, size, time.perf_counter() - t0)

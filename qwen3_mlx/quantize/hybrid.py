@@ -12,19 +12,16 @@ mlx-lm's vision-language layout (`model_type` qwen3_5 / qwen3_5_moe with `text_c
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..errors import ModelLoadError
-from ..loader import WEIGHT_INDEX, load_config, load_weights, resolve_model_path
+from ..loader import check_weights, load_config, load_weights, resolve_model_path
 from ..models import build_model
-from .convert import Unit
+from .convert import CHUNK_BYTES, Unit, _layer_key, _refuse_overlap, _split, resolve_dtype, write_folder
 from .recipes import QuantizeError, QuantSpec
 from .safetensors_io import OutTensor, ShardWriter, parse_size
 
@@ -40,9 +37,6 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
     """Quantize the hybrid checkpoint `src` (HF or VL layout) into the MLX folder `out`, in bounded memory;
     returns `out`. `dtype`: of scales and float tensors (default: the source's). `progress(done, total)` gets
     output bytes written."""
-    from .convert import (CHUNK_BYTES, DTYPE_NAMES, SHARD_METADATA, _copy_support_files, _layer_key,
-                          _refuse_overlap, _split, shard_name)
-
     spec = spec or QuantSpec()
     if spec.recipe != "uniform":
         raise QuantizeError("hybrid models are exported with the uniform recipe only (for now)")
@@ -54,20 +48,12 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
     if out.exists() and not force:
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
     _refuse_overlap(source, out)
-    if isinstance(dtype, str):
-        if dtype not in DTYPE_NAMES:
-            raise QuantizeError(f"unsupported dtype {dtype!r} (use bfloat16, float16 or float32)")
-        dtype = DTYPE_NAMES[dtype]
-    dtype = dtype or _source_dtype(source)
     model = build_model(config)  # lazy: the plan of every output tensor, nothing materialised
-    floats = dict(tree_flatten(model.parameters()))
     # Every source tensor as ours (sanitize's renames, conv transposes, folded norms, stacked experts): still
     # lazy, each read from disk only when its turn comes.
     lazy = model.sanitize(load_weights(source))
-    missing, extra = sorted(set(floats) - set(lazy)), sorted(set(lazy) - set(floats))
-    if missing or extra:
-        raise ModelLoadError(f"{source}: " + (f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}")
-                             + f" (and {len(missing) + len(extra) - 1} more)" * (len(missing) + len(extra) > 1))
+    check_weights(model, lazy)
+    dtype = resolve_dtype(dtype) if dtype is not None else _source_dtype(lazy)
     per_layer = {}
     L, tied = model.args.num_hidden_layers, bool(model.args.tie_word_embeddings)
 
@@ -91,58 +77,34 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
                                            getattr(modules[path], "group_size", 0)))
         unit.outputs.append(OutTensor(mlx_lm_name(name, vl), out_dtype, tuple(p.shape)))
     ordered = [units[k] for k in sorted(units, key=_layer_key)]
-    shards = _split(ordered, parse_size(max_shard_size))
     total, done = sum(u.nbytes for u in ordered), 0
     quantization = {"group_size": spec.group_size, "bits": spec.bits, "mode": "affine",
                     **{mlx_lm_name(k, vl): v for k, v in sorted(per_layer.items())}}
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    old_limit = mx.set_cache_limit(CHUNK_BYTES * 4)  # freed blocks must not pile up in MLX's cache
-    try:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = shard_name(i, len(shards))
-            with ShardWriter(tmp / name, [t for u in shard for t in u.outputs], SHARD_METADATA) as writer:
-                for u in shard:
-                    _write_module(u, lazy, writer, vl)
-                    weight_map.update((t.name, name) for t in u.outputs)
-                    done += u.nbytes
-                    if progress:
-                        progress(done, total)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / WEIGHT_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(mlx_lm_layout(config, quantization)[0], indent=2) + "\n")
-        for w in _copy_support_files(source, tmp):
-            if log:
-                log(f"warning: {w}")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        mx.set_cache_limit(old_limit)
-        mx.clear_cache()
+
+    def write(unit: Unit, writer: ShardWriter) -> None:
+        nonlocal done
+        _write_module(unit, lazy, writer)
+        done += unit.nbytes
+        if progress:
+            progress(done, total)
+
+    write_folder(source, out, _split(ordered, parse_size(max_shard_size)), write,
+                 mlx_lm_layout(config, quantization)[0], log)
     return out
 
 
-def _write_module(unit: Unit, lazy: dict[str, mx.array], writer: ShardWriter, vl: bool) -> None:
+def _write_module(unit: Unit, lazy: dict[str, mx.array], writer: ShardWriter) -> None:
     """One module's output tensors. A quantized module's source weight is read once (then dropped from `lazy`)
     and quantized a row block at a time, stacked experts as rows of one matrix; anything else is cast."""
-    from .convert import CHUNK_BYTES
-
-    outs = {t.name.rsplit(".", 1)[1]: t for t in unit.outputs}
-    ours = {param: f"{unit.path}.{param}" for param in outs}  # our names; `t.name` is mlx-lm's (`vl`)
+    outs = {t.name.rsplit(".", 1)[1]: t for t in unit.outputs}  # `t.name` is mlx-lm's; `lazy` has ours
     for param, t in outs.items():
         if param not in ("weight", "scales", "biases") or not unit.bits:
-            x = lazy.pop(ours[param]).astype(t.dtype)
+            x = lazy.pop(f"{unit.path}.{param}").astype(t.dtype)
             mx.eval(x)
             writer.write(t.name, 0, x)
     if not unit.bits:
         return
-    w = lazy.pop(ours["weight"])
+    w = lazy.pop(f"{unit.path}.weight")
     mx.eval(w)  # the source tensor in its own dtype: the largest one bounds the export's memory
     rows = w.reshape(-1, w.shape[-1])  # [experts * out, in]: quantization groups run along the last axis
     step = max(1, CHUNK_BYTES // (4 * rows.shape[-1]))
@@ -153,14 +115,12 @@ def _write_module(unit: Unit, lazy: dict[str, mx.array], writer: ShardWriter, vl
         mx.eval(list(pieces.values()))
         for param, piece in pieces.items():
             writer.write(outs[param].name, r0 * (piece.nbytes // x.shape[0]), piece)
-    del w, rows
 
 
-def _source_dtype(source: Path) -> mx.Dtype:
-    from ..loader import load_weights
-
+def _source_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
+    """The floating dtype holding most of the source's bytes (what scales and float tensors are written in)."""
     counts: dict = {}
-    for w in load_weights(source).values():
+    for w in weights.values():
         if w.dtype in (mx.float32, mx.float16, mx.bfloat16):
             counts[w.dtype] = counts.get(w.dtype, 0) + w.nbytes
     return max(counts, key=counts.get) if counts else mx.bfloat16

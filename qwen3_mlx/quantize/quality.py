@@ -119,7 +119,7 @@ class _SanitizedWeights:
 
     def get(self, name: str, r0: int = 0, r1: int | None = None) -> mx.array:
         if self._last is None or self._last[0] != name:
-            self._last = None
+            self._last = None  # let the previous tensor go before the next one is read
             keep = name.startswith(("model.embed_tokens.", "lm_head."))
             a = self.lazy[name] if keep else self.lazy.pop(name)
             mx.eval(a)
