@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .errors import Qwen3MLXError
 from .generate import GenerationResponse, prompt_tokens, stream_generate, tidy_segments
-from .models.cache import make_cache, truncate_cache
+from .models.cache import make_cache, reusable_prefix, truncate_cache
+from .options import GenerationOptions, as_options
 
 SAVE_FORMAT = "qwen3-mlx-chat/1"
 
@@ -37,37 +38,20 @@ class TurnStats:
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class ChatSession:
     """Conversation state (messages, mode, options) and the KV cache reused across turns."""
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        system: str | None = None,
-        enable_thinking: bool = True,
-        thinking_budget: int | None = None,
-        chat_template_kwargs: dict | None = None,
-        **options,
-    ):
+    def __init__(self, model, tokenizer, system: str | None = None, options: GenerationOptions | None = None,
+                 **overrides):
+        """`options` (or keyword `overrides`) apply to every turn; `/think`, `/budget` replace them."""
         self.model, self.tokenizer = model, tokenizer
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # e.g. {"preserve_thinking": True}
         self.system = system
-        self.enable_thinking = enable_thinking
-        self.thinking_budget = thinking_budget
-        self.options = options  # max_tokens and sampling options for stream_generate
+        self.options = as_options(options, overrides).validate(getattr(model, "args", None))
         self.messages: list[dict] = []
         self.cache = make_cache(model)
         # With a draft model (speculative decoding) its cache is reused across turns too, trimmed alike.
-        self.draft_cache = make_cache(options["draft_model"]) if options.get("draft_model") is not None else None
+        draft = self.options.draft_model
+        self.draft_cache = make_cache(draft) if draft is not None else None
         self.cached_tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
         self.history: list[TurnStats] = []
         self.last_reasoning = ""
@@ -87,8 +71,8 @@ class ChatSession:
         data = {
             "format": SAVE_FORMAT,
             "system": self.system,
-            "enable_thinking": self.enable_thinking,
-            "thinking_budget": self.thinking_budget,
+            "enable_thinking": self.options.enable_thinking,
+            "thinking_budget": self.options.thinking_budget,
             "messages": self.messages,
         }
         try:
@@ -117,9 +101,9 @@ class ChatSession:
         elif "system" in data:
             self.system = data["system"]
         if isinstance(data.get("enable_thinking"), bool):
-            self.enable_thinking = data["enable_thinking"]
+            self.options = self.options.replace(enable_thinking=data["enable_thinking"])
         if "thinking_budget" in data and (data["thinking_budget"] is None or isinstance(data["thinking_budget"], int)):
-            self.thinking_budget = data["thinking_budget"]
+            self.options = self.options.replace(thinking_budget=data["thinking_budget"])
         self.messages = messages
         self.last_reasoning = ""
 
@@ -128,9 +112,9 @@ class ChatSession:
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         """Render `messages` (with the generation prompt), trim the cache to the longest common prefix with it and
         return (all prompt ids, number reused). At least one token is always left to prefill."""
-        ids = prompt_tokens(self.tokenizer, messages, enable_thinking=self.enable_thinking,
-                            chat_template_kwargs=self.chat_template_kwargs)
-        reused = truncate_cache(self.cache, min(common_prefix_length(self.cached_tokens, ids), len(ids) - 1))
+        ids = prompt_tokens(self.tokenizer, messages, enable_thinking=self.options.enable_thinking,
+                            chat_template_kwargs=self.options.chat_template_kwargs)
+        reused = truncate_cache(self.cache, reusable_prefix(self.cached_tokens, ids))
         if self.draft_cache is not None:
             if truncate_cache(self.draft_cache, reused) < reused:  # the draft holds less: both start there
                 reused = truncate_cache(self.cache, self.draft_cache[0].offset)
@@ -153,22 +137,14 @@ class ChatSession:
         t_start = time.perf_counter()
         t_answer = None
         stats.finish_reason = "interrupted"
-        options = dict(self.options)
-        if options.get("seed") is not None:
+        options = self.options
+        if options.seed is not None:
             # Each turn its own random stream (a fixed seed per call would replay the same one every turn),
             # still reproducible for the whole conversation.
-            options["seed"] += len(self.history) - 1
+            options = options.replace(seed=options.seed + len(self.history) - 1)
         try:
-            for r in stream_generate(
-                self.model,
-                self.tokenizer,
-                ids[reused:],
-                prompt_cache=self.cache,
-                **({"draft_cache": self.draft_cache} if self.draft_cache is not None else {}),
-                enable_thinking=self.enable_thinking,
-                thinking_budget=self.thinking_budget,
-                **options,
-            ):
+            for r in stream_generate(self.model, self.tokenizer, ids[reused:], options, prompt_cache=self.cache,
+                                     draft_cache=self.draft_cache):
                 generated.append(r.token)
                 if r.segment == "reasoning":
                     reasoning.append(r.text)

@@ -18,7 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import Qwen3MLXError
-from .models.cache import KVCache, QuantizedKVCache, RecurrentCache, truncate_cache
+from .models.cache import (KVCache, QuantizedKVCache, RecurrentCache, common_prefix_length, reusable_prefix,
+                           truncate_cache)
 
 FORMAT = "qwen3-mlx-prompt-cache/1"
 
@@ -44,14 +45,13 @@ class PromptCache:
     def take(self, prompt: list[int]) -> tuple[list, int]:
         """The cache for `prompt` and how many of its first tokens it holds (all but at least one of them, so
         the generator has a token to feed). Refuses a prompt that does not start with the cached tokens."""
-        n = len(self.tokens)
-        if prompt[:n] != self.tokens:
-            at = next((i for i, (a, b) in enumerate(zip(prompt, self.tokens)) if a != b), min(len(prompt), n))
+        n, at = len(self.tokens), common_prefix_length(prompt, self.tokens)
+        if at < n:
             raise Qwen3MLXError(
                 f"the prompt does not start with the {n} cached tokens (it differs from token {at} on); use the "
                 "same system prompt or document the cache was made from"
             )
-        return self.cache, truncate_cache(self.cache, min(n, len(prompt) - 1))
+        return self.cache, truncate_cache(self.cache, reusable_prefix(self.tokens, prompt))
 
 
 def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], system: str | None = None) -> int:
@@ -128,7 +128,4 @@ def system_prompt_tokens(tokenizer, system: str) -> list[int]:
         [{"role": "system", "content": system}, {"role": "user", "content": "x"}], add_generation_prompt=False))
     alone = tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system}],
                                                            add_generation_prompt=False))
-    n = 0
-    while n < min(len(full), len(alone)) and full[n] == alone[n]:
-        n += 1
-    return alone[:n]
+    return alone[:common_prefix_length(full, alone)]

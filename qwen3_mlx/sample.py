@@ -1,7 +1,9 @@
-"""Sampling: small pure functions on logits [..., vocab].
+"""Sampling: small pure functions on logits [..., vocab], composed by `Sampler` in a fixed order.
 
-Filters return logits with removed tokens set to -inf, in the order transformers applies them
-(penalties, temperature, top-k, top-p, min-p), so a filter can be tested on a hand-written distribution.
+The order is transformers': the constraint's mask, the penalties (presence, repetition), then the filters
+(temperature, top-k, top-p, min-p) and the draw. Each step returns logits with removed tokens set to -inf, so
+it can be tested on a hand-written distribution. A step that needs the tokens so far (a penalty) is a small
+`Processor` that observes them; a new one (logprobs, a tool-call grammar) is one more entry, not a new branch.
 """
 
 from __future__ import annotations
@@ -135,3 +137,75 @@ def sample(logits: mx.array, params: SamplingParams, key: mx.array | None = None
         choice = mx.random.categorical(filter_logits(values, reduced), axis=-1, key=key)  # [B]
         return mx.take_along_axis(candidates, choice[..., None], axis=-1)[..., 0]
     return mx.random.categorical(filter_logits(logits, params), axis=-1, key=key)
+
+
+class Processor:
+    """A logits step with state: `observe` sees each forward's newly generated tokens (an int array), then
+    `__call__` transforms the next logits [1, vocab]."""
+
+    def observe(self, tokens: mx.array) -> None:
+        pass
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        raise NotImplementedError
+
+
+class PresencePenalty(Processor):
+    """`apply_presence_penalty` over the tokens generated so far (a 0/1 mask over the vocabulary)."""
+
+    def __init__(self, vocab: int, penalty: float):
+        self.seen, self.penalty = mx.zeros((vocab,), mx.float32), penalty
+
+    def observe(self, tokens: mx.array) -> None:
+        self.seen = self.seen.at[tokens].maximum(1.0)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        return apply_presence_penalty(logits, self.seen, self.penalty)
+
+
+class RepetitionPenalty(PresencePenalty):
+    """`apply_repetition_penalty` over the prompt's tokens and those generated so far."""
+
+    def __init__(self, vocab: int, penalty: float, prompt: list[int]):
+        super().__init__(vocab, penalty)
+        valid = [t for t in prompt if 0 <= t < vocab]
+        if valid:
+            self.observe(mx.array(valid))
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        return apply_repetition_penalty(logits, self.seen, self.penalty)
+
+
+class Sampler:
+    """One sequence's sampling: its processors (penalties) and its random stream (from `seed`, or MLX's global
+    one without a seed)."""
+
+    def __init__(self, params: SamplingParams, vocab: int, prompt: list[int], seed: int | None = None):
+        self.params = params
+        self.key = mx.random.key(seed) if seed is not None else None
+        self.processors: list[Processor] = []
+        if params.presence_penalty:
+            self.processors.append(PresencePenalty(vocab, params.presence_penalty))
+        if params.repetition_penalty not in (None, 1.0):
+            self.processors.append(RepetitionPenalty(vocab, params.repetition_penalty, prompt))
+
+    def next_key(self) -> mx.array | None:
+        """The key of the next draw (None: MLX's global random state)."""
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def __call__(self, logits: mx.array, fed, n_generated: int, mask: mx.array | None = None) -> mx.array:
+        """The next token [1] from the last position's logits [1, vocab] of a forward that fed `fed` (token list
+        or array), whose last `n_generated` are output; `mask` (a constraint's, additive) is applied first."""
+        if n_generated and self.processors:
+            new = (mx.array(fed) if isinstance(fed, list) else fed.reshape(-1))[-n_generated:]
+            for p in self.processors:
+                p.observe(new)
+        logits = logits.astype(mx.float32)
+        if mask is not None:
+            logits = logits + mask
+        for p in self.processors:
+            logits = p(logits)
+        return sample(logits, self.params, self.next_key())

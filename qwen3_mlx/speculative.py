@@ -24,11 +24,11 @@ from .models.cache import make_cache, truncate_cache
 from .sample import filter_logits
 
 
-def check_draft(model, draft, tokenizer=None, draft_tokenizer=None) -> None:
-    """Refuse a draft that cannot propose the target's tokens: another vocabulary or tokenizer."""
-    if draft.args.vocab_size != model.args.vocab_size:
-        raise Qwen3MLXError(f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the target's "
-                            f"({model.args.vocab_size})")
+def check_draft(args, draft_args, tokenizer=None, draft_tokenizer=None) -> None:
+    """Refuse a draft (its `ModelArgs`, and tokenizer when given) that cannot propose the target's tokens."""
+    if draft_args.vocab_size != args.vocab_size:
+        raise Qwen3MLXError(f"the draft model's vocabulary ({draft_args.vocab_size}) differs from the target's "
+                            f"({args.vocab_size})")
     if tokenizer is not None and draft_tokenizer is not None and tokenizer.to_json() != draft_tokenizer.to_json():
         raise Qwen3MLXError("the draft model's tokenizer differs from the target's: its tokens would mean other text")
 
@@ -61,29 +61,18 @@ def accept_drafts(p: np.ndarray, q: np.ndarray, drafts: list[int], u: np.ndarray
 class Speculator:
     """The draft side of one generation and the verification of its proposals (see the module docstring)."""
 
-    def __init__(self, model, draft, seq, num_draft: int, draft_cache: list | None = None):
-        if num_draft < 1:
-            raise Qwen3MLXError(f"num_draft must be at least 1, got {num_draft}")
-        p = seq.sampler.params
-        if p.presence_penalty or p.repetition_penalty not in (None, 1.0):
-            raise Qwen3MLXError("a draft model cannot be combined with presence or repetition penalties yet")
-        if seq.constraint is not None:
-            raise Qwen3MLXError("a draft model cannot be combined with a response_format constraint yet")
-        self.model, self.draft, self.seq, self.k = model, draft, seq, num_draft
-        self.dcache = draft_cache if draft_cache is not None else make_cache(draft)
+    def __init__(self, model, seq, draft_cache: list | None = None):
+        self.model, self.draft, self.seq, self.k = model, seq.options.draft_model, seq, seq.options.num_draft
+        self.dcache = draft_cache if draft_cache is not None else make_cache(self.draft)
         if min((c.offset for c in self.dcache), default=0) < seq.base:
             raise Qwen3MLXError("the draft's cache must hold the tokens the prompt cache holds")
         truncate_cache(self.dcache, seq.base)
-        self.params = p
-        self.greedy = p.temperature == 0
+        self.params = seq.sample.params
+        self.greedy = self.params.temperature == 0
         self.proposed = self.accepted = 0
 
     def _uniforms(self, n: int) -> np.ndarray:
-        key = self.seq.sampler.key
-        if key is not None:
-            self.seq.sampler.key, sub = mx.random.split(key)
-            return np.array(mx.random.uniform(shape=(n,), key=sub))
-        return np.array(mx.random.uniform(shape=(n,)))
+        return np.array(mx.random.uniform(shape=(n,), key=self.seq.sample.next_key()))
 
     def round(self) -> list[int]:
         """One draft-and-verify round after the taken tokens so far; returns the tokens it produces (the kept
@@ -102,7 +91,7 @@ class Speculator:
             else:
                 qi = _probs(logits, self.params)
                 q.append(qi)
-                d = mx.random.categorical(mx.log(qi), axis=-1, key=self._split())
+                d = mx.random.categorical(mx.log(qi), axis=-1, key=self.seq.sample.next_key())
             drafts.append(d)
             x = d
         proposal = mx.concatenate(drafts)  # [k]
@@ -129,13 +118,6 @@ class Speculator:
             self.model.fill(mx.array((tokens + out[:j])[held - seq.base :])[None], cache)
         truncate_cache(dcache, min(dcache[0].offset, T + 1 + j))
         return out
-
-    def _split(self):
-        key = self.seq.sampler.key
-        if key is None:
-            return None
-        self.seq.sampler.key, sub = mx.random.split(key)
-        return sub
 
     def settle(self) -> None:
         """Leave both caches holding every token handed out but the last, as plain generation leaves its

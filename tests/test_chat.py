@@ -13,7 +13,8 @@ import pexpect
 import pytest
 from test_generate import END_THINK, IM_END, THINK, ScriptedModel
 
-from qwen3_mlx.chat import ChatSession, common_prefix_length
+from qwen3_mlx.chat import ChatSession
+from qwen3_mlx.models.cache import common_prefix_length
 from qwen3_mlx.loader import load
 from qwen3_mlx.tokenizer import Tokenizer
 
@@ -112,7 +113,7 @@ def test_save_load_roundtrip(tiny, tmp_path):
     session.save(tmp_path / "c.json")
     other = ChatSession(tiny.model, tiny.tokenizer)
     other.load(tmp_path / "c.json")
-    assert other.conversation() == session.conversation() and other.thinking_budget == 7
+    assert other.conversation() == session.conversation() and other.options.thinking_budget == 7
     (tmp_path / "bad.json").write_text('{"messages": [{"role": "wizard"}]}')
     with pytest.raises(Exception, match="does not hold a conversation"):
         other.load(tmp_path / "bad.json")

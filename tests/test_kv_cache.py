@@ -184,6 +184,7 @@ def test_the_server_engine_batches_quantized_caches_exactly_as_generate_alone(tm
 
     from qwen3_mlx.generate import generate, prompt_tokens
     from qwen3_mlx.loader import load
+    from qwen3_mlx.options import GenerationOptions
     from qwen3_mlx.server.engine import Engine, Job
 
     save_checkpoint(tmp_path, dense_config(vocab_size=REAL_VOCAB, head_dim=64, hidden_size=128), tokenizer=True)
@@ -194,9 +195,9 @@ def test_the_server_engine_batches_quantized_caches_exactly_as_generate_alone(tm
     expected = [generate(model, tokenizer, p, **o, **kv).tokens for p, o in zip(prompts, options)]
 
     async def run():
-        engine = Engine(model, tokenizer, max_concurrency=6, prompt_cache_bytes=0, kv_options=kv)
+        engine = Engine(model, tokenizer, max_concurrency=6, prompt_cache_bytes=0)
         loop = asyncio.get_running_loop()
-        jobs = [Job(prompt_tokens(tokenizer, p, enable_thinking=o["enable_thinking"]), dict(o), loop)
+        jobs = [Job(prompt_tokens(tokenizer, p, enable_thinking=o["enable_thinking"]), GenerationOptions(**o, **kv), loop)
                 for p, o in zip(prompts, options)]
         for j in jobs:
             engine.submit(j)

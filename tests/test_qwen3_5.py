@@ -302,6 +302,7 @@ def test_server_prefix_cache_hits_on_a_hybrid(hybrid_real_vocab):
     import asyncio
 
     from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.options import GenerationOptions
     from qwen3_mlx.server.engine import Engine, Job
 
     model, tokenizer = hybrid_real_vocab
@@ -315,7 +316,7 @@ def test_server_prefix_cache_hits_on_a_hybrid(hybrid_real_vocab):
         loop = asyncio.get_running_loop()
 
         async def one(p):
-            job = Job(prompt_tokens(tokenizer, p, enable_thinking=False), dict(options), loop)
+            job = Job(prompt_tokens(tokenizer, p, enable_thinking=False), GenerationOptions(**options), loop)
             engine.submit(job)
             out = []
             while True:

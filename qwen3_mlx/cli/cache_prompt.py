@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
+from ..options import GenerationOptions
 from .app import app, err, fail
-from .generate import KV_BITS, KV_GROUP, load_for_cli, refuse_distributed
+from .options import load_for_cli, refuse_distributed, with_options
 
 
 @app.command(
@@ -19,6 +20,7 @@ from .generate import KV_BITS, KV_GROUP, load_for_cli, refuse_distributed
         "system prompt)."
     ),
 )
+@with_options("kv_bits", "kv_group_size")
 def cache_prompt(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     prompt_file: Path = typer.Option(..., "--prompt-file", "-f", help="Text file with the prompt to cache."),
@@ -26,8 +28,7 @@ def cache_prompt(
     raw: bool = typer.Option(
         False, "--raw", help="Cache the text as a raw completion prompt, not as a chat's system prompt."
     ),
-    kv_bits: int = KV_BITS,
-    kv_group_size: int = KV_GROUP,
+    options: GenerationOptions = None,
 ):
     import mlx.core as mx
 
@@ -45,15 +46,8 @@ def cache_prompt(
     refuse_distributed("cache-prompt")
     llm, tokenizer = load_for_cli(model)
     tokens = tokenizer.encode(text) if raw else system_prompt_tokens(tokenizer, text)
-    if kv_bits is not None and kv_bits not in (4, 8):
-        fail(f"--kv-bits must be 4 or 8, got {kv_bits}")
-    head_dim = getattr(llm.args, "head_dim", 0)
-    if kv_bits is not None and (kv_group_size not in (32, 64, 128) or head_dim % kv_group_size):
-        fail(f"--kv-group-size must be 32, 64 or 128 and divide head_dim ({head_dim}), got {kv_group_size}")
-    try:
-        cache = make_cache(llm, kv_bits=kv_bits, kv_group_size=kv_group_size)
-    except ValueError as e:
-        fail(str(e))
+    options.validate(llm.args)
+    cache = make_cache(llm, kv_bits=options.kv_bits, kv_group_size=options.kv_group_size)
     with err.status(f"prefilling {len(tokens)} tokens...") as status:
         for i in range(0, len(tokens), 512):
             llm.fill(mx.array(tokens[i : i + 512])[None], cache)

@@ -16,35 +16,10 @@ import typer
 from ..chat import ChatSession
 from ..errors import Qwen3MLXError
 from .app import app, err
-from .generate import (
-    BUDGET,
-    DRAFT,
-    KV_BITS,
-    KV_GROUP,
-    KV_START,
-    MAX_TOKENS,
-    MIN_P,
-    NO_THINK,
-    NUM_DRAFT,
-    PARALLEL,
-    PRESENCE,
-    PROMPT_CACHE,
-    REPETITION,
-    SEED,
-    SPLIT,
-    SYSTEM,
-    TEMPERATURE,
-    TEMPLATE_KWARGS,
-    TOP_K,
-    TOP_P,
-    ReasoningFilter,
-    draft_options,
-    template_kwargs,
-    kv_options,
-    load_for_cli,
-    refuse_distributed,
-    sampling_options,
-)
+from ..options import GenerationOptions
+from .generate import ReasoningFilter
+from .options import (DRAFT, KV, PARALLEL, PROMPT_CACHE, SAMPLING, SPLIT, SYSTEM, THINKING, load_for_cli,
+                      refuse_distributed, with_draft, with_options)
 
 HELP = """commands:
   /think            thinking on for the next turns        /no_think     thinking off
@@ -221,19 +196,17 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
         return False
     if name == "/help":
         term.line(HELP)
-    elif name == "/think":
-        session.enable_thinking = True
-        term.info("thinking on")
-    elif name == "/no_think":
-        session.enable_thinking = False
-        term.info("thinking off")
+    elif name in ("/think", "/no_think"):
+        session.options = session.options.replace(enable_thinking=name == "/think")
+        term.info("thinking on" if name == "/think" else "thinking off")
     elif name == "/budget":
         try:
-            session.thinking_budget = parse_budget(arg)
+            session.options = session.options.replace(thinking_budget=parse_budget(arg))
         except ValueError:
             term.info("usage: /budget N (a whole number of tokens) or /budget off")
             return True
-        term.info(f"thinking budget {session.thinking_budget if session.thinking_budget is not None else 'off'}")
+        budget = session.options.thinking_budget
+        term.info(f"thinking budget {budget if budget is not None else 'off'}")
     elif name == "/system":
         if not arg:
             term.info(f"system prompt: {session.system!r}; usage: /system TEXT")
@@ -255,7 +228,7 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
                 f"{row['generation_tokens']} tokens at {row['generation_tps']:.1f} tok/s, {row['finish_reason']}"
             )
         term.info(
-            f"thinking {'on' if session.enable_thinking else 'off'}, budget {session.thinking_budget}, "
+            f"thinking {'on' if session.options.enable_thinking else 'off'}, budget {session.options.thinking_budget}, "
             f"cache {session.cache[0].offset if session.cache else 0} tokens"
         )
     elif name in ("/save", "/load"):
@@ -274,37 +247,24 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
 
 
 @app.command()
+@with_options(*SAMPLING, *THINKING, *KV, "num_draft")
 def chat(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     system: str = SYSTEM,
-    no_think: bool = NO_THINK,
-    thinking_budget: int = BUDGET,
-    max_tokens: int = MAX_TOKENS,
-    temperature: float = TEMPERATURE,
-    top_p: float = TOP_P,
-    top_k: int = TOP_K,
-    min_p: float = MIN_P,
-    presence_penalty: float = PRESENCE,
-    repetition_penalty: float = REPETITION,
-    seed: int = SEED,
-    kv_bits: int = KV_BITS,
-    kv_group_size: int = KV_GROUP,
-    quantized_kv_start: int = KV_START,
     prompt_cache: Path = PROMPT_CACHE,
     draft_model: str = DRAFT,
-    num_draft: int = NUM_DRAFT,
     parallel: str = PARALLEL,
     split: str = SPLIT,
-    chat_template_kwargs: str = TEMPLATE_KWARGS,
+    options: GenerationOptions = None,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits (/exit under
     mlx.launch, which does not pass Ctrl-D on)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    variables = template_kwargs(chat_template_kwargs)
     term = Terminal(interactive)
     if prompt_cache is not None:
         refuse_distributed("--prompt-cache")
     llm, tokenizer = load_for_cli(model, parallel=parallel, split=split)
+    options = with_draft(options, llm, tokenizer, draft_model)
     cached = None
     if prompt_cache is not None:
         from ..prompt_cache import load_prompt_cache
@@ -315,17 +275,7 @@ def chat(
         if system is not None and system != cached.system:
             raise Qwen3MLXError(f"--system differs from the system prompt {prompt_cache} was made from")
         system = cached.system
-    session = ChatSession(
-        llm,
-        tokenizer,
-        system=system,
-        enable_thinking=not no_think,
-        thinking_budget=thinking_budget,
-        chat_template_kwargs=variables,
-        **sampling_options(max_tokens, temperature, top_p, top_k, min_p, presence_penalty, seed, repetition_penalty),
-        **kv_options(kv_bits, kv_group_size, quantized_kv_start),
-        **draft_options(llm, tokenizer, draft_model, num_draft),
-    )
+    session = ChatSession(llm, tokenizer, system=system, options=options)
     if cached is not None:  # the first turn prefills only what follows the cached system prompt
         session.cache, session.cached_tokens = cached.cache, cached.tokens
     if interactive:

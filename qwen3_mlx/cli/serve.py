@@ -6,8 +6,9 @@ import asyncio
 
 import typer
 
+from ..options import GenerationOptions
 from .app import app, err, fail
-from .generate import KV_BITS, KV_GROUP, KV_START, PARALLEL, SPLIT, kv_options
+from .options import KV, PARALLEL, SPLIT, load_for_cli, with_options
 
 
 @app.command(
@@ -17,6 +18,7 @@ from .generate import KV_BITS, KV_GROUP, KV_START, PARALLEL, SPLIT, kv_options
         "http://127.0.0.1:8080/v1."
     )
 )
+@with_options(*KV)
 def serve(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
@@ -31,36 +33,24 @@ def serve(
     prompt_cache_bytes: int = typer.Option(
         1 << 30, "--prompt-cache-bytes", help="KV cache kept across requests for shared prefixes (0 = off).", min=0
     ),
-    kv_bits: int = KV_BITS,
-    kv_group_size: int = KV_GROUP,
-    quantized_kv_start: int = KV_START,
     parallel: str = PARALLEL,
     split: str = SPLIT,
+    options: GenerationOptions = None,
 ):
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
         fail(f"the server needs FastAPI and uvicorn ({e.name} is missing): pip install 'qwen3-mlx[serve]'")
-    from ..server.app import create_app
-    from .generate import load_for_cli
-
     from ..distributed import launched
+    from ..server.app import create_app
 
     if launched() and max_concurrency > 64:
         fail("--max-concurrency is at most 64 under mlx.launch (sequences in one forward across ranks)")
     loaded, tokenizer = load_for_cli(model, parallel=parallel, split=split)
-    kv = kv_options(kv_bits, kv_group_size, quantized_kv_start)
-    if kv:
-        from ..errors import Qwen3MLXError
-        from ..generate import Sequence
-
-        try:  # a bad value is one line now, not a 400 on every request
-            Sequence(loaded, None, [0], max_tokens=1, **kv)
-        except Qwen3MLXError as e:
-            fail(str(e))
+    options.validate(loaded.args)  # a bad value is one line now, not a 400 on every request
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
-                     max_concurrency=max_concurrency, kv_options=kv,
+                     max_concurrency=max_concurrency, options=options,
                      max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)

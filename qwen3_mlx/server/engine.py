@@ -29,7 +29,8 @@ import mlx.core as mx
 
 from ..errors import Qwen3MLXError
 from ..generate import Sequence, prefill_plan, split_at
-from ..models.cache import batch_cache, make_cache, truncate_cache
+from ..models.cache import batch_cache, make_cache, reusable_prefix, truncate_cache
+from ..options import GenerationOptions
 from .protocol import ApiError
 
 
@@ -51,10 +52,7 @@ class PrefixCache:
         """A cache for `prompt` and how many of its tokens it already holds (at most all but the last)."""
         best, best_len = None, 0
         for i, (tokens, _) in enumerate(self.entries):
-            n = 0
-            limit = min(len(tokens), len(prompt) - 1)
-            while n < limit and tokens[n] == prompt[n]:
-                n += 1
+            n = reusable_prefix(tokens, prompt)
             if n > best_len:
                 best, best_len = i, n
         if best is None:
@@ -73,10 +71,10 @@ class PrefixCache:
 
 @dataclass
 class Job:
-    """One generation: `Sequence` keyword options, and where its responses go."""
+    """One generation: its prompt, its (validated) options, and where its responses go."""
 
-    prompt: Any  # token ids
-    options: dict
+    prompt: list[int]  # token ids
+    options: GenerationOptions
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -109,12 +107,10 @@ class Engine:
     ("done", None) or ("error", ApiError)."""
 
     def __init__(self, model, tokenizer, *, max_queue: int = 64, max_concurrency: int = 8,
-                 prompt_cache_bytes: int = 1 << 30, prefill_step_size: int = 512, prefill_piece: int = 128,
-                 kv_options: dict | None = None):
+                 prompt_cache_bytes: int = 1 << 30, prefill_piece: int = 128):
         self.model, self.tokenizer = model, tokenizer
-        self.kv_options = kv_options or {}  # every request's KV cache: kv_bits, kv_group_size, quantized_kv_start
         self.max_queue, self.max_concurrency = max_queue, max(1, max_concurrency)
-        self.prefill_step_size, self.prefill_piece = prefill_step_size, prefill_piece
+        self.prefill_piece = prefill_piece
         self.prefixes = PrefixCache(prompt_cache_bytes)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._queued = 0  # submitted, not yet running
@@ -175,10 +171,10 @@ class Engine:
 
     def _start(self, job: Job) -> None:
         # The repetition penalty counts the prompt's tokens: a fresh prefill keeps that exact.
-        reuse = job.options.get("repetition_penalty") in (None, 1.0)
+        reuse = job.options.repetition_penalty in (None, 1.0)
         cache, cached = self.prefixes.take(job.prompt, self.model) if reuse else (make_cache(self.model), 0)
         try:
-            seq = Sequence(self.model, self.tokenizer, job.prompt, prompt_cache=cache, **self.kv_options, **job.options)
+            seq = Sequence(self.model, self.tokenizer, job.prompt, job.options, cache)
         except Qwen3MLXError as e:
             job.send("error", ApiError(400, str(e)))
             return
@@ -189,7 +185,7 @@ class Engine:
         seq.base = 0  # the job's prompt includes the cached prefix: token i sits at position i
         job.cached_tokens = cached
         rest = seq.prefill[cached:]
-        plan = split_at(prefill_plan(len(rest), self.prefill_step_size, self.prefill_piece),
+        plan = split_at(prefill_plan(len(rest), job.options.prefill_step_size, self.prefill_piece),
                         [c - cached for c in seq.cuts])
         work = [_Forward(rest[a:b]) for a, b in plan]
         tokens, n_generated, mask = seq.first_input()

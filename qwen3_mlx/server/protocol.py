@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Qwen3MLXError
 from ..generate import TEMPLATE_ARGUMENTS, refuse_media, tidy_segments
+from ..options import GenerationOptions
 from ..tools import parse_tool_calls
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -104,68 +105,47 @@ def parse_messages(raw: Any) -> list[dict]:
 
 @dataclass
 class Request:
-    """A validated request: the prompt (messages or text) and `stream_generate` options."""
+    """A validated request: the prompt (messages or text), its generation options, and how to answer."""
 
     chat: bool
     prompt: Any  # messages (chat) or text (completions)
-    options: dict
+    options: GenerationOptions  # max_tokens not final: see `max_tokens`
+    max_tokens: int | None  # asked for; None: as many as the context and the server's limit allow
     stream: bool
     include_usage: bool
     stop: list[str]
-    tools: list[dict] | None
-    enable_thinking: bool
     response_format: dict | None = None
-    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs besides enable_thinking
 
 
-def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int) -> Request:
-    """Validate a /v1/chat/completions (chat=True) or /v1/completions body."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = _get(body, "model", (str,))
-    if model is not None and model not in model_ids:
-        raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
-                       code="model_not_found")
+# Sampling fields of a request body: (kinds, low, high), validated as OpenAI's API does.
+_NUMBERS = {"temperature": ((int, float), 0, 2), "top_p": ((int, float), 0, 1), "min_p": ((int, float), 0, 1),
+            "presence_penalty": ((int, float), -2, 2), "repetition_penalty": ((int, float), 0, None),
+            "top_k": ((int,), 0, None), "thinking_budget": ((int,), 0, None)}
+
+
+def _prompt(body: dict, chat: bool) -> Any:
     if chat:
-        prompt = parse_messages(body.get("messages"))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
-    fmt = _get(body, "response_format", (dict,))
-    max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
-    if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", (int,), low=1)
-    if max_tokens is not None and max_tokens > max_tokens_limit:
-        raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
-                       param="max_tokens")
-    options: dict[str, Any] = {"max_tokens": max_tokens}  # None: the server fills in what the context allows
-    for name, kinds, low, high in (("temperature", (int, float), 0, 2), ("top_p", (int, float), 0, 1),
-                                   ("min_p", (int, float), 0, 1), ("presence_penalty", (int, float), -2, 2),
-                                   ("repetition_penalty", (int, float), 0, None)):
+        return parse_messages(body.get("messages"))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    return prompt
+
+
+def _options(body: dict, base: GenerationOptions) -> GenerationOptions:
+    """The body's generation fields over the server's own options (its KV cache settings)."""
+    changes: dict[str, Any] = {}
+    for name, (kinds, low, high) in _NUMBERS.items():
         value = _get(body, name, kinds, low=low, high=high)
         if value is not None:
-            options[name] = float(value)
-    if options.get("repetition_penalty") == 0:
+            changes[name] = float(value) if float in kinds else value
+    if changes.get("repetition_penalty") == 0:
         raise ApiError(400, "'repetition_penalty' must be above 0", param="repetition_penalty")
-    top_k = _get(body, "top_k", (int,), low=0)
-    if top_k is not None:
-        options["top_k"] = top_k
     seed = _get(body, "seed", (int,), low=-(2**63), high=2**64 - 1)
     if seed is not None:
-        options["seed"] = seed % 2**64  # MLX's keys are unsigned 64-bit; a negative seed wraps
-    n = _get(body, "n", (int,), 1)
-    if n != 1:
-        raise ApiError(400, "only n = 1 is supported", param="n")
-    budget = _get(body, "thinking_budget", (int,), low=0)
-    if budget is not None:
-        options["thinking_budget"] = budget
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+        changes["seed"] = seed % 2**64  # MLX's keys are unsigned 64-bit; a negative seed wraps
     kwargs = _get(body, "chat_template_kwargs", (dict,), {})
     enable_thinking = kwargs.get("enable_thinking", True)
     if not isinstance(enable_thinking, bool):
@@ -181,13 +161,40 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
         raise ApiError(400, "only tool_choice 'auto' or 'none' is supported", param="tool_choice")
     if body.get("tool_choice") == "none":
         tools = None
-    stream = _get(body, "stream", (bool,), False)
-    stream_options = _get(body, "stream_options", (dict,), {})
-    if fmt is not None and fmt.get("type") not in (None, "text") and budget is not None:
+    return base.replace(enable_thinking=enable_thinking, chat_template_kwargs=template_kwargs, tools=tools, **changes)
+
+
+def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int,
+                  base: GenerationOptions | None = None) -> Request:
+    """Validate a /v1/chat/completions (chat=True) or /v1/completions body; `base`: the server's options."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _get(body, "model", (str,))
+    if model is not None and model not in model_ids:
+        raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
+                       code="model_not_found")
+    prompt = _prompt(body, chat)
+    fmt = _get(body, "response_format", (dict,))
+    max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", (int,), low=1)
+    if max_tokens is not None and max_tokens > max_tokens_limit:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
+                       param="max_tokens")
+    if _get(body, "n", (int,), 1) != 1:
+        raise ApiError(400, "only n = 1 is supported", param="n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+    options = _options(body, base or GenerationOptions())
+    if fmt is not None and fmt.get("type") not in (None, "text") and options.thinking_budget is not None:
         raise ApiError(400, "thinking_budget cannot be combined with a JSON response_format yet (the budget's "
                             "closing text would precede the JSON)", param="thinking_budget")
-    return Request(chat, prompt, options, stream, bool(stream_options.get("include_usage")), stop or [], tools,
-                   enable_thinking, fmt, template_kwargs)
+    stream = _get(body, "stream", (bool,), False)
+    stream_options = _get(body, "stream_options", (dict,), {})
+    return Request(chat, prompt, options, max_tokens, stream, bool(stream_options.get("include_usage")), stop or [],
+                   fmt)
 
 
 def completion_id(chat: bool) -> str:
