@@ -93,6 +93,24 @@ def run_bench(
     Under `mlx.launch`, `model` is spread over the ranks (`parallel`, `split` as in `distributed.load`): rank
     0 returns the document, the other ranks serve its forwards and exit; weight figures are rank 0's share.
     """
+    contexts, kv = check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs,
+                              kv_bits, kv_group_size, draft_model, device, parallel, split)
+    net, config, name, source, ranks = bench_model(model, shape, bits, group_size, seed, max(contexts) + gen_tokens,
+                                                   kv, parallel, split)
+    runners, speculative = bench_runners(net, config, shape, group_size, prefill_step_size, seed, kv, vs,
+                                         draft_model, num_draft)
+    doc = header(net, config, name, source, runners, contexts, gen_tokens, trials, prefill_step_size, kv, vs, ranks,
+                 device)
+    doc["runs"] = sweep(runners, contexts, gen_tokens, trials, config["vocab_size"], seed,
+                        doc["environment"]["device_bandwidth_gbs"], speculative, on_trial)
+    if speculative is not None:
+        doc["speculative"] = {k: v for k, v in speculative.items() if k != "stats"}
+    return doc
+
+
+def check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs, kv_bits, kv_group_size,
+               draft_model, device, parallel, split) -> tuple[list[int], dict]:
+    """The prompt lengths to sweep and the KV cache options; a BenchError now for what would fail later."""
     device_bandwidth_gbs(device)  # an unknown profile fails now, not after the run
     if (model is None) == (shape is None):
         raise BenchError("give a MODEL or --shape (with --random), not both")
@@ -111,16 +129,23 @@ def run_bench(
     contexts = sorted(set(contexts)) if contexts else [prompt_tokens]
     if min(contexts) < 1:
         raise BenchError("contexts must be positive")
-
     from ..distributed import launched
 
-    ranks = None
     if launched():
         if shape is not None or vs is not None or bits is not None or draft_model is not None:
             raise BenchError("under mlx.launch, bench a model folder as it is (no --shape, --bits, --vs or "
                              "--draft-model; make a quantized folder with qwen3-mlx quantize)")
-        from .. import distributed
+    elif parallel is not None or split is not None:
+        raise BenchError("--parallel and --split are for runs under mlx.launch")
+    return contexts, {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
 
+
+def bench_model(model, shape, bits, group_size, seed, max_context, kv, parallel, split):
+    """(model, config with defaults filled in, name, source, ranks): across the ranks, of a random shape, or loaded."""
+    from .. import distributed
+
+    ranks = None
+    if distributed.launched():
         from ..loader import load_config
 
         net, _ = distributed.load(model, parallel=parallel or "pipeline", split=split)
@@ -129,11 +154,9 @@ def run_bench(
             net.quantization = config["quantization"]
         name, source = str(model), str(net.model_path)
         ranks = {"parallel": parallel or "pipeline", "count": net.ranks, "layers": getattr(net, "rank_layers", None)}
-    elif parallel is not None or split is not None:
-        raise BenchError("--parallel and --split are for runs under mlx.launch")
     elif shape is not None:
         name, config = resolve_shape(shape)
-        fit = estimate_fit(config, bits, group_size, max(contexts) + gen_tokens, kv_bits, kv_group_size)
+        fit = estimate_fit(config, bits, group_size, max_context, **kv)
         if not fit.fits:
             gb = 1e9
             raise BenchError(
@@ -146,18 +169,18 @@ def run_bench(
     else:
         net, config = load_bench_model(model, bits, group_size)
         name, source = str(model), str(getattr(net, "model_path", model))
-    config = {**config, **net.args.to_dict()}  # defaults filled in
+    return net, {**config, **net.args.to_dict()}, name, source, ranks
 
-    kv = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
-    tokens = our_tokens(net, prefill_step_size, **kv)
-    runners = [make_runner(OURS, net, config, tokens, **kv)]
+
+def bench_runners(net, config, shape, group_size, prefill_step_size, seed, kv, vs, draft_model, num_draft):
+    """Ours first, then the drafted or mlx-lm's; and the speculative section (None without a draft)."""
+    runners = [make_runner(OURS, net, config, our_tokens(net, prefill_step_size, **kv), **kv)]
     speculative = None
     if draft_model is not None:
         draft, draft_name = draft_for(draft_model, net, config, shape, group_size, seed)
         stats = {"proposed": 0, "accepted": 0}
-        runners.append(make_runner(DRAFTED, net, config, our_tokens(net, prefill_step_size, stats=stats,
-                                                                   draft_model=draft, num_draft=num_draft, **kv),
-                                   **kv))
+        tokens = our_tokens(net, prefill_step_size, stats=stats, draft_model=draft, num_draft=num_draft, **kv)
+        runners.append(make_runner(DRAFTED, net, config, tokens, **kv))
         speculative = {"draft": draft_name, "num_draft": num_draft, "stats": stats}
     if vs == "mlx-lm":
         from .mlx_lm_side import mlx_lm_tokens, mlx_lm_twin
@@ -166,10 +189,15 @@ def run_bench(
         runners.append(
             make_runner(MLX_LM, twin, config, lambda p, n: mlx_lm_tokens(twin, p, n, prefill_step_size, **kv), **kv)
         )
+    return runners, speculative
 
-    quantization = getattr(net, "quantization", None)
+
+def header(net, config, name, source, runners: list[Runner], contexts, gen_tokens, trials, prefill_step_size, kv, vs,
+           ranks, device) -> dict:
+    """The document without its runs: the model, the settings, the environment."""
+    quantization = getattr(net, "quantization", None) or {}
     params = [p for _, p in tree_flatten(net.parameters())]
-    doc = {
+    return {
         "schema": SCHEMA,
         "model": {
             "name": name,
@@ -177,8 +205,8 @@ def run_bench(
             "model_type": config["model_type"],
             # float32 compute; "bfloat16" when a bf16 checkpoint's matmul weights stay bf16 (loader)
             "dtype": "bfloat16" if any(p.dtype == mx.bfloat16 for p in params) else "float32",
-            "bits": (quantization or {}).get("bits"),
-            "group_size": (quantization or {}).get("group_size"),
+            "bits": quantization.get("bits"),
+            "group_size": quantization.get("group_size"),
             "parameters": sum(p.size for p in params),
             "weight_bytes": runners[0].weight_bytes,
             "decode_read_bytes": runners[0].decode_read_bytes,
@@ -190,8 +218,8 @@ def run_bench(
             "trials": trials,
             "warmup": 1,
             "prefill_step_size": prefill_step_size,
-            "kv_bits": kv_bits,
-            "kv_group_size": kv_group_size if kv_bits else None,
+            "kv_bits": kv.get("kv_bits"),
+            "kv_group_size": kv.get("kv_group_size"),
             "sampler": "greedy, eos ignored",
             "generator": "stream_generate",
             "vs": vs,
@@ -201,14 +229,14 @@ def run_bench(
         "environment": environment(device),
         "runs": [],
     }
-    bandwidth = doc["environment"]["device_bandwidth_gbs"]
+
+
+def sweep(runners, contexts, gen_tokens, trials, vocab_size, seed, bandwidth, speculative, on_trial) -> list[dict]:
+    """A run per prompt length: each side's figures with their trials, and ours against the other side."""
+    runs = []
     for ctx in contexts:
-
-        def report(r: Runner, i: int, t: Trial, ctx=ctx):
-            if on_trial:
-                on_trial(r.name, ctx, i, t)
-
-        run_alternated(runners, ctx, gen_tokens, trials, config["vocab_size"], seed, report)
+        report = None if on_trial is None else (lambda r, i, t, ctx=ctx: on_trial(r.name, ctx, i, t))
+        run_alternated(runners, ctx, gen_tokens, trials, vocab_size, seed, report)
         results = {}
         for r in runners:
             summary = r.summary()
@@ -222,13 +250,11 @@ def run_bench(
             stats = speculative["stats"]
             run["ratio"] = ratio_row(results[DRAFTED], results[OURS])
             run["acceptance"] = stats["accepted"] / stats["proposed"] if stats["proposed"] else float("nan")
-            stats.update(proposed=0, accepted=0)
+            stats.update(proposed=0, accepted=0)  # the drafted runner keeps adding to these; each run's own
         elif len(runners) > 1:
             run["ratio"] = ratio_row(results[OURS], results[MLX_LM])
-        doc["runs"].append(run)
-    if speculative is not None:
-        doc["speculative"] = {k: v for k, v in speculative.items() if k != "stats"}
-    return doc
+        runs.append(run)
+    return runs
 
 
 def draft_for(spec: str, net, config: dict, shape: str | None, group_size: int, seed: int):
