@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import kernels
+from ..options import GenerationOptions
 from .harness import FIGURES, Runner, Trial, make_runner, our_tokens, ratio_row, run_alternated
 from .models import (
     BenchError,
@@ -66,12 +67,9 @@ def run_bench(
     trials: int = 2,
     contexts: list[int] | None = None,
     vs: str | None = None,
-    prefill_step_size: int = 512,
     seed: int = 0,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
+    options: GenerationOptions | None = None,
     draft_model: str | None = None,
-    num_draft: int = 3,
     device: str | None = None,
     on_trial: Callable[[str, int, int, Trial], None] | None = None,
     parallel: str | None = None,
@@ -82,8 +80,9 @@ def run_bench(
     Either `model` (folder or repo id) or `shape` (registry name or config.json path, random weights).
     `contexts` sweeps prompt lengths (overrides `prompt_tokens`). `vs="mlx-lm"` adds the same weights in
     mlx-lm's models, trials alternated. `device` names a fit-planner device profile whose bandwidth the
-    effective bandwidth is compared with. `kv_bits`: a quantized KV cache (4 or 8 bits, groups of
-    `kv_group_size`), on both sides with --vs mlx-lm.
+    effective bandwidth is compared with. `options`: those of generation that apply (`kv_bits` and
+    `kv_group_size`, on both sides with --vs mlx-lm; `prefill_step_size`; `num_draft`); the bench itself decodes
+    greedily with eos ignored.
 
     `draft_model`: speculative decoding against plain decoding of the same model, trials alternated: a model
     folder or repo id, or "self-4bit" / "self-8bit" (the target's own quantization, a pair whose agreement is
@@ -93,14 +92,15 @@ def run_bench(
     Under `mlx.launch`, `model` is spread over the ranks (`parallel`, `split` as in `distributed.load`): rank
     0 returns the document, the other ranks serve its forwards and exit; weight figures are rank 0's share.
     """
-    contexts, kv = check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs,
-                              kv_bits, kv_group_size, draft_model, device, parallel, split)
+    options = (options or GenerationOptions()).validate()
+    contexts = check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs, draft_model,
+                          device, parallel, split)
+    kv = {} if options.kv_bits is None else {"kv_bits": options.kv_bits, "kv_group_size": options.kv_group_size}
     net, config, name, source, ranks = bench_model(model, shape, bits, group_size, seed, max(contexts) + gen_tokens,
                                                    kv, parallel, split)
-    runners, speculative = bench_runners(net, config, shape, group_size, prefill_step_size, seed, kv, vs,
-                                         draft_model, num_draft)
-    doc = header(net, config, name, source, runners, contexts, gen_tokens, trials, prefill_step_size, kv, vs, ranks,
-                 device)
+    runners, speculative = bench_runners(net, config, shape, group_size, options, seed, kv, vs, draft_model)
+    doc = header(net, config, name, source, runners, contexts, gen_tokens, trials, options.prefill_step_size, kv, vs,
+                 ranks, device)
     doc["runs"] = sweep(runners, contexts, gen_tokens, trials, config["vocab_size"], seed,
                         doc["environment"]["device_bandwidth_gbs"], speculative, on_trial)
     if speculative is not None:
@@ -108,9 +108,9 @@ def run_bench(
     return doc
 
 
-def check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs, kv_bits, kv_group_size,
-               draft_model, device, parallel, split) -> tuple[list[int], dict]:
-    """The prompt lengths to sweep and the KV cache options; a BenchError now for what would fail later."""
+def check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs, draft_model, device,
+               parallel, split) -> list[int]:
+    """The prompt lengths to sweep; a BenchError now for what would fail later."""
     device_bandwidth_gbs(device)  # an unknown profile fails now, not after the run
     if (model is None) == (shape is None):
         raise BenchError("give a MODEL or --shape (with --random), not both")
@@ -120,8 +120,6 @@ def check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, co
         raise BenchError(f"--vs supports only mlx-lm, not {vs!r}")
     if bits not in (None, 4, 8):
         raise BenchError(f"--bits must be 4, 8 or none, not {bits}")
-    if kv_bits not in (None, 4, 8):
-        raise BenchError(f"--kv-bits must be 4 or 8, not {kv_bits}")
     if draft_model is not None and vs is not None:
         raise BenchError("--draft-model compares with plain decoding; it cannot be combined with --vs")
     if min(prompt_tokens, gen_tokens, trials) < 1 or gen_tokens < 2:
@@ -137,7 +135,7 @@ def check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, co
                              "--draft-model; make a quantized folder with qwen3-mlx quantize)")
     elif parallel is not None or split is not None:
         raise BenchError("--parallel and --split are for runs under mlx.launch")
-    return contexts, {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group_size": kv_group_size}
+    return contexts
 
 
 def bench_model(model, shape, bits, group_size, seed, max_context, kv, parallel, split):
@@ -172,22 +170,22 @@ def bench_model(model, shape, bits, group_size, seed, max_context, kv, parallel,
     return net, {**config, **net.args.to_dict()}, name, source, ranks
 
 
-def bench_runners(net, config, shape, group_size, prefill_step_size, seed, kv, vs, draft_model, num_draft):
+def bench_runners(net, config, shape, group_size, options: GenerationOptions, seed, kv, vs, draft_model):
     """Ours first, then the drafted or mlx-lm's; and the speculative section (None without a draft)."""
-    runners = [make_runner(OURS, net, config, our_tokens(net, prefill_step_size, **kv), **kv)]
+    runners = [make_runner(OURS, net, config, our_tokens(net, options), **kv)]
     speculative = None
     if draft_model is not None:
         draft, draft_name = draft_for(draft_model, net, config, shape, group_size, seed)
         stats = {"proposed": 0, "accepted": 0}
-        tokens = our_tokens(net, prefill_step_size, stats=stats, draft_model=draft, num_draft=num_draft, **kv)
+        tokens = our_tokens(net, options.replace(draft_model=draft), stats)
         runners.append(make_runner(DRAFTED, net, config, tokens, **kv))
-        speculative = {"draft": draft_name, "num_draft": num_draft, "stats": stats}
+        speculative = {"draft": draft_name, "num_draft": options.num_draft, "stats": stats}
     if vs == "mlx-lm":
         from .mlx_lm_side import mlx_lm_tokens, mlx_lm_twin
 
         twin = mlx_lm_twin(net)
         runners.append(
-            make_runner(MLX_LM, twin, config, lambda p, n: mlx_lm_tokens(twin, p, n, prefill_step_size, **kv), **kv)
+            make_runner(MLX_LM, twin, config, lambda p, n: mlx_lm_tokens(twin, p, n, options.prefill_step_size, **kv), **kv)
         )
     return runners, speculative
 
@@ -267,5 +265,5 @@ def draft_for(spec: str, net, config: dict, shape: str | None, group_size: int, 
     from ..speculative import check_draft
 
     draft, _ = load_bench_model(spec, None, group_size)
-    check_draft(net, draft)
+    check_draft(net.args, draft.args)
     return draft, spec

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..fit import kv_bytes_per_token
+from ..options import GenerationOptions
 from .models import decode_read_bytes, weight_bytes
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_gb", "bandwidth_gbs")
@@ -132,17 +133,14 @@ def ratio_row(ours: dict, theirs: dict) -> dict[str, float]:
 # ---- our side --------------------------------------------------------------------------------------------
 
 
-def our_tokens(model: nn.Module, prefill_step_size: int = 512, stats: dict | None = None, **options) -> TokenSource:
-    """Token source of our side: the shared generator (stream_generate), greedy, eos ignored (`options`: its
-    KV cache and draft options; with a draft, each run adds its proposed / accepted counts to `stats`)."""
+def our_tokens(model: nn.Module, options: GenerationOptions, stats: dict | None = None) -> TokenSource:
+    """Token source of our side: the shared generator (stream_generate) with `options` (its KV cache, prefill
+    step and draft), greedy, eos ignored; with a draft, each run adds its proposed / accepted counts to `stats`."""
     from ..generate import stream_generate
 
     def run(prompt, n):
         last = None
-        for last in stream_generate(
-            model, None, prompt, max_tokens=n, temperature=0.0, prefill_step_size=prefill_step_size, ignore_eos=True,
-            **options,
-        ):
+        for last in stream_generate(model, None, prompt, options, max_tokens=n, temperature=0.0, ignore_eos=True):
             yield last.token
         if stats is not None and last is not None:
             stats["proposed"] += last.draft_tokens

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from .app import app, err, out, show_progress
-from .generate import PARALLEL, SPLIT, parse_split
+from ..options import GenerationOptions
+from .options import PARALLEL, SPLIT, parse_split, with_options
 
 
 def _bits(value: str) -> int | None:
@@ -29,6 +30,7 @@ def _contexts(value: str | None) -> list[int] | None:
 
 
 @app.command()
+@with_options("kv_bits", "kv_group_size", "num_draft")
 def bench(
     model: Optional[str] = typer.Argument(None, help="Model folder or Hugging Face repo id."),
     shape: Optional[str] = typer.Option(
@@ -45,18 +47,16 @@ def bench(
     json_file: Optional[str] = typer.Option(None, "--json", help="Write the results here (schema in the README)."),
     plot_file: Optional[str] = typer.Option(None, "--plot", help="PNG of tokens/s per prompt length (needs matplotlib)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache: 4 or 8 bits."),
-    kv_group_size: int = typer.Option(64, "--kv-group-size", help="Values per scale in the quantized KV cache."),
     draft_model: Optional[str] = typer.Option(
         None, "--draft-model", help="Speculative decoding against plain: a model, or self-4bit / self-8bit (the "
         "random target's own quantization)."
     ),
-    num_draft: int = typer.Option(3, "--num-draft", help="Tokens the draft proposes per round.", min=1, max=16),
     device: Optional[str] = typer.Option(
         None, "--device", help="Device profile (see `qwen3-mlx fit`) for the bandwidth share, e.g. m4-pro-48gb."
     ),
     parallel: Optional[str] = PARALLEL,
     split: Optional[str] = SPLIT,
+    options: GenerationOptions = None,
 ) -> None:
     """Measure prefill and decode speed of a model (or a random-weight shape), optionally against mlx-lm."""
     from ..bench import check_output_path, run_bench, save_json, save_plot, table
@@ -92,10 +92,8 @@ def bench(
             seed=seed,
             device=device,
             on_trial=on_trial,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
+            options=options,
             draft_model=draft_model,
-            num_draft=num_draft,
             parallel=parallel,
             split=parse_split(split),
         )

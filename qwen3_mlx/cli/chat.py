@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import typer
 
@@ -18,8 +17,7 @@ from ..errors import Qwen3MLXError
 from .app import app, err
 from ..options import GenerationOptions
 from .generate import ReasoningFilter
-from .options import (DRAFT, KV, PARALLEL, PROMPT_CACHE, SAMPLING, SPLIT, SYSTEM, THINKING, load_for_cli,
-                      refuse_distributed, with_draft, with_options)
+from .options import KV, SAMPLING, SYSTEM, THINKING, ModelSource, load_for_generation, with_options
 
 HELP = """commands:
   /think            thinking on for the next turns        /no_think     thinking off
@@ -247,33 +245,23 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
 
 
 @app.command()
-@with_options(*SAMPLING, *THINKING, *KV, "num_draft")
+@with_options(*SAMPLING, *THINKING, *KV, "num_draft", source=True)
 def chat(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     system: str = SYSTEM,
-    prompt_cache: Path = PROMPT_CACHE,
-    draft_model: str = DRAFT,
-    parallel: str = PARALLEL,
-    split: str = SPLIT,
+    source: ModelSource = None,
     options: GenerationOptions = None,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits (/exit under
     mlx.launch, which does not pass Ctrl-D on)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     term = Terminal(interactive)
-    if prompt_cache is not None:
-        refuse_distributed("--prompt-cache")
-    llm, tokenizer = load_for_cli(model, parallel=parallel, split=split)
-    options = with_draft(options, llm, tokenizer, draft_model)
-    cached = None
-    if prompt_cache is not None:
-        from ..prompt_cache import load_prompt_cache
-
-        cached = load_prompt_cache(prompt_cache, llm)
+    llm, tokenizer, options, cached = load_for_generation(model, options, source)
+    if cached is not None:
         if cached.system is None:
-            raise Qwen3MLXError(f"{prompt_cache} holds a raw prompt (--raw), not a system prompt a chat can start from")
+            raise Qwen3MLXError(f"{source.prompt_cache} holds a raw prompt (--raw), not a system prompt a chat can start from")
         if system is not None and system != cached.system:
-            raise Qwen3MLXError(f"--system differs from the system prompt {prompt_cache} was made from")
+            raise Qwen3MLXError(f"--system differs from the system prompt {source.prompt_cache} was made from")
         system = cached.system
     session = ChatSession(llm, tokenizer, system=system, options=options)
     if cached is not None:  # the first turn prefills only what follows the cached system prompt

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from ..options import GenerationOptions
 from .app import app, err, out
-from .options import (DRAFT, KV, PARALLEL, PROMPT_CACHE, SAMPLING, SPLIT, SYSTEM, THINKING, load_for_cli,
-                      refuse_distributed, with_draft, with_options)
+from .options import KV, SAMPLING, SYSTEM, THINKING, ModelSource, load_for_generation, with_options
 
 
 def format_stats(r) -> str:
@@ -53,7 +50,7 @@ class ReasoningFilter:
 
 
 @app.command()
-@with_options(*SAMPLING, *THINKING, *KV, "num_draft")
+@with_options(*SAMPLING, *THINKING, *KV, "num_draft", source=True)
 def generate(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
@@ -64,10 +61,7 @@ def generate(
         help="Do not print the reasoning. When stdout is not a terminal (a pipe or a file) the reasoning goes to "
         "stderr anyway, so stdout holds only the answer.",
     ),
-    prompt_cache: Path = PROMPT_CACHE,
-    draft_model: str = DRAFT,
-    parallel: str = PARALLEL,
-    split: str = SPLIT,
+    source: ModelSource = None,
     options: GenerationOptions = None,
 ) -> None:
     """Answer one prompt (rendered with the model's chat template), streaming the text.
@@ -77,26 +71,19 @@ def generate(
     """
     from ..generate import stream_generate
 
-    if prompt_cache is not None:
-        refuse_distributed("--prompt-cache")
-    llm, tokenizer = load_for_cli(model, parallel=parallel, split=split)
-    options = with_draft(options, llm, tokenizer, draft_model)
-    cached = None
-    if prompt_cache is not None:
-        from ..prompt_cache import load_prompt_cache
-
-        cached = load_prompt_cache(prompt_cache, llm)
-        system = system if system is not None else cached.system
+    llm, tokenizer, options, cached = load_for_generation(model, options, source)
+    if cached is not None and system is None:
+        system = cached.system
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    source, cache = messages, None
+    rest, cache = messages, None  # what to prefill: the messages, or the tokens after the cached ones
     if cached is not None:
         from ..generate import prompt_tokens
 
         ids = prompt_tokens(tokenizer, messages, enable_thinking=options.enable_thinking,
                             chat_template_kwargs=options.chat_template_kwargs)
         cache, reused = cached.take(ids)
-        source = ids[reused:]
-    last = show_stream(stream_generate(llm, tokenizer, source, options, prompt_cache=cache), hide_thinking)
+        rest = ids[reused:]
+    last = show_stream(stream_generate(llm, tokenizer, rest, options, prompt_cache=cache), hide_thinking)
     if last is not None:
         reason = {"stop": "", "length": " (stopped at --max-tokens)"}.get(last.finish_reason, "")
         err.print(format_stats(last) + reason, markup=False)

@@ -7,6 +7,8 @@ import functools
 import inspect
 import json
 import typing
+from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 
@@ -16,14 +18,6 @@ from .app import err, fail
 
 # Help text is rich markup: a literal "[" must be written "\\[" or rich eats the tag.
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
-DRAFT = typer.Option(
-    None, "--draft-model", help="A small model of the same family proposing tokens for the big one to check "
-    "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B."
-)
-PROMPT_CACHE = typer.Option(
-    None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system prompt "
-    "applies unless --system is given)."
-)
 PARALLEL = typer.Option(
     None, "--parallel", help="Under mlx.launch: 'pipeline' (each rank a block of layers, split by memory) or "
     "'tensor' (MoE: each rank a slice of every expert) \\[default: pipeline]."
@@ -45,6 +39,28 @@ _OTHER_FORMS = {
 THINKING = ("no_think", "thinking_budget", "chat_template_kwargs")
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `generate` and `chat` get their model from (flags added by `with_options(..., source=True)`)."""
+
+    draft_model: str | None = None
+    prompt_cache: Path | None = None
+    parallel: str | None = None
+    split: str | None = None
+
+
+_SOURCE_FLAGS = {
+    "draft_model": (str, typer.Option(
+        None, "--draft-model", help="A small model of the same family proposing tokens for the big one to check "
+        "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B.")),
+    "prompt_cache": (Path, typer.Option(
+        None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system "
+        "prompt applies unless --system is given).")),
+    "parallel": (str, PARALLEL),
+    "split": (str, SPLIT),
+}
+
+
 def _flag(name: str) -> tuple[type, typer.models.OptionInfo]:
     if name in _OTHER_FORMS:
         return _OTHER_FORMS[name]
@@ -62,22 +78,27 @@ def _options(values: dict) -> GenerationOptions:
     return GenerationOptions(**values)
 
 
-def with_options(*names: str):
+def with_options(*names: str, source: bool = False):
     """Give a typer command the flags of these options (field names of `GenerationOptions`, or "no_think",
-    "chat_template_kwargs"); it receives them as one `options: GenerationOptions` argument."""
+    "chat_template_kwargs"); it receives them as one `options: GenerationOptions` argument. With `source`, also
+    the flags of a `ModelSource`, received as `source`."""
+    flags = {n: _flag(n) for n in names} | (_SOURCE_FLAGS if source else {})
+    hidden = ("options", "source")
 
     def wrap(command):
         signature = inspect.signature(command)
-        own = [p for p in signature.parameters.values() if p.name != "options"]
-        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_flag(n)[1], annotation=_flag(n)[0])
-                 for n in names]
+        own = [p for p in signature.parameters.values() if p.name not in hidden]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=flag, annotation=kind)
+                 for n, (kind, flag) in flags.items()]
 
         @functools.wraps(command)
         def run(**kwargs):
+            if source:
+                kwargs["source"] = ModelSource(**{n: kwargs.pop(n) for n in _SOURCE_FLAGS})
             return command(options=_options({n: kwargs.pop(n) for n in names}), **kwargs)
 
         run.__signature__ = signature.replace(parameters=own + added)
-        run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "options"}
+        run.__annotations__ = {k: v for k, v in command.__annotations__.items() if k not in hidden}
         return run
 
     return wrap
@@ -96,15 +117,24 @@ def template_kwargs(text: str | None) -> dict:
     return value
 
 
-def with_draft(options: GenerationOptions, llm, tokenizer, draft_model: str | None) -> GenerationOptions:
-    """`options` with the --draft-model loaded (checked against the target), validated against `llm`."""
-    if draft_model is not None:
+def load_for_generation(model: str, options: GenerationOptions, source: ModelSource):
+    """What `generate` and `chat` start from: the model and tokenizer, `options` with the --draft-model loaded
+    (checked against the target) and validated, and the --prompt-cache file (or None)."""
+    if source.prompt_cache is not None:
+        refuse_distributed("--prompt-cache")
+    llm, tokenizer = load_for_cli(model, parallel=source.parallel, split=source.split)
+    if source.draft_model is not None:
         from ..speculative import check_draft
 
-        draft, draft_tokenizer = load_for_cli(draft_model, local=True)
+        draft, draft_tokenizer = load_for_cli(source.draft_model, local=True)
         check_draft(llm.args, draft.args, tokenizer, draft_tokenizer)
         options = options.replace(draft_model=draft)
-    return options.validate(llm.args)
+    cached = None
+    if source.prompt_cache is not None:
+        from ..prompt_cache import load_prompt_cache
+
+        cached = load_prompt_cache(source.prompt_cache, llm)
+    return llm, tokenizer, options.validate(llm.args), cached
 
 
 def load_for_cli(model: str, *, parallel: str | None = None, split: str | None = None, local: bool = False):
