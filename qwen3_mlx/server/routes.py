@@ -1,0 +1,76 @@
+"""The completion routes' work: a request body to token ids to an engine job, then the job's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from fastapi import Request as HttpRequest
+from fastapi.responses import StreamingResponse
+
+from ..errors import Qwen3MLXError
+from ..generate import prompt_tokens
+from .engine import Engine, Job, QueueFull
+from .grammar import GrammarConstraint, grammar_for
+from .protocol import ApiError, Request, parse_request
+from .streaming import Reply
+
+
+class Completions:
+    """/v1/chat/completions (chat=True) and /v1/completions over one engine."""
+
+    def __init__(self, engine: Engine, model, tokenizer, *, model_id: str, max_tokens_limit: int,
+                 max_body_bytes: int):
+        self.engine, self.model, self.tokenizer, self.model_id = engine, model, tokenizer, model_id
+        self.model_ids = (model_id, Path(model_id).name)
+        self.context = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
+        self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
+        self.markup = (getattr(tokenizer, "think_start_id", None), getattr(tokenizer, "think_end_id", None))
+
+    async def __call__(self, request: HttpRequest, chat: bool):
+        req = parse_request(await self.body_of(request), chat=chat, model_ids=self.model_ids,
+                            max_tokens_limit=self.max_tokens_limit)
+        job = self.job(req, self.prompt_ids(req))
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full") from None
+        reply = Reply(job, req, self.model_id, self.markup)
+        if req.stream:
+            return StreamingResponse(reply.events(), media_type="text/event-stream")
+        return await reply.whole(request)
+
+    async def body_of(self, request: HttpRequest):
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:  # a body sent without its length got past the guard
+            raise ApiError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    def prompt_ids(self, req: Request) -> list[int]:
+        try:
+            ids = prompt_tokens(self.tokenizer, req.prompt, enable_thinking=req.enable_thinking, tools=req.tools,
+                                chat_template_kwargs=req.template_kwargs)
+        except Qwen3MLXError as e:
+            raise ApiError(400, str(e)) from None
+        if not ids:
+            raise ApiError(400, "the prompt is empty")
+        return ids
+
+    # The parsed request's generation options become the engine's here and nowhere else, so that a typed
+    # options object can replace this one function.
+    def job(self, req: Request, ids: list[int]) -> Job:
+        room = self.context - len(ids)
+        asked = req.options["max_tokens"]  # None: as many as the context and the server's limit allow
+        if room < 1 or (asked is not None and asked > room):
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked or 1}) exceeds the model's "
+                                f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
+        options = dict(req.options, max_tokens=min(asked or self.max_tokens_limit, room),
+                       enable_thinking=req.enable_thinking)
+        grammar = grammar_for(req.response_format)
+        if grammar is not None:
+            options["constraint"] = GrammarConstraint(self.tokenizer, grammar, self.model.args.vocab_size)
+        return Job(ids, options, asyncio.get_running_loop())

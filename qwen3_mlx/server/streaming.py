@@ -1,0 +1,154 @@
+"""A job's tokens turned into OpenAI's answer: whole (one JSON object) or streamed (server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator, Iterator
+
+from fastapi import Request as HttpRequest
+
+from .engine import Job
+from .protocol import (ApiError, Request, StopMatcher, ToolStart, chat_message, chunk, completion_id, now,
+                       openai_tool_calls, strip_tool_blocks, usage)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """The answer to one submitted request. `markup`: token ids never streamed as text (the think tags:
+    reasoning goes to reasoning_content without them)."""
+
+    def __init__(self, job: Job, req: Request, model_id: str, markup: tuple = ()):
+        self.job, self.req, self.model_id, self.markup = job, req, model_id, markup
+        self.chat = req.chat
+        self.cid, self.created = completion_id(req.chat), now()
+        self.matcher = StopMatcher(req.stop)
+        self.last = None  # the latest response: its finish reason and token count end the answer
+        self.starts = ToolStart()
+        self.tool_text: list[str] | None = None  # the answer from the first tool call on, parsed at the end
+        self.answer_started = False
+
+    async def responses(self):
+        while True:
+            kind, value = await self.job.out.get()
+            if kind == "token":
+                self.last = value
+                yield value
+            elif kind == "done":
+                return
+            else:
+                raise value
+
+    def finish(self) -> str:
+        return "stop" if self.matcher.hit or self.last is None else self.last.finish_reason or "stop"
+
+    def body(self, kind: str, choices: list) -> dict:
+        used = usage(len(self.job.prompt), self.last.generation_tokens if self.last else 0, self.job.cached_tokens)
+        return {"id": self.cid, "object": kind, "created": self.created, "model": self.model_id, "choices": choices,
+                "usage": used}
+
+    async def whole(self, request: HttpRequest) -> dict:
+        """The whole answer; a client that hangs up before it is ready stops its generation within a token."""
+        async def watch():
+            while not self.job.cancelled.is_set():
+                if await request.is_disconnected():
+                    self.job.cancelled.set()
+                    return
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self._collect()
+        finally:
+            self.job.cancelled.set()
+            watcher.cancel()
+
+    async def _collect(self) -> dict:
+        reasoning, answer = [], []
+        async for r in self.responses():
+            if r.segment == "answer" or not self.chat:
+                answer.append(self.matcher.feed(r.text))
+                if self.matcher.hit:
+                    self.job.cancelled.set()
+                    break
+            else:
+                reasoning.append(r.text)  # chat_message drops the think tags
+        answer.append("" if self.matcher.hit else self.matcher.flush())
+        if not self.chat:
+            choice = {"index": 0, "text": "".join(answer), "finish_reason": self.finish(), "logprobs": None}
+            return self.body("text_completion", [choice])
+        message, has_calls = chat_message("".join(reasoning), "".join(answer), self.req.tools)
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if has_calls else self.finish(),
+                  "logprobs": None}
+        return self.body("chat.completion", [choice])
+
+    def event(self, delta: dict, finish: str | None = None, text: str = "") -> str:
+        return sse(chunk(self.cid, self.model_id, self.created, delta, finish, chat=self.chat, text=text))
+
+    async def events(self) -> AsyncIterator[str]:
+        """The answer as server-sent events; an error mid-generation is the last event before [DONE]."""
+        try:
+            if self.chat:
+                yield self.event({"role": "assistant", "content": ""})
+            try:
+                async for event in self._deltas():
+                    yield event
+            except ApiError as e:
+                yield sse(e.body())
+                yield DONE
+                return
+            for event in self._ending():
+                yield event
+            yield DONE
+        finally:
+            self.job.cancelled.set()  # the client went away, or the stream ended: stop generating
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        async for r in self.responses():
+            if self.chat and r.segment == "reasoning":
+                if r.token not in self.markup and r.text:
+                    yield self.event({"reasoning_content": r.text})
+                continue
+            text = self._sendable(r.text)
+            if text:
+                yield self.event({"content": text}, text=text)
+            if self.matcher.hit:
+                self.job.cancelled.set()
+                break
+
+    def _sendable(self, text: str) -> str:
+        """What of the answer's next text can go out now: a tool call is kept whole for the end, and a possible
+        stop string held back until it is told apart."""
+        if self.tool_text is not None:
+            self.tool_text.append(text)
+            return ""
+        if self.chat:
+            text, call = self.starts.feed(text)
+            if call is not None:
+                self.tool_text = [call]
+            if not self.answer_started:
+                text = text.lstrip("\n")  # the newlines that only follow </think>
+                self.answer_started = bool(text)
+        return self.matcher.feed(text)
+
+    def _ending(self) -> Iterator[str]:
+        tail = "" if self.matcher.hit else self.matcher.feed(self.starts.flush()) + self.matcher.flush()
+        if tail:
+            yield self.event({"content": tail}, text=tail)
+        finish = self.finish()
+        if self.tool_text is not None:
+            calls = openai_tool_calls("".join(self.tool_text), self.req.tools)
+            rest = strip_tool_blocks("".join(self.tool_text))
+            if rest:
+                yield self.event({"content": rest})
+            if calls:
+                yield self.event({"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]})
+                finish = "tool_calls"
+        yield self.event({}, finish)
+        if self.req.include_usage:
+            yield sse(self.body("chat.completion.chunk" if self.chat else "text_completion", []))
