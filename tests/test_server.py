@@ -229,7 +229,7 @@ def test_chat_template_kwargs_reach_the_template():
 
     body = {"messages": HI, "chat_template_kwargs": {"enable_thinking": False, "preserve_thinking": True, "x": [1]}}
     req = parse_request(body, chat=True, model_ids=("m",), max_tokens_limit=100)
-    assert req.template_kwargs == {"preserve_thinking": True, "x": [1]} and req.enable_thinking is False
+    assert req.options.chat_template_kwargs == {"preserve_thinking": True, "x": [1]} and req.options.enable_thinking is False
 
 
 def test_queue_full_is_429_and_a_dropped_stream_frees_the_engine(tiny_server, tiny):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request as HttpRequest
 
+from ..options import GenerationOptions
 from .engine import Engine
 from .errors import install_guards
 from .protocol import CHAT_REQUEST_SCHEMA, COMPLETION_REQUEST_SCHEMA, now, openapi_body
@@ -17,13 +18,13 @@ from .routes import Completions
 
 def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_queue: int = 64,
                max_concurrency: int = 8, max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20,
-               prompt_cache_bytes: int = 1 << 30, kv_options: dict | None = None) -> FastAPI:
-    """The FastAPI app serving `model` as `model_id` (the engine thread starts here). `kv_options`: the KV cache
-    of every request (kv_bits, kv_group_size, quantized_kv_start, as stream_generate takes them)."""
+               prompt_cache_bytes: int = 1 << 30, options: GenerationOptions | None = None) -> FastAPI:
+    """The FastAPI app serving `model` as `model_id` (the engine thread starts here). `options`: the server's
+    own generation options, under every request's (its KV cache: kv_bits, kv_group_size, quantized_kv_start)."""
     engine = Engine(model, tokenizer, max_queue=max_queue, max_concurrency=max_concurrency,
-                    prompt_cache_bytes=prompt_cache_bytes, kv_options=kv_options)
+                    prompt_cache_bytes=prompt_cache_bytes)
     complete = Completions(engine, model, tokenizer, model_id=model_id, max_tokens_limit=max_tokens_limit,
-                           max_body_bytes=max_body_bytes)
+                           max_body_bytes=max_body_bytes, options=options or GenerationOptions())
     created = now()
     app = FastAPI(title="qwen3-mlx", version="0.1.0", description="OpenAI-compatible Qwen3 server on MLX")
     app.state.engine = engine

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import Qwen3MLXError
 from ..generate import prompt_tokens
+from ..options import GenerationOptions
 from .engine import Engine, Job, QueueFull
 from .grammar import GrammarConstraint, grammar_for
 from .protocol import ApiError, Request, parse_request
@@ -21,8 +22,9 @@ class Completions:
     """/v1/chat/completions (chat=True) and /v1/completions over one engine."""
 
     def __init__(self, engine: Engine, model, tokenizer, *, model_id: str, max_tokens_limit: int,
-                 max_body_bytes: int):
+                 max_body_bytes: int, options: GenerationOptions):
         self.engine, self.model, self.tokenizer, self.model_id = engine, model, tokenizer, model_id
+        self.options = options  # the server's own (its KV cache), under every request's
         self.model_ids = (model_id, Path(model_id).name)
         self.context = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
@@ -30,7 +32,7 @@ class Completions:
 
     async def __call__(self, request: HttpRequest, chat: bool):
         req = parse_request(await self.body_of(request), chat=chat, model_ids=self.model_ids,
-                            max_tokens_limit=self.max_tokens_limit)
+                            max_tokens_limit=self.max_tokens_limit, base=self.options)
         job = self.job(req, self.prompt_ids(req))
         try:
             self.engine.submit(job)
@@ -52,25 +54,28 @@ class Completions:
 
     def prompt_ids(self, req: Request) -> list[int]:
         try:
-            ids = prompt_tokens(self.tokenizer, req.prompt, enable_thinking=req.enable_thinking, tools=req.tools,
-                                chat_template_kwargs=req.template_kwargs)
+            o = req.options
+            ids = prompt_tokens(self.tokenizer, req.prompt, enable_thinking=o.enable_thinking, tools=o.tools,
+                                chat_template_kwargs=o.chat_template_kwargs)
         except Qwen3MLXError as e:
             raise ApiError(400, str(e)) from None
         if not ids:
             raise ApiError(400, "the prompt is empty")
         return ids
 
-    # The parsed request's generation options become the engine's here and nowhere else, so that a typed
-    # options object can replace this one function.
     def job(self, req: Request, ids: list[int]) -> Job:
+        """The engine's job: the request's options completed by what depends on the prompt (the room left in the
+        context) and the grammar, validated against the model."""
         room = self.context - len(ids)
-        asked = req.options["max_tokens"]  # None: as many as the context and the server's limit allow
+        asked = req.max_tokens  # None: as many as the context and the server's limit allow
         if room < 1 or (asked is not None and asked > room):
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked or 1}) exceeds the model's "
                                 f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
-        options = dict(req.options, max_tokens=min(asked or self.max_tokens_limit, room),
-                       enable_thinking=req.enable_thinking)
         grammar = grammar_for(req.response_format)
-        if grammar is not None:
-            options["constraint"] = GrammarConstraint(self.tokenizer, grammar, self.model.args.vocab_size)
+        constraint = None if grammar is None else GrammarConstraint(self.tokenizer, grammar, self.model.args.vocab_size)
+        options = req.options.replace(max_tokens=min(asked or self.max_tokens_limit, room), constraint=constraint)
+        try:
+            options.validate(self.model.args)
+        except Qwen3MLXError as e:
+            raise ApiError(400, str(e)) from None
         return Job(ids, options, asyncio.get_running_loop())

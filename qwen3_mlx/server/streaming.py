@@ -82,7 +82,7 @@ class Reply:
         if not self.chat:
             choice = {"index": 0, "text": "".join(answer), "finish_reason": self.finish(), "logprobs": None}
             return self.body("text_completion", [choice])
-        message, has_calls = chat_message("".join(reasoning), "".join(answer), self.req.tools)
+        message, has_calls = chat_message("".join(reasoning), "".join(answer), self.req.options.tools)
         choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if has_calls else self.finish(),
                   "logprobs": None}
         return self.body("chat.completion", [choice])
@@ -142,7 +142,7 @@ class Reply:
             yield self.event({"content": tail}, text=tail)
         finish = self.finish()
         if self.tool_text is not None:
-            calls = openai_tool_calls("".join(self.tool_text), self.req.tools)
+            calls = openai_tool_calls("".join(self.tool_text), self.req.options.tools)
             rest = strip_tool_blocks("".join(self.tool_text))
             if rest:
                 yield self.event({"content": rest})
