@@ -63,123 +63,165 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _has_bits(d: dict) -> bool:
+    return isinstance(d.get("bits"), int) and isinstance(d.get("group_size"), int)
+
+
+class _Unloadable(Exception):
+    """Findings after which later checks would only report their consequences."""
+
+
 def check_export(folder: str | Path) -> list[str]:
     """Problems that would stop MLX Swift (or make it load wrongly); an empty list means loadable."""
     folder = Path(folder)
     problems: list[str] = []
-    config = _read_json(folder / "config.json", problems)
+    try:  # one statement per check that may stop, so findings before it are kept
+        config = _check_config(folder)
+        problems += _check_value_types(config)
+        problems += _check_quantization(config)
+        files = sorted(folder.glob("*.safetensors"))
+        problems += _check_shard_names(files)
+        infos = _scan_shards(files)
+        problems += _check_index(folder, infos) + _check_tensors(config, infos) + _check_tokenizer(folder)
+    except _Unloadable as stop:
+        problems += stop.args
+    return problems
+
+
+def _check_config(folder: Path) -> dict:
+    """config.json, once it has every flat key later checks (and Swift) read."""
+    found: list[str] = []
+    config = _read_json(folder / "config.json", found)
     if config is None:
-        return problems
+        raise _Unloadable(*found)
     mt = config.get("model_type")
     if mt not in ("qwen3", "qwen3_moe"):
-        return [f"model_type {mt!r} is not qwen3 / qwen3_moe"]
-    for key in DENSE_KEYS + (MOE_KEYS if mt == "qwen3_moe" else ()):
-        if key not in config:
-            problems.append(f"config.json lacks flat key {key!r}")
-    if problems:
-        return problems
+        raise _Unloadable(f"model_type {mt!r} is not qwen3 / qwen3_moe")
+    keys = DENSE_KEYS + (MOE_KEYS if mt == "qwen3_moe" else ())
+    if missing := [f"config.json lacks flat key {k!r}" for k in keys if k not in config]:
+        raise _Unloadable(*missing)
+    return config
+
+
+def _check_value_types(config: dict) -> list[str]:
+    """Swift decodes these into typed fields: a value of another JSON type fails the decode."""
+    found = []
     if not _is_number(config["rope_theta"]):
-        problems.append("rope_theta must be a number")
+        found.append("rope_theta must be a number")
     if not isinstance(config["tie_word_embeddings"], bool):
-        problems.append("tie_word_embeddings must be a boolean")
+        found.append("tie_word_embeddings must be a boolean")
     rs = config["rope_scaling"]
     if rs is not None and not (isinstance(rs, dict) and all(isinstance(v, str) or _is_number(v) for v in rs.values())):
-        problems.append("rope_scaling must be null or a dict of strings/numbers (Swift: [String: StringOrNumber])")
+        found.append("rope_scaling must be null or a dict of strings/numbers (Swift: [String: StringOrNumber])")
+    return found
 
+
+def _check_quantization(config: dict) -> list[str]:
+    """Swift takes every layer's bits / group size from this dict alone, so each entry must carry them."""
     q = config.get("quantization")
-    if q is not None:
-        if not isinstance(q, dict):
-            return problems + ["quantization must be an object with bits and group_size"]
-        if not (isinstance(q.get("bits"), int) and isinstance(q.get("group_size"), int)):
-            problems.append("quantization needs integer bits and group_size")
-            return problems
-        for k, v in q.items():
-            if k in ("bits", "group_size", "mode", "quant_method", "linear_class", "quantization_mode"):
-                continue
-            if v is False:
-                continue
-            if not (isinstance(v, dict) and isinstance(v.get("bits"), int) and isinstance(v.get("group_size"), int)):
-                problems.append(f"quantization[{k!r}] must be false or a dict with bits and group_size")
-        if config.get("quantization_config") != q:
-            problems.append("quantization_config is not a copy of quantization")
+    if q is None:
+        return []
+    if not isinstance(q, dict):
+        raise _Unloadable("quantization must be an object with bits and group_size")
+    if not _has_bits(q):
+        raise _Unloadable("quantization needs integer bits and group_size")
+    settings = ("bits", "group_size", "mode", "quant_method", "linear_class", "quantization_mode")
+    found = [
+        f"quantization[{k!r}] must be false or a dict with bits and group_size"
+        for k, v in q.items() if k not in settings and v is not False and not (isinstance(v, dict) and _has_bits(v))
+    ]
+    if config.get("quantization_config") != q:
+        found.append("quantization_config is not a copy of quantization")
+    return found
 
-    # Shards and index.
-    index_file = folder / WEIGHT_INDEX
-    files = sorted(folder.glob("*.safetensors"))
+
+def _check_shard_names(files: list[Path]) -> list[str]:
     if not files:
-        return problems + ["no .safetensors files"]
-    for f in files:
-        m = _SHARD.match(f.name)
-        if f.name == "model.safetensors" and len(files) == 1:
-            continue  # mlx-lm's single-file name; Swift loads every *.safetensors
-        if not m or int(m.group(2)) != len(files):
-            problems.append(f"shard {f.name} is not named model-0000i-of-{len(files):05d}.safetensors")
+        raise _Unloadable("no .safetensors files")
+    if len(files) == 1 and files[0].name == "model.safetensors":
+        return []  # mlx-lm's single-file name; Swift loads every *.safetensors
+    return [
+        f"shard {f.name} is not named model-0000i-of-{len(files):05d}.safetensors"
+        for f in files if not (m := _SHARD.match(f.name)) or int(m.group(2)) != len(files)
+    ]
+
+
+def _scan_shards(files: list[Path]) -> dict:
     try:
-        infos = scan(files)
+        return scan(files)
     except Exception as e:  # noqa: BLE001 - any unreadable shard is a problem to report
-        return problems + [str(e)]
-    index = _read_json(index_file, problems) if index_file.is_file() else None
-    if index is not None:
-        wm = index.get("weight_map", {})
-        if not isinstance(wm, dict):
-            problems.append(f"{WEIGHT_INDEX}: weight_map is not an object")
-            wm = {}
-        if list(wm) != sorted(wm):
-            problems.append("index weight_map is not sorted")
-        if set(wm) != set(infos) or any(infos[k].file.name != v for k, v in wm.items() if k in infos):
-            problems.append("index weight_map does not match the shards' contents")
-        meta = index.get("metadata")
-        if not isinstance(meta, dict) or meta.get("total_size") != sum(i.nbytes for i in infos.values()):
-            problems.append("index metadata.total_size is not the sum of tensor bytes")
-    elif not index_file.is_file():
-        problems.append(f"no {WEIGHT_INDEX}")
+        raise _Unloadable(str(e)) from e
 
-    # Strict module/tensor set, quantization derivable from the dict alone.
+
+def _check_index(folder: Path, infos: dict) -> list[str]:
+    """The index must describe the shards exactly, since loaders look tensors up through it."""
+    index_file = folder / WEIGHT_INDEX
+    if not index_file.is_file():
+        return [f"no {WEIGHT_INDEX}"]
+    found: list[str] = []
+    index = _read_json(index_file, found)
+    if index is None:
+        return found
+    wm = index.get("weight_map", {})
+    if not isinstance(wm, dict):
+        found.append(f"{WEIGHT_INDEX}: weight_map is not an object")
+        wm = {}
+    if list(wm) != sorted(wm):
+        found.append("index weight_map is not sorted")
+    if set(wm) != set(infos) or any(infos[k].file.name != v for k, v in wm.items() if k in infos):
+        found.append("index weight_map does not match the shards' contents")
+    meta = index.get("metadata")
+    if not isinstance(meta, dict) or meta.get("total_size") != sum(i.nbytes for i in infos.values()):
+        found.append("index metadata.total_size is not the sum of tensor bytes")
+    return found
+
+
+def _check_tensors(config: dict, infos: dict) -> list[str]:
+    """Swift loads strictly: the declared modules' tensors, nothing missing, nothing extra."""
+    q = config.get("quantization")
     expected: set[str] = set()
+    found: list[str] = []
     for path, shape in swift_modules(config).items():
-        expected.add(f"{path}.weight")
-        if len(shape) == 1 or f"{path}.scales" not in infos:
-            if f"{path}.weight" in infos and infos[f"{path}.weight"].shape != shape:
-                problems.append(f"{path}.weight has shape {infos[f'{path}.weight'].shape}, Swift expects {shape}")
-            continue
-        expected |= {f"{path}.scales", f"{path}.biases"}
-        if q is None:
-            problems.append(f"{path} is quantized but config.json has no quantization dict")
-            continue
-        entry = q.get(path)
-        if entry is False:
-            problems.append(f"{path} has scales but quantization[{path!r}] is false (Swift would not quantize it)")
-            continue
-        bits, gs = (entry["bits"], entry["group_size"]) if isinstance(entry, dict) else (q["bits"], q["group_size"])
-        out_in = shape[:-1]
-        want = {
-            "weight": (*out_in, shape[-1] * bits // 32),
-            "scales": (*out_in, shape[-1] // gs),
-            "biases": (*out_in, shape[-1] // gs),
-        }
-        for kind, wshape in want.items():
-            info = infos.get(f"{path}.{kind}")
-            if info is not None and info.shape != wshape:
-                problems.append(
-                    f"{path}.{kind} has shape {info.shape}; bits {bits} / group {gs} from the quantization dict "
-                    f"imply {wshape}"
-                )
-        w = infos.get(f"{path}.weight")
-        if w is not None and w.dtype != "U32":
-            problems.append(f"{path}.weight is quantized but stored as {w.dtype}, not U32")
+        quantized = len(shape) > 1 and f"{path}.scales" in infos
+        expected |= {f"{path}.{kind}" for kind in (("weight", "scales", "biases") if quantized else ("weight",))}
+        if quantized:
+            found += _check_quantized(path, shape, q, infos)
+        elif (w := infos.get(f"{path}.weight")) is not None and w.shape != shape:
+            found.append(f"{path}.weight has shape {w.shape}, Swift expects {shape}")
     missing, extra = sorted(expected - set(infos)), sorted(set(infos) - expected)
-    problems += [f"missing tensor {n}" for n in missing[:5]]
-    problems += [f"extra tensor {n} (Swift loads strictly)" for n in extra[:5]]
+    found += [f"missing tensor {n}" for n in missing[:5]]
+    return found + [f"extra tensor {n} (Swift loads strictly)" for n in extra[:5]]
 
-    # Tokenizer and templates.
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if not (folder / name).is_file():
-            problems.append(f"no {name}")
+
+def _check_quantized(path: str, shape: tuple[int, ...], q: dict | None, infos: dict) -> list[str]:
+    """Swift quantizes a layer because its scales exist, with bits / group size from the dict alone."""
+    if q is None:
+        return [f"{path} is quantized but config.json has no quantization dict"]
+    entry = q.get(path)
+    if entry is False:
+        return [f"{path} has scales but quantization[{path!r}] is false (Swift would not quantize it)"]
+    bits, gs = (entry["bits"], entry["group_size"]) if isinstance(entry, dict) else (q["bits"], q["group_size"])
+    *out, n = shape
+    want = {"weight": (*out, n * bits // 32), "scales": (*out, n // gs), "biases": (*out, n // gs)}
+    found = [
+        f"{path}.{kind} has shape {info.shape}; bits {bits} / group {gs} from the quantization dict imply {wshape}"
+        for kind, wshape in want.items() if (info := infos.get(f"{path}.{kind}")) is not None and info.shape != wshape
+    ]
+    w = infos.get(f"{path}.weight")
+    if w is not None and w.dtype != "U32":
+        found.append(f"{path}.weight is quantized but stored as {w.dtype}, not U32")
+    return found
+
+
+def _check_tokenizer(folder: Path) -> list[str]:
+    """The files Swift's tokenizer and chat templating read; readers differ in where they look for the template."""
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+    found = [f"no {name}" for name in names if not (folder / name).is_file()]
     tc_file = folder / "tokenizer_config.json"
-    tc = _read_json(tc_file, problems) if tc_file.is_file() else None
+    tc = _read_json(tc_file, found) if tc_file.is_file() else None
     if tc is not None and not tc.get("chat_template"):
-        problems.append("tokenizer_config.json has no inline chat_template")
-    return problems
+        found.append("tokenizer_config.json has no inline chat_template")
+    return found
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
