@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import Qwen3MLXError
+from .kernels import QuantizedKV
 from .models.cache import (KVCache, QuantizedKVCache, RecurrentCache, common_prefix_length, reusable_prefix,
                            truncate_cache)
 
@@ -69,7 +70,7 @@ def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], s
             arrays[f"{i}.conv"], arrays[f"{i}.recurrent"] = c.conv, c.recurrent
         elif quantized:
             for kind, parts in (("keys", c.keys), ("values", c.values)):
-                for name, a in zip(("words", "scales", "biases"), parts):
+                for name, a in zip(QuantizedKV._fields, parts):
                     arrays[f"{i}.{kind}.{name}"] = a[..., :n, :]
         else:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :n, :], c.values[..., :n, :]
@@ -112,8 +113,8 @@ def load_prompt_cache(path: str | Path, model) -> PromptCache:
             continue
         if "kv_bits" in metadata:
             c = QuantizedKVCache(int(metadata["kv_bits"]), int(metadata["kv_group_size"]))
-            c.keys = tuple(arrays[f"{i}.keys.{n}"] for n in ("words", "scales", "biases"))
-            c.values = tuple(arrays[f"{i}.values.{n}"] for n in ("words", "scales", "biases"))
+            c.keys, c.values = (QuantizedKV._make(arrays[f"{i}.{kind}.{n}"] for n in QuantizedKV._fields)
+                                for kind in ("keys", "values"))
         else:
             c = KVCache()
             c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]

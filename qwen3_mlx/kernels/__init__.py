@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -133,23 +134,38 @@ def _promoted(y: mx.array, x: mx.array, w: mx.array) -> mx.array:
     return y if mx.float32 in (x.dtype, w.dtype) else y.astype(x.dtype)
 
 
-def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
-    """softmax(q k^T * scale + mask) v: q [B, H, L, D], k and v [B, Hkv, S, D] (Hkv divides H) -> [B, H, L, D].
+class QuantizedKV(NamedTuple):
+    """Keys or values [B, Hkv, S, D] as mx.quantize lays them out (affine, groups along D)."""
 
-    mask: None, "causal" (aligned to the end of the keys, as MLX's) or an additive / boolean array.
-    A batch of sequences at different lengths (decode, L == 1): k and v are lists of each row's own cache
-    buffer [1, Hkv, capacity, D] and mask the list of each row's key count; each row then computes exactly
-    what it would alone. A quantized cache: k and v are (words, scales, biases) tuples in mx.quantize's
-    layout, read as they are (ours expands 64 keys at a time in scratch; elsewhere MLX's quantized matmuls).
+    words: mx.array  # [B, Hkv, S, D * bits / 32], uint32
+    scales: mx.array  # [B, Hkv, S, D / group_size]
+    biases: mx.array
+
+
+class RaggedKV(list):
+    """A batch's keys or values as each sequence's own cache buffer: [1, Hkv, capacity, D] arrays, or
+    QuantizedKV already cut to the sequence's length."""
+
+
+def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
+    """softmax(q k^T * scale + mask) v: q [B, H, L, D] -> [B, H, L, D].
+
+    k and v are what a cache's `update_and_fetch` returns, and their type picks the path:
+    - mx.array [B, Hkv, S, D] (KVCache, or no cache; Hkv divides H): mask None, "causal" (aligned to the end of
+      the keys, as MLX's) or an additive / boolean array.
+    - QuantizedKV (QuantizedKVCache; also a plain (words, scales, biases) triple): read as it is, ours
+      expanding 64 keys at a time in scratch, elsewhere MLX's quantized matmuls.
+    - RaggedKV (BatchKVCache: sequences at different lengths, decode, L == 1): mask is the list of each
+      row's key count, and each row computes exactly what it would alone.
     On the CPU in float32 ours run, reading k and v in place: a fused kernel for a single query row
     (decode), a blocked one with an online softmax for many (prefill: no [H, L, S] score matrix, multi-threaded
     over heads and query blocks). MLX's CPU attention materialises the scores and runs both products through
     the BLAS the wheel links (a reference BLAS on Linux): 10x slower at a 512-token chunk.
     """
-    if isinstance(mask, list):
+    if isinstance(k, RaggedKV):
         return _ragged_attention(q, k, v, scale, mask)
-    if isinstance(k, (tuple, list)):
-        return _quantized_attention(q, tuple(k), tuple(v), scale, mask)
+    if isinstance(k, (tuple, list)):  # QuantizedKV, or mx.quantize's own list
+        return _quantized_attention(q, k, v, scale, mask)
     L, S = q.shape[-2], k.shape[-2]
     if not (active() and q.dtype == mx.float32 and k.dtype == mx.float32 and v.dtype == mx.float32):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -176,18 +192,17 @@ def attention(q: mx.array, k, v, *, scale: float, mask=None) -> mx.array:
     return _ext.matmul(probs, v.swapaxes(-1, -2))  # [B, H, L, S] @ [B, Hkv, D, S]^T
 
 
-def _quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) -> mx.array:
-    # k and v: (words, scales, biases) as mx.quantize lays out [B, Hkv, S, D].
-    D = q.shape[-1]
-    bits, group_size = k[0].shape[-1] * 32 // D, D // k[1].shape[-1]
-    L, S = q.shape[-2], k[0].shape[-2]
+def _quantized_attention(q: mx.array, k: QuantizedKV, v: QuantizedKV, scale: float, mask) -> mx.array:
+    (words, scales, _), D = k, q.shape[-1]  # unpacked, so that a plain triple reads the same
+    bits, group_size = words.shape[-1] * 32 // D, D // scales.shape[-1]
+    L, S = q.shape[-2], words.shape[-2]
     if (active() and q.dtype == mx.float32 and all(a.dtype == mx.float32 for a in (*k[1:], *v[1:]))
             and (mask is None or mask == "causal") and not (mask == "causal" and S < L)):
         return _ext.quantized_attention(q, list(k), list(v), scale, mask == "causal" and L > 1, group_size, bits)
     # MLX's quantized matmuls (mlx-lm's form): the scores and the weighted sum straight from the quantized
     # rows, with the query heads of each kv head grouped.
     B, H = q.shape[:2]
-    Hkv = k[0].shape[1]
+    Hkv = words.shape[1]
     qg = (q * scale).reshape(B, Hkv, H // Hkv, L, D)
     kq, vq = (tuple(mx.expand_dims(a, 2) for a in t) for t in (k, v))  # [B, Hkv, 1, S, n]
     scores = mx.quantized_matmul(qg, *kq, transpose=True, group_size=group_size, bits=bits)  # [B, Hkv, rep, L, S]
@@ -201,14 +216,13 @@ def _quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask) ->
     return out.reshape(B, H, L, D)
 
 
-def _ragged_attention(q: mx.array, keys: list, values: list, scale: float, lengths: list[int]) -> mx.array:
+def _ragged_attention(q: mx.array, keys: RaggedKV, values: RaggedKV, scale: float, lengths: list[int]) -> mx.array:
     floats = all(isinstance(a, mx.array) for a in (*keys, *values))
     if floats and active() and all(a.dtype == mx.float32 for a in (q, *keys, *values)) \
             and q.shape[1] // keys[0].shape[1] <= 16:
         return _ext.ragged_decode_attention(q, keys, values, lengths, scale)
-    # Row by row: each sequence's own attention (a quantized cache's rows are already cut to its length).
     rows = [
-        attention(q[b : b + 1], k, v, scale=scale) if isinstance(k, tuple)
+        _quantized_attention(q[b : b + 1], k, v, scale, None) if isinstance(k, QuantizedKV)
         else mx.fast.scaled_dot_product_attention(q[b : b + 1], k[..., :n, :], v[..., :n, :], scale=scale)
         for b, (k, v, n) in enumerate(zip(keys, values, lengths))
     ]

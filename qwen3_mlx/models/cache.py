@@ -7,6 +7,7 @@ import itertools
 import mlx.core as mx
 
 from .. import kernels
+from ..kernels import QuantizedKV, RaggedKV
 
 # A layer cache's identity, kept when it is converted to quantized: how another process mirrors it (pipeline).
 _uids = itertools.count(1)
@@ -68,7 +69,7 @@ class QuantizedKVCache:
     scales and biases in the keys' dtype; mlx-lm's QuantizedKVCache layout): each position of a layer costs
     2 * kv_heads * (head_dim * bits / 8 + 2 * (head_dim / group_size) * dtype bytes) instead of
     2 * kv_heads * head_dim * dtype bytes.
-    Attention reads it as it is (`update_and_fetch` returns (words, scales, biases) views)."""
+    Attention reads it as it is (`update_and_fetch` returns QuantizedKV views)."""
 
     step = 256
 
@@ -78,8 +79,8 @@ class QuantizedKVCache:
         if group_size not in (32, 64, 128):
             raise ValueError(f"KV cache group size must be 32, 64 or 128, got {group_size}")
         self.bits, self.group_size = bits, group_size
-        self.keys: tuple | None = None  # (words [B, H, capacity, D*bits/32], scales, biases [B, H, capacity, D/gs])
-        self.values: tuple | None = None
+        self.keys: QuantizedKV | None = None  # [B, H, capacity, ...]
+        self.values: QuantizedKV | None = None
         self.offset = 0
         self.uid = next(_uids)
 
@@ -97,19 +98,19 @@ class QuantizedKVCache:
             raise ValueError(f"the KV cache group size {self.group_size} must divide head_dim {x.shape[-1]}")
         return mx.quantize(x, group_size=self.group_size, bits=self.bits)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple, tuple]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[QuantizedKV, QuantizedKV]:
         """Quantize and append [B, H, L, D] keys/values at `offset`; return everything cached, quantized."""
         prev, n = self.offset, keys.shape[2]
         new_k, new_v = self._quantize(keys), self._quantize(values)
-        if self.keys is None or prev + n > self.keys[0].shape[2]:
+        if self.keys is None or prev + n > self.keys.words.shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
 
             def grown(old, new):
                 B, H = new[0].shape[:2]
-                fresh = tuple(mx.zeros((B, H, grow, a.shape[-1]), a.dtype) for a in new)
+                fresh = QuantizedKV._make(mx.zeros((B, H, grow, a.shape[-1]), a.dtype) for a in new)
                 if old is None:
                     return fresh
-                return tuple(mx.concatenate([o[..., :prev, :], f], axis=2) for o, f in zip(old, fresh))
+                return QuantizedKV._make(mx.concatenate([o[..., :prev, :], f], axis=2) for o, f in zip(old, fresh))
 
             self.keys, self.values = grown(self.keys, new_k), grown(self.values, new_v)
         self.offset += n
@@ -119,10 +120,11 @@ class QuantizedKVCache:
         return self.state
 
     @property
-    def state(self) -> tuple:
+    def state(self) -> tuple[QuantizedKV, QuantizedKV] | tuple[()]:
         if self.keys is None:
             return ()
-        return (tuple(a[..., : self.offset, :] for a in self.keys), tuple(a[..., : self.offset, :] for a in self.values))
+        n = self.offset
+        return tuple(QuantizedKV(w[..., :n, :], s[..., :n, :], b[..., :n, :]) for w, s, b in (self.keys, self.values))
 
     @property
     def nbytes(self) -> int:
@@ -230,14 +232,14 @@ class BatchKVCache:
     def offset(self) -> list[int]:
         return [c.offset for c in self.caches]
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[RaggedKV, RaggedKV]:
         """Append row b of keys/values [B, H, L, D] to sequence b; return the sequences' buffers (their
         lengths are `offset`, to pass as the attention mask). Float caches are written by one kernel call; a
         batch holding quantized ones appends row by row and returns each row's own (quantized) view."""
         n = keys.shape[2]
         if not all(type(c) is KVCache for c in self.caches):
             rows = [c.update_and_fetch(keys[b : b + 1], values[b : b + 1]) for b, c in enumerate(self.caches)]
-            return [k for k, _ in rows], [v for _, v in rows]
+            return RaggedKV(k for k, _ in rows), RaggedKV(v for _, v in rows)
         for c in self.caches:
             c.reserve(keys, values, batch=1)
         new_k, new_v = kernels.kv_append(keys, values, [c.keys for c in self.caches], [c.values for c in self.caches],
@@ -245,7 +247,7 @@ class BatchKVCache:
         for c, k, v in zip(self.caches, new_k, new_v):
             c.keys, c.values = k, v
             c.offset += n
-        return new_k, new_v
+        return RaggedKV(new_k), RaggedKV(new_v)
 
 
 class BatchRecurrentCache:
@@ -313,3 +315,20 @@ def truncate_cache(cache: list[KVCache], length: int) -> int:
     for c in cache:
         c.offset = length
     return length
+
+
+def common_prefix_length(a, b) -> int:
+    """How many leading tokens two token sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reusable_prefix(held, prompt) -> int:
+    """How many of `prompt`'s first tokens a cache holding the tokens `held` can keep (the chat's turns, the
+    server's prefix cache, prompt cache files): the common prefix, but never the whole prompt, since the
+    generator needs a token to feed."""
+    return min(common_prefix_length(held, prompt), len(prompt) - 1)
