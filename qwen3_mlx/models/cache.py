@@ -74,10 +74,6 @@ class QuantizedKVCache:
     step = 256
 
     def __init__(self, bits: int = 8, group_size: int = 64):
-        if bits not in (4, 8):
-            raise ValueError(f"KV cache bits must be 4 or 8, got {bits}")
-        if group_size not in (32, 64, 128):
-            raise ValueError(f"KV cache group size must be 32, 64 or 128, got {group_size}")
         self.bits, self.group_size = bits, group_size
         self.keys: QuantizedKV | None = None  # [B, H, capacity, ...]
         self.values: QuantizedKV | None = None
