@@ -61,7 +61,9 @@ class GenerationOptions:
     # KV cache.
     kv_bits: int | None = _opt(
         None, "Keep the KV cache quantized to 4 or 8 bits (less memory per token).", "--kv-bits")
-    kv_group_size: int = _opt(64, "Values per scale in the quantized KV cache (32, 64, 128).", "--kv-group-size")
+    kv_group_size: int | None = _opt(
+        None, "Values per scale in the quantized KV cache: 32, 64 or 128 \\[default: 64, or the largest that divides "
+        "head_dim when 64 does not].", "--kv-group-size")
     quantized_kv_start: int = _opt(
         0, "With --kv-bits: keep the cache in float until it holds N positions.", "--quantized-kv-start", min=0)
     prefill_step_size: int = _opt(512, "Prompt tokens per prefill forward (memory stays bounded).")
@@ -78,7 +80,8 @@ class GenerationOptions:
 
     def validate(self, model_args=None) -> GenerationOptions:
         """Raise one domain error naming the first bad option (`model_args`: the checks that depend on the model,
-        e.g. the KV group size dividing head_dim). Returns self."""
+        e.g. the KV group size dividing head_dim). Returns the options to use: these, with what was left to the
+        model resolved (the KV group size)."""
         for name, check, need in (
             ("max_tokens", self.max_tokens is not None and self.max_tokens >= 1, "at least 1"),
             ("temperature", self.temperature is None or self.temperature >= 0, "0 or more"),
@@ -95,7 +98,6 @@ class GenerationOptions:
         if self.constraint is not None and self.thinking_budget is not None:
             # The budget's closing text ends in the answer segment, where the constraint would not allow it.
             raise Qwen3MLXError("a constraint cannot be combined with thinking_budget yet")
-        self._validate_kv(model_args)
         if self.draft_model is not None:
             if self.presence_penalty or self.repetition_penalty not in (None, 1.0):
                 raise Qwen3MLXError("a draft model cannot be combined with presence or repetition penalties yet")
@@ -105,19 +107,28 @@ class GenerationOptions:
                 from .speculative import check_draft
 
                 check_draft(model_args, self.draft_model.args)
-        return self
+        return self._validate_kv(model_args)
 
-    def _validate_kv(self, model_args) -> None:
+    def _validate_kv(self, model_args) -> GenerationOptions:
+        """Check the KV cache options; returns them with the group size resolved when none was chosen."""
         if self.kv_bits is None:
-            return
+            return self
         if self.kv_bits not in (4, 8):
             raise Qwen3MLXError(f"kv_bits must be 4 or 8, got {self.kv_bits}")
+        if self.quantized_kv_start < 0:
+            raise Qwen3MLXError(f"quantized_kv_start must be 0 or more, got {self.quantized_kv_start}")
         head_dim = getattr(model_args, "head_dim", 0) or 0
+        if self.kv_group_size is None:
+            # mlx-lm's 64 where it divides head_dim (the cache mlx-lm would build), else the largest that does.
+            fits = [g for g in (64, *sorted(KV_GROUP_SIZES, reverse=True)) if not head_dim or head_dim % g == 0]
+            if not fits:
+                raise Qwen3MLXError(f"no KV cache group size (32, 64, 128) divides head_dim ({head_dim}): this model's "
+                                    "KV cache cannot be quantized; leave out kv_bits")
+            return self.replace(kv_group_size=fits[0])
         if self.kv_group_size not in KV_GROUP_SIZES or (head_dim and head_dim % self.kv_group_size):
             raise Qwen3MLXError(f"kv_group_size must be 32, 64 or 128 and divide head_dim ({head_dim}), "
                                 f"got {self.kv_group_size}")
-        if self.quantized_kv_start < 0:
-            raise Qwen3MLXError(f"quantized_kv_start must be 0 or more, got {self.quantized_kv_start}")
+        return self
 
     def sampling(self, generation_config: dict | None = None) -> SamplingParams:
         """The sampling numbers: explicit values, else the model's generation_config.json (thinking mode only),

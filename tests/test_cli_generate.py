@@ -106,3 +106,23 @@ def test_reasoning_filter_hides_tags():
                                   (" see.\n", "reasoning"), ("</think>", "reasoning"), ("\n\n", "answer"), ("Hi", "answer")]]
     assert "".join(shown[:5]) == "Let me see.\n"
     assert shown[5:] == ["", "Hi"]
+
+
+def test_kv_bits_picks_a_group_for_head_dim_and_says_so(tmp_path):
+    """--kv-bits on a model whose head_dim (32) 64 does not divide: the cache uses groups of 32, the stats line
+    says so, and the answer is the library's with that group; a chosen group that does not divide is one line."""
+    from helpers import REAL_VOCAB, dense_config, save_checkpoint
+
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load
+
+    save_checkpoint(tmp_path, dense_config(vocab_size=REAL_VOCAB, head_dim=32), tokenizer=True)
+    proc = run(tmp_path, "--prompt", "Hi", "--no-think", "--temperature", "0", "-m", "5", "--kv-bits", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "KV cache 8-bit, groups of 32" in proc.stderr
+    model, tokenizer = load(tmp_path)
+    expected = generate(model, tokenizer, [{"role": "user", "content": "Hi"}], enable_thinking=False, temperature=0,
+                        max_tokens=5, kv_bits=8, kv_group_size=32)
+    assert proc.stdout == expected.answer.lstrip("\n") + "\n"
+    refused = run(tmp_path, "--prompt", "Hi", "-m", "2", "--kv-bits", "8", "--kv-group-size", "64")
+    assert refused.returncode == 1 and "divide head_dim (32)" in refused.stderr and "Traceback" not in refused.stderr

@@ -153,6 +153,32 @@ def test_refusals_name_the_bad_option(small_model):
         generate(small_model, None, [1, 2, 3], max_tokens=1, kv_bits=8, quantized_kv_start=-1)
 
 
+def test_the_group_size_left_open_is_picked_for_head_dim():
+    """--kv-bits without --kv-group-size: 64 where it divides head_dim (mlx-lm's default), else the largest of
+    128 / 64 / 32 that does; a group the user chose that does not divide it stays an error."""
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.models import qwen3
+    from qwen3_mlx.options import GenerationOptions
+
+    def model_with(head_dim):
+        cfg = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=1, intermediate_size=64,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, vocab_size=100)
+        return qwen3.Model(qwen3.ModelArgs.from_dict(cfg))
+
+    assert GenerationOptions(kv_bits=8).validate(model_with(128).args).kv_group_size == 64
+    small = model_with(32)
+    assert GenerationOptions(kv_bits=8).validate(small.args).kv_group_size == 32
+    picked = generate(small, None, list(range(40)), max_tokens=6, temperature=0, kv_bits=8, ignore_eos=True).tokens
+    chosen = generate(small, None, list(range(40)), max_tokens=6, temperature=0, kv_bits=8, kv_group_size=32,
+                      ignore_eos=True).tokens
+    assert picked == chosen
+    with pytest.raises(Qwen3MLXError, match="divide head_dim \\(32\\), got 64"):
+        generate(small, None, [1, 2, 3], max_tokens=1, kv_bits=8, kv_group_size=64)
+    with pytest.raises(Qwen3MLXError, match="no KV cache group size .* divides head_dim \\(48\\)"):
+        generate(model_with(48), None, [1, 2, 3], max_tokens=1, kv_bits=8)
+
+
 def test_chat_reuses_a_quantized_cache_across_turns(tmp_path):
     """A chat with --kv-bits keeps its turn-to-turn reuse: the second turn reuses as many tokens as with a
     float cache (everything up to where the re-rendered history first differs) and prefills only the rest."""

@@ -92,12 +92,14 @@ def run_bench(
     Under `mlx.launch`, `model` is spread over the ranks (`parallel`, `split` as in `distributed.load`): rank
     0 returns the document, the other ranks serve its forwards and exit; weight figures are rank 0's share.
     """
-    options = (options or GenerationOptions()).validate()
+    options = options or GenerationOptions()
+    options.validate()  # a bad value fails before the model is built; what depends on the model, after
     contexts = check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, contexts, vs, draft_model,
                           device, parallel, split)
-    kv = {} if options.kv_bits is None else {"kv_bits": options.kv_bits, "kv_group_size": options.kv_group_size}
     net, config, name, source, ranks = bench_model(model, shape, bits, group_size, seed, max(contexts) + gen_tokens,
-                                                   kv, parallel, split)
+                                                   options.kv_bits, parallel, split)
+    options = options.validate(net.args)
+    kv = {} if options.kv_bits is None else {"kv_bits": options.kv_bits, "kv_group_size": options.kv_group_size}
     runners, speculative = bench_runners(net, config, shape, group_size, options, seed, kv, vs, draft_model)
     doc = header(net, config, name, source, runners, contexts, gen_tokens, trials, options.prefill_step_size, kv, vs,
                  ranks, device)
@@ -138,7 +140,7 @@ def check_args(model, shape, random, bits, prompt_tokens, gen_tokens, trials, co
     return contexts
 
 
-def bench_model(model, shape, bits, group_size, seed, max_context, kv, parallel, split):
+def bench_model(model, shape, bits, group_size, seed, max_context, kv_bits, parallel, split):
     """(model, config with defaults filled in, name, source, ranks): across the ranks, of a random shape, or loaded."""
     from .. import distributed
 
@@ -154,7 +156,7 @@ def bench_model(model, shape, bits, group_size, seed, max_context, kv, parallel,
         ranks = {"parallel": parallel or "pipeline", "count": net.ranks, "layers": getattr(net, "rank_layers", None)}
     elif shape is not None:
         name, config = resolve_shape(shape)
-        fit = estimate_fit(config, bits, group_size, max_context, **kv)
+        fit = estimate_fit(config, bits, group_size, max_context, kv_bits)
         if not fit.fits:
             gb = 1e9
             raise BenchError(

@@ -46,7 +46,7 @@ def cache_prompt(
     refuse_distributed("cache-prompt")
     llm, tokenizer = load_for_cli(model)
     tokens = tokenizer.encode(text) if raw else system_prompt_tokens(tokenizer, text)
-    options.validate(llm.args)
+    options = options.validate(llm.args)
     cache = make_cache(llm, kv_bits=options.kv_bits, kv_group_size=options.kv_group_size)
     with err.status(f"prefilling {len(tokens)} tokens...") as status:
         for i in range(0, len(tokens), 512):

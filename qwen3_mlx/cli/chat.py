@@ -16,7 +16,7 @@ from ..chat import ChatSession
 from ..errors import Qwen3MLXError
 from .app import app, err
 from ..options import GenerationOptions
-from .generate import ReasoningFilter
+from .generate import ReasoningFilter, kv_note
 from .options import KV, SAMPLING, SYSTEM, THINKING, ModelSource, load_for_generation, with_options
 
 HELP = """commands:
@@ -227,7 +227,7 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
             )
         term.info(
             f"thinking {'on' if session.options.enable_thinking else 'off'}, budget {session.options.thinking_budget}, "
-            f"cache {session.cache[0].offset if session.cache else 0} tokens"
+            f"cache {session.cache[0].offset if session.cache else 0} tokens{kv_note(session.options)}"
         )
     elif name in ("/save", "/load"):
         if not arg:

@@ -9,7 +9,7 @@ from .app import app, err, out
 from .options import KV, SAMPLING, SYSTEM, THINKING, ModelSource, load_for_generation, with_options
 
 
-def format_stats(r) -> str:
+def format_stats(r, options: GenerationOptions) -> str:
     """One statistics line from the last GenerationResponse."""
     draft = ""
     if r.draft_tokens:
@@ -17,8 +17,15 @@ def format_stats(r) -> str:
     return (
         f"prompt {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
         f"generation {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-        f"first token {r.time_to_first_token:.2f} s | peak memory {r.peak_memory:.2f} GB{draft}"
+        f"first token {r.time_to_first_token:.2f} s | peak memory {r.peak_memory:.2f} GB{draft}{kv_note(options)}"
     )
+
+
+def kv_note(options: GenerationOptions) -> str:
+    """The quantized KV cache's settings (its group size may have been picked for the model's head_dim)."""
+    if options.kv_bits is None:
+        return ""
+    return f" | KV cache {options.kv_bits}-bit, groups of {options.kv_group_size}"
 
 
 def write(text: str, dim: bool = False, console=out) -> None:
@@ -86,7 +93,7 @@ def generate(
     last = show_stream(stream_generate(llm, tokenizer, rest, options, prompt_cache=cache), hide_thinking)
     if last is not None:
         reason = {"stop": "", "length": " (stopped at --max-tokens)"}.get(last.finish_reason, "")
-        err.print(format_stats(last) + reason, markup=False)
+        err.print(format_stats(last, options) + reason, markup=False)
 
 
 def show_stream(responses, hide_thinking: bool):

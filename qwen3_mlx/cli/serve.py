@@ -48,7 +48,7 @@ def serve(
     if launched() and max_concurrency > 64:
         fail("--max-concurrency is at most 64 under mlx.launch (sequences in one forward across ranks)")
     loaded, tokenizer = load_for_cli(model, parallel=parallel, split=split)
-    options.validate(loaded.args)  # a bad value is one line now, not a 400 on every request
+    options = options.validate(loaded.args)  # a bad value is one line now, not a 400 on every request
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
                      max_concurrency=max_concurrency, options=options,
                      max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes)

@@ -75,7 +75,7 @@ class Completions:
         constraint = None if grammar is None else GrammarConstraint(self.tokenizer, grammar, self.model.args.vocab_size)
         options = req.options.replace(max_tokens=min(asked or self.max_tokens_limit, room), constraint=constraint)
         try:
-            options.validate(self.model.args)
+            options = options.validate(self.model.args)
         except Qwen3MLXError as e:
             raise ApiError(400, str(e)) from None
         return Job(ids, options, asyncio.get_running_loop())
