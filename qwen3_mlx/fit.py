@@ -159,7 +159,7 @@ def tensor_costs(c: dict[str, Any], spec: QuantSpec, unquantized: bool = False, 
     L, tied = a.num_hidden_layers, bool(a.tie_word_embeddings)
     E, k = getattr(a, "num_experts", 0) or 0, getattr(a, "num_experts_per_tok", 0)
     for t in model_tensors(c):
-        b = 0 if (unquantized or not t.quantizable) else spec.layer_bits(t.path, L, tied)
+        b = 0 if (unquantized or not t.quantizable) else spec.layer_bits(t.path, L, tied, t.shape[-1])
         n = tensor_bytes(t, b, spec.group_size, dtype_bytes)
         if t.path == "model.embed_tokens" and not tied:
             read = 0  # one row per token; lm_head is read in full instead

@@ -26,6 +26,19 @@ def _progress_bar():
     )
 
 
+def _check(folder: str) -> None:
+    from rich.markup import escape
+
+    from ..quantize import check_export
+
+    problems = check_export(folder)
+    if problems:
+        for p in problems:
+            err.print(f"[red]✗[/red] {escape(p)}")
+        fail(f"{folder} would not load in MLX Swift ({len(problems)} problem(s))")
+    out.print(f"{folder}: loadable by MLX Swift (config keys, quantization dict, strict tensor set, tokenizer)")
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
@@ -49,49 +62,30 @@ def quantize(
     fit: Optional[str] = typer.Option(None, "--fit", help="Pick the best precision that fits this device."),
     context: int = typer.Option(4096, "--context", help="Context length for --fit."),
     check: Optional[str] = typer.Option(None, "--check", help="Only check an exported folder against MLX Swift's rules."),
+    allow_incompatible: bool = typer.Option(
+        False, "--allow-incompatible", help="Export a hybrid whose layer_types mlx-lm and MLX Swift would mis-build "
+        "(the folder then loads in qwen3-mlx only)."
+    ),
 ):
     """Quantize a Hugging Face Qwen3 / Qwen3.5 / Qwen3-Next checkpoint to MLX's format in bounded memory."""
-    from ..quantize import QuantSpec, check_export, convert, quality_report
+    from ..quantize import QuantSpec, convert, quality_report
 
     if check:
-        problems = check_export(check)
-        if problems:
-            for p in problems:
-                err.print(f"[red]✗[/red] {p}")
-            fail(f"{check} would not load in MLX Swift ({len(problems)} problem(s))")
-        out.print(f"{check}: loadable by MLX Swift (config keys, quantization dict, strict tensor set, tokenizer)")
-        return
+        return _check(check)
     if not src or not out_dir:
         fail("usage: qwen3-mlx quantize SRC OUT [options]  (or --check OUT)")
     spec = QuantSpec(bits, group_size, recipe, embed_bits, lm_head_bits, router_bits)
     if fit:
-        from ..fit import GB, choose, get_device
-        from ..loader import load_config, resolve_model_path
-
-        device = get_device(fit)
-        chosen = choose(load_config(resolve_model_path(src)), device, context, group_size=group_size)
-        spec = chosen.spec
-        err.print(
-            f"--fit {device.key}: {spec.label} needs {chosen.total / GB:.2f} GB of {device.usable_gb:g} GB at context {context}"
-        )
-
+        spec = _fit_spec(src, fit, context, group_size)
     t0 = time.perf_counter()
     from ..loader import load_config, resolve_model_path
     from ..quantize.hybrid import HYBRID_TYPES, export_hybrid
 
     hybrid = load_config(resolve_model_path(src)).get("model_type") in HYBRID_TYPES
-    run = export_hybrid if hybrid else convert
     options = dict(dtype=dtype, max_shard_size=max_shard_size, force=force, log=err.print)
-    if show_progress():
-        with _progress_bar() as bar:
-            task = bar.add_task("quantize", total=None)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            result = run(src, out_dir, spec, progress=progress, **options)
-    else:
-        result = run(src, out_dir, spec, **options)
+    if hybrid:
+        options["allow_incompatible"] = allow_incompatible
+    result = _run(export_hybrid if hybrid else convert, src, out_dir, spec, **options)
     if hybrid:
         size = sum(f.stat().st_size for f in result.glob("*.safetensors"))
         err.print(f"wrote {result}: {_size(size)} ({spec.label}) in {time.perf_counter() - t0:.1f}s")
@@ -109,3 +103,26 @@ def quantize(
         report = quality_report(plan.source, result.out)
         out.print(f"quality: {report}")
     err.print(f"total {time.perf_counter() - t0:.1f}s")
+
+
+def _fit_spec(src: str, fit: str, context: int, group_size: int):
+    from ..fit import GB, choose, get_device
+    from ..loader import load_config, resolve_model_path
+
+    device = get_device(fit)
+    chosen = choose(load_config(resolve_model_path(src)), device, context, group_size=group_size)
+    err.print(
+        f"--fit {device.key}: {chosen.spec.label} needs {chosen.total / GB:.2f} GB of {device.usable_gb:g} GB at "
+        f"context {context}"
+    )
+    return chosen.spec
+
+
+def _run(run, src: str, out_dir: str, spec, **options):
+    """`run` (an exporter), with a live progress bar when a person is watching."""
+    if not show_progress():
+        return run(src, out_dir, spec, **options)
+    with _progress_bar() as bar:
+        task = bar.add_task("quantize", total=None)
+        return run(src, out_dir, spec, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                   **options)

@@ -81,5 +81,9 @@ def stack_experts(weights: dict[str, mx.array], n: int) -> dict[str, mx.array]:
         extra = [e for e in by_expert if e >= n]
         if extra:
             raise ModelLoadError(f"unexpected tensor {by_expert[extra[0]]} (num_experts is {n})")
+        shapes = [tuple(weights[by_expert[e]].shape) for e in range(n)]
+        if odd := [e for e in range(n) if shapes[e] != shapes[0]]:  # mx.stack would raise a bare ValueError
+            raise ModelLoadError(f"the experts' {prefix}.experts.*.{proj}.{kind} differ in shape: expert 0 "
+                                 f"{shapes[0]}, expert {odd[0]} {shapes[odd[0]]}")
         weights[f"{prefix}.switch_mlp.{proj}.{kind}"] = mx.stack([weights.pop(by_expert[e]) for e in range(n)])
     return weights

@@ -26,6 +26,7 @@ from ..errors import ModelLoadError
 from ..loader import WEIGHT_INDEX, load_config, resolve_model_path, weight_files
 from ..models import build_model, get_architecture
 from ..models.base import rope_settings
+from .core import float_note, quantize_model
 from .recipes import QuantizeError, QuantSpec
 from .safetensors_io import FLOAT_SOURCE_DTYPES, OutTensor, Reader, ShardWriter, TensorInfo, parse_size, scan
 
@@ -74,6 +75,7 @@ class Plan:
     quantization: dict[str, Any]
     units: list[Unit]
     shards: list[list[Unit]] = field(default_factory=list)
+    float_layers: list[str] = field(default_factory=list)  # left in float: the group size divides no input width
 
     @property
     def source_bytes(self) -> int:
@@ -152,25 +154,21 @@ def export_config(config: dict[str, Any], quantization: dict[str, Any], dtype: m
     return dict(sorted(out.items()))
 
 
-def plan_model(config: dict[str, Any], spec: QuantSpec, dtype: mx.Dtype):
-    """Output tensors of a model of this config under `spec`, from a lazily built model (nothing evaluated).
+def plan_model(config: dict[str, Any], spec: QuantSpec, dtype: mx.Dtype, ungrouped: list[str] | None = None):
+    """Output tensors of a model of this config under `spec`, from a lazily built model (nothing evaluated);
+    `ungrouped` as `quantize_model`'s.
 
     Returns (quantization dict, {module path: (module, {param: OutTensor})}, {float param name: shape}).
     """
     model = build_model(config)
     float_shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    from .core import quantize_model
-
-    quantization = quantize_model(model, spec=spec)
+    quantization = quantize_model(model, spec=spec, ungrouped=ungrouped)
     modules: dict[str, tuple[nn.Module, dict[str, OutTensor]]] = {}
     by_path = dict(model.named_modules())
     for name, p in tree_flatten(model.parameters()):
         path, param = name.rsplit(".", 1)
         out_dtype = mx.uint32 if p.dtype == mx.uint32 else dtype
         modules.setdefault(path, (by_path[path], {}))[1][param] = OutTensor(name, out_dtype, tuple(p.shape))
-    quantization = dict(
-        sorted(quantization.items(), key=lambda kv: (kv[0] not in ("group_size", "bits", "mode"), kv[0]))
-    )
     return quantization, modules, float_shapes
 
 
@@ -202,51 +200,45 @@ def plan_export(
         dtype = _ST_TO_NAME[max(counts, key=counts.get)]
     dtype = resolve_dtype(dtype)
 
-    quantization, modules, float_shapes = plan_model(config, spec, dtype)
+    float_layers: list[str] = []
+    quantization, modules, float_shapes = plan_model(config, spec, dtype, float_layers)
     tied = bool(config.get("tie_word_embeddings", False))
     used: set[str] = set()
     units = []
     for path, (module, params) in sorted(modules.items(), key=lambda kv: _layer_key(kv[0])):
-        m = _EXPERTS.match(path)
-        if m:
-            n_experts = float_shapes[f"{path}.weight"][0]
-            names = [f"{m.group(1)}.experts.{e}.{m.group(2)}.weight" for e in range(n_experts)]
-            want = float_shapes[f"{path}.weight"][1:]
-        else:
-            names = [f"{path}.weight"]
-            want = float_shapes[f"{path}.weight"]
-        sources = []
-        for n in names:
-            if n not in infos:
-                raise ModelLoadError(f"missing tensor {n} in the source checkpoint")
-            if infos[n].shape != tuple(want):
-                raise ModelLoadError(
-                    f"tensor {n} has shape {infos[n].shape}, expected {tuple(want)} from config.json"
-                )
-            sources.append(infos[n])
-            used.add(n)
+        sources = _source_tensors(path, float_shapes, infos)
+        used |= {i.name for i in sources}
         extra_params = set(params) - {"weight", "scales", "biases"}
         if extra_params:
             raise QuantizeError(f"{path} has parameters {sorted(extra_params)} this exporter does not handle")
         order = [params[k] for k in ("weight", "scales", "biases") if k in params]
         quantized = "scales" in params
-        units.append(
-            Unit(
-                path,
-                sources,
-                order,
-                bits=getattr(module, "bits", 0) if quantized else 0,
-                group_size=getattr(module, "group_size", 0) if quantized else 0,
-            )
-        )
+        units.append(Unit(path, sources, order, bits=getattr(module, "bits", 0) if quantized else 0,
+                          group_size=getattr(module, "group_size", 0) if quantized else 0))
     ignorable = {"lm_head.weight"} if tied else set()
     extra = sorted(n for n in set(infos) - used - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise ModelLoadError(f"unexpected tensor {extra[0]} in the source checkpoint{more}")
-    plan = Plan(source, config, spec, dtype, quantization, units)
+    plan = Plan(source, config, spec, dtype, quantization, units, float_layers=float_layers)
     plan.shards = _split(units, parse_size(max_shard_size))
     return plan
+
+
+def _source_tensors(path: str, float_shapes: dict, infos: dict[str, TensorInfo]) -> list[TensorInfo]:
+    """The source tensors of the module at `path`: one per expert for a stacked switch layer, else one."""
+    m = _EXPERTS.match(path)
+    want = float_shapes[f"{path}.weight"]
+    if m:
+        names, want = [f"{m.group(1)}.experts.{e}.{m.group(2)}.weight" for e in range(want[0])], want[1:]
+    else:
+        names = [f"{path}.weight"]
+    for n in names:
+        if n not in infos:
+            raise ModelLoadError(f"missing tensor {n} in the source checkpoint")
+        if infos[n].shape != tuple(want):
+            raise ModelLoadError(f"tensor {n} has shape {infos[n].shape}, expected {tuple(want)} from config.json")
+    return [infos[n] for n in names]
 
 
 def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
@@ -404,6 +396,8 @@ def convert(
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
     plan = plan_export(src, spec, dtype=dtype, max_shard_size=max_shard_size)
     _refuse_overlap(plan.source, out)
+    if log and plan.float_layers:
+        log(float_note(plan.float_layers, spec.group_size))
     total, done = plan.source_bytes, 0
 
     def advance(n: int) -> None:

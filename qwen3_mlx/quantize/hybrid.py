@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from ..loader import check_weights, load_config, load_weights, resolve_model_path
 from ..models import build_model
+from .core import float_note, quantize_model
 from .convert import CHUNK_BYTES, Unit, _layer_key, _refuse_overlap, _split, resolve_dtype, write_folder
 from .recipes import QuantizeError, QuantSpec
 from .safetensors_io import OutTensor, ShardWriter, parse_size
@@ -33,10 +34,11 @@ HYBRID_TYPES = tuple(MLX_LM_MODULE)
 
 def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpec | None = None, *,
                   dtype: str | mx.Dtype | None = None, force: bool = False, log=None, progress=None,
-                  max_shard_size: str | int = "5GB") -> Path:
+                  max_shard_size: str | int = "5GB", allow_incompatible: bool = False) -> Path:
     """Quantize the hybrid checkpoint `src` (HF or VL layout) into the MLX folder `out`, in bounded memory;
     returns `out`. `dtype`: of scales and float tensors (default: the source's). `progress(done, total)` gets
-    output bytes written."""
+    output bytes written. `allow_incompatible`: write a model mlx-lm and MLX Swift would mis-build
+    (`loader_compatibility`), marked as qwen3-mlx's only."""
     spec = spec or QuantSpec()
     if spec.recipe != "uniform":
         raise QuantizeError("hybrid models are exported with the uniform recipe only (for now)")
@@ -49,37 +51,23 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
     _refuse_overlap(source, out)
     model = build_model(config)  # lazy: the plan of every output tensor, nothing materialised
+    marker = loader_compatibility(config, allow_incompatible)
     # Every source tensor as ours (sanitize's renames, conv transposes, folded norms, stacked experts): still
     # lazy, each read from disk only when its turn comes.
     lazy = model.sanitize(load_weights(source))
     check_weights(model, lazy)
     dtype = resolve_dtype(dtype) if dtype is not None else _source_dtype(lazy)
-    per_layer = {}
-    L, tied = model.args.num_hidden_layers, bool(model.args.tie_word_embeddings)
-
-    def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        q = spec.layer(path, L, tied)  # routers and shared-expert gates at 8 bits, as mlx-lm keeps them
-        if isinstance(q, dict):
-            per_layer[path] = {"group_size": q["group_size"], "bits": q["bits"]}
-        return q
-
-    nn.quantize(model, group_size=spec.group_size, bits=spec.bits, class_predicate=predicate)
     vl = mlx_lm_layout(config, {})[1]
-    modules = dict(model.named_modules())
-    units: dict[str, Unit] = {}
-    for name, p in tree_flatten(model.parameters()):
-        path, param = name.rsplit(".", 1)
-        # scales, biases, norms, conv and dt_bias in the source's dtype; A_log float32 (mlx-lm keeps it so)
-        out_dtype = mx.uint32 if p.dtype == mx.uint32 else mx.float32 if param == "A_log" else dtype
-        unit = units.setdefault(path, Unit(path, [], [], getattr(modules[path], "bits", 0),
-                                           getattr(modules[path], "group_size", 0)))
-        unit.outputs.append(OutTensor(mlx_lm_name(name, vl), out_dtype, tuple(p.shape)))
-    ordered = [units[k] for k in sorted(units, key=_layer_key)]
+    ungrouped: list[str] = []
+    # routers and shared-expert gates at 8 bits, as mlx-lm keeps them
+    quantization = {k if k in ("group_size", "bits", "mode") else mlx_lm_name(k, vl): v
+                    for k, v in quantize_model(model, spec=spec, ungrouped=ungrouped).items()}
+    if log and ungrouped:
+        log(float_note([mlx_lm_name(p, vl) for p in ungrouped], spec.group_size))
+    if log and marker:
+        log(f"warning: {out.name} loads in qwen3-mlx only: {marker['qwen3_mlx_only']}")
+    ordered = _units(model, dtype, vl)
     total, done = sum(u.nbytes for u in ordered), 0
-    quantization = {"group_size": spec.group_size, "bits": spec.bits, "mode": "affine",
-                    **{mlx_lm_name(k, vl): v for k, v in sorted(per_layer.items())}}
 
     def write(unit: Unit, writer: ShardWriter) -> None:
         nonlocal done
@@ -89,8 +77,47 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
             progress(done, total)
 
     write_folder(source, out, _split(ordered, parse_size(max_shard_size)), write,
-                 mlx_lm_layout(config, quantization)[0], log)
+                 {**mlx_lm_layout(config, quantization)[0], **marker}, log)
     return out
+
+
+def _units(model: nn.Module, dtype: mx.Dtype, vl: bool) -> list[Unit]:
+    """The quantized model's modules as output units in model order, tensors under mlx-lm's names."""
+    modules = dict(model.named_modules())
+    units: dict[str, Unit] = {}
+    for name, p in tree_flatten(model.parameters()):
+        path, param = name.rsplit(".", 1)
+        # scales, biases, norms, conv and dt_bias in the source's dtype; A_log float32 (mlx-lm keeps it so)
+        out_dtype = mx.uint32 if p.dtype == mx.uint32 else mx.float32 if param == "A_log" else dtype
+        unit = units.setdefault(path, Unit(path, [], [], getattr(modules[path], "bits", 0),
+                                           getattr(modules[path], "group_size", 0)))
+        unit.outputs.append(OutTensor(mlx_lm_name(name, vl), out_dtype, tuple(p.shape)))
+    return [units[k] for k in sorted(units, key=_layer_key)]
+
+
+def attention_interval(layer_types: list[str]) -> int | None:
+    """The `full_attention_interval` n that gives `layer_types` (layer i full attention exactly when (i + 1) % n
+    is 0), or None when no n does."""
+    for n in range(1, len(layer_types) + 1):
+        if all((t == "full_attention") == ((i + 1) % n == 0) for i, t in enumerate(layer_types)):
+            return n
+    return None
+
+
+def loader_compatibility(config: dict, allow_incompatible: bool) -> dict:
+    """What an export of `config` adds to its config.json for the loaders it cannot serve. mlx-lm and MLX Swift
+    build the layer kinds from `full_attention_interval` alone, ignoring `layer_types`; `mlx_lm_layout` writes the
+    interval that gives them. When none does, a QuantizeError, unless `allow_incompatible`: then a marker."""
+    kinds = (config.get("text_config") or config).get("layer_types")
+    if not kinds or attention_interval(kinds) is not None:
+        return {}
+    full = [i for i, t in enumerate(kinds) if t == "full_attention"]
+    why = (f"its layer_types (full attention at layers {full} of {len(kinds)}) follow no full_attention_interval, "
+           "from which mlx-lm and MLX Swift build the layer kinds: both would mis-build it")
+    if not allow_incompatible:
+        raise QuantizeError(f"cannot export a model mlx-lm and MLX Swift load: {why}; --allow-incompatible writes "
+                            "it anyway, for qwen3-mlx only")
+    return {"qwen3_mlx_only": why}
 
 
 def _write_module(unit: Unit, lazy: dict[str, mx.array], writer: ShardWriter) -> None:
@@ -136,6 +163,10 @@ def mlx_lm_layout(config: dict, quantization: dict) -> tuple[dict, bool]:
     (qwen3_5 / qwen3_5_moe: mlx-lm runs them as vision-language models whatever the checkpoint)."""
     text = {k: v for k, v in (config.get("text_config") or config).items()
             if k not in ("quantization", "quantization_config")}
+    if text.get("layer_types") and (n := attention_interval(text["layer_types"])):
+        text["full_attention_interval"] = n  # mlx-lm and MLX Swift build the layer kinds from it alone
+    # Swift reads it from the text config, and takes a missing one as false
+    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     rope = text.get("rope_parameters") or {}
     for key in ("rope_theta", "partial_rotary_factor"):  # transformers 5 nests them; mlx-lm reads them flat
         if key not in text and key in rope:
@@ -146,6 +177,6 @@ def mlx_lm_layout(config: dict, quantization: dict) -> tuple[dict, bool]:
         return {**text, **quant}, False
     top = {k: v for k, v in config.items()
            if "text_config" in config and k not in ("text_config", "vision_config", "quantization", "quantization_config")}
-    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     text["model_type"] = module + "_text"
-    return {**top, "model_type": module, "text_config": text, "tie_word_embeddings": bool(tied), **quant}, True
+    return {**top, "model_type": module, "text_config": text, "tie_word_embeddings": text["tie_word_embeddings"],
+            **quant}, True

@@ -78,8 +78,10 @@ class QuantSpec:
     def defaults(self) -> dict:
         return {"group_size": self.group_size, "bits": self.default_bits, "mode": self.mode}
 
-    def layer_bits(self, path: str, num_layers: int, tied: bool = False) -> int:
-        """Bits for the quantizable module at `path` (0 = left unquantized)."""
+    def layer_bits(self, path: str, num_layers: int, tied: bool = False, in_dims: int | None = None) -> int:
+        """Bits for the quantizable module at `path` (0 = left unquantized), whose rows are `in_dims` wide."""
+        if in_dims is not None and in_dims % self.group_size:
+            return 0  # no whole groups: left in float, as mlx-lm leaves such a layer
         mixed = self.recipe != "uniform"
         if path.endswith(("mlp.gate", "shared_expert_gate")):  # routers and Qwen3.5's shared-expert gates
             return self.router_bits
@@ -98,9 +100,9 @@ class QuantSpec:
                 return self.high_bits
         return self.default_bits
 
-    def layer(self, path: str, num_layers: int, tied: bool = False) -> bool | dict:
+    def layer(self, path: str, num_layers: int, tied: bool = False, in_dims: int | None = None) -> bool | dict:
         """What nn.quantize's predicate returns: True (defaults), an override dict, or False (unquantized)."""
-        bits = self.layer_bits(path, num_layers, tied)
+        bits = self.layer_bits(path, num_layers, tied, in_dims)
         if bits == 0:
             return False
         if bits == self.default_bits:
