@@ -1,10 +1,13 @@
 """Chat: cache reuse across turns (checked against a fresh prefill), the session, and the real `qwen3-mlx chat`
 driven in a pseudo-terminal and through a pipe."""
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -123,80 +126,131 @@ def test_save_load_roundtrip(tiny, tmp_path):
 # ---- the real command line -------------------------------------------------------------------------------------
 
 
-def spawn(path, *args):
+def sigint_state(pid: int) -> str:
+    """How process `pid` treats SIGINT, read from /proc: pending, blocked, ignored, caught."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError as e:
+        return f"SIGINT state unknown ({e})"
+    names = {"SigPnd": "pending", "ShdPnd": "pending (process)", "SigBlk": "blocked", "SigIgn": "ignored",
+             "SigCgt": "caught"}
+    masks = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in status.splitlines()) if k in names}
+    bit = 1 << (signal.SIGINT - 1)
+    return "SIGINT " + ", ".join(f"{name} {'yes' if masks.get(k, 0) & bit else 'no'}" for k, name in names.items())
+
+
+def expect(child, pattern, exact: bool = False):
+    """child.expect(pattern), failing with what the chat printed so far and how it treats SIGINT."""
+    try:
+        if exact:
+            return child.expect_exact(pattern)
+        return child.expect(pattern, searchwindowsize=4000)  # an unbounded stream is not searched from its start
+    except (pexpect.TIMEOUT, pexpect.EOF) as e:
+        seen = child.logfile_read.getvalue()
+        state = "exited" if isinstance(e, pexpect.EOF) else sigint_state(child.pid)
+        pytest.fail(f"the chat did not print {pattern!r} within {child.timeout} s ({type(e).__name__}; {state}); "
+                    f"it printed {len(seen)} characters, the last 2000:\n{seen[-2000:]}", pytrace=False)
+
+
+def foreground_job():
+    """SIGINT as a shell's foreground job gets it: default, not blocked."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def background_job():
+    """SIGINT as a shell without job control starts a background job (`python -m pytest &` in a script, which
+    every process the tests start then inherits): ignored; blocked as well, as a parent may leave it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+@contextmanager
+def chat_in_pty(path, *args, preexec_fn=None):
+    """`qwen3-mlx chat` in a pseudo-terminal, at its first prompt; killed on the way out, failed test or not."""
     env = dict(os.environ, TERM="xterm", NO_COLOR="")
     child = pexpect.spawn(
         sys.executable, ["-m", "qwen3_mlx", "chat", str(path), *args], env=env, encoding="utf-8", timeout=60,
-        dimensions=(40, 120),
+        dimensions=(40, 120), preexec_fn=preexec_fn,
     )
-    child.expect("/help for commands")
-    child.expect_exact(">>> ")
-    return child
+    child.logfile_read = io.StringIO()
+    try:
+        expect(child, "/help for commands")
+        expect(child, ">>> ", exact=True)
+        yield child
+    finally:
+        child.close(force=True)
 
 
 def test_chat_in_a_pty(tiny, tmp_path):
-    child = spawn(tiny.path, "--max-tokens", "6", "--seed", "0", "--no-think")
-    child.sendline("Hello!")
-    child.expect(r"6 tokens, [\d.]+ tok/s, first token [\d.]+ s \(prefilled \d+ of \d+ prompt tokens\), peak memory")
-    child.expect_exact(">>> ")
-    child.sendline("Tell me \\")  # a trailing backslash continues the message
-    child.expect_exact("... ")
-    child.sendline("more")
-    child.expect(r"prefilled (\d+) of (\d+) prompt tokens")
-    prefilled, total = map(int, child.match.groups())
-    assert prefilled < total  # the first turn came from the cache
-    for command, reply in [
-        ("/help", "/budget N|off"),
-        ("/think", "thinking on"),
-        ("/no_think", "thinking off"),
-        ("/budget 12", "thinking budget 12"),
-        ("/budget off", "thinking budget off"),
-        ("/budget soon", "usage: /budget N"),
-        ("/system Be terse.", "system prompt set"),
-        ("/show", "no reasoning"),
-        ("/stats", "turn 2: prompt"),
-        ("/frobnicate", "unknown command /frobnicate"),
-        ("/save", "usage: /save FILE"),
-        (f"/save {tmp_path / 'conv.json'}", "saved to"),
-    ]:
-        child.expect_exact(">>> ")
-        child.sendline(command)
-        child.expect_exact(reply)
-    saved = json.loads((tmp_path / "conv.json").read_text())
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2
-    assert saved["messages"][2]["content"] == "Tell me \nmore" and saved["system"] == "Be terse."
-    child.expect_exact(">>> ")
-    child.sendline("/reset")
-    child.expect_exact("conversation cleared")
-    child.expect_exact(">>> ")
-    child.sendline(f"/load {tmp_path / 'conv.json'}")
-    child.expect_exact("loaded 4 messages")
-    child.expect_exact(">>> ")
-    child.sendline("/quit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    with chat_in_pty(tiny.path, "--max-tokens", "6", "--seed", "0", "--no-think") as child:
+        child.sendline("Hello!")
+        expect(child, r"6 tokens, [\d.]+ tok/s, first token [\d.]+ s "
+                      r"\(prefilled \d+ of \d+ prompt tokens\), peak memory")
+        expect(child, ">>> ", exact=True)
+        child.sendline("Tell me \\")  # a trailing backslash continues the message
+        expect(child, "... ", exact=True)
+        child.sendline("more")
+        expect(child, r"prefilled (\d+) of (\d+) prompt tokens")
+        prefilled, total = map(int, child.match.groups())
+        assert prefilled < total  # the first turn came from the cache
+        for command, reply in [
+            ("/help", "/budget N|off"),
+            ("/think", "thinking on"),
+            ("/no_think", "thinking off"),
+            ("/budget 12", "thinking budget 12"),
+            ("/budget off", "thinking budget off"),
+            ("/budget soon", "usage: /budget N"),
+            ("/system Be terse.", "system prompt set"),
+            ("/show", "no reasoning"),
+            ("/stats", "turn 2: prompt"),
+            ("/frobnicate", "unknown command /frobnicate"),
+            ("/save", "usage: /save FILE"),
+            (f"/save {tmp_path / 'conv.json'}", "saved to"),
+        ]:
+            expect(child, ">>> ", exact=True)
+            child.sendline(command)
+            expect(child, reply, exact=True)
+        saved = json.loads((tmp_path / "conv.json").read_text())
+        assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 2
+        assert saved["messages"][2]["content"] == "Tell me \nmore" and saved["system"] == "Be terse."
+        expect(child, ">>> ", exact=True)
+        child.sendline("/reset")
+        expect(child, "conversation cleared", exact=True)
+        expect(child, ">>> ", exact=True)
+        child.sendline(f"/load {tmp_path / 'conv.json'}")
+        expect(child, "loaded 4 messages", exact=True)
+        expect(child, ">>> ", exact=True)
+        child.sendline("/quit")
+        expect(child, pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_answer_and_keeps_turn(tiny, tmp_path):
-    child = spawn(tiny.path, "--max-tokens", "100000", "--no-think", "--temperature", "1.5", "--top-k", "0", "--top-p", "1")
-    child.sendline("Write forever")
-    child.expect(r"\S{10}")  # the answer is streaming
-    child.sendintr()
-    child.expect(r"\(interrupted\)")
-    child.expect_exact(">>> ")
-    child.sendline(f"/save {tmp_path / 'c.json'}")
-    child.expect_exact("saved to")
-    saved = json.loads((tmp_path / "c.json").read_text())
-    assert saved["messages"][1]["role"] == "assistant" and saved["messages"][1]["content"]
-    child.expect_exact(">>> ")
-    child.sendintr()  # at the prompt: a hint, not an exit
-    child.expect_exact("Ctrl-D or /quit")
-    child.expect_exact(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+@pytest.mark.parametrize("started_as", [foreground_job, background_job], ids=["foreground", "background"])
+def test_ctrl_c_stops_answer_and_keeps_turn(tiny, tmp_path, started_as):
+    """Ctrl-C stops a 100,000-token answer, also when the chat was started with SIGINT ignored and blocked (it
+    was ignored then, and the answer streamed on)."""
+    args = ["--max-tokens", "100000", "--no-think", "--temperature", "1.5", "--top-k", "0", "--top-p", "1"]
+    with chat_in_pty(tiny.path, *args, preexec_fn=started_as) as child:
+        child.sendline("Write forever")
+        expect(child, "Write forever\r\n", exact=True)  # the echo: what follows is the answer
+        expect(child, r"\S{10}")  # the answer is streaming
+        child.sendintr()
+        expect(child, r"\(interrupted\)")
+        expect(child, ">>> ", exact=True)
+        child.sendline(f"/save {tmp_path / 'c.json'}")
+        expect(child, "saved to", exact=True)
+        saved = json.loads((tmp_path / "c.json").read_text())
+        assert saved["messages"][1]["role"] == "assistant" and saved["messages"][1]["content"]
+        expect(child, ">>> ", exact=True)
+        child.sendintr()  # at the prompt: a hint, not an exit
+        expect(child, "Ctrl-D or /quit", exact=True)
+        expect(child, ">>> ", exact=True)
+        child.sendeof()
+        expect(child, pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
 
 
 def test_chat_through_a_pipe(tiny):

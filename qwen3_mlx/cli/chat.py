@@ -148,6 +148,19 @@ def parse_budget(arg: str) -> int | None:
     return int(arg)
 
 
+def take_ctrl_c() -> None:
+    """Make Ctrl-C on the terminal reach the chat as KeyboardInterrupt (it stops an answer). A process can start
+    with SIGINT ignored or blocked, both kept through fork and exec by every descendant: a shell without job
+    control (a script, `cmd &`) starts its background jobs with SIGINT ignored. Python then leaves it ignored, and
+    ^C did nothing while an answer streamed. The interactive chat reads its input from this terminal, so the
+    terminal's Ctrl-C is meant for it."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def run_turn(session: ChatSession, term: Terminal, text: str) -> None:
     view = ReasoningView(term)
     show = ReasoningFilter()
@@ -255,6 +268,8 @@ def chat(
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits (/exit under
     mlx.launch, which does not pass Ctrl-D on)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        take_ctrl_c()
     term = Terminal(interactive)
     llm, tokenizer, options, cached = load_for_generation(model, options, source)
     if cached is not None:
