@@ -1,7 +1,5 @@
-// The kernels compiled for avx2 (see CMakeLists.txt for this file's target flags).
-#define Q3K_AVX2 1
-#include "kernels_impl.h"
+// The kernels for AVX2 (this file's target flags: CMakeLists.txt).
+#include "simd_avx2.h"
+#include "kernels_body.h"
 
-namespace q3k {
-const Kernels& kernels_avx2() { return avx2::table(); }
-}  // namespace q3k
+const q3k::Kernels& q3k::kernels_avx2() { return avx2::table(); }

@@ -1,7 +1,5 @@
-// The kernels compiled for avx512 (see CMakeLists.txt for this file's target flags).
-#define Q3K_AVX512 1
-#include "kernels_impl.h"
+// The kernels for AVX-512 (this file's target flags: CMakeLists.txt).
+#include "simd_avx512.h"
+#include "kernels_body.h"
 
-namespace q3k {
-const Kernels& kernels_avx512() { return avx512::table(); }
-}  // namespace q3k
+const q3k::Kernels& q3k::kernels_avx512() { return avx512::table(); }

@@ -1,7 +1,5 @@
-// The kernels compiled for generic (see CMakeLists.txt for this file's target flags).
-// No target flags: the portable body.
-#include "kernels_impl.h"
+// The portable kernels: no target flags, any platform.
+#include "simd_generic.h"
+#include "kernels_body.h"
 
-namespace q3k {
-const Kernels& kernels_generic() { return generic::table(); }
-}  // namespace q3k
+const q3k::Kernels& q3k::kernels_generic() { return generic::table(); }

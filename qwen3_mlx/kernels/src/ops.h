@@ -1,5 +1,8 @@
 // The operations the extension adds to MLX. Each is one Primitive (eval_cpu only: the Python side
-// routes GPU streams to MLX's own kernels), defined in the .cpp of the same name.
+// routes GPU streams to MLX's own kernels), defined in the .cpp of the same name except: the four
+// attentions in attention.cpp, gather_mm in gather_qmm.cpp, kv_append in kv_cache.cpp, route in
+// router.cpp, rms_norm in norm.cpp; read_bandwidth_gbs is in bandwidth.cpp, isa_name and threads
+// in matmul.cpp.
 #pragma once
 
 #include <optional>

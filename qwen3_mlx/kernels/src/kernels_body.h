@@ -1,219 +1,19 @@
-// The kernel bodies, included once per instruction set by kernels_<isa>.cpp, each compiled with its
-// own target flags. Only the small vector layer at the top differs between them.
+// The kernel bodies, written once against the vector layer of simd.h: each kernels_<isa>.cpp includes
+// its simd_<isa>.h, then this, and is compiled with that instruction set's flags.
 //
 // Numerics: float32 accumulation throughout. Quantized rows use, per group of gs values,
 //   sum_k x_k (s q_k + b) = s * sum_k x_k q_k + b * sum_k x_k
 // (gemv), or expand the weight to floats first (gemm); both equal MLX's quantized_matmul to float32
 // rounding.
-#include <cstdint>
+#pragma once
+
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include "kernels.h"
 
-#if defined(Q3K_AVX512)
-#include <immintrin.h>
-namespace q3k::avx512 {
-constexpr int W = 16;
-using VF = __m512;
-static inline VF vzero() { return _mm512_setzero_ps(); }
-static inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
-static inline VF vset1(float f) { return _mm512_set1_ps(f); }
-static inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
-static inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(VF v) {
-  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-// W packed bytes -> 2W 4-bit values: lo holds the low nibbles (even elements), hi the high (odd).
-static inline void dec4(const uint8_t* p, VF& lo, VF& hi) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-static inline VF dec8(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-// 4-bit decode by table: one 16-entry table per group holds s * q + b for q = 0..15, and vpermps
-// picks entries by the low 4 bits of each lane, so a nibble becomes its dequantized float in one
-// shuffle (no mask, no int->float convert; the ALU ports, not memory, bound the plain decode).
-constexpr bool kLut4 = true;
-static inline VF lut4(float s, float b) {
-  const VF q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_fmadd_ps(q, _mm512_set1_ps(s), _mm512_set1_ps(b));
-}
-// The same from a float32 (scale, bias) pair in memory (broadcast loads, no shuffle).
-static inline VF lut4m(const float* sb) {
-  const VF q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_fmadd_ps(q, _mm512_set1_ps(sb[0]), _mm512_set1_ps(sb[1]));
-}
-static inline void deq4(const uint8_t* p, VF lut, VF& lo, VF& hi) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_permutexvar_ps(v, lut);
-  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-}
-static inline VF decbf16(const uint16_t* p) {
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-// exp(x) to ~2 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (Cephes' coefficients).
-static inline VF vexp(VF x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const VF n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  VF r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  VF p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-static inline VF vdiv(VF a, VF b) { return _mm512_div_ps(a, b); }
-#define Q3K_NAME "avx512"
-#define Q3K_MR 6
-#define Q3K_NR 4
-// Flash attention micro-kernels: scores MR rows x NV key vectors, P@V MR rows x NV value vectors.
-#define Q3K_FS_MR 6
-#define Q3K_FS_NV 4
-#define Q3K_FV_MR 5
-#define Q3K_FV_NV 4
-#elif defined(Q3K_AVX2)
-#include <immintrin.h>
-namespace q3k::avx2 {
-constexpr int W = 8;
-using VF = __m256;
-static inline VF vzero() { return _mm256_setzero_ps(); }
-static inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
-static inline VF vset1(float f) { return _mm256_set1_ps(f); }
-static inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
-static inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
-static inline float vsum(VF v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-static inline void dec4(const uint8_t* p, VF& lo, VF& hi) {
-  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
-  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-}
-static inline VF dec8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-static inline VF decbf16(const uint16_t* p) {
-  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-static inline VF vexp(VF x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const VF n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  VF r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  VF p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-static inline VF vdiv(VF a, VF b) { return _mm256_div_ps(a, b); }
-constexpr bool kLut4 = false;
-struct NoLut {};
-static inline NoLut lut4(float, float) { return {}; }
-static inline NoLut lut4m(const float*) { return {}; }
-static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
-#define Q3K_NAME "avx2"
-#define Q3K_MR 4
-#define Q3K_NR 3
-#define Q3K_FS_MR 5
-#define Q3K_FS_NV 2
-#define Q3K_FV_MR 4
-#define Q3K_FV_NV 2
-#else
-// Portable C++: fixed-size loops the compiler vectorizes for whatever the target is (SSE2, NEON).
-namespace q3k::generic {
-constexpr int W = 8;
-struct VF {
-  float v[W];
-};
-static inline VF vzero() { return VF{}; }
-static inline VF vload(const float* p) {
-  VF r;
-  std::memcpy(r.v, p, sizeof(r.v));
-  return r;
-}
-static inline void vstore(float* p, VF v) { std::memcpy(p, v.v, sizeof(v.v)); }
-static inline VF vset1(float f) {
-  VF r;
-  for (int i = 0; i < W; ++i) r.v[i] = f;
-  return r;
-}
-static inline VF vadd(VF a, VF b) {
-  for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
-  return a;
-}
-static inline VF vfma(VF a, VF b, VF c) {
-  for (int i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i];
-  return c;
-}
-static inline float vsum(VF v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v.v[i];
-  return s;
-}
-static inline void dec4(const uint8_t* p, VF& lo, VF& hi) {
-  for (int i = 0; i < W; ++i) {
-    lo.v[i] = static_cast<float>(p[i] & 15);
-    hi.v[i] = static_cast<float>(p[i] >> 4);
-  }
-}
-static inline VF dec8(const uint8_t* p) {
-  VF r;
-  for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]);
-  return r;
-}
-static inline VF decbf16(const uint16_t* p) {
-  VF r;
-  for (int i = 0; i < W; ++i) {
-    uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-    std::memcpy(&r.v[i], &u, 4);
-  }
-  return r;
-}
-static inline VF vexp(VF x) {
-  for (int i = 0; i < W; ++i) x.v[i] = __builtin_expf(x.v[i] < 88.3f ? (x.v[i] > -87.3f ? x.v[i] : -87.3f) : 88.3f);
-  return x;
-}
-static inline VF vdiv(VF a, VF b) {
-  for (int i = 0; i < W; ++i) a.v[i] /= b.v[i];
-  return a;
-}
-constexpr bool kLut4 = false;
-struct NoLut {};
-static inline NoLut lut4(float, float) { return {}; }
-static inline NoLut lut4m(const float*) { return {}; }
-static inline void deq4(const uint8_t*, NoLut, VF&, VF&) {}
-#define Q3K_NAME "generic"
-#define Q3K_MR 2
-#define Q3K_NR 4
-#define Q3K_FS_MR 2
-#define Q3K_FS_NV 2
-#define Q3K_FV_MR 2
-#define Q3K_FV_NV 2
-#endif
-
+namespace q3k::Q3K_ISA {
 namespace {
 
 inline float bf16_to_float(uint16_t h) {
@@ -267,11 +67,12 @@ inline float* out_row(const MatArgs& a, int m) {
 
 // ---- decode: each weight row is read once and decoded in registers for up to MR activation rows ----
 
-// GS (the group size) is a template argument so the chunk loops unroll and no integer arithmetic is
-// left in them: scalar ops share ports with the vector decode, which is what bounds this kernel.
-template <int MR, class S, int GS>
-void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
+// 4- or 8-bit rows. GS (the group size) is a template argument so the chunk loops unroll and no integer
+// arithmetic is left in them: scalar ops share ports with the vector decode, which is what bounds this kernel.
+template <int MR, class S, int GS, int BITS>
+void gemv_q(const MatArgs& a, int n0, int n1, int m0) {
   constexpr int C = GS / (2 * W);  // chunks of 2W values per group
+  constexpr bool by_table = BITS == 4 && kLut4;
   const int G = a.K / GS;
   const float* xb[MR];
   for (int m = 0; m < MR; ++m) xb[m] = a.x + (m0 + m) * a.ldx;
@@ -285,14 +86,14 @@ void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
     // The row's scales and biases as float32 first: a broadcast from memory costs only a load, where
     // one from a register (after a bf16/f16 conversion) takes the shuffle port the decode needs.
     float sb[2 * kMaxGroups];
-    const bool staged = kLut4 && G <= kMaxGroups;
+    const bool staged = by_table && G <= kMaxGroups;
     if (staged)
       for (int g = 0; g < G; ++g)
         sb[2 * g] = S::get(a.scales, sg + g), sb[2 * g + 1] = a.biases ? S::get(a.biases, sg + g) : 0.f;
     for (int g = 0; g < G; ++g) {
-      const uint8_t* wg = wr + g * (GS / 2);
-      __builtin_prefetch(wg + kPrefetch);
-      if constexpr (kLut4) {
+      const uint8_t* wg = wr + g * (GS * BITS / 8);
+      __builtin_prefetch(wg + kPrefetch * BITS / 4);
+      if constexpr (by_table) {
         // Dequantize (MLX's s * q + b) and accumulate x * w directly.
         const auto lut = staged ? lut4m(sb + 2 * g)
                                 : lut4(S::get(a.scales, sg + g), a.biases ? S::get(a.biases, sg + g) : 0.f);
@@ -311,7 +112,11 @@ void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
         for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
         for (int c = 0; c < C; ++c) {
           VF lo, hi;
-          dec4(wg + c * W, lo, hi);
+          if constexpr (BITS == 4) {
+            dec4(wg + c * W, lo, hi);
+          } else {
+            lo = dec8(wg + c * 2 * W), hi = dec8(wg + c * 2 * W + W);
+          }
           for (int m = 0; m < MR; ++m) {
             const float* xr = xb[m] + g * GS + c * 2 * W;
             g0[m] = vfma(lo, vload(xr), g0[m]);
@@ -326,44 +131,7 @@ void gemv_q4(const MatArgs& a, int n0, int n1, int m0) {
         }
       }
     }
-    for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(vadd(acc0[m], acc1[m])) + bsum[m];
-  }
-}
-
-template <int MR, class S, int GS>
-void gemv_q8(const MatArgs& a, int n0, int n1, int m0) {
-  constexpr int C = GS / (2 * W);
-  const int G = a.K / GS;
-  const float* xb[MR];
-  for (int m = 0; m < MR; ++m) xb[m] = a.x + (m0 + m) * a.ldx;
-  const float* xs = a.xsum ? a.xsum + static_cast<int64_t>(m0) * G : nullptr;
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
-    const int64_t sg = static_cast<int64_t>(n) * G;
-    VF acc[MR];
-    float bsum[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = vzero(), bsum[m] = 0.f;
-    for (int g = 0; g < G; ++g) {
-      const uint8_t* wg = wr + g * GS;
-      __builtin_prefetch(wg + 2 * kPrefetch);
-      VF g0[MR], g1[MR];
-      for (int m = 0; m < MR; ++m) g0[m] = vzero(), g1[m] = vzero();
-      for (int c = 0; c < C; ++c) {
-        const VF q0 = dec8(wg + c * 2 * W), q1 = dec8(wg + c * 2 * W + W);
-        for (int m = 0; m < MR; ++m) {
-          const float* xr = xb[m] + g * GS + c * 2 * W;
-          g0[m] = vfma(q0, vload(xr), g0[m]);
-          g1[m] = vfma(q1, vload(xr + W), g1[m]);
-        }
-      }
-      const VF sv = vset1(S::get(a.scales, sg + g));
-      for (int m = 0; m < MR; ++m) acc[m] = vfma(sv, vadd(g0[m], g1[m]), acc[m]);
-      if (a.biases) {
-        const float bi = S::get(a.biases, sg + g);
-        for (int m = 0; m < MR; ++m) bsum[m] += bi * xs[m * G + g];
-      }
-    }
-    for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(acc[m]) + bsum[m];
+    for (int m = 0; m < MR; ++m) out_row(a, m0 + m)[n] = vsum(BITS == 4 ? vadd(acc0[m], acc1[m]) : acc0[m]) + bsum[m];
   }
 }
 
@@ -401,8 +169,8 @@ void gemv_float(const MatArgs& a, int n0, int n1, int m0) {
 
 template <int MR, class S, int GS>
 void gemv_quant(const MatArgs& a, int n0, int n1, int m0) {
-  if (a.wt == WType::Q4) return gemv_q4<MR, S, GS>(a, n0, n1, m0);
-  return gemv_q8<MR, S, GS>(a, n0, n1, m0);
+  if (a.wt == WType::Q4) return gemv_q<MR, S, GS, 4>(a, n0, n1, m0);
+  return gemv_q<MR, S, GS, 8>(a, n0, n1, m0);
 }
 
 template <int MR, class S>
@@ -617,43 +385,25 @@ void attend(const AttnArgs& a) {
 
 static_assert(kFlashKeys % (Q3K_FS_NV * W) == 0, "a key block is whole score micro-kernels");
 
-// s[m][0..kFlashKeys) = sum_d q[m][d] kt[d][..] for MR query rows against one transposed key block.
-template <int MR>
-void flash_scores(const float* q, int64_t ldq, const float* kt, int D, float* s) {
-  for (int j0 = 0; j0 < kFlashKeys; j0 += Q3K_FS_NV * W) {
-    VF acc[MR][Q3K_FS_NV];
+// c[m][0..n) = (ACC ? c[m][..] : 0) + sum_k a[m][k] b[k][..] for MR rows, n a multiple of NV * W: each
+// a[m][k] broadcast against NV vectors of b's row k. Scores: q against the transposed key block; P@V:
+// the block's probabilities against its value rows.
+template <int MR, int NV, bool ACC>
+void flash_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int K, float* c, int64_t ldc, int n) {
+  for (int j0 = 0; j0 < n; j0 += NV * W) {
+    VF acc[MR][NV];
     for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < Q3K_FS_NV; ++v) acc[m][v] = vzero();
-    for (int d = 0; d < D; ++d) {
-      VF kv[Q3K_FS_NV];
-      for (int v = 0; v < Q3K_FS_NV; ++v) kv[v] = vload(kt + d * kFlashKeys + j0 + v * W);
+      for (int v = 0; v < NV; ++v) acc[m][v] = ACC ? vload(c + m * ldc + j0 + v * W) : vzero();
+    for (int k = 0; k < K; ++k) {
+      VF bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + j0 + v * W);
       for (int m = 0; m < MR; ++m) {
-        const VF qv = vset1(q[m * ldq + d]);
-        for (int v = 0; v < Q3K_FS_NV; ++v) acc[m][v] = vfma(qv, kv[v], acc[m][v]);
+        const VF av = vset1(a[m * lda + k]);
+        for (int v = 0; v < NV; ++v) acc[m][v] = vfma(av, bv[v], acc[m][v]);
       }
     }
     for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < Q3K_FS_NV; ++v) vstore(s + m * kFlashKeys + j0 + v * W, acc[m][v]);
-  }
-}
-
-// o[m][0..Dp) += sum_c p[m][c] vp[c][..] over the block's bk keys (Dp a multiple of FV_NV * W).
-template <int MR>
-void flash_pv(const float* p, const float* vp, int Dp, int bk, float* o) {
-  for (int d0 = 0; d0 < Dp; d0 += Q3K_FV_NV * W) {
-    VF acc[MR][Q3K_FV_NV];
-    for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < Q3K_FV_NV; ++v) acc[m][v] = vload(o + m * Dp + d0 + v * W);
-    for (int c = 0; c < bk; ++c) {
-      VF vv[Q3K_FV_NV];
-      for (int v = 0; v < Q3K_FV_NV; ++v) vv[v] = vload(vp + c * Dp + d0 + v * W);
-      for (int m = 0; m < MR; ++m) {
-        const VF pv = vset1(p[m * kFlashKeys + c]);
-        for (int v = 0; v < Q3K_FV_NV; ++v) acc[m][v] = vfma(pv, vv[v], acc[m][v]);
-      }
-    }
-    for (int m = 0; m < MR; ++m)
-      for (int v = 0; v < Q3K_FV_NV; ++v) vstore(o + m * Dp + d0 + v * W, acc[m][v]);
+      for (int v = 0; v < NV; ++v) vstore(c + m * ldc + j0 + v * W, acc[m][v]);
   }
 }
 
@@ -670,13 +420,15 @@ void rows_by(int r0, int R, A... args) {
 template <int MR>
 struct ScoresRows {
   static void run(int r, const FlashArgs* a) {
-    flash_scores<MR>(a->q + static_cast<int64_t>(r) * a->D, a->D, a->kt, a->D, a->s + static_cast<int64_t>(r) * kFlashKeys);
+    flash_tile<MR, Q3K_FS_NV, false>(a->q + static_cast<int64_t>(r) * a->D, a->D, a->kt, kFlashKeys, a->D,
+                                     a->s + static_cast<int64_t>(r) * kFlashKeys, kFlashKeys, kFlashKeys);
   }
 };
 template <int MR>
 struct PVRows {
   static void run(int r, const FlashArgs* a, int bk) {
-    flash_pv<MR>(a->s + static_cast<int64_t>(r) * kFlashKeys, a->vp, a->Dp, bk, a->o + static_cast<int64_t>(r) * a->Dp);
+    flash_tile<MR, Q3K_FV_NV, true>(a->s + static_cast<int64_t>(r) * kFlashKeys, kFlashKeys, a->vp, a->Dp, bk,
+                                    a->o + static_cast<int64_t>(r) * a->Dp, a->Dp, a->Dp);
   }
 };
 
@@ -839,4 +591,4 @@ const Kernels& table() {
   return k;
 }
 
-}  // namespace q3k::(isa)
+}  // namespace q3k::Q3K_ISA
