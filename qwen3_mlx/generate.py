@@ -231,7 +231,6 @@ class Sequence:
         self.stop_ids = tokenizer.encode(BUDGET_STOP_TEXT) if budgeted else []
         params = options.sampling(load_generation_config(model, tokenizer))
         self.sample = Sampler(params, model.args.vocab_size, ids, options.seed)
-        self.constraint = options.constraint
         self.forced: deque[int] = deque()  # budget-stop tokens waiting to be handed out
         self.generated: list[int] = []  # every token handed out (sampled or forced)
         self.finish_reason: str | None = None
@@ -255,8 +254,8 @@ class Sequence:
             self.forced.extend(self.stop_ids)
             return self.ids[-1:] + self.stop_ids, len(self.stop_ids), None
         mask = None
-        if self.constraint is not None and not self.tracker.in_reasoning:
-            mask = self.constraint.mask()
+        if self.options.constraint is not None and not self.tracker.in_reasoning:
+            mask = self.options.constraint.mask()
             if self.options.enable_thinking and self.think_start is not None:
                 # Thinking on: the model opens <think> itself as its first token; the constraint starts after.
                 mask = mx.where(mx.arange(mask.shape[-1]) == self.think_start, 0.0, mask)
@@ -266,14 +265,14 @@ class Sequence:
         """Advance the constraint (if any) past a sampled `token` when it is an answer token. Call before
         `take(token)`, then `mask_after(token)` for the forward that feeds it."""
         tracker = self.tracker
-        if self.constraint is not None and not tracker.in_reasoning and not tracker.in_reasoning_after(token):
-            self.constraint.advance(token)
+        if self.options.constraint is not None and not tracker.in_reasoning and not tracker.in_reasoning_after(token):
+            self.options.constraint.advance(token)
 
     def mask_after(self, token: int) -> mx.array | None:
         """The logits mask of the forward that feeds `token` (None without a constraint or in the reasoning)."""
-        if self.constraint is None or self.tracker.in_reasoning_after(token):
+        if self.options.constraint is None or self.tracker.in_reasoning_after(token):
             return None
-        return self.constraint.mask()
+        return self.options.constraint.mask()
 
     def wants_more(self, token: int) -> bool:
         """Whether a sampled `token` (not yet taken) can be followed by another."""
@@ -369,7 +368,7 @@ def _plain(seq: Sequence, y: mx.array, forward) -> Iterator[GenerationResponse]:
     while True:
         if seq.forced:
             token, sampled = seq.forced.popleft(), False
-        elif seq.constraint is not None:
+        elif seq.options.constraint is not None:
             # The next mask depends on this token: take it, then queue the next step.
             token, sampled = int(y.item()), True
             seq.constrain(token)

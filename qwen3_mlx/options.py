@@ -126,8 +126,8 @@ class GenerationOptions:
                                     "KV cache cannot be quantized; leave out kv_bits")
             return self.replace(kv_group_size=fits[0])
         if self.kv_group_size not in KV_GROUP_SIZES or (head_dim and head_dim % self.kv_group_size):
-            raise Qwen3MLXError(f"kv_group_size must be 32, 64 or 128 and divide head_dim ({head_dim}), "
-                                f"got {self.kv_group_size}")
+            divides = f" and divide head_dim ({head_dim})" if head_dim else ""
+            raise Qwen3MLXError(f"kv_group_size must be 32, 64 or 128{divides}, got {self.kv_group_size}")
         return self
 
     def sampling(self, generation_config: dict | None = None) -> SamplingParams:

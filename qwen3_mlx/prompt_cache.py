@@ -19,8 +19,7 @@ import numpy as np
 
 from .errors import Qwen3MLXError
 from .kernels import QuantizedKV
-from .models.cache import (KVCache, QuantizedKVCache, RecurrentCache, common_prefix_length, reusable_prefix,
-                           truncate_cache)
+from .models.cache import KVCache, QuantizedKVCache, RecurrentCache, common_prefix_length, truncate_cache
 
 FORMAT = "qwen3-mlx-prompt-cache/1"
 
@@ -52,7 +51,7 @@ class PromptCache:
                 f"the prompt does not start with the {n} cached tokens (it differs from token {at} on); use the "
                 "same system prompt or document the cache was made from"
             )
-        return self.cache, truncate_cache(self.cache, reusable_prefix(self.tokens, prompt))
+        return self.cache, truncate_cache(self.cache, min(n, len(prompt) - 1))
 
 
 def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], system: str | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,10 @@ def save_hybrid(path, seed=0, tokenizer=False, moe=False, next_=False, **overrid
     if tokenizer:
         copy_tokenizer(path)
     return model
+
+
+def edit_config(folder: Path, fn) -> None:
+    """Rewrite `folder`'s config.json through `fn` (which edits the dict in place): a broken export, for checks."""
+    cfg = json.loads((folder / "config.json").read_text())
+    fn(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))

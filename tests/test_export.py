@@ -6,7 +6,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import dense_config, moe_config, save_checkpoint
+from helpers import dense_config, edit_config, moe_config, save_checkpoint
 from mlx.utils import tree_flatten
 
 from qwen3_mlx import load_model
@@ -69,17 +69,11 @@ def _copy(out, tmp_path):
     return dst
 
 
-def _edit_config(folder, fn):
-    cfg = json.loads((folder / "config.json").read_text())
-    fn(cfg)
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
 def test_checker_catches_missing_flat_key(export, tmp_path):
     name, _, out = export
     dst = _copy(out, tmp_path)
     key = "num_experts" if name.startswith("moe") else "tie_word_embeddings"
-    _edit_config(dst, lambda c: c.pop(key))
+    edit_config(dst, lambda c: c.pop(key))
     assert any(key in p for p in check_export(dst))
 
 
@@ -93,7 +87,7 @@ def test_checker_catches_undeclared_override(export, tmp_path):
         del c["quantization"][key]
         c["quantization_config"] = c["quantization"]
 
-    _edit_config(dst, drop)
+    edit_config(dst, drop)
     problems = check_export(dst)
     assert problems and any("imply" in p for p in problems)
 
@@ -115,7 +109,7 @@ def test_checker_catches_extra_and_missing_tensors(export, tmp_path):
 def test_checker_rejects_nested_rope_and_missing_template(export, tmp_path):
     _, _, out = export
     dst = _copy(out, tmp_path)
-    _edit_config(dst, lambda c: (c.pop("rope_theta"), c.update(rope_parameters={"rope_theta": 1e6})))
+    edit_config(dst, lambda c: (c.pop("rope_theta"), c.update(rope_parameters={"rope_theta": 1e6})))
     (dst / "chat_template.jinja").unlink()
     problems = check_export(dst)
     assert any("rope_theta" in p for p in problems)

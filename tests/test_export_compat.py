@@ -10,7 +10,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import moe_config, save_checkpoint, save_hybrid
+from helpers import edit_config, moe_config, save_checkpoint, save_hybrid
 
 from qwen3_mlx.fit import predict
 from qwen3_mlx.loader import load_config, load_model
@@ -205,12 +205,6 @@ def hybrid_export(tmp_path_factory):
     return out
 
 
-def _edit_config(folder, fn):
-    cfg = json.loads((folder / "config.json").read_text())
-    fn(cfg)
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
 def _edit_tensors(folder, fn):
     shard = next(folder.glob("*.safetensors"))
     tensors = dict(mx.load(str(shard)))
@@ -224,7 +218,7 @@ QUANTIZED = "language_model.model.layers.0.mlp.switch_mlp.up_proj"
 
 
 def _entry(path, value):
-    return lambda f: _edit_config(f, lambda c: [c[k].update({path: value})
+    return lambda f: edit_config(f, lambda c: [c[k].update({path: value})
                                                 for k in ("quantization", "quantization_config")])
 
 
@@ -234,16 +228,16 @@ RULES = {
     "conv1d in Hugging Face's layout": (lambda f: _edit_tensors(f, lambda t: t.update({CONV: t[CONV].swapaxes(1, 2)})),
                                         "Hugging Face's layout: Swift would transpose it and add 1 to every norm"),
     "tie_word_embeddings left to Swift's default": (
-        lambda f: _edit_config(f, lambda c: c["text_config"].pop("tie_word_embeddings")),
+        lambda f: edit_config(f, lambda c: c["text_config"].pop("tie_word_embeddings")),
         "text_config lacks flat key 'tie_word_embeddings'"),
-    "no quantization_config": (lambda f: _edit_config(f, lambda c: c.pop("quantization_config")),
+    "no quantization_config": (lambda f: edit_config(f, lambda c: c.pop("quantization_config")),
                                "quantization_config is not a copy of quantization"),
     "bits for a layer without scales": (_entry(FLOAT, {"bits": 4, "group_size": 64}),
                                         f"quantization[{FLOAT!r}] gives bits but there is no {FLOAT}.scales"),
     "false for a layer with scales": (_entry(QUANTIZED, False),
                                       f"{QUANTIZED} has scales but quantization[{QUANTIZED!r}] is false"),
     "layer kinds off the interval": (
-        lambda f: _edit_config(f, lambda c: c["text_config"].update(full_attention_interval=2)),
+        lambda f: edit_config(f, lambda c: c["text_config"].update(full_attention_interval=2)),
         "layer_types differ from the layer kinds full_attention_interval 2 builds"),
     "missing tensor": (lambda f: _edit_tensors(f, lambda t: t.pop("language_model.model.layers.0.linear_attn.A_log")),
                        "missing tensor language_model.model.layers.0.linear_attn.A_log"),

@@ -173,6 +173,10 @@ def test_the_group_size_left_open_is_picked_for_head_dim():
     chosen = generate(small, None, list(range(40)), max_tokens=6, temperature=0, kv_bits=8, kv_group_size=32,
                       ignore_eos=True).tokens
     assert picked == chosen
+    cache = make_cache(small)
+    generate(small, None, list(range(40)), max_tokens=2, temperature=0, kv_bits=8, prompt_cache=cache)
+    keys, _ = cache[0].state  # what mx.quantize gives for groups of 32 along head_dim 32: one scale a row
+    assert isinstance(cache[0], QuantizedKVCache) and keys.scales.shape[-1] == 1 and keys.words.shape[-1] == 32 * 8 // 32
     with pytest.raises(Qwen3MLXError, match="divide head_dim \\(32\\), got 64"):
         generate(small, None, [1, 2, 3], max_tokens=1, kv_bits=8, kv_group_size=64)
     with pytest.raises(Qwen3MLXError, match="no KV cache group size .* divides head_dim \\(48\\)"):

@@ -208,6 +208,12 @@ def test_errors_have_openai_shape_and_status(thinker_server):
         (s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}), 400),
         (s.post("/v1/chat/completions", {"messages": HI, "chat_template_kwargs": {"tools": []}}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 2}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "frequency_penalty": 0.5}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "logit_bias": {"1": 5}}), 400),
+        (s.post("/v1/chat/completions", {"messages": HI, "parallel_tool_calls": False}), 400),
+        (s.post("/v1/completions", {"prompt": "Hi", "logprobs": 2}), 400),
+        (s.post("/v1/completions", {"prompt": "Hi", "echo": True}), 400),
         (s.post("/v1/chat/completions", {"messages": HI}, key=None), 401),
         (s.post("/v1/chat/completions", {"messages": HI}, key="wrong"), 401),
         (s.post("/v1/chat/completions", {"model": "gpt-4", "messages": HI}), 404),
@@ -218,7 +224,8 @@ def test_errors_have_openai_shape_and_status(thinker_server):
         assert status == want, body
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
         assert "Traceback" not in body["error"]["message"]
-    assert "image_url content is not supported" in cases[-7][0][1]["error"]["message"]
+    assert "image_url content is not supported" in cases[-13][0][1]["error"]["message"]
+    assert all("not supported" in body["error"]["message"] for (_, body), _ in cases[-11:-5])
     with pytest.raises(openai.AuthenticationError):
         s.client(key="wrong").models.list()
 

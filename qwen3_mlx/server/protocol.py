@@ -123,6 +123,21 @@ _NUMBERS = {"temperature": ((int, float), 0, 2), "top_p": ((int, float), 0, 1), 
             "top_k": ((int,), 0, None), "thinking_budget": ((int,), 0, None)}
 
 
+# Fields of OpenAI's API this server does not implement yet: answered with a 400 when set to anything but their
+# default, never accepted and ignored (a client asking for logprobs must not get an answer without them).
+_UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
+                "logit_bias": (None,), "parallel_tool_calls": (None, True), "echo": (None, False),
+                "best_of": (None, 1), "suffix": (None, "")}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, defaults in _UNSUPPORTED.items():
+        value = body.get(name)
+        # bool is an int in Python: True must not pass for best_of 1, nor 0 for logprobs false's 0.
+        if value != {} and not any(value == d and isinstance(value, bool) == isinstance(d, bool) for d in defaults):
+            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})", param=name)
+
+
 def _prompt(body: dict, chat: bool) -> Any:
     if chat:
         return parse_messages(body.get("messages"))
@@ -173,6 +188,7 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
     if model is not None and model not in model_ids:
         raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
                        code="model_not_found")
+    _refuse_unsupported(body)
     prompt = _prompt(body, chat)
     fmt = _get(body, "response_format", (dict,))
     max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
