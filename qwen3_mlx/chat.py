@@ -112,8 +112,7 @@ class ChatSession:
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         """Render `messages` (with the generation prompt), trim the cache to the longest common prefix with it and
         return (all prompt ids, number reused). At least one token is always left to prefill."""
-        ids = prompt_tokens(self.tokenizer, messages, enable_thinking=self.options.enable_thinking,
-                            chat_template_kwargs=self.options.chat_template_kwargs)
+        ids = prompt_tokens(self.tokenizer, messages, self.options)
         reused = truncate_cache(self.cache, reusable_prefix(self.cached_tokens, ids))
         if self.draft_cache is not None:
             if truncate_cache(self.draft_cache, reused) < reused:  # the draft holds less: both start there

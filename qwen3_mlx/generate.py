@@ -86,7 +86,8 @@ def load_generation_config(model=None, tokenizer=None) -> dict:
 
 
 # Set by prompt_tokens itself, not through chat_template_kwargs.
-TEMPLATE_ARGUMENTS = frozenset({"messages", "tools", "enable_thinking", "add_generation_prompt", "documents"})
+TEMPLATE_ARGUMENTS = frozenset({"messages", "tools", "enable_thinking", "add_generation_prompt", "documents",
+                                "reasoning_effort"})
 
 
 def refuse_media(content, where: str) -> None:
@@ -100,10 +101,10 @@ def refuse_media(content, where: str) -> None:
                                     "language model only (text in, text out)")
 
 
-def prompt_tokens(tokenizer, prompt, enable_thinking: bool = True, tools: list[dict] | None = None,
-                  chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of a prompt given as text, token ids, or chat messages (see the module docstring).
-    `chat_template_kwargs`: more variables for the model's chat template (e.g. Qwen3.6's `preserve_thinking`)."""
+def prompt_tokens(tokenizer, prompt, options: GenerationOptions | None = None) -> list[int]:
+    """Token ids of a prompt given as text, token ids, or chat messages (see the module docstring). `options`
+    give the template its variables: `enable_thinking`, `tools`, `reasoning_effort`, `chat_template_kwargs`."""
+    options = options or GenerationOptions()
     if isinstance(prompt, str):
         if tokenizer is None:
             raise Qwen3MLXError("a text prompt needs a tokenizer")
@@ -116,15 +117,27 @@ def prompt_tokens(tokenizer, prompt, enable_thinking: bool = True, tools: list[d
             raise Qwen3MLXError("chat messages need a tokenizer")
         for i, m in enumerate(prompt):
             refuse_media(m.get("content"), f"message {i}")
-        extra = dict(chat_template_kwargs or {})
-        taken = sorted(set(extra) & TEMPLATE_ARGUMENTS)
-        if taken:
-            raise Qwen3MLXError(f"chat_template_kwargs cannot set {', '.join(taken)} (given by its own option)")
-        return tokenizer.encode(tokenizer.apply_chat_template(prompt, tools=tools, enable_thinking=enable_thinking,
-                                                              **extra))
+        return tokenizer.encode(tokenizer.apply_chat_template(prompt, tools=options.tools,
+                                                              enable_thinking=options.enable_thinking,
+                                                              **template_variables(tokenizer, options)))
     if all(isinstance(t, int) for t in prompt):
         return [int(t) for t in prompt]
     raise Qwen3MLXError("prompt must be a string, a list of token ids, or a list of chat messages")
+
+
+def template_variables(tokenizer, options: GenerationOptions) -> dict:
+    """The chat template's extra variables: `chat_template_kwargs`, and `reasoning_effort` for a template that
+    reads it (a template that does not would ignore it silently: refused instead)."""
+    extra = dict(options.chat_template_kwargs or {})
+    taken = sorted(set(extra) & TEMPLATE_ARGUMENTS)
+    if taken:
+        raise Qwen3MLXError(f"chat_template_kwargs cannot set {', '.join(taken)} (given by its own option)")
+    if options.reasoning_effort is not None:
+        if "reasoning_effort" not in tokenizer.template_source(options.tools):
+            raise Qwen3MLXError(f"this model's chat template does not read reasoning_effort (given "
+                                f"{options.reasoning_effort!r}); leave it out")
+        extra["reasoning_effort"] = options.reasoning_effort
+    return extra
 
 
 class SegmentTracker:
@@ -208,8 +221,7 @@ class Sequence:
     def __init__(self, model, tokenizer, prompt, options: GenerationOptions, prompt_cache: list | None = None):
         self.tic = time.perf_counter()
         self.options = options
-        ids = prompt_tokens(tokenizer, prompt, enable_thinking=options.enable_thinking, tools=options.tools,
-                            chat_template_kwargs=options.chat_template_kwargs)
+        ids = prompt_tokens(tokenizer, prompt, options)
         if not ids:
             raise Qwen3MLXError("the prompt is empty")
         self.ids, self.prefill = ids, ids[:-1]

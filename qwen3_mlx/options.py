@@ -53,6 +53,20 @@ class GenerationOptions:
     # The prompt's rendering (messages prompts only).
     tools: tuple | list | None = _opt(None, "Tool schemas for the chat template (OpenAI's function form).")
     chat_template_kwargs: dict | None = _opt(None, "More variables for the model's chat template.")
+    reasoning_effort: str | None = _opt(
+        None, "The chat template's reasoning_effort (Qwen3.8: xhigh, medium, low); refused by templates without it.",
+        "--reasoning-effort")
+    # Tool calls: with `tools`, every call the model opens is held to a declared tool and its schema.
+    tool_choice: str | dict = _opt(
+        "auto", "auto (calls optional, each one valid), required (one or more calls), none (no call), or a tool's "
+        "name (a call of it); OpenAI's {type: function, function: {name}} form is accepted too.", "--tool-choice")
+    parallel_tool_calls: bool = _opt(True, "Allow more than one tool call in an answer.")
+    response_format: dict | None = _opt(
+        None, "OpenAI's response_format: {type: json_object} or {type: json_schema, json_schema: {schema}} holds "
+        "the answer to JSON (the reasoning stays free).")
+    logprobs: int | None = _opt(
+        None, "Report each sampled token's log probability and this many (0 to 20) most likely alternatives, from "
+        "the model's distribution before any filter (GenerationResponse.logprobs).")
     # Stopping and constraints.
     ignore_eos: bool = _opt(False, "Generate exactly max_tokens tokens.")
     constraint: Any = _opt(

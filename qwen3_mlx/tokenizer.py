@@ -193,6 +193,19 @@ class Tokenizer:
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 
+    def template_source(self, tools: list[dict] | None = None) -> str:
+        """The chat template's text (the tool-use one of a named set when `tools` are given; "" without one)."""
+        template = self.chat_template
+        if isinstance(template, dict):
+            template = (tools and template.get("tool_use")) or template.get("default")
+        return template or ""
+
+    @property
+    def tool_call_form(self) -> str:
+        """How this model writes a tool call, read off its template: "xml" (Qwen3.5 / 3.6:
+        `<function=NAME><parameter=KEY>`) or "json" (Qwen3: `{"name": ..., "arguments": ...}`)."""
+        return "xml" if "<function=" in self.template_source([{}]) else "json"
+
     def apply_chat_template(
         self,
         messages: list[dict],
@@ -203,9 +216,7 @@ class Tokenizer:
     ) -> str:
         """Render a conversation with the model's own template, exactly as transformers' `apply_chat_template`
         (tokenize=False) does for the same arguments. Extra keyword arguments are passed to the template."""
-        template = self.chat_template
-        if isinstance(template, dict):
-            template = (tools and template.get("tool_use")) or template.get("default")
+        template = self.template_source(tools)
         if not template:
             raise ChatTemplateError(f"{self.path} has no chat template (tokenizer_config.json or chat_template.jinja)")
         if not messages:

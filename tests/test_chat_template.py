@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from qwen3_mlx.options import GenerationOptions
 from qwen3_mlx.tokenizer import ChatTemplateError, Tokenizer
 
 WEATHER = {
@@ -211,11 +212,13 @@ def test_extra_template_variables_pass_through_as_in_transformers(tmp_path, toke
     for preserve in (True, False):
         want = reference.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True,
                                              preserve_thinking=preserve)
-        assert prompt_tokens(ours, messages, chat_template_kwargs={"preserve_thinking": preserve}) == want
-    assert "Add." in ours.decode(prompt_tokens(ours, messages, chat_template_kwargs={"preserve_thinking": True}))
+        kwargs = GenerationOptions(chat_template_kwargs={"preserve_thinking": preserve})
+        assert prompt_tokens(ours, messages, kwargs) == want
+    preserve = GenerationOptions(chat_template_kwargs={"preserve_thinking": True})
+    assert "Add." in ours.decode(prompt_tokens(ours, messages, preserve))
     assert "Add." not in ours.decode(prompt_tokens(ours, messages))
     with pytest.raises(Qwen3MLXError, match="cannot set enable_thinking"):
-        prompt_tokens(ours, messages, chat_template_kwargs={"enable_thinking": False})
+        prompt_tokens(ours, messages, GenerationOptions(chat_template_kwargs={"enable_thinking": False}))
 
 
 def test_image_content_is_refused_with_a_clear_error(ours):

@@ -227,7 +227,7 @@ def test_the_server_engine_batches_quantized_caches_exactly_as_generate_alone(tm
     async def run():
         engine = Engine(model, tokenizer, max_concurrency=6, prompt_cache_bytes=0)
         loop = asyncio.get_running_loop()
-        jobs = [Job(prompt_tokens(tokenizer, p, enable_thinking=o["enable_thinking"]), GenerationOptions(**o, **kv), loop)
+        jobs = [Job(prompt_tokens(tokenizer, p, GenerationOptions(enable_thinking=o["enable_thinking"])), GenerationOptions(**o, **kv), loop)
                 for p, o in zip(prompts, options)]
         for j in jobs:
             engine.submit(j)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import REAL_VOCAB, save_hybrid, text_config
+from qwen3_mlx.options import GenerationOptions
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     torch_model = save_hybrid(tmp_path, tokenizer=True, vocab_size=REAL_VOCAB)
     model, tokenizer = load(tmp_path)
     messages = [{"role": "user", "content": "Write a haiku about the sea."}]
-    ids = prompt_tokens(tokenizer, messages, enable_thinking=False)
+    ids = prompt_tokens(tokenizer, messages, GenerationOptions(enable_thinking=False))
     with torch.no_grad():
         ref = torch_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
@@ -316,7 +317,7 @@ def test_server_prefix_cache_hits_on_a_hybrid(hybrid_real_vocab):
         loop = asyncio.get_running_loop()
 
         async def one(p):
-            job = Job(prompt_tokens(tokenizer, p, enable_thinking=False), GenerationOptions(**options), loop)
+            job = Job(prompt_tokens(tokenizer, p, GenerationOptions(enable_thinking=False)), GenerationOptions(**options), loop)
             engine.submit(job)
             out = []
             while True:

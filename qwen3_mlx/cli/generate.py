@@ -86,8 +86,7 @@ def generate(
     if cached is not None:
         from ..generate import prompt_tokens
 
-        ids = prompt_tokens(tokenizer, messages, enable_thinking=options.enable_thinking,
-                            chat_template_kwargs=options.chat_template_kwargs)
+        ids = prompt_tokens(tokenizer, messages, options)
         cache, reused = cached.take(ids)
         rest = ids[reused:]
     last = show_stream(stream_generate(llm, tokenizer, rest, options, prompt_cache=cache), hide_thinking)

@@ -54,9 +54,7 @@ class Completions:
 
     def prompt_ids(self, req: Request) -> list[int]:
         try:
-            o = req.options
-            ids = prompt_tokens(self.tokenizer, req.prompt, enable_thinking=o.enable_thinking, tools=o.tools,
-                                chat_template_kwargs=o.chat_template_kwargs)
+            ids = prompt_tokens(self.tokenizer, req.prompt, req.options)
         except Qwen3MLXError as e:
             raise ApiError(400, str(e)) from None
         if not ids:
