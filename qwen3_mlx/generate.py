@@ -27,7 +27,7 @@ import mlx.core as mx
 from .errors import Qwen3MLXError
 from .models.cache import make_cache, quantize_cache, truncate_cache
 from .options import GenerationOptions, as_options
-from .sample import Sampler
+from .sample import Draw, Sampler, TokenLogprobs
 from .tools import ToolCall, parse_tool_calls
 
 # Qwen's early-stop text for a thinking budget (Qwen3 README): it closes the reasoning and the answer follows.
@@ -53,6 +53,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     draft_tokens: int = 0  # with a draft model: tokens it proposed so far, and how many the target kept
     accepted_tokens: int = 0
+    logprobs: TokenLogprobs | None = None  # with the logprobs option, for sampled tokens (not forced ones)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class GenerationResult:
     answer: str  # after </think> (or everything, when there was no reasoning)
     tool_calls: list[ToolCall] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # generated ids, eos included
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token, with the logprobs option
     finish_reason: str | None = None
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
@@ -239,10 +241,16 @@ class Sequence:
         self.think_start = getattr(tokenizer, "think_start_id", None)
         self.tracker = SegmentTracker(self.think_start, getattr(tokenizer, "think_end_id", None), ids)
         self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        from .grammar import constraint_for
+
+        self.constraint = constraint_for(tokenizer, options, model.args.vocab_size)
+        stop_text = BUDGET_STOP_TEXT
+        if self.constraint is not None:  # the constraint decides what follows </think>
+            stop_text = stop_text[: stop_text.index("</think>") + len("</think>")]
         budgeted = tokenizer is not None and options.thinking_budget is not None
-        self.stop_ids = tokenizer.encode(BUDGET_STOP_TEXT) if budgeted else []
+        self.stop_ids = tokenizer.encode(stop_text) if budgeted else []
         params = options.sampling(load_generation_config(model, tokenizer))
-        self.sample = Sampler(params, model.args.vocab_size, ids, options.seed)
+        self.sample = Sampler(params, model.args.vocab_size, ids, options.seed, options.logprobs)
         self.forced: deque[int] = deque()  # budget-stop tokens waiting to be handed out
         self.generated: list[int] = []  # every token handed out (sampled or forced)
         self.finish_reason: str | None = None
@@ -264,10 +272,10 @@ class Sequence:
         """(tokens, how many of them count as generated output, logits mask) of the forward after the prefill."""
         if self.budget_reached():  # the prompt left <think> open and the budget is 0
             self.forced.extend(self.stop_ids)
-            return self.ids[-1:] + self.stop_ids, len(self.stop_ids), None
+            return self.ids[-1:] + self.stop_ids, len(self.stop_ids), self.mask_after(self.stop_ids[-1])
         mask = None
-        if self.options.constraint is not None and not self.tracker.in_reasoning:
-            mask = self.options.constraint.mask()
+        if self.constraint is not None and not self.tracker.in_reasoning:
+            mask = self.constraint.mask()
             if self.options.enable_thinking and self.think_start is not None:
                 # Thinking on: the model opens <think> itself as its first token; the constraint starts after.
                 mask = mx.where(mx.arange(mask.shape[-1]) == self.think_start, 0.0, mask)
@@ -277,20 +285,20 @@ class Sequence:
         """Advance the constraint (if any) past a sampled `token` when it is an answer token. Call before
         `take(token)`, then `mask_after(token)` for the forward that feeds it."""
         tracker = self.tracker
-        if self.options.constraint is not None and not tracker.in_reasoning and not tracker.in_reasoning_after(token):
-            self.options.constraint.advance(token)
+        if self.constraint is not None and not tracker.in_reasoning and not tracker.in_reasoning_after(token):
+            self.constraint.advance(token)
 
     def mask_after(self, token: int) -> mx.array | None:
         """The logits mask of the forward that feeds `token` (None without a constraint or in the reasoning)."""
-        if self.options.constraint is None or self.tracker.in_reasoning_after(token):
+        if self.constraint is None or self.tracker.in_reasoning_after(token):
             return None
-        return self.options.constraint.mask()
+        return self.constraint.mask()
 
     def wants_more(self, token: int) -> bool:
         """Whether a sampled `token` (not yet taken) can be followed by another."""
         return len(self.generated) + 1 < self.options.max_tokens and token not in self.eos
 
-    def take(self, token: int, sampled: bool = True) -> GenerationResponse:
+    def take(self, token: int, sampled: bool = True, logprobs: TokenLogprobs | None = None) -> GenerationResponse:
         """Hand out the next token (sampled, or forced by the budget): its text, segment and finish. When it
         starts the thinking budget's stop text, `forced` fills with `stop_ids`, to feed next."""
         self.generated.append(token)
@@ -316,7 +324,7 @@ class Sequence:
             text=text, token=token, segment=segment, finish_reason=finish, prompt_tokens=len(self.ids),
             prompt_tps=self._prompt_tps, generation_tokens=n,
             generation_tps=(n - 1) / (now - self._t_first) if n > 1 and now > self._t_first else 0.0,
-            time_to_first_token=self._ttft, peak_memory=mx.get_peak_memory() / 1e9,
+            time_to_first_token=self._ttft, peak_memory=mx.get_peak_memory() / 1e9, logprobs=logprobs,
         )
 
 
@@ -338,12 +346,12 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
     options = as_options(options, overrides).validate(getattr(model, "args", None))
     seq = Sequence(model, tokenizer, prompt, options, prompt_cache)
 
-    def forward(tokens, n_generated: int, mask=None) -> mx.array:
+    def forward(tokens, n_generated: int, mask=None) -> Draw:
         seq.quantize_cache()
         inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
         logits = model(inputs[None], seq.cache)[:, -1, :]
         y = seq.sample(logits, inputs, n_generated, mask)
-        mx.async_eval(y)
+        mx.async_eval(y.arrays())
         return y
 
     spec = None
@@ -376,25 +384,25 @@ def _prefill(model, seq: Sequence, spec) -> None:
             mx.eval([c.state for c in spec.dcache])
 
 
-def _plain(seq: Sequence, y: mx.array, forward) -> Iterator[GenerationResponse]:
+def _plain(seq: Sequence, y: Draw, forward) -> Iterator[GenerationResponse]:
     while True:
         if seq.forced:
             token, sampled = seq.forced.popleft(), False
-        elif seq.options.constraint is not None:
+        elif seq.constraint is not None:
             # The next mask depends on this token: take it, then queue the next step.
-            token, sampled = int(y.item()), True
+            token, sampled = int(y.token.item()), True
             seq.constrain(token)
             if seq.wants_more(token):
-                next_y = forward(y, 1, seq.mask_after(token))
+                next_y = forward(y.token, 1, seq.mask_after(token))
         else:
             if len(seq.generated) + 1 < seq.options.max_tokens:
                 # Queue the next step before handing this token out: the model works while the caller prints.
-                next_y = forward(y, 1)
-            token, sampled = int(y.item()), True
-        response = seq.take(token, sampled)
+                next_y = forward(y.token, 1)
+            token, sampled = int(y.token.item()), True
+        response = seq.take(token, sampled, y.read_logprobs() if sampled else None)
         if sampled and seq.forced:
             # The queued step fed `token` into the cache; its sampled output is dropped in favour of the stop text.
-            next_y = forward(seq.stop_ids, len(seq.stop_ids))
+            next_y = forward(seq.stop_ids, len(seq.stop_ids), seq.mask_after(seq.stop_ids[-1]))
         yield response
         if response.finish_reason is not None:
             return
@@ -412,14 +420,14 @@ def _speculative(seq: Sequence, spec, y: mx.array, forward, feed) -> Iterator[Ge
         held = truncate_cache(seq.cache, seq.base + upto) - seq.base
         if held < upto:
             feed(tokens[held:upto])
-        return int(forward(seq.stop_ids, len(seq.stop_ids)).item())
+        return int(forward(seq.stop_ids, len(seq.stop_ids)).token.item())
 
     try:
         while seq.forced:  # the prompt left <think> open and the budget is 0
             yield seq.take(seq.forced.popleft(), sampled=False)
             if seq.finish_reason is not None:
                 return
-        for token, sampled in speculative_tokens(spec, int(y.item()), stop_forward):
+        for token, sampled in speculative_tokens(spec, int(y.token.item()), stop_forward):
             response = seq.take(token, sampled)
             response.draft_tokens, response.accepted_tokens = spec.proposed, spec.accepted
             yield response
@@ -441,13 +449,16 @@ def generate(model, tokenizer, prompt, options: GenerationOptions | None = None,
     pieces = {"reasoning": [], "answer": []}
     text: list[str] = []
     tokens: list[int] = []
+    logprobs = []
     last = None
     for last in stream_generate(model, tokenizer, prompt, options, prompt_cache=prompt_cache, draft_cache=draft_cache):
         tokens.append(last.token)
+        logprobs.append(last.logprobs)
         text.append(last.text)
         pieces[last.segment].append(last.text)
     reasoning, answer = tidy_segments("".join(pieces["reasoning"]), "".join(pieces["answer"]))
     stats = {name: getattr(last, name) for name in ("finish_reason", "prompt_tokens", "prompt_tps", "generation_tokens",
                                                     "generation_tps", "time_to_first_token", "peak_memory")}
     return GenerationResult(text="".join(text), reasoning=reasoning, answer=answer, tokens=tokens,
+                            logprobs=logprobs if options.logprobs is not None else [],
                             tool_calls=parse_tool_calls(answer, options.tools), **(stats if last else {}))

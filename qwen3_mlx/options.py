@@ -109,19 +109,27 @@ class GenerationOptions:
         ):
             if not check:
                 raise Qwen3MLXError(f"{name} must be {need}, got {getattr(self, name)}")
-        if self.constraint is not None and self.thinking_budget is not None:
-            # The budget's closing text ends in the answer segment, where the constraint would not allow it.
-            raise Qwen3MLXError("a constraint cannot be combined with thinking_budget yet")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise Qwen3MLXError(f"logprobs must be 0 to 20 alternatives, got {self.logprobs}")
         if self.draft_model is not None:
             if self.presence_penalty or self.repetition_penalty not in (None, 1.0):
                 raise Qwen3MLXError("a draft model cannot be combined with presence or repetition penalties yet")
-            if self.constraint is not None:
-                raise Qwen3MLXError("a draft model cannot be combined with a response_format constraint yet")
+            if self.constrained:
+                raise Qwen3MLXError("a draft model cannot be combined with tools or a response_format yet (their "
+                                    "grammar masks each token)")
+            if self.logprobs is not None:
+                raise Qwen3MLXError("a draft model cannot be combined with logprobs yet")
             if model_args is not None:
                 from .speculative import check_draft
 
                 check_draft(model_args, self.draft_model.args)
         return self._validate_kv(model_args)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the answer is held to a grammar: a constraint, a response_format, or tools (whose calls are)."""
+        fmt = (self.response_format or {}).get("type")
+        return self.constraint is not None or bool(self.tools) or fmt not in (None, "text")
 
     def _validate_kv(self, model_args) -> GenerationOptions:
         """Check the KV cache options; returns them with the group size resolved when none was chosen."""

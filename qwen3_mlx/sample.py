@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 NEG_INF = float("-inf")
 
@@ -176,12 +177,52 @@ class RepetitionPenalty(PresencePenalty):
         return apply_repetition_penalty(logits, self.seen, self.penalty)
 
 
-class Sampler:
-    """One sequence's sampling: its processors (penalties) and its random stream (from `seed`, or MLX's global
-    one without a seed)."""
+def token_logprobs(logits: mx.array, token: mx.array, top: int) -> tuple[mx.array, ...]:
+    """The log probability of `token` [1] under `logits` [1, vocab] (log-softmax, float32), and the `top` most
+    likely ids with theirs (unordered): (logprob [1], ids [top], logprobs [top])."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logp, token.reshape(-1, 1).astype(mx.int32), axis=-1).reshape(-1)
+    if not top:
+        return (chosen,)
+    ids = mx.argpartition(-logp, top - 1, axis=-1)[..., :top].reshape(-1)
+    return chosen, ids, logp.reshape(-1)[ids]
 
-    def __init__(self, params: SamplingParams, vocab: int, prompt: list[int], seed: int | None = None):
+
+@dataclass
+class TokenLogprobs:
+    """A token's log probability under the model's distribution (before any penalty, filter or mask) and the
+    most likely tokens at its position, most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Draw:
+    """One sampling: the token [1] and, when asked for, the arrays of its log probabilities (`token_logprobs`)."""
+
+    token: mx.array
+    logprobs: tuple[mx.array, ...] | None = None
+
+    def arrays(self) -> list[mx.array]:
+        return [self.token, *(self.logprobs or ())]
+
+    def read_logprobs(self) -> TokenLogprobs | None:
+        if self.logprobs is None:
+            return None
+        chosen, *top = self.logprobs
+        pairs = zip(np.array(top[0]).tolist(), np.array(top[1]).tolist()) if top else ()
+        return TokenLogprobs(float(chosen.item()), sorted(pairs, key=lambda p: (-p[1], p[0])))
+
+
+class Sampler:
+    """One sequence's sampling: its processors (penalties), its random stream (from `seed`, or MLX's global
+    one without a seed), and with `top_logprobs` (0 or more) the log probabilities of each draw."""
+
+    def __init__(self, params: SamplingParams, vocab: int, prompt: list[int], seed: int | None = None,
+                 top_logprobs: int | None = None):
         self.params = params
+        self.top_logprobs = top_logprobs
         self.key = mx.random.key(seed) if seed is not None else None
         self.processors: list[Processor] = []
         if params.presence_penalty:
@@ -196,16 +237,19 @@ class Sampler:
         self.key, sub = mx.random.split(self.key)
         return sub
 
-    def __call__(self, logits: mx.array, fed, n_generated: int, mask: mx.array | None = None) -> mx.array:
-        """The next token [1] from the last position's logits [1, vocab] of a forward that fed `fed` (token list
+    def __call__(self, logits: mx.array, fed, n_generated: int, mask: mx.array | None = None) -> Draw:
+        """The next token from the last position's logits [1, vocab] of a forward that fed `fed` (token list
         or array), whose last `n_generated` are output; `mask` (a constraint's, additive) is applied first."""
         if n_generated and self.processors:
             new = (mx.array(fed) if isinstance(fed, list) else fed.reshape(-1))[-n_generated:]
             for p in self.processors:
                 p.observe(new)
-        logits = logits.astype(mx.float32)
+        raw = logits = logits.astype(mx.float32)
         if mask is not None:
             logits = logits + mask
         for p in self.processors:
             logits = p(logits)
-        return sample(logits, self.params, self.next_key())
+        token = sample(logits, self.params, self.next_key())
+        if self.top_logprobs is None:
+            return Draw(token)
+        return Draw(token, token_logprobs(raw, token, self.top_logprobs))

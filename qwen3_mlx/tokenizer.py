@@ -186,6 +186,16 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for (part of a character, for a split multi-byte one); b"" if unknown."""
+        piece = self._tok.id_to_token(i)
+        if piece is None:
+            return b""
+        table = _byte_decoder()
+        if all(c in table for c in piece):  # a byte-level BPE piece
+            return bytes(table[c] for c in piece)
+        return piece.encode()  # an added token, stored as its text
+
     def to_json(self) -> str:
         """The tokenizer as tokenizer.json text (what grammar libraries build their token tables from)."""
         return self._tok.to_str()
@@ -251,6 +261,15 @@ class Tokenizer:
             raise ChatTemplateError(f"the chat template tried something unsafe: {e}") from None
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"the chat template refused the conversation: {e}") from None
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's map from a piece's characters back to bytes: printable bytes stand for
+    themselves, the others for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
 
 class StreamingDetokenizer:

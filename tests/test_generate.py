@@ -272,8 +272,21 @@ def test_constraint_masks_the_answer_not_the_reasoning(tok):
     tokens = [r.token for r in responses]
     assert tokens == [THINK, hmm, hmm, END_THINK] + target  # reasoning as the model wanted, the answer as forced
     assert constraint.seen == target and responses[-1].finish_reason == "stop"
-    with pytest.raises(Qwen3MLXError, match="thinking_budget"):
-        list(stream_generate(ScriptedModel(rule), tok, "x", constraint=ScriptedConstraint(target), thinking_budget=3))
+
+
+def test_thinking_budget_and_constraint_together(tok):
+    """The budget cuts the reasoning with Qwen's stop text up to </think>; what follows is the constraint's."""
+    from qwen3_mlx.generate import BUDGET_STOP_TEXT
+
+    hmm = tok.encode(" hmm")[0]
+    target = tok.encode("ok!") + [IM_END]
+    constraint = ScriptedConstraint(target)
+    tokens = [r.token for r in stream_generate(ScriptedModel(lambda fed: hmm if THINK in fed else THINK), tok,
+                                               [{"role": "user", "content": "x"}], max_tokens=80,
+                                               constraint=constraint, thinking_budget=3)]
+    stop = tok.encode(BUDGET_STOP_TEXT[: BUDGET_STOP_TEXT.index("</think>") + len("</think>")])
+    assert stop[-1] == END_THINK
+    assert tokens == [THINK, hmm, hmm] + stop + target and constraint.seen == target
 
 
 @pytest.mark.parametrize("n", [0, 1, 8, 63, 64, 130, 511, 512, 513, 600, 1100, 1535])

@@ -31,6 +31,7 @@ from ..errors import Qwen3MLXError
 from ..generate import Sequence, prefill_plan, split_at
 from ..models.cache import batch_cache, make_cache, reusable_prefix, truncate_cache
 from ..options import GenerationOptions
+from ..sample import Draw
 from .protocol import ApiError
 
 
@@ -98,7 +99,7 @@ class _Running:
     def __init__(self, job: Job, seq: Sequence, work: list[_Forward]):
         self.job, self.seq = job, seq
         self.work: deque[_Forward] = deque(work)
-        self.y: mx.array | None = None  # the sampled next token, not yet handed out
+        self.y: Draw | None = None  # the sampled next token, not yet handed out
 
 
 class Engine:
@@ -209,7 +210,7 @@ class Engine:
             if f.sample:
                 logits = self.model(mx.array(f.tokens)[None], solo.seq.cache)
                 solo.y = solo.seq.sample(logits[:, -1, :], f.tokens, f.n_generated, f.mask)
-                pending.append(solo.y)
+                pending.extend(solo.y.arrays())
             else:
                 self.model.fill(mx.array(f.tokens)[None], solo.seq.cache)
                 pending.extend(c.state for c in solo.seq.cache)  # evaluated now: memory stays bounded
@@ -226,7 +227,7 @@ class Engine:
             for b, (r, f) in enumerate(zip(batch, heads)):
                 if f.sample:
                     r.y = r.seq.sample(logits[b : b + 1], f.tokens, f.n_generated, f.mask)
-                    pending.append(r.y)
+                    pending.extend(r.y.arrays())
         mx.eval(pending)
         for r in [r for r in self._running if r.y is not None and not r.work]:
             self._hand_out(r)
@@ -234,17 +235,17 @@ class Engine:
     def _hand_out(self, r: _Running) -> None:
         """Send the sampled token of `r` and plan its next forwards."""
         seq = r.seq
-        token = int(r.y.item())
+        token, logprobs = int(r.y.token.item()), r.y.read_logprobs()
         r.y = None
         seq.constrain(token)
-        response = seq.take(token)
+        response = seq.take(token, logprobs=logprobs)
         r.job.send("token", response)
         if response.finish_reason is not None:
             self._finish(r)
         elif seq.forced:
             # The thinking budget ran out: feed the token, then the stop text, whose last logits are sampled.
             stop = list(seq.forced)
-            r.work.extend([_Forward([token]), _Forward(stop, True, len(stop))])
+            r.work.extend([_Forward([token]), _Forward(stop, True, len(stop), seq.mask_after(stop[-1]))])
             self._hand_out_forced(r)
         else:
             r.work.append(_Forward([token], True, 1, seq.mask_after(token)))

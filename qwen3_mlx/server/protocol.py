@@ -114,7 +114,7 @@ class Request:
     stream: bool
     include_usage: bool
     stop: list[str]
-    response_format: dict | None = None
+    echo: bool = False  # completions: the answer starts with the prompt
 
 
 # Sampling fields of a request body: (kinds, low, high), validated as OpenAI's API does.
@@ -124,10 +124,8 @@ _NUMBERS = {"temperature": ((int, float), 0, 2), "top_p": ((int, float), 0, 1), 
 
 
 # Fields of OpenAI's API this server does not implement yet: answered with a 400 when set to anything but their
-# default, never accepted and ignored (a client asking for logprobs must not get an answer without them).
-_UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
-                "logit_bias": (None,), "parallel_tool_calls": (None, True), "echo": (None, False),
-                "best_of": (None, 1), "suffix": (None, "")}
+# default, never accepted and ignored (a client asking for them must not get an answer without them).
+_UNSUPPORTED = {"frequency_penalty": (None, 0), "logit_bias": (None,), "best_of": (None, 1), "suffix": (None, "")}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -139,17 +137,49 @@ def _refuse_unsupported(body: dict) -> None:
 
 
 def _prompt(body: dict, chat: bool) -> Any:
+    """Chat messages; or a completion prompt: text, or token ids (evaluation harnesses send those), each also as
+    a batch of one."""
     if chat:
         return parse_messages(body.get("messages"))
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
     if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+        raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+                       param="prompt")
     return prompt
 
 
-def _options(body: dict, base: GenerationOptions) -> GenerationOptions:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants (None: no logprobs). Chat: `logprobs` true with
+    `top_logprobs` 0..20; completions: `logprobs` 0..20."""
+    if not chat:
+        return _get(body, "logprobs", (int,), low=0, high=20)
+    top = _get(body, "top_logprobs", (int,), low=0, high=20)
+    if not _get(body, "logprobs", (bool,), False):
+        if top is not None:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def _tool_choice(body: dict) -> str | dict:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str) and choice in ("auto", "none", "required"):
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)):
+        raise ApiError(400, "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", param="tool_choice")
+    return choice
+
+
+def _options(body: dict, base: GenerationOptions, chat: bool) -> GenerationOptions:
     """The body's generation fields over the server's own options (its KV cache settings)."""
     changes: dict[str, Any] = {}
     for name, (kinds, low, high) in _NUMBERS.items():
@@ -172,11 +202,13 @@ def _options(body: dict, base: GenerationOptions) -> GenerationOptions:
     tools = _get(body, "tools", (list,))
     if tools is not None and not all(isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools):
         raise ApiError(400, "'tools' must be a list of {type: function, function: {...}} objects", param="tools")
-    if (body.get("tool_choice") or "auto") not in ("auto", "none"):
-        raise ApiError(400, "only tool_choice 'auto' or 'none' is supported", param="tool_choice")
-    if body.get("tool_choice") == "none":
-        tools = None
-    return base.replace(enable_thinking=enable_thinking, chat_template_kwargs=template_kwargs, tools=tools, **changes)
+    effort = _get(body, "reasoning_effort", (str,))
+    if effort is not None:
+        changes["reasoning_effort"] = effort
+    return base.replace(enable_thinking=enable_thinking, chat_template_kwargs=template_kwargs, tools=tools or None,
+                        tool_choice=_tool_choice(body), response_format=_get(body, "response_format", (dict,)),
+                        parallel_tool_calls=_get(body, "parallel_tool_calls", (bool,), True),
+                        logprobs=_logprobs(body, chat), **changes)
 
 
 def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int,
@@ -190,7 +222,6 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
                        code="model_not_found")
     _refuse_unsupported(body)
     prompt = _prompt(body, chat)
-    fmt = _get(body, "response_format", (dict,))
     max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", (int,), low=1)
@@ -203,14 +234,15 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
-    options = _options(body, base or GenerationOptions())
-    if fmt is not None and fmt.get("type") not in (None, "text") and options.thinking_budget is not None:
-        raise ApiError(400, "thinking_budget cannot be combined with a JSON response_format yet (the budget's "
-                            "closing text would precede the JSON)", param="thinking_budget")
+    options = _options(body, base or GenerationOptions(), chat)
+    echo = not chat and _get(body, "echo", (bool,), False)
+    if echo and options.logprobs is not None:
+        raise ApiError(400, "'echo' with 'logprobs' would need the prompt's log probabilities, which this server "
+                            "does not compute; ask for one or the other", param="echo")
     stream = _get(body, "stream", (bool,), False)
     stream_options = _get(body, "stream_options", (dict,), {})
     return Request(chat, prompt, options, max_tokens, stream, bool(stream_options.get("include_usage")), stop or [],
-                   fmt)
+                   echo)
 
 
 def completion_id(chat: bool) -> str:
@@ -258,12 +290,32 @@ def chat_message(reasoning: str, answer: str, tools: list[dict] | None = None) -
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None, *, chat: bool,
-          text: str = "") -> dict:
+          text: str = "", logprobs: dict | None = None) -> dict:
     if chat:
-        choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-    choice = {"index": 0, "text": text, "finish_reason": finish}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def _token_entry(tokenizer, token: int, logprob: float) -> dict:
+    raw = tokenizer.token_bytes(token)
+    return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def logprobs_body(tokenizer, tokens: list, chat: bool, offset: int = 0) -> dict:
+    """OpenAI's `logprobs` of a choice for (token id, TokenLogprobs) pairs: chat's {"content": [{token, logprob,
+    bytes, top_logprobs}]}, or completions' {tokens, token_logprobs, top_logprobs, text_offset} (`offset`: the
+    text's position of the first token)."""
+    if chat:
+        content = [{**_token_entry(tokenizer, t, lp.logprob),
+                    "top_logprobs": [_token_entry(tokenizer, a, v) for a, v in lp.top]} for t, lp in tokens]
+        return {"content": content, "refusal": None}
+    names = [tokenizer.token_bytes(t).decode("utf-8", "replace") for t, _ in tokens]
+    offsets = [offset + sum(len(n) for n in names[:i]) for i in range(len(names))]
+    top = [{tokenizer.token_bytes(a).decode("utf-8", "replace"): v for a, v in lp.top} for _, lp in tokens]
+    return {"tokens": names, "token_logprobs": [lp.logprob for _, lp in tokens], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def now() -> int:
@@ -348,7 +400,14 @@ CHAT_REQUEST_SCHEMA = {
                            "content": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                            "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"}}}},
         "tools": {"type": "array", "items": {"type": "object"}},
-        "tool_choice": {"type": "string", "enum": ["auto", "none"]},
+        "tool_choice": {"anyOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {
+            "type": "object", "required": ["type", "function"],
+            "properties": {"type": {"const": "function"}, "function": {
+                "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "reasoning_effort": {"type": "string"},
         "response_format": {"type": "object", "properties": {
             "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
             "json_schema": {"type": "object"}}},
@@ -360,7 +419,9 @@ CHAT_REQUEST_SCHEMA = {
 COMPLETION_REQUEST_SCHEMA = {
     "type": "object",
     "required": ["prompt"],
-    "properties": {**_SAMPLING, "prompt": {"type": "string", "minLength": 1}},
+    "properties": {**_SAMPLING, "prompt": {"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, "echo": {"type": "boolean"}},
 }
 
 

@@ -11,9 +11,9 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import Qwen3MLXError
 from ..generate import prompt_tokens
+from ..grammar import GrammarError, constraint_for
 from ..options import GenerationOptions
 from .engine import Engine, Job, QueueFull
-from .grammar import GrammarConstraint, grammar_for
 from .protocol import ApiError, Request, parse_request
 from .streaming import Reply
 
@@ -38,7 +38,8 @@ class Completions:
             self.engine.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="queue_full") from None
-        reply = Reply(job, req, self.model_id, self.markup)
+        prompt_text = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(job.prompt)
+        reply = Reply(job, req, self.model_id, self.markup, self.tokenizer, prompt_text)
         if req.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream")
         return await reply.whole(request)
@@ -59,6 +60,9 @@ class Completions:
             raise ApiError(400, str(e)) from None
         if not ids:
             raise ApiError(400, "the prompt is empty")
+        vocab = self.model.args.vocab_size
+        if not isinstance(req.prompt, str) and not req.chat and not all(0 <= t < vocab for t in ids):
+            raise ApiError(400, f"'prompt' token ids must be in [0, {vocab})", param="prompt")
         return ids
 
     def job(self, req: Request, ids: list[int]) -> Job:
@@ -69,11 +73,13 @@ class Completions:
         if room < 1 or (asked is not None and asked > room):
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked or 1}) exceeds the model's "
                                 f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
-        grammar = grammar_for(req.response_format)
-        constraint = None if grammar is None else GrammarConstraint(self.tokenizer, grammar, self.model.args.vocab_size)
-        options = req.options.replace(max_tokens=min(asked or self.max_tokens_limit, room), constraint=constraint)
+        options = req.options.replace(max_tokens=min(asked or self.max_tokens_limit, room))
         try:
+            # Built here, not by the engine, so a schema that cannot be enforced is a 400 before any token.
+            options = options.replace(constraint=constraint_for(self.tokenizer, options, self.model.args.vocab_size))
             options = options.validate(self.model.args)
+        except GrammarError as e:
+            raise ApiError(400, str(e), param=e.option) from None
         except Qwen3MLXError as e:
             raise ApiError(400, str(e)) from None
         return Job(ids, options, asyncio.get_running_loop())

@@ -9,8 +9,8 @@ from typing import AsyncIterator, Iterator
 from fastapi import Request as HttpRequest
 
 from .engine import Job
-from .protocol import (ApiError, Request, StopMatcher, ToolStart, chat_message, chunk, completion_id, now,
-                       openai_tool_calls, strip_tool_blocks, usage)
+from .protocol import (ApiError, Request, StopMatcher, ToolStart, chat_message, chunk, completion_id, logprobs_body,
+                       now, openai_tool_calls, strip_tool_blocks, usage)
 
 DONE = "data: [DONE]\n\n"
 
@@ -21,11 +21,14 @@ def sse(obj: dict) -> str:
 
 class Reply:
     """The answer to one submitted request. `markup`: token ids never streamed as text (the think tags:
-    reasoning goes to reasoning_content without them)."""
+    reasoning goes to reasoning_content without them). `prompt_text`: what an echoing completion starts with."""
 
-    def __init__(self, job: Job, req: Request, model_id: str, markup: tuple = ()):
+    def __init__(self, job: Job, req: Request, model_id: str, markup: tuple = (), tokenizer=None,
+                 prompt_text: str = ""):
         self.job, self.req, self.model_id, self.markup = job, req, model_id, markup
+        self.tokenizer, self.prompt_text = tokenizer, prompt_text if req.echo else ""
         self.chat = req.chat
+        self.scored: list = []  # (token, TokenLogprobs) of answer tokens not yet sent (all of them, when whole)
         self.cid, self.created = completion_id(req.chat), now()
         self.matcher = StopMatcher(req.stop)
         self.last = None  # the latest response: its finish reason and token count end the answer
@@ -38,6 +41,8 @@ class Reply:
             kind, value = await self.job.out.get()
             if kind == "token":
                 self.last = value
+                if value.logprobs is not None and (value.segment == "answer" or not self.chat):
+                    self.scored.append((value.token, value.logprobs))
                 yield value
             elif kind == "done":
                 return
@@ -80,21 +85,34 @@ class Reply:
                 reasoning.append(r.text)  # chat_message drops the think tags
         answer.append("" if self.matcher.hit else self.matcher.flush())
         if not self.chat:
-            choice = {"index": 0, "text": "".join(answer), "finish_reason": self.finish(), "logprobs": None}
+            choice = {"index": 0, "text": self.prompt_text + "".join(answer), "finish_reason": self.finish(),
+                      "logprobs": self.take_logprobs()}
             return self.body("text_completion", [choice])
         message, has_calls = chat_message("".join(reasoning), "".join(answer), self.req.options.tools)
         choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if has_calls else self.finish(),
-                  "logprobs": None}
+                  "logprobs": self.take_logprobs()}
         return self.body("chat.completion", [choice])
 
+    def take_logprobs(self) -> dict | None:
+        """The logprobs of the answer tokens not sent yet, in OpenAI's shape (None when not asked for)."""
+        if self.req.options.logprobs is None:
+            return None
+        scored, self.scored = self.scored, []
+        return logprobs_body(self.tokenizer, scored, self.chat)
+
     def event(self, delta: dict, finish: str | None = None, text: str = "") -> str:
-        return sse(chunk(self.cid, self.model_id, self.created, delta, finish, chat=self.chat, text=text))
+        # Each chunk carries the logprobs of the tokens received since the last one that carried text.
+        lp = self.take_logprobs() if (text or delta.get("content") or finish) else None
+        return sse(chunk(self.cid, self.model_id, self.created, delta, finish, chat=self.chat, text=text,
+                         logprobs=lp))
 
     async def events(self) -> AsyncIterator[str]:
         """The answer as server-sent events; an error mid-generation is the last event before [DONE]."""
         try:
             if self.chat:
                 yield self.event({"role": "assistant", "content": ""})
+            elif self.prompt_text:
+                yield self.event({}, text=self.prompt_text)
             try:
                 async for event in self._deltas():
                     yield event
