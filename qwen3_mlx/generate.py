@@ -347,9 +347,14 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
     seq = Sequence(model, tokenizer, prompt, options, prompt_cache)
 
     def forward(tokens, n_generated: int, mask=None) -> Draw:
+        """Queue a forward of `tokens` and the sampling of its last logits; `mask` may be a function, called
+        once the forward is queued (a constraint's next mask needs the token the forward feeds, not its result)."""
         seq.quantize_cache()
         inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
         logits = model(inputs[None], seq.cache)[:, -1, :]
+        if callable(mask):
+            mx.async_eval(logits)
+            mask = mask()
         y = seq.sample(logits, inputs, n_generated, mask)
         mx.async_eval(y.arrays())
         return y
@@ -389,11 +394,18 @@ def _plain(seq: Sequence, y: Draw, forward) -> Iterator[GenerationResponse]:
         if seq.forced:
             token, sampled = seq.forced.popleft(), False
         elif seq.constraint is not None:
-            # The next mask depends on this token: take it, then queue the next step.
+            # The next mask depends on this token, the forward that feeds it does not: the forward is queued
+            # first and runs while the grammar computes the mask.
+            def next_mask():
+                token = int(y.token.item())
+                seq.constrain(token)
+                return seq.mask_after(token) if seq.wants_more(token) else None
+
+            if len(seq.generated) + 1 < seq.options.max_tokens:
+                next_y = forward(y.token, 1, next_mask)
+            else:
+                next_mask()
             token, sampled = int(y.token.item()), True
-            seq.constrain(token)
-            if seq.wants_more(token):
-                next_y = forward(y.token, 1, seq.mask_after(token))
         else:
             if len(seq.generated) + 1 < seq.options.max_tokens:
                 # Queue the next step before handing this token out: the model works while the caller prints.

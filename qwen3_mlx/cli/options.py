@@ -36,7 +36,7 @@ _OTHER_FORMS = {
         None, "--chat-template-kwargs", help="More variables for the model's chat template, as a JSON object, e.g. "
         "'{\"preserve_thinking\": true}' (Qwen3.6: keep earlier turns' reasoning).")),
 }
-THINKING = ("no_think", "thinking_budget", "chat_template_kwargs")
+THINKING = ("no_think", "thinking_budget", "reasoning_effort", "chat_template_kwargs")
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,9 @@ def load_for_generation(model: str, options: GenerationOptions, source: ModelSou
         from ..prompt_cache import load_prompt_cache
 
         cached = load_prompt_cache(source.prompt_cache, llm)
+    from ..generate import template_variables
+
+    template_variables(tokenizer, options)  # a template that ignores --reasoning-effort: refused before the chat
     return llm, tokenizer, options.validate(llm.args), cached
 
 
