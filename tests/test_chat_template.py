@@ -229,3 +229,38 @@ def test_image_content_is_refused_with_a_clear_error(ours):
                  {"image": "cat.png"}, {"type": "video", "video": "v.mp4"}):
         with pytest.raises(Qwen3MLXError, match="content is not supported: qwen3-mlx runs the language model only"):
             prompt_tokens(ours, [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, part]}])
+
+
+EFFORT = (
+    "{%- set effort = reasoning_effort if reasoning_effort is defined else 'xhigh' %}"
+    "{%- if effort not in ['xhigh', 'medium', 'low'] %}{{ raise_exception('reasoning_effort: ' ~ effort) }}{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\nEffort: {{ effort }}.\n{% endif %}"
+)
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it_and_is_refused_otherwise(tmp_path, tokenizer_dir, ours):
+    """As transformers renders the keyword; the Qwen3 template, which never reads it, refuses it in one line."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.generate import prompt_tokens
+
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": EFFORT}))
+    effort_tok, reference = Tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "2+2?"}]
+    for effort in ("low", "medium", "xhigh"):
+        want = reference.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True,
+                                             reasoning_effort=effort)
+        assert prompt_tokens(effort_tok, messages, GenerationOptions(reasoning_effort=effort)) == want
+    assert "Effort: xhigh." in effort_tok.decode(prompt_tokens(effort_tok, messages))
+    with pytest.raises(Qwen3MLXError, match="reasoning_effort: high"):  # the template's own refusal
+        prompt_tokens(effort_tok, messages, GenerationOptions(reasoning_effort="high"))
+    with pytest.raises(Qwen3MLXError, match="does not read reasoning_effort"):
+        prompt_tokens(ours, messages, GenerationOptions(reasoning_effort="low"))
+    with pytest.raises(Qwen3MLXError, match="reasoning_effort"):
+        prompt_tokens(effort_tok, messages, GenerationOptions(chat_template_kwargs={"reasoning_effort": "low"}))

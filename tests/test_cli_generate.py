@@ -98,6 +98,8 @@ def test_generate_bad_input_is_one_line(tiny, tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     proc = run(tiny, "--prompt", "x", "--max-tokens", "0")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    proc = run(tiny, "--prompt", "x", "--reasoning-effort", "low")  # the Qwen3 template does not read it
+    assert proc.returncode == 1 and "does not read reasoning_effort" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_reasoning_filter_hides_tags():
