@@ -3,7 +3,8 @@
 The order is transformers': the constraint's mask, the penalties (presence, repetition), then the filters
 (temperature, top-k, top-p, min-p) and the draw. Each step returns logits with removed tokens set to -inf, so
 it can be tested on a hand-written distribution. A step that needs the tokens so far (a penalty) is a small
-`Processor` that observes them; a new one (logprobs, a tool-call grammar) is one more entry, not a new branch.
+`Processor` that observes them; a new one is one more entry, not a new branch. Log probabilities are read off
+the raw logits, before all of them (`token_logprobs`), as OpenAI documents them.
 """
 
 from __future__ import annotations
