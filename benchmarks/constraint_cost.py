@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from qwen3_mlx.generate import stream_generate
+from qwen3_mlx.generate import generate, prompt_tokens, stream_generate
 from qwen3_mlx.grammar import constraint_for
 from qwen3_mlx.models.registry import random_model, shape_config
 from qwen3_mlx.options import GenerationOptions
@@ -31,8 +31,10 @@ TOOLS = [{"type": "function", "function": {
         "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["query"],
         "additionalProperties": False}}}]
 MESSAGES = [{"role": "user", "content": "Find my notes about the garden and summarise them."}]
+# Every case decodes after the same prompt (the messages rendered with the tools): "none" and json_object get
+# it as token ids, which the template does not see again, so only the grammar differs.
 CASES = {
-    "none": dict(tools=None),
+    "none": dict(),
     "tools, auto": dict(tools=TOOLS, tool_choice="auto"),
     "tools, required": dict(tools=TOOLS, tool_choice="required"),
     "json_object": dict(response_format={"type": "json_object"}),
@@ -49,11 +51,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def decode_rate(model, tok, options: GenerationOptions) -> tuple[float, int]:
+def prompt_for(tok, options: GenerationOptions):
+    return MESSAGES if options.tools else prompt_tokens(tok, MESSAGES, options.replace(tools=TOOLS))
+
+
+def decode_rate(model, tok, options: GenerationOptions) -> float:
     last = None
-    for last in stream_generate(model, tok, MESSAGES, options):
+    for last in stream_generate(model, tok, prompt_for(tok, options), options):
         pass
-    return last.generation_tps, last.generation_tokens
+    return last.generation_tps
 
 
 def grammar_time(tok, options: GenerationOptions, vocab: int, tokens: list[int]) -> float:
@@ -83,12 +89,9 @@ def main() -> None:
     for r in range(args.rounds):
         for name, case in CASES.items():
             options = base.replace(seed=r, **case)
-            tps, n = decode_rate(model, tok, options)
-            rates[name].append(tps)
+            rates[name].append(decode_rate(model, tok, options))
             if name != "none":
-                from qwen3_mlx.generate import generate
-
-                tokens = generate(model, tok, MESSAGES, options).tokens
+                tokens = generate(model, tok, prompt_for(tok, options), options).tokens
                 grammar[name].append(grammar_time(tok, options, vocab, tokens))
     plain = statistics.median(rates["none"])
     rows = []
