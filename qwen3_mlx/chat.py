@@ -4,11 +4,17 @@ The official Qwen3 template drops earlier turns' thinking from the history, so t
 extension of what the cache holds after turn N-1 (which saw the thinking). Each turn renders the whole
 conversation, keeps the longest common token prefix with the cache, trims the rest, and prefills only the
 tokens that really changed: time to first token stays proportional to the new tokens, not the history.
+
+Tool steps (`qwen3_mlx.agent` drives them): with `options.tools`, an answer's tool calls are stored in the
+assistant message as `tool_calls` (the form templates render back), `add_tool_result` appends `tool` messages,
+and `step()` generates the next assistant message without a new user message. The template renders a tool
+result as an extension of what the cache holds, so a tool step prefills little more than the result.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -18,6 +24,7 @@ from .errors import Qwen3MLXError
 from .generate import GenerationResponse, prompt_tokens, stream_generate, tidy_segments
 from .models.cache import make_cache, reusable_prefix, truncate_cache
 from .options import GenerationOptions, as_options
+from .tools import ToolCall, parse_tool_calls
 
 SAVE_FORMAT = "qwen3-mlx-chat/1"
 
@@ -36,6 +43,26 @@ class TurnStats:
     reasoning_tokens: int = 0
     reasoning_seconds: float = 0.0
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
+    tool_calls: int = 0  # tool calls in the answer (parsed or not)
+    kind: str = "user"  # "user": answered a user message; "tool": a step after tool results
+
+
+_CALL_BLOCK = re.compile(r"<tool_call>.*?</tool_call>|<function=[^>\n]+>.*?</function>", re.DOTALL)
+
+
+def split_tool_calls(answer: str, tools: list[dict] | None) -> tuple[str, list[ToolCall]]:
+    """An answer's text without its usable tool-call blocks, and every call in it (usable or not). Blocks that
+    do not parse stay in the text: the conversation shows what the model wrote."""
+    calls = parse_tool_calls(answer, tools)
+    if not calls:
+        return answer, []
+
+    def drop(m: re.Match) -> str:
+        found = parse_tool_calls(m.group(0), tools)
+        return "" if found and all(c.ok for c in found) else m.group(0)
+
+    text = _CALL_BLOCK.sub(drop, answer)
+    return text.strip(), calls
 
 
 class ChatSession:
@@ -55,6 +82,7 @@ class ChatSession:
         self.cached_tokens: list[int] = []  # the token ids whose keys/values the cache holds, in order
         self.history: list[TurnStats] = []
         self.last_reasoning = ""
+        self.last_tool_calls: list[ToolCall] = []  # the calls of the last answer (parsed or not)
 
     # conversation -------------------------------------------------------------------------------------------
 
@@ -66,6 +94,11 @@ class ChatSession:
         """Forget the conversation (the system prompt and options stay)."""
         self.messages = []
         self.last_reasoning = ""
+        self.last_tool_calls = []
+
+    def add_tool_result(self, content: str) -> None:
+        """Append a tool's result (a `tool` message) for the last answer's calls, in the order of the calls."""
+        self.messages.append({"role": "tool", "content": content})
 
     def save(self, path: str | Path) -> None:
         data = {
@@ -106,13 +139,14 @@ class ChatSession:
             self.options = self.options.replace(thinking_budget=data["thinking_budget"])
         self.messages = messages
         self.last_reasoning = ""
+        self.last_tool_calls = []
 
     # cache reuse ----------------------------------------------------------------------------------------------
 
-    def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
+    def prepare(self, messages: list[dict], options: GenerationOptions | None = None) -> tuple[list[int], int]:
         """Render `messages` (with the generation prompt), trim the cache to the longest common prefix with it and
         return (all prompt ids, number reused). At least one token is always left to prefill."""
-        ids = prompt_tokens(self.tokenizer, messages, self.options)
+        ids = prompt_tokens(self.tokenizer, messages, options or self.options)
         reused = truncate_cache(self.cache, reusable_prefix(self.cached_tokens, ids))
         if self.draft_cache is not None:
             if truncate_cache(self.draft_cache, reused) < reused:  # the draft holds less: both start there
@@ -122,21 +156,33 @@ class ChatSession:
 
     # a turn -------------------------------------------------------------------------------------------------
 
-    def send(self, text: str) -> Iterator[GenerationResponse]:
+    def send(self, text: str, options: GenerationOptions | None = None) -> Iterator[GenerationResponse]:
         """Add a user message and stream the assistant's reply. The reply joins the conversation when the stream
-        ends, is closed early (`.close()`), or is interrupted (Ctrl-C): a partial answer is kept as the turn."""
-        messages = self.conversation() + [{"role": "user", "content": text}]
-        ids, reused = self.prepare(messages)
-        stats = TurnStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_tokens=len(ids) - reused)
-        self.messages.append({"role": "user", "content": text})
+        ends, is closed early (`.close()`), or is interrupted (Ctrl-C): a partial answer is kept as the turn.
+        `options`: this turn's options instead of the session's (e.g. another tool_choice)."""
+        return self._reply([{"role": "user", "content": text}], options, "user")
+
+    def step(self, options: GenerationOptions | None = None) -> Iterator[GenerationResponse]:
+        """Stream the next assistant message of the conversation as it stands, without a new user message: the
+        step after tool results (`add_tool_result`). Like `send` otherwise."""
+        return self._reply([], options, "tool")
+
+    def _reply(self, new: list[dict], options: GenerationOptions | None, kind: str) -> Iterator[GenerationResponse]:
+        options = options or self.options
+        ids, reused = self.prepare(self.conversation() + new, options)  # before the generator: errors raise here
+        return self._generate(new, options, kind, ids, reused)
+
+    def _generate(self, new, options, kind, ids, reused) -> Iterator[GenerationResponse]:
+        stats = TurnStats(prompt_tokens=len(ids), reused_tokens=reused, prefill_tokens=len(ids) - reused, kind=kind)
+        self.messages.extend(new)
         self.history.append(stats)
+        self.last_tool_calls = []
         reasoning: list[str] = []
         answer: list[str] = []
         generated: list[int] = []
         t_start = time.perf_counter()
         t_answer = None
         stats.finish_reason = "interrupted"
-        options = self.options
         if options.seed is not None:
             # Each turn its own random stream (a fixed seed per call would replay the same one every turn),
             # still reproducible for the whole conversation.
@@ -168,6 +214,13 @@ class ChatSession:
             self.cached_tokens = (ids + generated)[:offset]
             self.last_reasoning, content = tidy_segments("".join(reasoning), "".join(answer))
             message = {"role": "assistant", "content": content}
+            if options.tools:
+                content, calls = split_tool_calls(content, options.tools)
+                usable = [c.as_message_call() for c in calls if c.ok]
+                if usable:
+                    message = {"role": "assistant", "content": content, "tool_calls": usable}
+                self.last_tool_calls = calls
+                stats.tool_calls = len(calls)
             if self.last_reasoning:
                 message["reasoning_content"] = self.last_reasoning
             self.messages.append(message)

@@ -2,13 +2,20 @@
 
 On a terminal: colours, reasoning streamed dimmed in a live region that folds to a one-line summary when the
 answer starts. When stdin is not a terminal (scripts, pipes): plain lines, no colours, no live rendering.
+
+With `--mcp servers.json` the model gets the MCP servers' tools (`qwen3_mlx.agent`): each call is shown (a
+panel on a terminal, one line when piped), run once the user says y(es) / n(o) / a(lways for this tool) or
+right away with `--yes`, and its result goes back to the model until it answers without a call.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+
+from pathlib import Path
 
 import typer
 
@@ -24,8 +31,10 @@ HELP = """commands:
   /budget N|off     cap reasoning at N tokens             /system TEXT  set the system prompt
   /show             the last reasoning in full            /stats        statistics of this session
   /reset            start over (keeps the system prompt)  /save FILE    /load FILE   the conversation as JSON
+  /tools            the tools the model may call (--mcp)
   /help             this help                             /quit         exit (or Ctrl-D)
-input: end a line with \\ to continue on the next; Ctrl-C stops an answer (the partial answer is kept)."""
+input: end a line with \\ to continue on the next; Ctrl-C stops an answer (the partial answer is kept) or
+cancels a running tool (the turn is kept); a tool call asks y (run it), n (do not), a (always run this tool)."""
 
 
 class Terminal:
@@ -161,45 +170,165 @@ def take_ctrl_c() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def run_turn(session: ChatSession, term: Terminal, text: str) -> None:
-    view = ReasoningView(term)
-    show = ReasoningFilter()
-    stream = session.send(text)
+class CallFilter:
+    """Hides tool-call blocks from the streamed answer (the calls are shown on their own)."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self):
+        self.buffer = ""
+        self.inside = False
+
+    def __call__(self, text: str) -> str:
+        self.buffer += text
+        shown = []
+        while True:
+            if self.inside:
+                i = self.buffer.find(self.CLOSE)
+                if i < 0:
+                    self.buffer = self.buffer[-(len(self.CLOSE) - 1):]
+                    break
+                self.buffer, self.inside = self.buffer[i + len(self.CLOSE):], False
+            else:
+                i = self.buffer.find(self.OPEN)
+                if i < 0:
+                    keep = next((k for k in range(len(self.OPEN) - 1, 0, -1) if self.buffer.endswith(self.OPEN[:k])), 0)
+                    shown.append(self.buffer[:len(self.buffer) - keep])
+                    self.buffer = self.buffer[len(self.buffer) - keep:]
+                    break
+                shown.append(self.buffer[:i].rstrip("\n"))
+                self.buffer, self.inside = self.buffer[i + len(self.OPEN):], True
+        return "".join(shown)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ToolView:
+    """How tool calls and results are shown, and the y/n/a question."""
+
+    def __init__(self, term: Terminal):
+        self.term = term
+
+    def call(self, call) -> None:
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        if not self.term.interactive:
+            self.term.line(f"tool call: {call.name} {arguments}")
+            return
+        from rich.console import Console
+        from rich.panel import Panel
+        from rich.text import Text
+
+        console = Console(file=self.term.out, no_color=not self.term.colour, highlight=False)
+        body = json.dumps(call.arguments, ensure_ascii=False, indent=2)
+        console.print(Panel(Text(body), title=f"tool call: {call.name}", title_align="left", expand=False))
+
+    def result(self, call, result) -> None:
+        name = call.name or "(unparsed call)"
+        if result.status in ("declined", "cancelled", "skipped"):
+            self.term.line(f"tool {result.status}: {name}" + ("" if result.status != "skipped" else " (not run)"),
+                           "2" if self.term.colour else None)
+            return
+        label = "tool result" if result.status == "ok" else "tool error"
+        self.term.line(f"{label}: {name}: {one_line(result.text)}", ("2" if result.status == "ok" else "31")
+                       if self.term.colour else None)
+
+    def confirm(self, call) -> str:
+        """y / n / a from the user (on a terminal the question is asked again until it is one of them)."""
+        while True:
+            try:
+                answer = input(f"run {call.name}? [y]es / [n]o / [a]lways: " if self.term.interactive else "")
+            except EOFError:
+                return "no"
+            answer = answer.strip().lower()
+            if answer in ("y", "yes", "n", "no", "a", "always"):
+                return answer
+            if not self.term.interactive:
+                return "no"
+
+
+def run_turn(session: ChatSession, term: Terminal, text: str, agent=None) -> None:
+    """One turn: the answer streamed; with an agent, its tool calls shown and run, and each step's answer."""
+    from ..agent import LimitEvent, StepEvent, ToolCallEvent, ToolResultEvent
+
+    events = agent.run(text) if agent is not None else session.send(text)
+    tools_view = ToolView(term)
+    view, show, hide_calls = ReasoningView(term), ReasoningFilter(), CallFilter()
     started_answer = False
-    last = None
     interrupted = False
     t0 = time.perf_counter()
+
+    def end_step(stats) -> None:
+        if view.active:
+            view.fold(stats.reasoning_tokens, time.perf_counter() - t0)
+        term.write("\n" if started_answer or agent is None else "")
+        note = " (interrupted)" if stats.finish_reason == "interrupted" else (
+            " (stopped at --max-tokens)" if stats.finish_reason == "length" else "")
+        if not stats.generation_tokens:
+            term.info(f"no answer{note}")
+            return
+        term.info(
+            f"{stats.generation_tokens} tokens, {stats.generation_tps:.1f} tok/s, first token "
+            f"{stats.time_to_first_token:.2f} s (prefilled {stats.prefill_tokens} of {stats.prompt_tokens} prompt "
+            f"tokens), peak memory {stats.peak_memory:.2f} GB{note}"
+        )
+
+    steps = len(session.history)
     try:
-        for r in stream:
-            last = r
-            shown = show(r.text, r.segment)
-            if r.segment == "reasoning":
-                view.add(shown)
+        for event in events:
+            if isinstance(event, StepEvent):
+                end_step(event.stats)
+                view, show, hide_calls = ReasoningView(term), ReasoningFilter(), CallFilter()
+                started_answer, t0 = False, time.perf_counter()
+            elif isinstance(event, ToolCallEvent):
+                tools_view.call(event.call)
+            elif isinstance(event, ToolResultEvent):
+                tools_view.result(event.call, event.result)
+            elif isinstance(event, LimitEvent):
+                term.info(f"the model still calls tools after {event.max_steps} tool steps (--max-tool-steps): "
+                          "turn ended, its calls not run")
             else:
-                if not started_answer:
-                    started_answer = True
-                    view.fold(session.history[-1].reasoning_tokens, time.perf_counter() - t0)
-                term.write(shown)
+                r = event
+                shown = show(r.text, r.segment)
+                if r.segment == "reasoning":
+                    view.add(shown)
+                else:
+                    if agent is not None:
+                        shown = hide_calls(shown)
+                    if shown and not started_answer:
+                        started_answer = True
+                        view.fold(session.history[-1].reasoning_tokens, time.perf_counter() - t0)
+                    term.write(shown)
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        stream.close()
-    if view.active:
-        view.fold(session.history[-1].reasoning_tokens, time.perf_counter() - t0)
-    term.write("\n")
-    s = session.history[-1]
-    note = " (interrupted)" if interrupted else (" (stopped at --max-tokens)" if s.finish_reason == "length" else "")
-    if last is not None:
-        term.info(
-            f"{s.generation_tokens} tokens, {s.generation_tps:.1f} tok/s, first token {s.time_to_first_token:.2f} s "
-            f"(prefilled {s.prefill_tokens} of {s.prompt_tokens} prompt tokens), "
-            f"peak memory {s.peak_memory:.2f} GB{note}"
-        )
-    else:
-        term.info(f"no answer{note}")
+        events.close()
+    if agent is None or interrupted:
+        # The step the interrupt stopped (its StepEvent never came), or a plain turn's only step.
+        if len(session.history) > steps:
+            end_step(session.history[-1])
+        else:
+            term.write("\n")
+            term.info("no answer (interrupted)" if interrupted else "no answer")
 
 
-def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
+def list_tools(term: Terminal, agent) -> None:
+    tools = agent.runner.tools if agent is not None else []
+    if not tools:
+        term.info("no tools (give MCP servers with --mcp servers.json)")
+        return
+    catalogue = getattr(agent.runner, "catalogue", {})
+    for tool in tools:
+        fn = tool["function"]
+        where = f" [{catalogue[fn['name']].server}]" if fn["name"] in catalogue else ""
+        description = (fn.get("description") or "").strip().splitlines()
+        always = " (always runs)" if fn["name"] in agent.always else ""
+        term.line(f"{fn['name']}{where}{always}: {description[0] if description else ''}")
+
+
+def handle_command(session: ChatSession, term: Terminal, line: str, agent=None) -> bool:
     """Run a /command; returns False when the chat should end."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -224,6 +353,8 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
             return True
         session.system = arg
         term.info("system prompt set")
+    elif name == "/tools":
+        list_tools(term, agent)
     elif name == "/reset":
         session.reset()
         term.info("conversation cleared")
@@ -257,21 +388,90 @@ def handle_command(session: ChatSession, term: Terminal, line: str) -> bool:
     return True
 
 
+TOOL_CHOICES = ("auto", "required", "none")
+
+
+def tool_choice_for(choice: str, tools: list[dict]) -> str:
+    """--tool-choice checked against the tools there are."""
+    names = [t["function"]["name"] for t in tools]
+    if choice in ("auto", "none"):
+        return choice
+    if not tools:
+        raise Qwen3MLXError(f"--tool-choice {choice} needs tools: give MCP servers with --mcp servers.json")
+    if choice != "required" and choice not in names:
+        raise Qwen3MLXError(f"--tool-choice {choice!r} is not auto, required, none or a tool's name "
+                            f"(tools: {', '.join(names)})")
+    return choice
+
+
+def start_tools(term: Terminal, config) :
+    """The MCP servers of --mcp, started; one line per server that failed (the chat goes on without it)."""
+    from ..agent import McpTools
+
+    tools = McpTools()
+    try:
+        if show_status(term):
+            with err.status("starting MCP servers"):
+                failures = tools.start(config)
+        else:
+            failures = tools.start(config)
+    except BaseException:
+        tools.close()
+        raise
+    for line in failures:
+        term.info(line)
+    for line in tools.renamed:
+        term.info(f"tool name offered by more than one server, renamed: {line}")
+    servers = ", ".join(f"{s.name} ({len(s.tools)})" for s in tools.servers.values()) or "none"
+    term.info(f"MCP: {len(tools.tools)} tools from {len(tools.servers)} servers: {servers} (/tools lists them)")
+    return tools
+
+
+def show_status(term: Terminal) -> bool:
+    from .app import show_progress
+
+    return term.interactive and show_progress()
+
+
 @app.command()
 @with_options(*SAMPLING, *THINKING, *KV, "num_draft", source=True)
 def chat(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     system: str = SYSTEM,
+    mcp: Path = typer.Option(
+        None, "--mcp", help="MCP servers whose tools the model may call: a JSON file in the mcpServers format, "
+        "e.g. {\"mcpServers\": {\"time\": {\"command\": \"uvx\", \"args\": \\[\"mcp-server-time\"]}}} (stdio: "
+        "command, args, env; remote: url, streamable HTTP)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Run tool calls without asking (scripts)."),
+    tool_choice: str = typer.Option(
+        "auto", "--tool-choice", help="The first step of each turn: auto (the model decides), required (it calls "
+        "a tool), none (it does not), or a tool's name (it calls that one); later steps are auto."),
+    max_tool_steps: int = typer.Option(
+        8, "--max-tool-steps", min=0, help="Tool steps per turn before a turn that keeps calling tools is ended."),
+    tool_timeout: float = typer.Option(60.0, "--tool-timeout", min=0.001, help="Seconds a tool call may take."),
     source: ModelSource = None,
     options: GenerationOptions = None,
 ) -> None:
     """Chat in the terminal. Type /help for commands; Ctrl-C stops an answer, Ctrl-D exits (/exit under
-    mlx.launch, which does not pass Ctrl-D on)."""
+    mlx.launch, which does not pass Ctrl-D on). With --mcp, the model may call the servers' tools."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
         take_ctrl_c()
     term = Terminal(interactive)
+    if mcp is None and tool_choice not in ("auto", "none"):
+        tool_choice_for(tool_choice, [])
     llm, tokenizer, options, cached = load_for_generation(model, options, source)
+    tools = start_tools(term, mcp) if mcp is not None else None
+    try:
+        chat_loop(term, interactive, llm, tokenizer, options, cached, source, system, tools, yes=yes,
+                  tool_choice=tool_choice, max_tool_steps=max_tool_steps, tool_timeout=tool_timeout)
+    finally:
+        if tools is not None:
+            tools.close()  # the MCP servers stop with the chat: on /quit, Ctrl-D and errors
+
+
+def chat_loop(term, interactive, llm, tokenizer, options, cached, source, system, tools, *, yes, tool_choice,
+              max_tool_steps, tool_timeout) -> None:
     if cached is not None:
         if cached.system is None:
             raise Qwen3MLXError(f"{source.prompt_cache} holds a raw prompt (--raw), not a system prompt a chat can start from")
@@ -281,6 +481,13 @@ def chat(
     session = ChatSession(llm, tokenizer, system=system, options=options)
     if cached is not None:  # the first turn prefills only what follows the cached system prompt
         session.cache, session.cached_tokens = cached.cache, cached.tokens
+    agent = None
+    if tools is not None:
+        from ..agent import Agent
+
+        choice = tool_choice_for(tool_choice, tools.tools)
+        agent = Agent(session, tools, confirm=None if yes else ToolView(term).confirm, tool_choice=choice,
+                      max_steps=max_tool_steps, tool_timeout=tool_timeout)
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -301,7 +508,7 @@ def chat(
         if not line.strip():
             continue
         if line.startswith("/") and not line.startswith("//"):
-            if not handle_command(session, term, line.strip()):
+            if not handle_command(session, term, line.strip(), agent):
                 return
             continue
-        run_turn(session, term, line[1:] if line.startswith("//") else line)
+        run_turn(session, term, line[1:] if line.startswith("//") else line, agent)
