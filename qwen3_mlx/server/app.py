@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request as HttpRequest
 
 from ..options import GenerationOptions
+from . import anthropic
 from .engine import Engine
 from .errors import install_guards
 from .protocol import CHAT_REQUEST_SCHEMA, COMPLETION_REQUEST_SCHEMA, now, openapi_body
@@ -46,5 +47,17 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
     @app.post("/v1/completions", openapi_extra=openapi_body(COMPLETION_REQUEST_SCHEMA))
     async def completions(request: HttpRequest):
         return await complete(request, chat=False)
+
+    @app.post("/v1/messages", openapi_extra=openapi_body(anthropic.MESSAGES_REQUEST_SCHEMA))
+    async def messages(request: HttpRequest):
+        req = anthropic.parse_request(await complete.body_of(request), model_ids=complete.model_ids,
+                                      max_tokens_limit=max_tokens_limit, base=complete.options)
+        return await complete.answer(request, req, anthropic.MessageReply)
+
+    @app.post("/v1/messages/count_tokens", openapi_extra=openapi_body(anthropic.MESSAGES_REQUEST_SCHEMA))
+    async def count_tokens(request: HttpRequest):
+        req = anthropic.parse_request(await complete.body_of(request), model_ids=complete.model_ids,
+                                      max_tokens_limit=max_tokens_limit, base=complete.options, count_only=True)
+        return {"input_tokens": len(complete.prompt_ids(req))}
 
     return app

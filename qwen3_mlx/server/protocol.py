@@ -324,21 +324,21 @@ def now() -> int:
 
 class StopMatcher:
     """Stop strings over streamed text: `feed` returns what is safe to send (text that cannot be the start of a
-    stop string), and `hit` turns true once one appeared (the text before it is what gets sent)."""
+    stop string), and `hit` becomes that string once one appears (the text before it is what gets sent)."""
 
     def __init__(self, stops: list[str]):
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
-        self.hit = False
+        self.hit: str | None = None
 
     def feed(self, text: str) -> str:
         if not self.stops:
             return text
         self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
+        found = [(i, stop) for stop in self.stops if (i := self.pending.find(stop)) >= 0]
+        if found:
+            cut, self.hit = min(found)
             out, self.pending = self.pending[:cut], ""
             return out
         keep = self.hold if self.hold > 0 else 0

@@ -33,13 +33,18 @@ class Completions:
     async def __call__(self, request: HttpRequest, chat: bool):
         req = parse_request(await self.body_of(request), chat=chat, model_ids=self.model_ids,
                             max_tokens_limit=self.max_tokens_limit, base=self.options)
+        return await self.answer(request, req, Reply)
+
+    async def answer(self, request: HttpRequest, req: Request, reply_type=Reply):
+        """Run `req` on the engine and answer with `reply_type` (a `Reply`: the shape of the API spoken),
+        whole or streamed."""
         job = self.job(req, self.prompt_ids(req))
         try:
             self.engine.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="queue_full") from None
         prompt_text = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(job.prompt)
-        reply = Reply(job, req, self.model_id, self.markup, self.tokenizer, prompt_text)
+        reply = reply_type(job, req, self.model_id, self.markup, self.tokenizer, prompt_text)
         if req.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream")
         return await reply.whole(request)

@@ -1,0 +1,358 @@
+"""Anthropic's Messages API (`/v1/messages`, `/v1/messages/count_tokens`) over the same engine.
+
+A body becomes the chat request the completions route would make (messages for the model's template, options,
+stop strings), so batching, the prefix cache and the grammars work the same; the job's tokens become
+Anthropic's message (thinking, text and tool_use blocks) or its event stream. Errors are Anthropic's shape
+(errors.py picks it by the route).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, AsyncIterator
+
+from ..options import GenerationOptions
+from .protocol import ApiError, Request, _get, chat_message, strip_tool_blocks
+from .streaming import Reply
+
+# finish_reason -> Anthropic's stop_reason
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _blocks(content: Any, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
+        raise ApiError(400, f"{where}: content must be a string or a list of content blocks", param="messages")
+    return content
+
+
+def _text_of(content: Any, where: str) -> str:
+    parts = []
+    for block in _blocks(content, where):
+        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise ApiError(400, f"{where}: only text blocks are supported here (got {block.get('type')!r})",
+                           param="messages")
+        parts.append(block["text"])
+    return "".join(parts)
+
+
+def _user_turn(content: Any, where: str) -> list[dict]:
+    """A user message: its tool_result blocks become `tool` messages (in order), its text one user message."""
+    out, text = [], []
+    for i, block in enumerate(_blocks(content, where)):
+        kind = block.get("type")
+        if kind == "text":
+            text.append(str(block.get("text", "")))
+        elif kind == "tool_result":
+            result = block.get("content", "")
+            body = result if isinstance(result, str) else _text_of(result, f"{where}.content[{i}]")
+            if block.get("is_error"):
+                body = f"Error: {body}"
+            out.append({"role": "tool", "content": body, "tool_call_id": block.get("tool_use_id")})
+        else:
+            raise ApiError(400, f"{where}: {kind!r} content blocks are not supported (text and tool_result are)",
+                           param="messages")
+    if text:
+        out.append({"role": "user", "content": "".join(text)})
+    return out
+
+
+def _assistant_turn(content: Any, where: str) -> dict:
+    """An assistant message: text, thinking (the template's reasoning_content) and tool_use blocks."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    for block in _blocks(content, where):
+        kind = block.get("type")
+        if kind == "text":
+            message["content"] += str(block.get("text", ""))
+        elif kind == "thinking":
+            message["reasoning_content"] = str(block.get("thinking", ""))
+        elif kind == "redacted_thinking":
+            continue
+        elif kind == "tool_use":
+            if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+                raise ApiError(400, f"{where}: a tool_use block needs a name and an input object", param="messages")
+            message.setdefault("tool_calls", []).append(
+                {"type": "function", "function": {"name": block["name"], "arguments": block.get("input", {})}})
+        else:
+            raise ApiError(400, f"{where}: {kind!r} content blocks are not supported", param="messages")
+    return message
+
+
+def parse_messages(body: dict) -> list[dict]:
+    """`system` and `messages` -> the chat template's messages."""
+    out = []
+    system = body.get("system")
+    if system:
+        out.append({"role": "system", "content": _text_of(system, "system")})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role == "user":
+            out.extend(_user_turn(m.get("content"), where))
+        elif role == "assistant":
+            out.append(_assistant_turn(m.get("content"), where))
+        else:
+            raise ApiError(400, f"{where}: role must be 'user' or 'assistant', got {role!r}", param="messages")
+    return out
+
+
+def _tools(body: dict) -> tuple[list | None, str | dict, bool]:
+    """Anthropic tools and tool_choice -> (OpenAI function tools, tool_choice, parallel calls allowed)."""
+    tools = _get(body, "tools", (list,))
+    functions = []
+    for i, t in enumerate(tools or []):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("type") not in (None, "custom"):
+            raise ApiError(400, f"tools[{i}]: only custom tools {{name, description, input_schema}} are supported",
+                           param="tools")
+        schema = t.get("input_schema") or {"type": "object", "properties": {}}
+        functions.append({"type": "function", "function": {
+            "name": t["name"], "description": t.get("description", ""), "parameters": schema}})
+    choice = _get(body, "tool_choice", (dict,), {"type": "auto"})
+    kind = choice.get("type", "auto")
+    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise ApiError(400, "tool_choice: type 'tool' needs a name", param="tool_choice")
+        mapped = choice["name"]
+    if mapped is None:
+        raise ApiError(400, f"tool_choice: type must be auto, any, tool or none, got {kind!r}", param="tool_choice")
+    return functions or None, mapped, not choice.get("disable_parallel_tool_use", False)
+
+
+def _thinking(body: dict) -> tuple[bool, int | None]:
+    """`thinking` -> (enable_thinking, thinking_budget). Absent means off, as in Anthropic's API."""
+    thinking = _get(body, "thinking", (dict,), {"type": "disabled"})
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return False, None
+    if kind == "adaptive":
+        return True, None
+    if kind == "enabled":
+        return True, _get(thinking, "budget_tokens", (int,), low=0)
+    raise ApiError(400, f"thinking: type must be enabled, disabled or adaptive, got {kind!r}", param="thinking")
+
+
+def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
+                  count_only: bool = False) -> Request:
+    """A /v1/messages body as the engine's chat request (`count_only`: /v1/messages/count_tokens, no
+    max_tokens)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _get(body, "model", (str,))
+    if model is None or model not in model_ids:
+        raise ApiError(404, f"model: {model!r} not found (this server runs {model_ids[0]!r})", param="model",
+                       type="not_found_error")
+    messages = parse_messages(body)
+    max_tokens = None
+    if not count_only:
+        max_tokens = _get(body, "max_tokens", (int,), low=1)
+        if max_tokens is None:
+            raise ApiError(400, "max_tokens: field required", param="max_tokens")
+        if max_tokens > max_tokens_limit:
+            raise ApiError(400, f"max_tokens: {max_tokens} exceeds this server's limit of {max_tokens_limit}",
+                           param="max_tokens")
+    stop = _get(body, "stop_sequences", (list,), [])
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop_sequences: must be a list of non-empty strings", param="stop_sequences")
+    tools, choice, parallel = _tools(body)
+    enable_thinking, budget = _thinking(body)
+    changes = {name: _get(body, name, kinds, low=low, high=high) for name, kinds, low, high in (
+        ("temperature", (int, float), 0, 1), ("top_p", (int, float), 0, 1), ("top_k", (int,), 0, None))}
+    changes = {k: (float(v) if k != "top_k" else v) for k, v in changes.items() if v is not None}
+    output = _get(body, "output_config", (dict,), {})
+    fmt = output.get("format")
+    if fmt is not None:
+        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+            raise ApiError(400, "output_config.format: must be {type: json_schema, schema: {...}}",
+                           param="output_config")
+        changes["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}
+    if output.get("effort") is not None:
+        changes["reasoning_effort"] = output["effort"]  # refused by templates that do not read it
+    options = base.replace(enable_thinking=enable_thinking, thinking_budget=budget, tools=tools, tool_choice=choice,
+                           parallel_tool_calls=parallel, **changes)
+    return Request(True, messages, options, max_tokens, _get(body, "stream", (bool,), False), False, stop)
+
+
+def message_id() -> str:
+    return "msg_" + uuid.uuid4().hex[:24]
+
+
+def _tool_blocks(answer: str, tools: list | None) -> list[dict]:
+    message, _ = chat_message("", answer, tools)
+    return [{"type": "tool_use", "id": "toolu_" + c["id"][len("call_"):], "name": c["function"]["name"],
+             "input": json.loads(c["function"]["arguments"])} for c in message.get("tool_calls", [])]
+
+
+def sse_event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+class MessageReply(Reply):
+    """The answer to one /v1/messages request: a message with thinking, text and tool_use blocks, or its events."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cid = message_id()
+        self.blocks = 0  # content blocks opened so far in the stream
+        self.open: str | None = None  # the kind of the block being streamed
+
+    def usage(self) -> dict:
+        cached = self.job.cached_tokens
+        return {"input_tokens": len(self.job.prompt) - cached, "cache_read_input_tokens": cached,
+                "cache_creation_input_tokens": 0,
+                "output_tokens": self.last.generation_tokens if self.last else 0}
+
+    def stop_reason(self, has_calls: bool) -> tuple[str, str | None]:
+        if has_calls:
+            return "tool_use", None
+        if self.matcher.hit:
+            return "stop_sequence", self.matcher.hit
+        return STOP_REASONS.get(self.finish(), "end_turn"), None
+
+    def message(self, content: list[dict], reason: str | None, sequence: str | None) -> dict:
+        return {"id": self.cid, "type": "message", "role": "assistant", "model": self.model_id, "content": content,
+                "stop_reason": reason, "stop_sequence": sequence, "usage": self.usage()}
+
+    async def _collect(self) -> dict:
+        reasoning, answer = [], []
+        async for r in self.responses():
+            if r.segment == "answer":
+                answer.append(self.matcher.feed(r.text))
+                if self.matcher.hit:
+                    self.job.cancelled.set()
+                    break
+            else:
+                reasoning.append(r.text)
+        answer.append("" if self.matcher.hit else self.matcher.flush())
+        message, _ = chat_message("".join(reasoning), "".join(answer), self.req.options.tools)
+        content = []
+        if message.get("reasoning_content"):
+            content.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
+        if message["content"]:
+            content.append({"type": "text", "text": message["content"]})
+        calls = _tool_blocks("".join(answer), self.req.options.tools)
+        return self.message(content + calls, *self.stop_reason(bool(calls)))
+
+    # streaming ------------------------------------------------------------------------------------------------
+
+    def _start(self, kind: str, block: dict) -> str:
+        self.open = kind
+        return sse_event("content_block_start", {"index": self.blocks, "content_block": block})
+
+    def _delta(self, delta: dict) -> str:
+        return sse_event("content_block_delta", {"index": self.blocks, "delta": delta})
+
+    def _stop(self) -> list[str]:
+        if self.open is None:
+            return []
+        out = [self._delta({"type": "signature_delta", "signature": ""})] if self.open == "thinking" else []
+        out.append(sse_event("content_block_stop", {"index": self.blocks}))
+        self.open, self.blocks = None, self.blocks + 1
+        return out
+
+    def _text(self, text: str) -> list[str]:
+        out = []
+        if text and self.open != "text":
+            out += self._stop() + [self._start("text", {"type": "text", "text": ""})]
+        if text:
+            out.append(self._delta({"type": "text_delta", "text": text}))
+        return out
+
+    async def events(self) -> AsyncIterator[str]:
+        """message_start, then each block's start / deltas / stop, message_delta (stop_reason, usage),
+        message_stop; an error mid-generation is an `error` event."""
+        try:
+            yield sse_event("message_start", {"message": {**self.message([], None, None),
+                                                          "usage": {**self.usage(), "output_tokens": 0}}})
+            try:
+                async for r in self.responses():
+                    for event in self._on_token(r):
+                        yield event
+                    if self.matcher.hit:
+                        self.job.cancelled.set()
+                        break
+            except ApiError as e:
+                yield sse_event("error", {"error": {"type": anthropic_error_type(e), "message": e.message}})
+                return
+            for event in self._ending():
+                yield event
+        finally:
+            self.job.cancelled.set()
+
+    def _on_token(self, r) -> list[str]:
+        if r.segment == "reasoning":
+            if r.token in self.markup or not r.text:
+                return []
+            out = [] if self.open == "thinking" else self._stop() + [
+                self._start("thinking", {"type": "thinking", "thinking": "", "signature": ""})]
+            return out + [self._delta({"type": "thinking_delta", "thinking": r.text})]
+        return self._text(self._sendable(r.text))
+
+    def _ending(self) -> list[str]:
+        out = self._text("" if self.matcher.hit else self.matcher.feed(self.starts.flush()) + self.matcher.flush())
+        calls = []
+        if self.tool_text is not None:
+            answer = "".join(self.tool_text)
+            out += self._text(strip_tool_blocks(answer))
+            calls = _tool_blocks(answer, self.req.options.tools)
+        for call in calls:
+            out += self._stop() + [self._start("tool_use", {**call, "input": {}}),
+                                   self._delta({"type": "input_json_delta", "partial_json": json.dumps(call["input"])})]
+        out += self._stop()
+        reason, sequence = self.stop_reason(bool(calls))
+        out.append(sse_event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                               "usage": {"output_tokens": self.usage()["output_tokens"]}}))
+        out.append(sse_event("message_stop", {}))
+        return out
+
+
+# ApiError.type (OpenAI's names) -> Anthropic's error types
+_ERROR_TYPES = {"server_error": "api_error", "rate_limit_error": "rate_limit_error",
+                "authentication_error": "authentication_error", "not_found_error": "not_found_error"}
+
+
+def anthropic_error_type(e: ApiError) -> str:
+    if e.status == 413:
+        return "request_too_large"
+    return _ERROR_TYPES.get(e.type, "invalid_request_error")
+
+
+def anthropic_error_body(e: ApiError) -> dict:
+    return {"type": "error", "error": {"type": anthropic_error_type(e), "message": e.message}}
+
+
+# The request body as a JSON schema, for the OpenAPI document (validation itself is parse_request's).
+MESSAGES_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "system": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
+                           "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"}}}},
+        "tool_choice": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+            "disable_parallel_tool_use": {"type": "boolean"}}},
+        "thinking": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["enabled", "disabled", "adaptive"]},
+            "budget_tokens": {"type": "integer", "minimum": 0}}},
+        "stop_sequences": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0},
+        "stream": {"type": "boolean"},
+        "output_config": {"type": "object", "properties": {
+            "effort": {"type": "string"}, "format": {"type": "object", "properties": {
+                "type": {"const": "json_schema"}, "schema": {"type": "object"}}}}},
+    },
+}

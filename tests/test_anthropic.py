@@ -1,0 +1,162 @@
+"""Anthropic's Messages API on `qwen3-mlx serve`, driven by the official `anthropic` SDK."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import save_thinker
+from test_server import KEY, Server
+
+anthropic = pytest.importorskip("anthropic")
+jsonschema = pytest.importorskip("jsonschema")
+
+TOOLS = [{"name": "get_weather", "description": "Weather for a city.", "input_schema": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+    "required": ["city", "days"], "additionalProperties": False}}]
+HI = [{"role": "user", "content": "Hi"}]
+GREEDY = {"temperature": 0}  # the SDK no longer has sampling parameters; the server still takes them
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_checkpoint):
+    server = Server(tiny_checkpoint, "--api-key", KEY)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def thinker_server(tmp_path_factory):
+    server = Server(save_thinker(tmp_path_factory.mktemp("anthropic-thinker")), "--api-key", KEY)
+    yield server
+    server.close()
+
+
+def client(server, key=KEY):
+    return anthropic.Anthropic(base_url=server.base, api_key=key, max_retries=0, timeout=120)
+
+
+def test_plain_and_streamed_answers_are_generates(tiny_server, tiny_checkpoint):
+    """A greedy message is what `generate` gives for the same conversation (thinking off: Anthropic's default),
+    whole and streamed alike, with Anthropic's event order."""
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load
+
+    model, tokenizer = load(tiny_checkpoint)
+    system = "You are terse."
+    ref = generate(model, tokenizer, [{"role": "system", "content": system}, *HI], max_tokens=12, temperature=0,
+                   enable_thinking=False)
+    c = client(tiny_server)
+    m = c.messages.create(model=tiny_checkpoint.name, max_tokens=12, extra_body=GREEDY, system=system, messages=HI)
+    assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == ref.answer
+    assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 12
+    assert m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == ref.prompt_tokens
+    kinds = []
+    with c.messages.stream(model=tiny_checkpoint.name, max_tokens=12, extra_body=GREEDY, system=system,
+                           messages=HI) as stream:
+        for event in stream:
+            kinds.append(event.type)
+        final = stream.get_final_message()
+    assert final.content[0].text == ref.answer and final.stop_reason == "max_tokens"
+    raw = [k for k in kinds if k not in ("text",)]  # the SDK adds its own "text" events
+    assert raw[0] == "message_start" and raw[-1] == "message_stop"
+    assert raw.index("content_block_start") < raw.index("content_block_delta") < raw.index("content_block_stop")
+    assert raw.index("content_block_stop") < raw.index("message_delta")
+    # a stop sequence cuts the text and says which one
+    stop = ref.answer[2:5]
+    m = c.messages.create(model=tiny_checkpoint.name, max_tokens=12, extra_body=GREEDY, system=system, messages=HI,
+                          stop_sequences=["\x00never", stop])
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
+    assert m.content[0].text == ref.answer[: ref.answer.index(stop)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_any_gives_a_tool_use_block_whose_input_validates(tiny_server, tiny_checkpoint, stream):
+    """A random-weight model with tool_choice any: the answer is a tool_use block of a declared tool whose input
+    validates against its input_schema, every seed (the grammar, not luck)."""
+    c = client(tiny_server)
+    for seed in range(3):
+        args = dict(model=tiny_checkpoint.name, max_tokens=120, messages=[{"role": "user", "content": f"Weather {seed}?"}],
+                    tools=TOOLS, tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                    extra_body={"temperature": 1})
+        if stream:
+            with c.messages.stream(**args) as s:
+                m = s.get_final_message()
+        else:
+            m = c.messages.create(**args)
+        uses = [b for b in m.content if b.type == "tool_use"]
+        assert m.stop_reason == "tool_use" and len(uses) == 1, m
+        assert uses[0].name == "get_weather" and uses[0].id.startswith("toolu_")
+        jsonschema.validate(uses[0].input, TOOLS[0]["input_schema"])
+
+
+def test_a_tool_result_goes_back_into_the_prompt(tiny_server, tiny_checkpoint):
+    """tool_use in the assistant turn and tool_result in the next user turn reach the template (count_tokens
+    grows by the result's tokens), and tool_choice none answers in text."""
+    c = client(tiny_server)
+    turn = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                               "input": {"city": "Paris", "days": 1}}]}]
+    short = c.messages.count_tokens(model=tiny_checkpoint.name, tools=TOOLS, messages=turn + [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}])
+    long = c.messages.count_tokens(model=tiny_checkpoint.name, tools=TOOLS, messages=turn + [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "sunny and warm, light wind from the west"}]}])
+    assert 0 < short.input_tokens < long.input_tokens
+    m = c.messages.create(model=tiny_checkpoint.name, max_tokens=20, tools=TOOLS, tool_choice={"type": "none"},
+                          messages=turn + [{"role": "user", "content": [
+                              {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}])
+    assert m.stop_reason in ("end_turn", "max_tokens") and all(b.type == "text" for b in m.content)
+
+
+def test_thinking_blocks_and_the_budget(thinker_server):
+    """thinking enabled: a thinking block, then the text; budget_tokens 0 cuts the reasoning at once; absent
+    thinking means none (Anthropic's default)."""
+    c = client(thinker_server)
+    m = c.messages.create(model="anthropic-thinker0", max_tokens=60, messages=HI,
+                          thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert m.content[0].thinking == "Let" and m.content[1].text == "ok" and m.stop_reason == "end_turn"
+    with c.messages.stream(model="anthropic-thinker0", max_tokens=60, messages=HI,
+                           thinking={"type": "enabled", "budget_tokens": 1024}) as s:
+        streamed = s.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in streamed.content] == [
+        ("thinking", "Let"), ("text", "ok")]
+    cut = c.messages.create(model="anthropic-thinker0", max_tokens=80, messages=HI,
+                            thinking={"type": "enabled", "budget_tokens": 0})
+    assert "Let" not in cut.content[0].thinking and "limited time" in cut.content[0].thinking
+    # Off: the template closes an empty think block, after which this model can only end its turn.
+    off = c.messages.create(model="anthropic-thinker0", max_tokens=60, messages=HI)
+    assert off.content == [] and off.usage.output_tokens == 1 and off.stop_reason == "end_turn"
+
+
+def test_errors_are_anthropic_shaped(thinker_server):
+    with pytest.raises(anthropic.AuthenticationError):
+        client(thinker_server, key="wrong").messages.create(model="anthropic-thinker0", max_tokens=5, messages=HI)
+    with pytest.raises(anthropic.NotFoundError):
+        client(thinker_server).messages.create(model="claude-opus-9", max_tokens=5, messages=HI)
+    headers = {"x-api-key": KEY}  # Anthropic's header, not a bearer token
+    for body, status in [({"model": "anthropic-thinker0", "messages": HI}, 400),  # no max_tokens
+                         ({"model": "anthropic-thinker0", "max_tokens": 5, "messages": [
+                             {"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400),
+                         ({"model": "anthropic-thinker0", "max_tokens": 5, "messages": HI,
+                           "tool_choice": {"type": "tool", "name": "nope"}, "tools": TOOLS}, 400)]:
+        got, answer = post(thinker_server, "/v1/messages", body, headers)
+        assert got == status and answer["type"] == "error", answer
+        assert set(answer["error"]) == {"type", "message"} and answer["error"]["type"] == "invalid_request_error"
+        assert "Traceback" not in answer["error"]["message"]
+
+
+def post(server, path, body, headers):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server.base + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
