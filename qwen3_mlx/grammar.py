@@ -28,6 +28,7 @@ from .errors import Qwen3MLXError
 # The separators Qwen's templates write (`tojson`: Python's json.dumps defaults), so a call reads as in training.
 _JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 _NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+_LARK_NAME = _NAME.pattern.replace("/", "\\/")  # inside Lark's /.../, a slash must be escaped
 # Keywords of a string schema the XML form cannot hold its raw text to (the JSON form can: llguidance does).
 _XML_STRING_LIMITS = ("pattern", "format", "minLength", "maxLength")
 
@@ -82,8 +83,9 @@ def tool_grammar(tools: list[dict] | None, choice="auto", parallel: bool = True,
             raise GrammarError(f"tool_choice names {named!r}, which is not among the tools "
                                f"({', '.join(functions)})", "tool_choice")
         functions = {named: functions[named]}
-    triggers = ["<tool_call>", "<function="] if form == "xml" else ["<tool_call>"]
-    # Free text: anything that does not open a call (a negated regex, so the lexer never has to guess).
+    # Free text: anything that does not open a call in either form (the parser reads both, so neither may pass
+    # unchecked), as a negated regex, so the lexer never has to guess.
+    triggers = ["<tool_call>", "<function="]
     text = " & ".join(["/(?s:.*)/"] + [f"~/(?s:.*){_regex(t)}(?s:.*)/" for t in triggers])
     # <tool_call> and </tool_call> are single tokens: named as such (a spelled-out tag is refused by TEXT).
     rules = [f"TEXT: {text}", 'calls: call ("\\n" <tool_call> call)*' if parallel else "calls: call"]
@@ -179,7 +181,7 @@ def _xml_function(i: int, name: str, params: dict) -> list[str]:
         parts.append(rule if key in required else f"{rule}?")
     if not props and params.get("additionalProperties", True) is not False:
         # No declared parameters: any names, raw values (nothing to validate them against).
-        rules.append(rf'p{i}_any: "<parameter=" /{_NAME.pattern}/ ">\n" param_text')
+        rules.append(rf'p{i}_any: "<parameter=" /{_LARK_NAME}/ ">\n" param_text')
         parts.append(f"p{i}_any*")
     rules.insert(0, f'f{i}: {json.dumps(name + ">")} "\\n" {" ".join(parts)} "</function>"')
     return rules

@@ -357,8 +357,6 @@ def test_none_never_lets_a_call_out(forms, form):
     assert r.tokens[0] == TOOL_CALL
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: the JSON form's grammar lets Qwen3.5's unwrapped XML form "
-                                       "out as free text, and parse_tool_calls then reports it as a tool call")
 @pytest.mark.parametrize("choice", ["none", "auto"])
 def test_json_form_spelled_xml_call_is_not_a_call(forms, choice):
     """A Qwen3 (JSON-form) model that writes the unwrapped XML form as text, of an undeclared tool: the parser
@@ -511,8 +509,6 @@ def test_errors_name_the_keyword_or_option(forms):
         generate(model, forms["xml"].tok, USER, tools=pattern, enable_thinking=False, max_tokens=5)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: grammar.py _xml_function writes the parameter-name regex "
-                                       "unescaped inside Lark's /.../ (its '/' ends it): lexer error")
 def test_xml_tool_without_parameters(forms):
     """A tool that declares no parameters (common: get_time(), list_files()) in the XML form."""
     m = forms["xml"]
