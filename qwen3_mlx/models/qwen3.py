@@ -104,10 +104,13 @@ class Qwen3Model(nn.Module):
         self.layers = layers if layers is not None else [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, mask: mx.array | None = None) -> mx.array:
+        """Final-norm hidden states [B, L, hidden]. `mask`: an explicit boolean or additive mask [B, 1, L, S]
+        instead of the causal one (a batch padded on the left: `retrieval.padded_batch`)."""
         h = self.embed_tokens(inputs)  # [B, L] -> [B, L, hidden]
         cache = cache if cache is not None else [None] * len(self.layers)
-        mask = attention_mask(h.shape[1], cache[0])
+        if mask is None:
+            mask = attention_mask(h.shape[1], cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)
@@ -119,12 +122,16 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = model if model is not None else Qwen3Model(args)
+        self.headless = False  # a bare decoder checkpoint (Qwen3-Embedding): no LM head, see sanitize
         if not args.tie_word_embeddings:
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """Logits [B, L, vocab] for token ids [B, L], appending to `cache` when given."""
+        """Logits [B, L, vocab] for token ids [B, L], appending to `cache` when given (a headless model: its
+        hidden states [B, L, hidden])."""
         h = self.model(inputs, cache)
+        if self.headless:
+            return h
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -134,7 +141,17 @@ class Model(nn.Module):
         self.model(inputs, cache)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map checkpoint tensors to module parameters (HF tied checkpoints may still carry lm_head)."""
+        """Map checkpoint tensors to module parameters (HF tied checkpoints may still carry lm_head).
+
+        A checkpoint of the decoder alone (`Qwen3Model.save_pretrained`, as Qwen3-Embedding ships: tensor names
+        without `model.`) gets the prefix, and the model becomes headless: no lm_head, __call__ gives hidden
+        states."""
+        if "embed_tokens.weight" in weights and "model.embed_tokens.weight" not in weights:
+            weights = {f"model.{k}": v for k, v in weights.items()}
+            self.headless = True
+            if "lm_head" in self:
+                del self.lm_head
+            return weights
         if self.args.tie_word_embeddings:
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
         return weights

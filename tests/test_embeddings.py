@@ -1,0 +1,228 @@
+"""Embeddings and rerank (issue 24, items 3-5): the library against transformers (and sentence-transformers),
+the CLI, and the server's /v1/embeddings and /v1/rerank through the official `openai` client and raw HTTP.
+
+The embedding checkpoint is what Qwen3-Embedding ships: `Qwen3Model.save_pretrained` (tensor names without
+`model.`), the sentence-transformers files (last-token pooling, Normalize), and a tokenizer whose
+post-processor appends <|endoftext|> and pads on the left. The reranker is a plain `Qwen3ForCausalLM`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REAL_VOCAB, TOKENIZER_DIR, dense_config, save_checkpoint
+
+TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "What is the capital of France?",
+         "Paris is the capital and largest city of France, on the Seine."]
+EOS_ID = 151643
+
+
+def embedding_tokenizer(path: Path) -> None:
+    """The Qwen3 tokenizer as Qwen3-Embedding ships it: <|endoftext|> appended by the post-processor, left padding."""
+    tok = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    eos = {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [EOS_ID], "tokens": ["<|endoftext|>"]}}
+    a, b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+    end = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+    tok["post_processor"] = {"type": "Sequence", "processors": [tok["post_processor"], {
+        "type": "TemplateProcessing", "single": [a, end], "pair": [a, end, b, end], "special_tokens": eos}]}
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+
+
+def save_embedding_model(path: Path, seed: int = 0, **overrides):
+    """A random Qwen3-Embedding-like folder written by transformers (+ the sentence-transformers files);
+    returns the torch Qwen3Model (float32, eval)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    model = Qwen3Model(Qwen3Config(**dense_config(vocab_size=REAL_VOCAB, **overrides))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    embedding_tokenizer(path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": model.config.hidden_size, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True, "include_prompt": True}))
+    (path / "2_Normalize").mkdir()
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 4096, "do_lower_case": False}))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": {"query": "Instruct: Given a web search query, retrieve relevant passages that answer the "
+                             "query\nQuery:", "document": ""},
+        "default_prompt_name": None, "similarity_fn_name": "cosine"}))
+    return model
+
+
+def reference_embeddings(torch_model, texts: list[str], folder: Path) -> np.ndarray:
+    """transformers: the embedding tokenizer (appends <|endoftext|>, pads left), last position, normalised."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the batch should be padded (on the left)"
+    with torch.no_grad():
+        h = torch_model(**batch).last_hidden_state[:, -1]
+    return torch.nn.functional.normalize(h, dim=-1).numpy()
+
+
+def close(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-4) -> None:
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= rtol * np.abs(ref).max(), np.abs(ours - ref).max()
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3-embedding")
+    torch_model = save_embedding_model(path)
+    return path, torch_model
+
+
+@pytest.fixture(scope="module")
+def loaded_embedder(embedder):
+    from qwen3_mlx import load
+
+    model, tokenizer = load(embedder[0])
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3-reranker")
+    torch_model = save_checkpoint(path, dense_config(vocab_size=REAL_VOCAB), seed=3, tokenizer=True)
+    return path, torch_model
+
+
+# ---- the library ----
+
+
+def test_an_embedding_checkpoint_loads_headless(embedder, loaded_embedder):
+    from safetensors import safe_open
+
+    with safe_open(str(embedder[0] / "model.safetensors"), "np") as f:
+        assert not any(k.startswith("model.") for k in f.keys())  # what Qwen3Model.save_pretrained writes
+    model, _ = loaded_embedder
+    assert model.headless and "lm_head" not in model
+    import mlx.core as mx
+
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 64)  # hidden states, not logits
+
+
+def test_embeddings_equal_transformers_with_left_padding(embedder, loaded_embedder):
+    from qwen3_mlx import embed
+
+    model, tokenizer = loaded_embedder
+    ours = embed(model, tokenizer, TEXTS)
+    ref = reference_embeddings(embedder[1], TEXTS, embedder[0])
+    assert ours.dtype == np.float32 and ours.shape == (4, 64)
+    close(ours, ref)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    # One text alone, and all in one padded batch (batch_size 8), give the same vectors.
+    for i, t in enumerate(TEXTS):
+        close(embed(model, tokenizer, [t]), ours[i : i + 1])
+
+
+def test_dimensions_truncate_then_renormalise_and_instruction_formats_queries(embedder, loaded_embedder):
+    from qwen3_mlx import embed
+
+    model, tokenizer = loaded_embedder
+    ref = reference_embeddings(embedder[1], TEXTS, embedder[0])
+    ours = embed(model, tokenizer, TEXTS, dimensions=16)
+    truncated = ref[:, :16] / np.linalg.norm(ref[:, :16], axis=1, keepdims=True)
+    close(ours, truncated)
+    task = "Given a web search query, retrieve relevant passages that answer the query"
+    queries = embed(model, tokenizer, TEXTS[2:], instruction=task)
+    close(queries, reference_embeddings(embedder[1], [f"Instruct: {task}\nQuery:{t}" for t in TEXTS[2:]],
+                                        embedder[0]))
+    # Token ids are texts already tokenized: the same vectors (the end token appended unless it is there).
+    ids = [tokenizer.encode(t) for t in TEXTS]
+    close(embed(model, tokenizer, ids), embed(model, tokenizer, TEXTS))
+    close(embed(model, tokenizer, [i + [EOS_ID] for i in ids]), embed(model, tokenizer, TEXTS))
+
+
+def test_embedding_errors_are_domain_errors(loaded_embedder, tmp_path):
+    from qwen3_mlx import Qwen3MLXError, embed
+    from qwen3_mlx.retrieval import _pooling_of_folder
+
+    model, tokenizer = loaded_embedder
+    with pytest.raises(Qwen3MLXError, match="dimensions must be between 1 and the model's 64"):
+        embed(model, tokenizer, ["x"], dimensions=65)
+    with pytest.raises(Qwen3MLXError, match="no texts"):
+        embed(model, tokenizer, [])
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    with pytest.raises(Qwen3MLXError, match="pools with mean.*only last-token"):
+        _pooling_of_folder(str(tmp_path))
+
+
+def test_sentence_transformers_gives_the_same_vectors(embedder, loaded_embedder):
+    st = pytest.importorskip("sentence_transformers")
+    from qwen3_mlx import embed
+
+    model, tokenizer = loaded_embedder
+    st_model = st.SentenceTransformer(str(embedder[0]), device="cpu", local_files_only=True)
+    close(embed(model, tokenizer, TEXTS), st_model.encode(TEXTS, batch_size=4, convert_to_numpy=True))
+    close(embed(model, tokenizer, TEXTS[2:], instruction="Given a web search query, retrieve relevant passages "
+                "that answer the query"),
+          st_model.encode(TEXTS[2:], prompt_name="query", convert_to_numpy=True))
+    close(embed(model, tokenizer, TEXTS, dimensions=16),
+          st_model.encode(TEXTS, truncate_dim=16, convert_to_numpy=True, normalize_embeddings=True))
+
+
+def reference_rerank(torch_model, rows: list[list[int]]) -> np.ndarray:
+    """The model card's scoring in transformers: left-padded batch, softmax over the yes / no logits."""
+    import torch
+
+    yes, no = 9693, 2152
+    L = max(map(len, rows))
+    ids = torch.tensor([[EOS_ID] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        logits = torch_model(input_ids=ids, attention_mask=mask).logits[:, -1, :]
+    pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).log_softmax(dim=1)
+    return pair[:, 1].exp().numpy()
+
+
+def test_rerank_equals_the_yes_no_probabilities_of_transformers(reranker):
+    from qwen3_mlx import load, rerank
+    from qwen3_mlx.retrieval import RERANK_PREFIX, RERANK_SUFFIX, rerank_ids
+
+    model, tokenizer = load(reranker[0])
+    assert tokenizer.token_to_id("yes") == 9693 and tokenizer.token_to_id("no") == 2152
+    query, docs = TEXTS[2], [TEXTS[3], TEXTS[1], "Berlin", TEXTS[0]]
+    rows = rerank_ids(tokenizer, query, docs)
+    text = tokenizer.decode(rows[0])
+    assert text == (RERANK_PREFIX + "<Instruct>: Given a web search query, retrieve relevant passages that answer "
+                    f"the query\n<Query>: {query}\n<Document>: {docs[0]}" + RERANK_SUFFIX)
+    scores = rerank(model, tokenizer, query, docs)
+    assert scores.dtype == np.float32 and scores.shape == (4,)
+    ref = reference_rerank(reranker[1], rows)
+    np.testing.assert_allclose(scores, ref, atol=1e-4, rtol=0)
+    assert np.ptp(ref) > 1e-3  # the documents do score differently
+    custom = rerank(model, tokenizer, query, docs[:2], instruction="Find French cities")
+    np.testing.assert_allclose(custom, reference_rerank(reranker[1], rerank_ids(tokenizer, query, docs[:2],
+                                                                                 "Find French cities")), atol=1e-4)
+
+
+def test_rerank_refuses_an_embedding_model(loaded_embedder):
+    from qwen3_mlx import Qwen3MLXError, rerank
+
+    with pytest.raises(Qwen3MLXError, match="LM head"):
+        rerank(*loaded_embedder, "q", ["d"])
