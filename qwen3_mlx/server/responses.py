@@ -1,0 +1,389 @@
+"""OpenAI's Responses API (`/v1/responses`, `GET /v1/responses/{id}`) over the same engine.
+
+A body becomes the chat request the completions route would make: `instructions` and `input` (a string, or
+items: messages, `function_call`, `function_call_output`, `reasoning`) become the template's messages, after
+the conversation of `previous_response_id` when given. The answer is a response object whose output items are
+a `reasoning` item (the thinking), a `message` and `function_call`s, or the documented event stream. Stored
+responses (`store`, true by default as in OpenAI's API) live in a bounded in-memory store, least recently used
+leaving first.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ..options import GenerationOptions
+from .protocol import ApiError, Request, _get, chat_message, strip_tool_blocks
+from .streaming import Reply, sse
+
+
+def _id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class Stored:
+    response: dict  # the response object, as GET answers it
+    messages: list[dict]  # the conversation it ends (instructions excluded), for previous_response_id
+
+
+class ResponseStore:
+    """Stored responses by id, at most `size` (the least recently used leave first)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict[str, Stored] = OrderedDict()
+
+    def get(self, rid: str, param: str | None = "previous_response_id") -> Stored:
+        if rid not in self.items:
+            raise ApiError(404, f"response {rid!r} not found (not stored, or no longer: the store keeps the "
+                                f"last {self.size})", param=param, type="not_found_error")
+        self.items.move_to_end(rid)
+        return self.items[rid]
+
+    def put(self, rid: str, stored: Stored) -> None:
+        if self.size <= 0:
+            return
+        self.items[rid] = stored
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}: content must be a string or a list of parts", param="input")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}: only text parts are supported (got {kind!r})", param="input")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def input_messages(raw: Any) -> list[dict]:
+    """`input` -> the template's messages: consecutive function_call items join one assistant message, a
+    reasoning item becomes the next assistant message's reasoning_content."""
+    if isinstance(raw, str):
+        return [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'input' must be a string or a non-empty list of items", param="input")
+    out: list[dict] = []
+    reasoning = None
+    for i, item in enumerate(raw):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+            if role not in ("user", "system", "assistant"):
+                raise ApiError(400, f"{where}: unknown role {item.get('role')!r}", param="input")
+            out.append({"role": role, "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            try:
+                arguments = json.loads(item.get("arguments") or "{}")
+            except (json.JSONDecodeError, TypeError):
+                raise ApiError(400, f"{where}: arguments are not JSON", param="input") from None
+            call = {"type": "function", "id": item.get("call_id"),
+                    "function": {"name": item.get("name"), "arguments": arguments}}
+            if not (out and out[-1]["role"] == "assistant"):
+                out.append({"role": "assistant", "content": ""})
+            out[-1].setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": output if isinstance(output, str) else _text(output, where)})
+        elif kind == "reasoning":
+            reasoning = "".join(p.get("text", "") for p in (item.get("content") or item.get("summary") or [])
+                                if isinstance(p, dict))
+            continue
+        else:
+            raise ApiError(400, f"{where}: items of type {kind!r} are not supported", param="input")
+        if reasoning is not None and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"], reasoning = reasoning, None
+    return out
+
+
+def _tools(body: dict) -> list | None:
+    tools = _get(body, "tools", (list,))
+    out = []
+    for i, t in enumerate(tools or []):
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("name"), str):
+            raise ApiError(400, f"tools[{i}]: only function tools are supported", param="tools")
+        out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                                     if t.get(k) is not None}})
+    return out or None
+
+
+def _tool_choice(body: dict) -> str | dict:
+    choice = body.get("tool_choice") or "auto"
+    if choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return choice["name"]
+    raise ApiError(400, "'tool_choice' must be auto, none, required or {type: function, name}", param="tool_choice")
+
+
+def _format(body: dict) -> dict | None:
+    fmt = _get(body, "text", (dict,), {}).get("format")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt["schema"]}}
+    raise ApiError(400, "text.format must be text, json_object or {type: json_schema, schema}", param="text")
+
+
+def _thinking(body: dict, template: str) -> dict:
+    """`reasoning.effort` -> the template's reasoning_effort when it reads one; otherwise Qwen3's switch:
+    none / minimal turn thinking off, any other effort leaves it on."""
+    effort = _get(body, "reasoning", (dict,), {}).get("effort")
+    if effort is None:
+        return {}
+    if "reasoning_effort" in template:
+        return {"reasoning_effort": effort}
+    return {"enable_thinking": effort not in ("none", "minimal")}
+
+
+@dataclass
+class ResponsesRequest(Request):
+    """A Request with what the response object repeats and what storing it needs."""
+
+    echo_fields: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # the conversation before this answer (no instructions)
+    store: bool = True
+
+
+def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
+                  store: ResponseStore, template: str) -> ResponsesRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = _get(body, "model", (str,))
+    if model is not None and model not in model_ids:
+        raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
+                       code="model_not_found")
+    previous = _get(body, "previous_response_id", (str,))
+    history = list(store.get(previous).messages) if previous else []
+    history += input_messages(body.get("input"))
+    instructions = _get(body, "instructions", (str,))
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
+    max_tokens = _get(body, "max_output_tokens", (int,), low=1)
+    if max_tokens is not None and max_tokens > max_tokens_limit:
+        raise ApiError(400, f"max_output_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
+                       param="max_output_tokens")
+    changes = {k: float(v) for k in ("temperature", "top_p") if (v := _get(body, k, (int, float), low=0)) is not None}
+    options = base.replace(tools=_tools(body), tool_choice=_tool_choice(body), response_format=_format(body),
+                           parallel_tool_calls=_get(body, "parallel_tool_calls", (bool,), True),
+                           **_thinking(body, template), **changes)
+    echo = {"instructions": instructions, "max_output_tokens": max_tokens, "previous_response_id": previous,
+            "parallel_tool_calls": options.parallel_tool_calls, "temperature": changes.get("temperature"),
+            "top_p": changes.get("top_p"), "tool_choice": body.get("tool_choice") or "auto",
+            "tools": body.get("tools") or [], "reasoning": body.get("reasoning"),
+            "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
+            "metadata": body.get("metadata") or {}, "store": _get(body, "store", (bool,), True)}
+    return ResponsesRequest(True, messages, options, max_tokens, _get(body, "stream", (bool,), False), False, [],
+                            echo_fields=echo, history=history, store=echo["store"])
+
+
+class ResponseReply(Reply):
+    """The answer to one /v1/responses request, whole or as events; stored when asked."""
+
+    def __init__(self, *args, store: ResponseStore, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store = store
+        self.rid = _id("resp_")
+        self.seq = 0  # sequence_number of the next event
+        self.items: list[dict] = []  # output items so far
+        self.reasoning_tokens = 0
+
+    def response(self, status: str) -> dict:
+        used = self.last.generation_tokens if self.last else 0
+        cached = self.job.cached_tokens
+        body = {"id": self.rid, "object": "response", "created_at": self.created, "status": status,
+                "model": self.model_id, "output": self.items, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "usage": {"input_tokens": len(self.job.prompt), "input_tokens_details": {"cached_tokens": cached},
+                          "output_tokens": used, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                          "total_tokens": len(self.job.prompt) + used},
+                **self.req.echo_fields}
+        return body
+
+    def status(self) -> str:
+        return "incomplete" if self.finish() == "length" else "completed"
+
+    def output_items(self, reasoning: str, answer: str) -> list[dict]:
+        message, _ = chat_message(reasoning, answer, self.req.options.tools)
+        items = []
+        if message.get("reasoning_content"):
+            items.append(reasoning_item(message["reasoning_content"]))
+        if message["content"]:
+            items.append(message_item(message["content"]))
+        items += [function_call_item(c) for c in message.get("tool_calls", [])]
+        return items
+
+    def keep(self, response: dict) -> dict:
+        """Store the finished response (when asked), with the conversation it ends."""
+        if self.req.store:
+            said = [i for i in response["output"] if i["type"] != "reasoning"]
+            turn: dict[str, Any] = {"role": "assistant", "content": "".join(
+                p["text"] for i in said if i["type"] == "message" for p in i["content"])}
+            thought = "".join(p["text"] for i in response["output"] if i["type"] == "reasoning" for p in i["content"])
+            if thought:
+                turn["reasoning_content"] = thought
+            calls = [{"type": "function", "id": i["call_id"], "function": {
+                "name": i["name"], "arguments": json.loads(i["arguments"])}} for i in said if i["type"] == "function_call"]
+            if calls:
+                turn["tool_calls"] = calls
+            self.store.put(self.rid, Stored(response, self.req.history + [turn]))
+        return response
+
+    async def _collect(self) -> dict:
+        reasoning, answer = [], []
+        async for r in self.responses():
+            (answer if r.segment == "answer" else reasoning).append(r.text)
+            self.reasoning_tokens += r.segment == "reasoning"
+        self.items = self.output_items("".join(reasoning), "".join(answer))
+        return self.keep(self.response(self.status()))
+
+    # streaming ------------------------------------------------------------------------------------------------
+
+    def ev(self, kind: str, **data) -> str:
+        self.seq += 1
+        return sse({"type": kind, "sequence_number": self.seq - 1, **data})
+
+    async def events(self) -> AsyncIterator[str]:
+        """response.created / in_progress, each output item's added / deltas / done, response.completed (or
+        response.incomplete); an error mid-generation is response.failed."""
+        try:
+            yield self.ev("response.created", response=self.response("in_progress"))
+            yield self.ev("response.in_progress", response=self.response("in_progress"))
+            try:
+                async for r in self.responses():
+                    for event in self._on_token(r):
+                        yield event
+            except ApiError as e:
+                yield self.ev("response.failed", response={**self.response("failed"), "error": {
+                    "code": "server_error", "message": e.message}})
+                return
+            for event in self._ending():
+                yield event
+        finally:
+            self.job.cancelled.set()
+
+    def _open(self, item: dict) -> list[str]:
+        self.items.append(item)
+        out = [self.ev("response.output_item.added", output_index=len(self.items) - 1, item=_started(item))]
+        if item["type"] == "message":
+            out.append(self.ev("response.content_part.added", item_id=item["id"], output_index=len(self.items) - 1,
+                               content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+        return out
+
+    def _close(self) -> list[str]:
+        if not self.items or self.items[-1].get("status") == "completed":
+            return []
+        item, index = self.items[-1], len(self.items) - 1
+        item["status"] = "completed"
+        out = []
+        if item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            out.append(self.ev("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                               content_index=0, text=text))
+        elif item["type"] == "message":
+            part = item["content"][0]
+            out += [self.ev("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=part["text"], logprobs=[]),
+                    self.ev("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                            part=part)]
+        return out + [self.ev("response.output_item.done", output_index=index, item=item)]
+
+    def _on_token(self, r) -> list[str]:
+        if r.segment == "reasoning":
+            self.reasoning_tokens += 1
+            if r.token in self.markup or not r.text:
+                return []
+            out = [] if self.items and self.items[-1]["type"] == "reasoning" else self._close() + self._open(
+                {**reasoning_item(""), "status": "in_progress"})
+            self.items[-1]["content"][0]["text"] += r.text
+            return out + [self.ev("response.reasoning_text.delta", item_id=self.items[-1]["id"],
+                                  output_index=len(self.items) - 1, content_index=0, delta=r.text)]
+        return self._message_text(self._sendable(r.text))
+
+    def _message_text(self, text: str) -> list[str]:
+        if not text:
+            return []
+        out = [] if self.items and self.items[-1]["type"] == "message" else self._close() + self._open(
+            {**message_item(""), "status": "in_progress"})
+        self.items[-1]["content"][0]["text"] += text
+        return out + [self.ev("response.output_text.delta", item_id=self.items[-1]["id"],
+                              output_index=len(self.items) - 1, content_index=0, delta=text, logprobs=[])]
+
+    def _ending(self) -> list[str]:
+        out = self._message_text(self.matcher.feed(self.starts.flush()) + self.matcher.flush())
+        if self.tool_text is not None:
+            answer = "".join(self.tool_text)
+            out += self._message_text(strip_tool_blocks(answer))
+            message, _ = chat_message("", answer, self.req.options.tools)
+            for call in message.get("tool_calls", []):
+                item = function_call_item(call)
+                out += self._close() + self._open({**item, "arguments": "", "status": "in_progress"})
+                self.items[-1]["arguments"] = item["arguments"]
+                index = len(self.items) - 1
+                out += [self.ev("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                                delta=item["arguments"]),
+                        self.ev("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                name=item["name"], arguments=item["arguments"])]
+        out += self._close()
+        status = self.status()
+        final = self.keep(self.response(status))
+        return out + [self.ev("response.completed" if status == "completed" else "response.incomplete",
+                              response=final)]
+
+
+def _started(item: dict) -> dict:
+    """An item as `output_item.added` shows it: in progress, its text still empty."""
+    if item["type"] == "function_call":
+        return {**item, "arguments": "", "status": "in_progress"}
+    return json.loads(json.dumps(item))  # a copy: later deltas must not change what was sent
+
+
+def reasoning_item(text: str) -> dict:
+    return {"type": "reasoning", "id": _id("rs_"), "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def message_item(text: str) -> dict:
+    return {"type": "message", "id": _id("msg_"), "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def function_call_item(call: dict) -> dict:
+    return {"type": "function_call", "id": _id("fc_"), "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": "completed"}
+
+
+RESPONSES_REQUEST_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "instructions": {"type": "string"},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {
+            "type": {"const": "function"}, "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        "tool_choice": {"anyOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {"type": "object"}]},
+        "parallel_tool_calls": {"type": "boolean"},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "reasoning": {"type": "object", "properties": {"effort": {"type": "string"}}},
+        "text": {"type": "object", "properties": {"format": {"type": "object"}}},
+        "store": {"type": "boolean"},
+        "previous_response_id": {"type": "string"},
+        "stream": {"type": "boolean"},
+    },
+    "required": ["input"],
+}

@@ -1,0 +1,116 @@
+"""OpenAI's Responses API on `qwen3-mlx serve`, driven by the official `openai` SDK."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import save_thinker
+from test_server import KEY, Server
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+    "required": ["city", "days"], "additionalProperties": False}}]
+NO_THINKING = {"effort": "none"}  # Qwen3's template has no reasoning_effort: none turns thinking off
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    s = Server(tiny_checkpoint, "--api-key", KEY, "--responses-store", "4")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    s = Server(save_thinker(tmp_path_factory.mktemp("responses-thinker")), "--api-key", KEY)
+    yield s
+    s.close()
+
+
+def test_plain_and_streamed_answers_are_generates(server, tiny_checkpoint):
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load
+
+    model, tokenizer = load(tiny_checkpoint)
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    ref = generate(model, tokenizer, messages, max_tokens=12, temperature=0, enable_thinking=False)
+    c = server.client()
+    args = dict(model=tiny_checkpoint.name, instructions="Be terse.", input="Hi", max_output_tokens=12,
+                temperature=0, reasoning=NO_THINKING)
+    r = c.responses.create(**args)
+    assert r.object == "response" and r.id.startswith("resp_") and r.output_text == ref.answer
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 12 and r.usage.input_tokens == ref.prompt_tokens
+    events = list(c.responses.create(**args, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    order = ["response.output_item.added", "response.content_part.added", "response.output_text.delta",
+             "response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert [k for i, k in enumerate(kinds) if k in order and kinds[i - 1] != k] == order  # deltas collapsed
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ref.answer
+    assert events[-1].response.output_text == ref.answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_gives_a_function_call_that_validates(server, tiny_checkpoint, stream):
+    c = server.client()
+    for seed in range(2):
+        args = dict(model=tiny_checkpoint.name, input=f"Weather {seed}?", tools=TOOLS, tool_choice="required",
+                    parallel_tool_calls=False, max_output_tokens=120, reasoning=NO_THINKING, temperature=1)
+        if stream:
+            events = list(c.responses.create(**args, stream=True))
+            r = events[-1].response
+            deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        else:
+            r = c.responses.create(**args)
+        calls = [i for i in r.output if i.type == "function_call"]
+        assert len(calls) == 1 and calls[0].name == "get_weather", r.output
+        jsonschema.validate(json.loads(calls[0].arguments), TOOLS[0]["parameters"])
+        if stream:
+            assert deltas == calls[0].arguments
+
+
+def test_previous_response_id_continues_a_stored_conversation(server, tiny_checkpoint):
+    """The follow-up sees the first exchange (more input tokens than the new input alone), GET returns a stored
+    response, an unknown or unstored id is a 404, and the store keeps only the last --responses-store."""
+    c = server.client()
+    first = c.responses.create(model=tiny_checkpoint.name, input="Weather in Paris?", tools=TOOLS,
+                               tool_choice="required", max_output_tokens=120, reasoning=NO_THINKING)
+    (call,) = [i for i in first.output if i.type == "function_call"]
+    follow = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    second = c.responses.create(model=tiny_checkpoint.name, previous_response_id=first.id, input=follow,
+                                tools=TOOLS, max_output_tokens=5, reasoning=NO_THINKING, temperature=0)
+    alone = c.responses.create(model=tiny_checkpoint.name, input="sunny", max_output_tokens=5,
+                               reasoning=NO_THINKING, temperature=0)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens > alone.usage.input_tokens
+    assert c.responses.retrieve(first.id).output[0].id == first.output[0].id
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model=tiny_checkpoint.name, previous_response_id="resp_nope", input="x")
+    unstored = c.responses.create(model=tiny_checkpoint.name, input="x", store=False, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+    for i in range(4):  # the store holds 4: the first one leaves
+        c.responses.create(model=tiny_checkpoint.name, input=f"x{i}", max_output_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(first.id)
+
+
+def test_reasoning_items(thinker):
+    """Thinking output is a reasoning item (whole and streamed), the answer a message."""
+    c = thinker.client()
+    r = c.responses.create(model="responses-thinker0", input="Hi", max_output_tokens=40)
+    assert [i.type for i in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "Let" and r.output_text == "ok" and r.status == "completed"
+    assert r.usage.output_tokens_details.reasoning_tokens == 3  # <think>, Let, </think>
+    events = list(c.responses.create(model="responses-thinker0", input="Hi", max_output_tokens=40, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Let"
+    assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
+    off = c.responses.create(model="responses-thinker0", input="Hi", max_output_tokens=40, reasoning={"effort": "none"})
+    assert [i.type for i in off.output] == [] and off.usage.output_tokens == 1
