@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .chat import ChatSession, TurnStats
-from .errors import Qwen3MLXError
+from .errors import Qwen3MLXError, read_json
 from .generate import GenerationResponse
 from .tools import ToolCall
 
@@ -157,12 +157,7 @@ def read_mcp_config(source: str | Path | dict) -> dict[str, dict]:
     where = "the MCP configuration"
     if not isinstance(source, dict):
         where = str(source)
-        try:
-            source = json.loads(Path(source).expanduser().read_text())
-        except OSError as e:
-            raise Qwen3MLXError(f"cannot read {where}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise Qwen3MLXError(f"{where} is not JSON: {e}") from None
+        source = read_json(source)
     servers = source.get("mcpServers") if isinstance(source, dict) else None
     if not isinstance(servers, dict):
         raise Qwen3MLXError(f'{where} has no "mcpServers" object, e.g. '

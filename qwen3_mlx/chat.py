@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import Qwen3MLXError
+from .errors import Qwen3MLXError, read_json
 from .generate import GenerationResponse, prompt_tokens, stream_generate, tidy_segments
 from .models.cache import make_cache, reusable_prefix, truncate_cache
 from .options import GenerationOptions, as_options
@@ -115,12 +115,7 @@ class ChatSession:
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation with one saved by `save` (or a plain JSON list of messages)."""
-        try:
-            data = json.loads(Path(path).expanduser().read_text())
-        except OSError as e:
-            raise Qwen3MLXError(f"cannot read {path}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise Qwen3MLXError(f"{path} is not JSON: {e}") from None
+        data = read_json(path)
         if isinstance(data, list):
             data = {"messages": data}
         messages = data.get("messages") if isinstance(data, dict) else None

@@ -226,3 +226,174 @@ def test_rerank_refuses_an_embedding_model(loaded_embedder):
 
     with pytest.raises(Qwen3MLXError, match="LM head"):
         rerank(*loaded_embedder, "q", ["d"])
+
+
+# ---- the command line ----
+
+
+def run_cli(*args, stdin: str | None = None):
+    return subprocess.run([sys.executable, "-m", "qwen3_mlx", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"))
+
+
+def test_cli_embed_prints_json_lines_and_a_table_from_stdin(embedder, loaded_embedder):
+    from qwen3_mlx import embed
+
+    model, tokenizer = loaded_embedder
+    r = run_cli("embed", embedder[0], *TEXTS[:2], "--dimensions", "16")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1] and lines[1]["text"] == TEXTS[1]
+    close(np.array([line["embedding"] for line in lines], np.float32), embed(model, tokenizer, TEXTS[:2], dimensions=16))
+    r = run_cli("embed", embedder[0], "--table", stdin="\n".join(TEXTS) + "\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "embedding (64 values)" in r.stdout and "cosine similarity" in r.stdout and "The quick brown" in r.stdout
+    r = run_cli("embed", embedder[0], "x", "--dimensions", "65")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        "error: dimensions must be between 1 and the model's 64, got 65"]
+
+
+def test_cli_rerank_sorts_documents_by_score(reranker):
+    from qwen3_mlx import load, rerank
+
+    docs = [TEXTS[3], TEXTS[1], "Berlin"]
+    scores = rerank(*load(reranker[0]), TEXTS[2], docs)
+    r = run_cli("rerank", reranker[0], "--query", TEXTS[2], *docs, "--json", "--top-n", "2")
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)["results"]
+    assert [x["index"] for x in results] == list(np.argsort(-scores)[:2])
+    np.testing.assert_allclose([x["relevance_score"] for x in results], np.sort(scores)[::-1][:2], atol=1e-6)
+
+
+# ---- the server ----
+
+
+@pytest.fixture(scope="module")
+def retrieval_server(tiny_checkpoint, embedder, reranker):
+    pytest.importorskip("openai")
+    from test_server import Server
+
+    server = Server(tiny_checkpoint, "--embedding-model", embedder[0], "--rerank-model", reranker[0])
+    yield server
+    server.close()
+
+
+def test_server_lists_and_serves_embeddings_through_the_openai_client(retrieval_server, embedder, loaded_embedder,
+                                                                      tiny_checkpoint, reranker):
+    from qwen3_mlx import embed
+
+    model, tokenizer = loaded_embedder
+    client = retrieval_server.client()
+    assert [m.id for m in client.models.list().data] == [str(tiny_checkpoint), str(embedder[0]), str(reranker[0])]
+    ref = embed(model, tokenizer, TEXTS)
+    name = embedder[0].name  # the folder's name addresses it too
+    r = client.embeddings.create(model=name, input=TEXTS)  # the client asks for base64 and decodes it
+    assert r.model == str(embedder[0]) and [d.index for d in r.data] == [0, 1, 2, 3]
+    close(np.array([d.embedding for d in r.data], np.float32), ref)
+    ids = [tokenizer.encode(t) for t in TEXTS]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(i) + 1 for i in ids)  # each ends with EOS
+    r = client.embeddings.create(model=str(embedder[0]), input=TEXTS[1], encoding_format="float", dimensions=16)
+    close(np.array([r.data[0].embedding], np.float32), embed(model, tokenizer, TEXTS[1:2], dimensions=16))
+    r = client.embeddings.create(model=name, input=TEXTS, encoding_format="base64")
+    vectors = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in r.data])
+    close(vectors, ref)
+    r = client.embeddings.create(model=name, input=ids, encoding_format="float")  # token-id lists
+    close(np.array([d.embedding for d in r.data], np.float32), ref)
+    r = client.embeddings.create(model=name, input=ids[1], encoding_format="float")  # one list of token ids
+    close(np.array([r.data[0].embedding], np.float32), ref[1:2])
+
+
+def test_server_reranks_and_refuses_models_it_does_not_hold(retrieval_server, reranker, embedder, tiny_checkpoint):
+    from qwen3_mlx import load, rerank
+
+    docs = [TEXTS[3], TEXTS[1], "Berlin", TEXTS[0]]
+    scores = rerank(*load(reranker[0]), TEXTS[2], docs)
+    status, body = retrieval_server.post("/v1/rerank", {"model": reranker[0].name, "query": TEXTS[2],
+                                                        "documents": docs, "top_n": 3, "return_documents": True})
+    assert status == 200, body
+    assert [x["index"] for x in body["results"]] == list(np.argsort(-scores)[:3])
+    np.testing.assert_allclose([x["relevance_score"] for x in body["results"]], np.sort(scores)[::-1][:3],
+                               atol=1e-6)
+    assert body["results"][0]["document"] == {"text": docs[body["results"][0]["index"]]}
+    assert body["model"] == str(reranker[0]) and body["usage"]["prompt_tokens"] > 0
+    status, body = retrieval_server.post("/v1/rerank", {"query": "q", "documents": [{"text": "d"}]})  # no model
+    assert status == 200 and len(body["results"]) == 1
+    for path, request in (("/v1/embeddings", {"input": "x"}), ("/v1/rerank", {"query": "q", "documents": ["d"]})):
+        status, body = retrieval_server.post(path, {**request, "model": "nope"})
+        assert status == 404 and body["error"]["code"] == "model_not_found", body
+        message = body["error"]["message"]
+        for held in (tiny_checkpoint, embedder[0], reranker[0]):
+            assert repr(str(held)) in message
+    status, body = retrieval_server.post("/v1/embeddings", {"input": "x", "model": reranker[0].name})
+    assert status == 400 and "rerank model" in body["error"]["message"]
+    for bad in ({"input": []}, {"input": [[]]}, {"input": [1, "a"]}, {"input": "x", "dimensions": 65},
+                {"input": "x", "encoding_format": "hex"}, {"input": [[10 ** 7]]}):
+        status, body = retrieval_server.post("/v1/embeddings", bad)
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", (bad, body)
+    for bad in ({"query": "q"}, {"query": "q", "documents": []}, {"query": "q", "documents": [1]},
+                {"query": "q", "documents": ["d"], "top_n": 0}):
+        status, body = retrieval_server.post("/v1/rerank", bad)
+        assert status == 400, (bad, body)
+    # The chat model still answers beside them.
+    status, body = retrieval_server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def test_the_new_routes_fuzzed_with_schemathesis_give_no_server_errors(retrieval_server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(retrieval_server.base + "/openapi.json")
+    failures, statuses = [], set()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path not in ("/v1/embeddings", "/v1/rerank"):
+            continue
+
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def fuzz(case):
+            response = case.call(timeout=60)
+            statuses.add((case.path, response.status_code))
+            if response.status_code >= 500:
+                failures.append((case.path, case.body, response.status_code, response.text[:200]))
+
+        fuzz()
+    assert failures == []
+    assert {("/v1/embeddings", 200), ("/v1/rerank", 200)} <= statuses
+
+
+def test_without_an_embedding_model_the_routes_say_how_to_load_one():
+    from qwen3_mlx.server.protocol import ApiError
+    from qwen3_mlx.server.retrieval import Retrieval
+
+    routes = Retrieval(None, chat_id="/models/chat", embedding=None, rerank=None, body_of=None)
+    for kind, flag in (("embedding", "--embedding-model"), ("rerank", "--rerank-model")):
+        for body in ({}, {"model": "chat"}):
+            with pytest.raises(ApiError) as e:
+                routes.pick(body, kind, flag)
+            assert e.value.status == 404 and flag in e.value.message and "'/models/chat' (chat)" in e.value.message
+        with pytest.raises(ApiError, match="model 'nope' not found; this server holds '/models/chat'"):
+            routes.pick({"model": "nope"}, kind, flag)
+
+
+def test_engine_call_runs_on_the_engine_thread_between_turns(tiny_checkpoint):
+    import asyncio
+    import threading
+
+    from qwen3_mlx import load
+    from qwen3_mlx.server.engine import Engine
+
+    engine = Engine(*load(tiny_checkpoint))
+    try:
+        async def main():
+            name = await engine.call(lambda: threading.current_thread().name)
+            with pytest.raises(ZeroDivisionError):
+                await engine.call(lambda: 1 / 0)
+            return name, await asyncio.gather(*(engine.call(lambda i=i: i * i) for i in range(5)))
+
+        name, squares = asyncio.run(main())
+        assert name == "qwen3-mlx-engine" and squares == [0, 1, 4, 9, 16]
+    finally:
+        engine.close()

@@ -16,6 +16,7 @@ from . import generate  # noqa: E402,F401
 from . import chat  # noqa: E402,F401
 from . import serve  # noqa: E402,F401
 from . import cache_prompt  # noqa: E402,F401
+from . import retrieval  # noqa: E402,F401
 
 
 def main() -> None:

@@ -33,6 +33,10 @@ def serve(
     prompt_cache_bytes: int = typer.Option(
         1 << 30, "--prompt-cache-bytes", help="KV cache kept across requests for shared prefixes (0 = off).", min=0
     ),
+    embedding_model: str = typer.Option(
+        None, "--embedding-model", help="Also host this Qwen3-Embedding model for /v1/embeddings (folder or repo id)."),
+    rerank_model: str = typer.Option(
+        None, "--rerank-model", help="Also host this Qwen3-Reranker model for /v1/rerank (folder or repo id)."),
     parallel: str = PARALLEL,
     split: str = SPLIT,
     options: GenerationOptions = None,
@@ -49,9 +53,11 @@ def serve(
         fail("--max-concurrency is at most 64 under mlx.launch (sequences in one forward across ranks)")
     loaded, tokenizer = load_for_cli(model, parallel=parallel, split=split)
     options = options.validate(loaded.args)  # a bad value is one line now, not a 400 on every request
+    embedding, rerank = hosted_models(loaded, model, embedding_model, rerank_model)
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
                      max_concurrency=max_concurrency, options=options,
-                     max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes)
+                     max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes,
+                     embedding=embedding, rerank=rerank)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
 
@@ -70,3 +76,31 @@ def serve(
         pass
     finally:
         api.state.engine.close()
+
+
+def hosted_models(chat_model, chat_id: str, embedding_model: str | None, rerank_model: str | None):
+    """The embedding and rerank models to host beside the chat model (each loaded apart, with its own memory)."""
+    from ..server.retrieval import Hosted
+
+    if getattr(chat_model, "headless", False):
+        fail(f"{chat_id} has no LM head (an embedding model): serve a chat model and pass this one with "
+             "--embedding-model")
+    if embedding_model is None and rerank_model is None:
+        return None, None
+    from ..distributed import launched
+
+    if launched():
+        fail("--embedding-model and --rerank-model are not supported under mlx.launch")
+    embedding = rerank = None
+    if embedding_model is not None:
+        embedding = Hosted("embedding", *load_for_cli(embedding_model, local=True), embedding_model)
+    if rerank_model is not None:
+        rerank = Hosted("rerank", *load_for_cli(rerank_model, local=True), rerank_model)
+        if getattr(rerank.model, "headless", False):
+            fail(f"--rerank-model {rerank_model} has no LM head (an embedding model); a reranker is a "
+                 "Qwen3ForCausalLM (Qwen3-Reranker)")
+    for h in (embedding, rerank):
+        if h is not None and getattr(h.model, "model_type", None) != "qwen3":
+            fail(f"--{h.kind}-model {h.model_id} is a {h.model.model_type} model; embeddings and rerank run dense "
+                 "Qwen3 models (Qwen3-Embedding, Qwen3-Reranker)")
+    return embedding, rerank

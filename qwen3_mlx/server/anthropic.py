@@ -13,7 +13,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from ..options import GenerationOptions
-from .protocol import ApiError, Request, _get, chat_message, strip_tool_blocks
+from .protocol import ApiError, Request, _get, chat_message, check_model, strip_tool_blocks
 from .streaming import Reply
 
 # finish_reason -> Anthropic's stop_reason
@@ -141,12 +141,7 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
                   count_only: bool = False) -> Request:
     """A /v1/messages body as the engine's chat request (`count_only`: /v1/messages/count_tokens, no
     max_tokens)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = _get(body, "model", (str,))
-    if model is None or model not in model_ids:
-        raise ApiError(404, f"model: {model!r} not found (this server runs {model_ids[0]!r})", param="model",
-                       type="not_found_error")
+    check_model(body, model_ids, required=True)
     messages = parse_messages(body)
     max_tokens = None
     if not count_only:

@@ -14,14 +14,17 @@ from . import anthropic
 from .engine import Engine
 from .errors import install_guards
 from .protocol import CHAT_REQUEST_SCHEMA, COMPLETION_REQUEST_SCHEMA, now, openapi_body
+from .retrieval import Hosted, add_retrieval_routes
 from .routes import Completions
 
 
 def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_queue: int = 64,
                max_concurrency: int = 8, max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20,
-               prompt_cache_bytes: int = 1 << 30, options: GenerationOptions | None = None) -> FastAPI:
+               prompt_cache_bytes: int = 1 << 30, options: GenerationOptions | None = None,
+               embedding: Hosted | None = None, rerank: Hosted | None = None) -> FastAPI:
     """The FastAPI app serving `model` as `model_id` (the engine thread starts here). `options`: the server's
-    own generation options, under every request's (its KV cache: kv_bits, kv_group_size, quantized_kv_start)."""
+    own generation options, under every request's (its KV cache: kv_bits, kv_group_size, quantized_kv_start).
+    `embedding`, `rerank`: models hosted beside the chat model for /v1/embeddings and /v1/rerank (retrieval.py)."""
     engine = Engine(model, tokenizer, max_queue=max_queue, max_concurrency=max_concurrency,
                     prompt_cache_bytes=prompt_cache_bytes)
     complete = Completions(engine, model, tokenizer, model_id=model_id, max_tokens_limit=max_tokens_limit,
@@ -30,6 +33,8 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
     app = FastAPI(title="qwen3-mlx", version="0.1.0", description="OpenAI-compatible Qwen3 server on MLX")
     app.state.engine = engine
     install_guards(app, api_key=api_key, max_body_bytes=max_body_bytes)
+    hosted = add_retrieval_routes(app, engine, chat_id=model_id, embedding=embedding, rerank=rerank,
+                                  body_of=complete.body_of)
 
     @app.get("/health")
     async def health():
@@ -37,8 +42,8 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "qwen3-mlx"}]}
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "qwen3-mlx"}
+                                           for i in [model_id, *hosted]]}
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_body(CHAT_REQUEST_SCHEMA))
     async def chat_completions(request: HttpRequest):

@@ -13,6 +13,9 @@ draws from its own random stream.
 
 Each request's tokens go back to its handler through an asyncio queue; a handler that goes away (client
 disconnect) cancels its request before the next turn.
+
+Other MLX work (the embedding and rerank models' forwards) goes through `await engine.call(fn)`: `fn` runs on
+the engine thread between two turns, so MLX is never used by two threads at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from .protocol import ApiError
 
 class QueueFull(Exception):
     """More requests are waiting than the server takes."""
+
+
+_WAKE = object()  # put in the job queue to wake an idle engine for a `call`
 
 
 class PrefixCache:
@@ -114,6 +120,7 @@ class Engine:
         self.prefill_piece = prefill_piece
         self.prefixes = PrefixCache(prompt_cache_bytes)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._calls: queue.Queue = queue.Queue()  # functions to run between turns (`call`)
         self._queued = 0  # submitted, not yet running
         self._lock = threading.Lock()
         self._running: list[_Running] = []
@@ -134,6 +141,27 @@ class Engine:
     def close(self) -> None:
         self._jobs.put(None)
 
+    async def call(self, fn):
+        """Run `fn()` on the engine thread between two turns and return its result (or raise its exception).
+        For MLX work beside generation; running generations pause while it runs."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(result, error):
+            if not future.done():  # the awaiting handler may be gone (client disconnect)
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        def run():
+            try:
+                result, error = fn(), None
+            except Exception as e:
+                result, error = None, e
+            loop.call_soon_threadsafe(settle, result, error)
+
+        self._calls.put(run)
+        self._jobs.put(_WAKE)
+        return await future
+
     def stats(self) -> dict:
         """Requests running and waiting now, and the largest batch so far."""
         with self._lock:
@@ -144,6 +172,8 @@ class Engine:
 
     def _run(self) -> None:
         while not self._closed:
+            while not self._calls.empty():
+                self._calls.get()()
             self._admit()
             if not self._running:
                 continue
@@ -164,6 +194,8 @@ class Engine:
                 return
             if job is None:
                 self._closed = True
+                return
+            if job is _WAKE:  # a `call` is waiting: back to the loop, which runs it
                 return
             with self._lock:
                 self._queued -= 1

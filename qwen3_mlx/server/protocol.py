@@ -211,15 +211,20 @@ def _options(body: dict, base: GenerationOptions, chat: bool) -> GenerationOptio
                         logprobs=_logprobs(body, chat), **changes)
 
 
-def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int,
-                  base: GenerationOptions | None = None) -> Request:
-    """Validate a /v1/chat/completions (chat=True) or /v1/completions body; `base`: the server's options."""
+def check_model(body: Any, model_ids: tuple[str, ...], required: bool = False) -> None:
+    """The body is a JSON object whose `model`, when given (or `required`), is one this server runs (else 404)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _get(body, "model", (str,))
-    if model is not None and model not in model_ids:
+    if (model is not None or required) and model not in model_ids:
         raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
-                       code="model_not_found")
+                       type="not_found_error", code="model_not_found")
+
+
+def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int,
+                  base: GenerationOptions | None = None) -> Request:
+    """Validate a /v1/chat/completions (chat=True) or /v1/completions body; `base`: the server's options."""
+    check_model(body, model_ids)
     _refuse_unsupported(body)
     prompt = _prompt(body, chat)
     max_tokens = _get(body, "max_completion_tokens", (int,), low=1)

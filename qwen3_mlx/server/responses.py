@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..options import GenerationOptions
-from .protocol import ApiError, Request, _get, chat_message, strip_tool_blocks
+from .protocol import ApiError, Request, _get, chat_message, check_model, strip_tool_blocks
 from .streaming import Reply, sse
 
 
@@ -162,12 +162,7 @@ class ResponsesRequest(Request):
 
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
                   store: ResponseStore, template: str) -> ResponsesRequest:
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = _get(body, "model", (str,))
-    if model is not None and model not in model_ids:
-        raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
-                       code="model_not_found")
+    check_model(body, model_ids)
     previous = _get(body, "previous_response_id", (str,))
     history = list(store.get(previous).messages) if previous else []
     history += input_messages(body.get("input"))
