@@ -98,13 +98,14 @@ class Retrieval:
             held = next(((i, k) for i, k, names in others if name in names), None)
             if held is None:
                 raise ApiError(404, f"model {name!r} not found; this server holds {self.held()}", param="model",
-                               code="model_not_found")
+                               type="not_found_error", code="model_not_found")
             if hosted is not None:
                 raise ApiError(400, f"model {name!r} is this server's {held[1]} model; this route runs the "
                                     f"{kind} model {hosted.model_id!r}", param="model")
         if hosted is None:
             raise ApiError(404, f"this server holds no {kind} model (it holds {self.held()}); start it with "
-                                f"`qwen3-mlx serve MODEL {flag} PATH`", param="model", code="model_not_found")
+                                f"`qwen3-mlx serve MODEL {flag} PATH`", param="model", type="not_found_error",
+                           code="model_not_found")
         return hosted
 
     def rows_fit(self, hosted: Hosted, rows: list[list[int]], param: str) -> int:
