@@ -13,8 +13,9 @@ from .options import KV, PARALLEL, SPLIT, load_for_cli, with_options
 
 @app.command(
     help=(
-        "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
-        "/health).\n\nExample: qwen3-mlx serve Qwen/Qwen3-0.6B --port 8080, then point any OpenAI client at "
+        "Serve a model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models; "
+        "/v1/embeddings and /v1/rerank with --embedding-model, --rerank-model) and Anthropic's (/v1/messages), "
+        "with /health.\n\nExample: qwen3-mlx serve Qwen/Qwen3-0.6B --port 8080, then point any OpenAI client at "
         "http://127.0.0.1:8080/v1."
     )
 )
@@ -33,6 +34,9 @@ def serve(
     prompt_cache_bytes: int = typer.Option(
         1 << 30, "--prompt-cache-bytes", help="KV cache kept across requests for shared prefixes (0 = off).", min=0
     ),
+    responses_store: int = typer.Option(
+        256, "--responses-store", help="/v1/responses answers kept for previous_response_id and GET (0 = none).",
+        min=0),
     embedding_model: str = typer.Option(
         None, "--embedding-model", help="Also host this Qwen3-Embedding model for /v1/embeddings (folder or repo id)."),
     rerank_model: str = typer.Option(
@@ -57,7 +61,7 @@ def serve(
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
                      max_concurrency=max_concurrency, options=options,
                      max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes,
-                     embedding=embedding, rerank=rerank)
+                     responses_store=responses_store, embedding=embedding, rerank=rerank)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
 

@@ -1,16 +1,19 @@
-"""The HTTP side of `qwen3-mlx serve`: OpenAI-compatible routes over the engine (FastAPI).
+"""The HTTP side of `qwen3-mlx serve`: OpenAI-compatible routes (chat completions, completions, Responses) and
+Anthropic's Messages over one engine (FastAPI).
 
 Handlers validate and tokenize, hand token ids to the engine thread and relay what it yields; they never
-touch MLX arrays (routes.py, streaming.py). Every error is answered in OpenAI's shape, and none carries a
-stack trace (errors.py).
+touch MLX arrays (routes.py, streaming.py, responses.py, anthropic.py). Every error is answered in the shape
+of the API the route speaks, and none carries a stack trace (errors.py).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import FastAPI, Request as HttpRequest
 
 from ..options import GenerationOptions
-from . import anthropic
+from . import anthropic, responses
 from .engine import Engine
 from .errors import install_guards
 from .protocol import CHAT_REQUEST_SCHEMA, COMPLETION_REQUEST_SCHEMA, now, openapi_body
@@ -21,9 +24,11 @@ from .routes import Completions
 def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_queue: int = 64,
                max_concurrency: int = 8, max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20,
                prompt_cache_bytes: int = 1 << 30, options: GenerationOptions | None = None,
-               embedding: Hosted | None = None, rerank: Hosted | None = None) -> FastAPI:
+               responses_store: int = 256, embedding: Hosted | None = None,
+               rerank: Hosted | None = None) -> FastAPI:
     """The FastAPI app serving `model` as `model_id` (the engine thread starts here). `options`: the server's
     own generation options, under every request's (its KV cache: kv_bits, kv_group_size, quantized_kv_start).
+    `responses_store`: how many /v1/responses answers are kept for previous_response_id and GET.
     `embedding`, `rerank`: models hosted beside the chat model for /v1/embeddings and /v1/rerank (retrieval.py)."""
     engine = Engine(model, tokenizer, max_queue=max_queue, max_concurrency=max_concurrency,
                     prompt_cache_bytes=prompt_cache_bytes)
@@ -64,5 +69,19 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
         req = anthropic.parse_request(await complete.body_of(request), model_ids=complete.model_ids,
                                       max_tokens_limit=max_tokens_limit, base=complete.options, count_only=True)
         return {"input_tokens": len(complete.prompt_ids(req))}
+
+    store = responses.ResponseStore(responses_store)
+    template = tokenizer.template_source([{}]) if tokenizer is not None else ""
+
+    @app.post("/v1/responses", openapi_extra=openapi_body(responses.RESPONSES_REQUEST_SCHEMA))
+    async def create_response(request: HttpRequest):
+        req = responses.parse_request(await complete.body_of(request), model_ids=complete.model_ids,
+                                      max_tokens_limit=max_tokens_limit, base=complete.options, store=store,
+                                      template=template)
+        return await complete.answer(request, req, partial(responses.ResponseReply, store=store))
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return store.get(response_id, param=None).response
 
     return app
