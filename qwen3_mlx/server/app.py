@@ -40,6 +40,7 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
     install_guards(app, api_key=api_key, max_body_bytes=max_body_bytes)
     hosted = add_retrieval_routes(app, engine, chat_id=model_id, embedding=embedding, rerank=rerank,
                                   body_of=complete.body_of)
+    complete.model_ids += tuple(hosted)  # named by a 404 for a model the route does not run
 
     @app.get("/health")
     async def health():

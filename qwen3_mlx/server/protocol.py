@@ -212,13 +212,16 @@ def _options(body: dict, base: GenerationOptions, chat: bool) -> GenerationOptio
 
 
 def check_model(body: Any, model_ids: tuple[str, ...], required: bool = False) -> None:
-    """The body is a JSON object whose `model`, when given (or `required`), is one this server runs (else 404)."""
+    """The body is a JSON object whose `model`, when given (or `required`), is the chat model: `model_ids` are its
+    names, then those of every model the server holds (for the 404's message)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = _get(body, "model", (str,))
-    if (model is not None or required) and model not in model_ids:
-        raise ApiError(404, f"model {model!r} not found (this server runs {model_ids[0]!r})", param="model",
-                       type="not_found_error", code="model_not_found")
+    if (model is not None or required) and model not in model_ids[:2]:
+        held = ", ".join(repr(m) for m in [model_ids[0], *model_ids[2:]])
+        raise ApiError(404, f"model {model!r} not found for this route (this server holds {held}; "
+                            f"{model_ids[0]!r} answers it)", param="model", type="not_found_error",
+                       code="model_not_found")
 
 
 def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_tokens_limit: int,

@@ -25,7 +25,7 @@ class Completions:
                  max_body_bytes: int, options: GenerationOptions):
         self.engine, self.model, self.tokenizer, self.model_id = engine, model, tokenizer, model_id
         self.options = options  # the server's own (its KV cache), under every request's
-        self.model_ids = (model_id, Path(model_id).name)
+        self.model_ids = (model_id, Path(model_id).name)  # then the other models held (app.py), for 404s
         self.context = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.markup = (getattr(tokenizer, "think_start_id", None), getattr(tokenizer, "think_end_id", None))
