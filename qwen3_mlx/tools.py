@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,10 +49,17 @@ def parse_tool_calls(text: str, tools: list[dict] | None = None) -> list[ToolCal
     return calls
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1E400 is valid JSON but no float: written back it would be Infinity, not JSON
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
 def _json_call(raw: str) -> ToolCall:
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
+        data = json.loads(raw, parse_float=_finite)
+    except (json.JSONDecodeError, ValueError) as e:
         return ToolCall(None, raw=raw, error=f"malformed JSON: {e}")
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return ToolCall(None, raw=raw, error='expected a JSON object with a string "name"')
@@ -108,7 +116,7 @@ def coerce(value: str, schema: dict | None) -> Any:
             except ValueError:
                 pass
             try:
-                number = float(text)
+                number = _finite(text)
             except ValueError:
                 continue
             if kind == "number":

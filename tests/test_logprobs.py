@@ -193,8 +193,6 @@ def test_completions_logprobs_shape(server, tiny):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: streamed completions restart text_offset at 0 in every chunk "
-                                       "(streaming.py take_logprobs calls logprobs_body without the text's offset)")
 def test_streamed_completions_logprobs_equal_whole(server, tiny):
     client = server.client()
     common = dict(model=tiny.path.name, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)

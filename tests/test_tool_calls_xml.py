@@ -98,3 +98,13 @@ def test_streamed_tool_call_start_equals_the_whole_text_split(before, marker, cu
         shown += starts.flush()
     at = min((j for j in (answer.find(m) for m in TOOL_MARKERS) if j >= 0), default=-1)
     assert (shown, call) == ((answer[:at], answer[at:]) if at >= 0 else (answer, None))
+
+
+def test_a_number_beyond_float_range_is_not_a_usable_call():
+    """1E400 is valid JSON but no float: read as inf it would be written back as Infinity, which is not JSON."""
+    (call,) = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1E400}}\n</tool_call>')
+    assert not call.ok and "out of range" in call.error
+    (xml,) = parse_tool_calls(render("get_weather", {"temp": "1E400"}), TOOLS)
+    assert xml.arguments == {"temp": "1E400"}  # kept as text, as any value that is not its declared type
+    message, has_calls = chat_message("", '<tool_call>\n{"name": "f", "arguments": {"x": 1E400}}\n</tool_call>')
+    assert not has_calls

@@ -29,6 +29,7 @@ class Reply:
         self.tokenizer, self.prompt_text = tokenizer, prompt_text if req.echo else ""
         self.chat = req.chat
         self.scored: list = []  # (token, TokenLogprobs) of answer tokens not yet sent (all of them, when whole)
+        self.text_offset = 0  # completions' logprobs: where the next reported token starts in the text
         self.cid, self.created = completion_id(req.chat), now()
         self.matcher = StopMatcher(req.stop)
         self.last = None  # the latest response: its finish reason and token count end the answer
@@ -98,7 +99,10 @@ class Reply:
         if self.req.options.logprobs is None:
             return None
         scored, self.scored = self.scored, []
-        return logprobs_body(self.tokenizer, scored, self.chat)
+        body = logprobs_body(self.tokenizer, scored, self.chat, self.text_offset)
+        if not self.chat:  # completions' text_offset counts from the start of the whole text, chunk after chunk
+            self.text_offset += sum(len(t) for t in body["tokens"])
+        return body
 
     def event(self, delta: dict, finish: str | None = None, text: str = "") -> str:
         # Each chunk carries the logprobs of the tokens received since the last one that carried text.
