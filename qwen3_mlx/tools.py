@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,16 +51,16 @@ def parse_tool_calls(text: str, tools: list[dict] | None = None) -> list[ToolCal
 
 
 def _finite(text: str) -> float:
+    """A JSON number as a float, clamped to the largest finite one: 1E400 is valid JSON (the grammar cannot bound
+    exponents), but as inf it would be written back as Infinity, which is not JSON."""
     value = float(text)
-    if math.isinf(value):  # 1E400 is valid JSON but no float: written back it would be Infinity, not JSON
-        raise ValueError(f"number out of range: {text}")
-    return value
+    return math.copysign(sys.float_info.max, value) if math.isinf(value) else value
 
 
 def _json_call(raw: str) -> ToolCall:
     try:
         data = json.loads(raw, parse_float=_finite)
-    except (json.JSONDecodeError, ValueError) as e:
+    except json.JSONDecodeError as e:
         return ToolCall(None, raw=raw, error=f"malformed JSON: {e}")
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return ToolCall(None, raw=raw, error='expected a JSON object with a string "name"')

@@ -100,11 +100,15 @@ def test_streamed_tool_call_start_equals_the_whole_text_split(before, marker, cu
     assert (shown, call) == ((answer[:at], answer[at:]) if at >= 0 else (answer, None))
 
 
-def test_a_number_beyond_float_range_is_not_a_usable_call():
-    """1E400 is valid JSON but no float: read as inf it would be written back as Infinity, which is not JSON."""
-    (call,) = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1E400}}\n</tool_call>')
-    assert not call.ok and "out of range" in call.error
+def test_a_number_beyond_float_range_is_clamped_to_the_largest_float():
+    """1E400 is valid JSON (and the grammar cannot bound exponents) but no float: read as inf it would be written
+    back as Infinity, which is not JSON. It becomes the largest finite float, in either form."""
+    import sys
+
+    (call,) = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"x": 1E400, "y": -2e999}}\n</tool_call>')
+    assert call.ok and call.arguments == {"x": sys.float_info.max, "y": -sys.float_info.max}
     (xml,) = parse_tool_calls(render("get_weather", {"temp": "1E400"}), TOOLS)
-    assert xml.arguments == {"temp": "1E400"}  # kept as text, as any value that is not its declared type
+    assert xml.arguments == {"temp": sys.float_info.max}
     message, has_calls = chat_message("", '<tool_call>\n{"name": "f", "arguments": {"x": 1E400}}\n</tool_call>')
-    assert not has_calls
+    assert has_calls and json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"x": sys.float_info.max}
+    json.dumps(message, allow_nan=False)  # what a JSON response body allows

@@ -198,7 +198,9 @@ def toolsets(form: str):
 
 
 def hypothesis_settings(examples: int):
-    return settings(max_examples=examples, deadline=None, database=None,
+    # Derandomized: the same examples every run, so the share of runs that finish within max_tokens (a random
+    # model may ramble inside a string) is a fixed number, not a coin toss in CI. The slow variant draws more.
+    return settings(max_examples=examples, deadline=None, database=None, derandomize=examples < 20,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -232,7 +234,7 @@ class Opener:
 @pytest.mark.parametrize("form", ["json", "xml"])
 @pytest.mark.parametrize("choice", ["required", "auto", "named"])
 def test_random_models_calls_validate(forms, form, choice):
-    random_calls_validate(forms, form, choice, examples=8)
+    random_calls_validate(forms, form, choice, examples=4)  # the slow variant below draws 60
 
 
 @pytest.mark.slow
@@ -383,7 +385,7 @@ def test_json_form_spelled_xml_call_is_not_a_call(forms, choice):
 
 
 @pytest.mark.parametrize("form", ["json", "xml"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_auto_text_then_call_held_to_the_schema(forms, form, seed):
     """"auto": free text, then <tool_call>; after it the model wants the same garbage token at every step (and
     noise otherwise). The garbage is masked, and the call that comes out validates."""
@@ -454,7 +456,7 @@ def test_named_choice_overrides_a_model_that_wants_the_other_tool(forms, form):
 
 
 @pytest.mark.parametrize("form", ["json", "xml"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_thinking_stays_free_and_the_call_after_it_validates(forms, form, seed):
     """Thinking on, a thinking budget and tool_choice required: the reasoning is the random model's own text
     (unconstrained: it would never pass the tool grammar), the budget closes it at </think>, then a valid call."""
