@@ -409,6 +409,7 @@ def test_chat_in_a_pty_asks_before_running_a_tool(tiny, tmp_path, mark):
         assert child.exitstatus == 0
 
 
+@pytest.mark.slow  # the library-level Ctrl-C test covers the cancellation; this one adds the pty
 def test_ctrl_c_in_the_chat_cancels_a_running_tool(tiny, tmp_path, mark):
     config = write_config(tmp_path / "servers.json", {"box": toolbox(mark, "--tools", "slow")})
     with chat_in_pty(chat_args(tiny.path, config, "--tool-choice", "slow", "--max-tokens", "20", "--seed", "0",

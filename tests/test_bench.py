@@ -48,7 +48,7 @@ def check_figures(results):
         assert len(s["trials"]) == 2
 
 
-@pytest.mark.parametrize("moe,bits", [(False, "none"), (True, "4")])
+@pytest.mark.parametrize("moe,bits", [pytest.param(False, "none", marks=pytest.mark.slow), (True, "4")])
 def test_bench_cli_end_to_end_vs_mlx_lm(tmp_path, moe, bits):
     cfg = moe_config(moe_intermediate_size=64) if moe else dense_config()
     config = write_config(tmp_path, cfg, moe)

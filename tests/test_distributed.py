@@ -123,8 +123,10 @@ def assert_close(got: dict, want: dict, rel: float = 1e-5):
 
 @pytest.mark.parametrize(
     "ranks,parallel,split,fixture",
-    [(2, "pipeline", None, "dense"), (3, "pipeline", "1,3,2", "dense"), (2, "pipeline", None, "moe"),
-     (2, "tensor", None, "moe"), (2, "pipeline", None, "hybrid"), (3, "pipeline", "4,1,1", "hybrid")],
+    # Three ranks and the pipelined MoE are the slow set: two ranks per model kind and mode stay by default.
+    [(2, "pipeline", None, "dense"), pytest.param(3, "pipeline", "1,3,2", "dense", marks=pytest.mark.slow),
+     pytest.param(2, "pipeline", None, "moe", marks=pytest.mark.slow), (2, "tensor", None, "moe"),
+     (2, "pipeline", None, "hybrid"), pytest.param(3, "pipeline", "4,1,1", "hybrid", marks=pytest.mark.slow)],
 )
 def test_logits_equal_single_process(ranks, parallel, split, fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
@@ -134,7 +136,8 @@ def test_logits_equal_single_process(ranks, parallel, split, fixture, request, t
     assert_close(got, solo_logits(path))
 
 
-@pytest.mark.parametrize("ranks,extra,fixture", [(2, [], "dense"), (3, [], "dense"), (2, [], "moe"),
+@pytest.mark.parametrize("ranks,extra,fixture", [(2, [], "dense"), pytest.param(3, [], "dense", marks=pytest.mark.slow),
+                                                  pytest.param(2, [], "moe", marks=pytest.mark.slow),
                                                   (2, ["--parallel", "tensor"], "moe"), (2, [], "hybrid")])
 def test_greedy_generate_identical(ranks, extra, fixture, request):
     path = str(request.getfixturevalue(fixture))
@@ -145,7 +148,7 @@ def test_greedy_generate_identical(ranks, extra, fixture, request):
     assert f"rank {ranks - 1}:" in err  # the last rank's own report at exit
 
 
-@pytest.mark.parametrize("fixture", ["dense", "hybrid"])
+@pytest.mark.parametrize("fixture", [pytest.param("dense", marks=pytest.mark.slow), "hybrid"])
 def test_chat_turns_across_ranks(fixture, request):
     """Two turns of `chat` (rank 0 reads stdin): the second reuses the cache that every rank holds (a hybrid's
     from its state checkpoints). mlx.launch never closes a rank's stdin, so the chat ends with /exit."""
@@ -253,6 +256,7 @@ def test_split_mismatch_refused(dense):
     assert all(p.returncode == 1 for p in procs) and all("layer split" in e for e in errs), errs
 
 
+@pytest.mark.slow
 def test_unreachable_rank_times_out(dense):
     with ranks([cli("generate", str(dense), *PROMPT), ["-c", "import time; time.sleep(60)"]],
                env={"QWEN3_MLX_CONNECT_TIMEOUT": "3"}) as (r0, _):
@@ -339,6 +343,7 @@ def test_fit_hosts_cli():
     assert bad.returncode == 1 and "unknown device 'toaster'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_speculative_across_ranks(dense, moe):
     """A draft on rank 0 alone, the target across ranks: rejected drafts roll every rank's cache back."""
     args = cli("generate", str(dense), *PROMPT, "-m", "16", "--draft-model", str(moe), "--num-draft", "3")

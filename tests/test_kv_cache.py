@@ -250,7 +250,7 @@ def test_the_server_engine_batches_quantized_caches_exactly_as_generate_alone(tm
     assert got == expected and peak >= 2
 
 
-@pytest.mark.parametrize("kv_bits", [None, 8])
+@pytest.mark.parametrize("kv_bits", [pytest.param(None, marks=pytest.mark.slow), 8])  # the float cache: slow set
 def test_a_32k_prompt_with_yarn_matches_transformers_at_the_last_positions(tmp_path, kv_bits):
     """Long context: a tiny model with YaRN (factor 4, max_position_embeddings 131072) prefilled with 32768
     tokens in 512-token chunks (memory bounded by the chunk); the last 8 positions' logits equal transformers'

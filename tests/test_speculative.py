@@ -90,6 +90,7 @@ def test_rejection_scheme_keeps_the_target_distribution():
     assert float(((row - expected) ** 2 / expected).sum()) < 20.5
 
 
+@pytest.mark.slow  # the chi-square test of accept_drafts above checks the same scheme, in under a second
 def test_sampled_speculation_matches_plain_sampling_end_to_end():
     """A 12-token vocabulary: the second generated token's frequencies over 1500 seeds, speculative against
     plain sampling (two-sample chi-square, df 11, p = 0.001)."""
