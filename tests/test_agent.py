@@ -261,6 +261,7 @@ def test_agent_calls_a_tool_and_its_result_is_in_the_next_prompt(tiny, thinking)
     # ... of which only the new part was prefilled: the first step's prompt came from the cache (less the empty
     # think block the template drops without thinking), so did the generated call with thinking.
     first, step = session.history
+    assert [e.stats for e in steps] == [first, step] and [e.stats.kind for e in steps] == ["user", "tool"]
     assert step.reused_tokens >= first.prompt_tokens - 4
     assert step.prefill_tokens == step.prompt_tokens - step.reused_tokens
     new = len(tiny.tokenizer.encode("<|im_start|>user\n<tool_response>\npong 7f3a9c\n</tool_response><|im_end|>\n"

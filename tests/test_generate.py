@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from helpers import REAL_VOCAB, dense_config, save_checkpoint
 
-from qwen3_mlx.errors import Qwen3MLXError
 from qwen3_mlx.generate import BUDGET_STOP_TEXT, generate, stream_generate
 from qwen3_mlx.loader import load
 from qwen3_mlx.models.cache import make_cache

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from helpers import REAL_VOCAB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3_mlx.generate import generate, stream_generate
+from qwen3_mlx.generate import generate
 from qwen3_mlx.grammar import GrammarError, tool_grammar
 from qwen3_mlx.loader import load
 from qwen3_mlx.tools import parse_tool_calls
