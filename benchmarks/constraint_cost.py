@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
+from qwen3_mlx.bench.machine import cpu_info
 from qwen3_mlx.generate import generate, prompt_tokens, stream_generate
 from qwen3_mlx.grammar import constraint_for
 from qwen3_mlx.models.registry import random_model, shape_config
@@ -39,16 +39,6 @@ CASES = {
     "tools, required": dict(tools=TOOLS, tool_choice="required"),
     "json_object": dict(response_format={"type": "json_object"}),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def prompt_for(tok, options: GenerationOptions):
@@ -102,7 +92,7 @@ def main() -> None:
         if name in grammar:
             row["grammar_us_per_token"] = round(1e6 * statistics.median(grammar[name]), 1)
         rows.append(row)
-    print(json.dumps({"cpu": cpu_name(), "shape": args.shape, "bits": args.bits, "tokens": args.tokens,
+    print(json.dumps({"cpu": cpu_info(), "shape": args.shape, "bits": args.bits, "tokens": args.tokens,
                       "rounds": args.rounds, "rows": rows}, indent=1))
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from qwen3_mlx.bench.machine import cpu_info
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen3-tokenizer"
 EOS_ID = 151643
@@ -34,19 +34,6 @@ WORDS = ("the of and to in is that for it as was with be by on not he this are o
          "they you were her she there been one all we their has would when if so no will more can what some time "
          "model data energy river city music science history market water light system language network theory "
          "memory garden window mountain ocean paper engine question answer morning evening winter summer").split()
-
-
-def cpu() -> dict:
-    info = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU family", "Model"):
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return {"cpu": info.get("Model name", platform.processor()), "family": info.get("CPU family"),
-            "model": info.get("Model")}
 
 
 def write_folder(path: Path, layers: int) -> None:
@@ -132,7 +119,7 @@ def main() -> None:
                     print(name, f"{times[name][-1]:.2f} s", flush=True)
         rate = {k: args.texts / statistics.median(v) for k, v in times.items()}
         print(json.dumps({
-            **cpu(), "torch_threads": torch.get_num_threads(), "texts": args.texts, "tokens_per_text": args.tokens,
+            "cpu": cpu_info(), "torch_threads": torch.get_num_threads(), "texts": args.texts, "tokens_per_text": args.tokens,
             "layers": args.layers, "dtype": "float32",
             "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "texts_per_second": {k: round(v, 2) for k, v in rate.items()},

@@ -2,14 +2,16 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 from helpers import dense_config, moe_config
+from mlx.utils import tree_flatten
 
 from qwen3_mlx.bench.harness import FIGURES
 from qwen3_mlx.bench.models import (
@@ -78,6 +80,26 @@ def test_bench_cli_end_to_end_vs_mlx_lm(tmp_path, moe, bits):
 
     assert doc["environment"]["kernels"] == kernels.describe()
     assert ("qwen3-mlx kernels" if kernels.available() else "MLX's kernels") in " ".join(r.stdout.split())
+    # and which CPU: the document and the table's title name it
+    assert doc["environment"]["cpu"]["model_name"] and doc["environment"]["cpu"]["model_name"] in r.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or shutil.which("lscpu") is None,
+                    reason="reads Linux's CPU description")
+def test_cpu_info_names_the_processor_as_lscpu_does():
+    import subprocess
+
+    from qwen3_mlx.bench.machine import FEATURES, cpu_info
+
+    info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                              check=True).stdout.splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    cpu = cpu_info()
+    assert cpu["model_name"] == info["Model name"]
+    if "CPU family" in info:  # x86
+        assert (cpu["family"], cpu["model"]) == (info["CPU family"], info["Model"])
+    flags = set(info.get("Flags", "").split())
+    assert cpu["features"] == [f for f in FEATURES if f in flags]
 
 
 def test_bench_refuses_what_does_not_fit(monkeypatch):

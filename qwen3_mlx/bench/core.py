@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from .. import kernels
 from ..options import GenerationOptions
 from .harness import FIGURES, Runner, Trial, make_runner, our_tokens, ratio_row, run_alternated
+from .machine import cpu_info
 from .models import (
     BenchError,
     estimate_fit,
@@ -48,6 +49,7 @@ def environment(device: str | None = None) -> dict:
         # Which matmul kernels qwen3-mlx ran: ours ("qwen3-mlx", with the instruction set and threads) or MLX's.
         "kernels": kernels.describe(),
         "platform": f"{platform.system()} {platform.machine()}",
+        "cpu": cpu_info(),  # speeds compare within one machine only: the processor is named in every document
         "cpu_count": os.cpu_count(),
         "device_profile": device,
         "device_bandwidth_gbs": device_bandwidth_gbs(device),

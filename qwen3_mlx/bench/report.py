@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .harness import FIGURES, HIGHER_IS_BETTER
+from .machine import describe
 from .models import BenchError
 
 LABELS = {
@@ -46,6 +47,8 @@ def table(doc: dict) -> Table:
             title += f", {doc['settings']['vs']} on MLX's"
     elif k:
         title += f"; MLX's kernels ({k.get('reason')})"
+    if doc["environment"].get("cpu"):
+        title += f"\non {describe(doc['environment']['cpu'])}"
     t = Table(title=title, title_justify="left")
     t.add_column("prompt", justify="right")
     t.add_column("runtime")
