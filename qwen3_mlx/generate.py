@@ -221,6 +221,9 @@ class Sequence:
     `stop_ids` when `take` starts the thinking budget's stop text)."""
 
     def __init__(self, model, tokenizer, prompt, options: GenerationOptions, prompt_cache: list | None = None):
+        if getattr(model, "headless", False):
+            raise Qwen3MLXError("this is an embedding model (a decoder without an LM head): it embeds "
+                                "(qwen3_mlx.embed, qwen3-mlx embed), it does not generate")
         self.tic = time.perf_counter()
         self.options = options
         ids = prompt_tokens(tokenizer, prompt, options)

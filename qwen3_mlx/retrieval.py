@@ -7,7 +7,7 @@ share one length needs none and runs the plain causal kernels. Positions are 0..
 transformers: RoPE depends on relative positions only, so a padded row computes what it computes alone.
 
 - `embed`: last-token pooling of the final-norm hidden states, L2 normalised; `dimensions` truncates, then
-  renormalises (Qwen3-Embedding is Matryoshka-trained). The pooling and normalisation are read off the
+  renormalises (Qwen3-Embedding is Matryoshka-trained; a folder whose modules do not normalise gets neither). The pooling and normalisation are read off the
   sentence-transformers files of the folder (`modules.json`, `1_Pooling/config.json`); a folder without them
   gets Qwen3-Embedding's (last token, normalised). Every text ends with `<|endoftext|>`, as Qwen3-Embedding's
   tokenizer appends it (its post-processor; our tokenizer encodes without special tokens, so it is appended
@@ -18,8 +18,6 @@ transformers: RoPE depends on relative positions only, so a padded row computes 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +25,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .errors import Qwen3MLXError
+from .errors import Qwen3MLXError, read_json
 
 EOS = "<|endoftext|>"
 QUERY_FORMAT = "Instruct: {instruction}\nQuery:{text}"
@@ -42,49 +40,41 @@ RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 MASKED_SCORE_BYTES = 1 << 30
 
 
-@dataclass(frozen=True)
-class Pooling:
-    """How an embedding model turns hidden states into a vector (its sentence-transformers modules)."""
-
-    mode: str = "lasttoken"
-    normalize: bool = True
-
-
 @lru_cache(maxsize=16)
-def _pooling_of_folder(folder: str) -> Pooling:
+def _normalizes(folder: str) -> bool:
+    """Whether the folder's sentence-transformers modules normalise the pooled vector (a folder without them:
+    Qwen3-Embedding's, normalised). Any pooling but last-token is refused."""
     path = Path(folder)
     modules_file = path / "modules.json"
     if not modules_file.is_file():
-        return Pooling()
+        return True
+    modules = read_json(modules_file)
     try:
-        modules = json.loads(modules_file.read_text())
-        kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        kinds = {m["type"].rsplit(".", 1)[-1]: str(m.get("path", "")) for m in modules}
+    except (KeyError, TypeError, AttributeError):
         raise Qwen3MLXError(f"{modules_file} is not a sentence-transformers module list") from None
     unknown = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})
     if unknown:
         raise Qwen3MLXError(f"{path.name}: sentence-transformers module {unknown[0]} is not supported "
                             "(supported: Transformer, Pooling, Normalize)")
-    mode = "lasttoken"
     if "Pooling" in kinds:
         config_file = path / kinds["Pooling"] / "config.json"
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise Qwen3MLXError(f"cannot read the pooling config {config_file}") from None
+        config = read_json(config_file)
+        if not isinstance(config, dict):
+            raise Qwen3MLXError(f"{config_file} is not a pooling config (a JSON object)")
         modes = [k.removeprefix("pooling_mode_").removesuffix("_token") for k, v in config.items()
                  if k.startswith("pooling_mode_") and v is True]
         if modes != ["lasttoken"]:
             raise Qwen3MLXError(f"{path.name} pools with {' + '.join(modes) or 'nothing'}; only last-token pooling "
                                 "(Qwen3-Embedding's) is supported")
-    return Pooling(mode, "Normalize" in kinds)
+    return "Normalize" in kinds
 
 
-def pooling_of(model) -> Pooling:
-    """The pooling of a loaded model, read off its folder's sentence-transformers files (Qwen3-Embedding's
-    when it has none)."""
+def normalizes(model) -> bool:
+    """Whether a loaded embedding model's vectors are L2-normalised (its folder's sentence-transformers files;
+    Qwen3-Embedding's, yes, when it has none)."""
     folder = getattr(model, "model_path", None)
-    return _pooling_of_folder(str(folder)) if folder is not None else Pooling()
+    return _normalizes(str(folder)) if folder is not None else True
 
 
 def _check_model(model, what: str) -> None:
@@ -172,18 +162,17 @@ def embed(model, tokenizer, texts: str | Sequence[str] | Sequence[Sequence[int]]
     """Embeddings of `texts` (strings, or token-id lists), float32 [n, d], one row per text in order.
 
     `instruction`: the task, for queries (`Instruct: {instruction}\\nQuery:{text}`); documents go without one.
-    `dimensions`: keep the first d values, then renormalise. Texts are batched by length, at most `batch_size`
+    `dimensions`: keep the first d values (renormalised, for a model that normalises). Texts are batched by length, at most `batch_size`
     texts and `max_tokens` padded tokens per forward."""
     _check_model(model, "embed")
     rows = embedding_ids(tokenizer, texts, instruction)
     hidden = model.args.hidden_size
     if dimensions is not None and not 1 <= dimensions <= hidden:
         raise Qwen3MLXError(f"dimensions must be between 1 and the model's {hidden}, got {dimensions}")
-    pooling = pooling_of(model)
     vectors = mx.stack(_last_hidden(model, rows, _token_id(tokenizer, EOS), batch_size, max_tokens))
     if dimensions is not None:
         vectors = vectors[:, :dimensions]
-    if pooling.normalize:
+    if normalizes(model):
         vectors = vectors / mx.maximum(mx.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
     return np.array(vectors, dtype=np.float32)
 
@@ -210,11 +199,7 @@ def rerank_scores(model, tokenizer, rows: list[list[int]], *, batch_size: int = 
         return np.zeros((0,), np.float32)
     yes, no = _token_id(tokenizer, "yes"), _token_id(tokenizer, "no")
     h = mx.stack(_last_hidden(model, rows, _token_id(tokenizer, EOS), batch_size, max_tokens))  # [n, hidden]
-    if model.args.tie_word_embeddings:
-        logits = model.model.embed_tokens.as_linear(h)
-    else:
-        logits = model.lm_head(h)
-    logits = logits.astype(mx.float32)
+    logits = model.logits(h).astype(mx.float32)
     return np.array(mx.sigmoid(logits[:, yes] - logits[:, no]), dtype=np.float32)  # softmax over (yes, no)
 
 

@@ -120,7 +120,11 @@ def test_an_embedding_checkpoint_loads_headless(embedder, loaded_embedder):
     assert model.headless and "lm_head" not in model
     import mlx.core as mx
 
-    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 64)  # hidden states, not logits
+    assert model.model(mx.array([[1, 2, 3]])).shape == (1, 3, 64)  # the decoder's hidden states
+    from qwen3_mlx import Qwen3MLXError, generate
+
+    with pytest.raises(Qwen3MLXError, match="embedding model"):  # no LM head: it does not generate
+        generate(model, loaded_embedder[1], "Hi", max_tokens=2)
 
 
 def test_embeddings_equal_transformers_with_left_padding(embedder, loaded_embedder):
@@ -157,7 +161,7 @@ def test_dimensions_truncate_then_renormalise_and_instruction_formats_queries(em
 
 def test_embedding_errors_are_domain_errors(loaded_embedder, tmp_path):
     from qwen3_mlx import Qwen3MLXError, embed
-    from qwen3_mlx.retrieval import _pooling_of_folder
+    from qwen3_mlx.retrieval import _normalizes
 
     model, tokenizer = loaded_embedder
     with pytest.raises(Qwen3MLXError, match="dimensions must be between 1 and the model's 64"):
@@ -169,7 +173,7 @@ def test_embedding_errors_are_domain_errors(loaded_embedder, tmp_path):
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     with pytest.raises(Qwen3MLXError, match="pools with mean.*only last-token"):
-        _pooling_of_folder(str(tmp_path))
+        _normalizes(str(tmp_path))
 
 
 def test_sentence_transformers_gives_the_same_vectors(embedder, loaded_embedder):
@@ -211,6 +215,13 @@ def test_rerank_equals_the_yes_no_probabilities_of_transformers(reranker):
     text = tokenizer.decode(rows[0])
     assert text == (RERANK_PREFIX + "<Instruct>: Given a web search query, retrieve relevant passages that answer "
                     f"the query\n<Query>: {query}\n<Document>: {docs[0]}" + RERANK_SUFFIX)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(reranker[0]))  # the model card tokenizes prefix, pair, suffix apart
+    pair = (f"<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
+            f"<Query>: {query}\n<Document>: {docs[0]}")
+    assert rows[0] == [t for part in (RERANK_PREFIX, pair, RERANK_SUFFIX)
+                       for t in hf(part, add_special_tokens=False)["input_ids"]]
     scores = rerank(model, tokenizer, query, docs)
     assert scores.dtype == np.float32 and scores.shape == (4,)
     ref = reference_rerank(reranker[1], rows)
@@ -351,7 +362,8 @@ def test_the_new_routes_fuzzed_with_schemathesis_give_no_server_errors(retrieval
         if operation.path not in ("/v1/embeddings", "/v1/rerank"):
             continue
 
-        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def fuzz(case):
             response = case.call(timeout=60)
@@ -397,3 +409,13 @@ def test_engine_call_runs_on_the_engine_thread_between_turns(tiny_checkpoint):
         assert name == "qwen3-mlx-engine" and squares == [0, 1, 4, 9, 16]
     finally:
         engine.close()
+
+
+def test_one_token_id_input_may_be_longer_than_the_item_limit():
+    """A list of ints is one input (its length is the context's business), a list of strings many."""
+    from qwen3_mlx.server.protocol import ApiError
+    from qwen3_mlx.server.retrieval import MAX_INPUTS, _inputs
+
+    assert _inputs(list(range(MAX_INPUTS + 5))) == [list(range(MAX_INPUTS + 5))]
+    with pytest.raises(ApiError, match="at most"):
+        _inputs(["x"] * (MAX_INPUTS + 1))

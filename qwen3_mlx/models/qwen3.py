@@ -127,11 +127,11 @@ class Model(nn.Module):
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        """Logits [B, L, vocab] for token ids [B, L], appending to `cache` when given (a headless model: its
-        hidden states [B, L, hidden])."""
-        h = self.model(inputs, cache)
-        if self.headless:
-            return h
+        """Logits [B, L, vocab] for token ids [B, L], appending to `cache` when given."""
+        return self.logits(self.model(inputs, cache))
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The LM head over final hidden states (the tied embedding when the checkpoint ties them)."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -144,8 +144,8 @@ class Model(nn.Module):
         """Map checkpoint tensors to module parameters (HF tied checkpoints may still carry lm_head).
 
         A checkpoint of the decoder alone (`Qwen3Model.save_pretrained`, as Qwen3-Embedding ships: tensor names
-        without `model.`) gets the prefix, and the model becomes headless: no lm_head, __call__ gives hidden
-        states."""
+        without `model.`) gets the prefix, and the model becomes headless: no lm_head to generate with
+        (`qwen3_mlx.embed` reads `self.model`'s hidden states; generation refuses it)."""
         if "embed_tokens.weight" in weights and "model.embed_tokens.weight" not in weights:
             weights = {f"model.{k}": v for k, v in weights.items()}
             self.headless = True

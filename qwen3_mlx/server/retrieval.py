@@ -178,12 +178,12 @@ def _inputs(value: Any) -> list[str] | list[list[int]]:
         return [value]
     if not isinstance(value, list) or not value:
         raise ApiError(400, why + (" (not empty)" if value == [] else ""), param="input")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [value]  # one input, however long (the context check is the route's)
     if len(value) > MAX_INPUTS:
         raise ApiError(400, f"'input' holds {len(value)} items; at most {MAX_INPUTS} per request", param="input")
     if all(isinstance(v, str) for v in value):
         return value
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return [value]
     if all(isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
            for v in value):
         return value
