@@ -62,7 +62,8 @@ def test_required_tool_choice_gives_a_function_call_that_validates(server, tiny_
     c = server.client()
     for seed in range(2):
         args = dict(model=tiny_checkpoint.name, input=f"Weather {seed}?", tools=TOOLS, tool_choice="required",
-                    parallel_tool_calls=False, max_output_tokens=120, reasoning=NO_THINKING, temperature=1)
+                    parallel_tool_calls=False, max_output_tokens=120, reasoning=NO_THINKING, temperature=1,
+                    extra_body={"seed": seed})
         if stream:
             events = list(c.responses.create(**args, stream=True))
             r = events[-1].response
@@ -81,7 +82,8 @@ def test_previous_response_id_continues_a_stored_conversation(server, tiny_check
     response, an unknown or unstored id is a 404, and the store keeps only the last --responses-store."""
     c = server.client()
     first = c.responses.create(model=tiny_checkpoint.name, input="Weather in Paris?", tools=TOOLS,
-                               tool_choice="required", max_output_tokens=120, reasoning=NO_THINKING)
+                               tool_choice="required", parallel_tool_calls=False, temperature=0,
+                               max_output_tokens=120, reasoning=NO_THINKING)
     (call,) = [i for i in first.output if i.type == "function_call"]
     follow = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
     second = c.responses.create(model=tiny_checkpoint.name, previous_response_id=first.id, input=follow,
@@ -93,6 +95,9 @@ def test_previous_response_id_continues_a_stored_conversation(server, tiny_check
     assert c.responses.retrieve(first.id).output[0].id == first.output[0].id
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model=tiny_checkpoint.name, previous_response_id="resp_nope", input="x")
+    for refused in (dict(background=True), dict(truncation="auto"), dict(top_logprobs=3)):  # refused, not ignored
+        with pytest.raises(openai.BadRequestError, match=next(iter(refused))):
+            c.responses.create(model=tiny_checkpoint.name, input="x", **refused)
     unstored = c.responses.create(model=tiny_checkpoint.name, input="x", store=False, max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(unstored.id)

@@ -13,7 +13,8 @@ import uuid
 from typing import Any, AsyncIterator
 
 from ..options import GenerationOptions
-from .protocol import ApiError, Request, _get, chat_message, check_model, strip_tool_blocks
+from .protocol import (ApiError, Request, _get, chat_message, check_model, refuse_unsupported, seed_of,
+                       strip_tool_blocks)
 from .streaming import Reply
 
 # finish_reason -> Anthropic's stop_reason
@@ -137,11 +138,16 @@ def _thinking(body: dict) -> tuple[bool, int | None]:
     raise ApiError(400, f"thinking: type must be enabled, disabled or adaptive, got {kind!r}", param="thinking")
 
 
+# Fields of the Messages API this server does not implement: a 400 unless absent.
+_UNSUPPORTED = {"container": (None,), "mcp_servers": (None,), "context_management": (None,)}
+
+
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
                   count_only: bool = False) -> Request:
     """A /v1/messages body as the engine's chat request (`count_only`: /v1/messages/count_tokens, no
     max_tokens)."""
     check_model(body, model_ids, required=True)
+    refuse_unsupported(body, _UNSUPPORTED)
     messages = parse_messages(body)
     max_tokens = None
     if not count_only:
@@ -159,6 +165,7 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
     changes = {name: _get(body, name, kinds, low=low, high=high) for name, kinds, low, high in (
         ("temperature", (int, float), 0, 1), ("top_p", (int, float), 0, 1), ("top_k", (int,), 0, None))}
     changes = {k: (float(v) if k != "top_k" else v) for k, v in changes.items() if v is not None}
+    changes.update(seed_of(body))
     output = _get(body, "output_config", (dict,), {})
     fmt = output.get("format")
     if fmt is not None:

@@ -128,8 +128,9 @@ _NUMBERS = {"temperature": ((int, float), 0, 2), "top_p": ((int, float), 0, 1), 
 _UNSUPPORTED = {"frequency_penalty": (None, 0), "logit_bias": (None,), "best_of": (None, 1), "suffix": (None, "")}
 
 
-def _refuse_unsupported(body: dict) -> None:
-    for name, defaults in _UNSUPPORTED.items():
+def refuse_unsupported(body: dict, fields: dict = _UNSUPPORTED) -> None:
+    """400 for a field of `fields` (name -> the values that mean "not used") set to anything else."""
+    for name, defaults in fields.items():
         value = body.get(name)
         # bool is an int in Python: True must not pass for best_of 1, nor 0 for logprobs false's 0.
         if value != {} and not any(value == d and isinstance(value, bool) == isinstance(d, bool) for d in defaults):
@@ -179,6 +180,12 @@ def _tool_choice(body: dict) -> str | dict:
     return choice
 
 
+def seed_of(body: dict) -> dict:
+    """{"seed": ...} from the body's `seed` (OpenAI's; an extension on the Responses and Messages routes), or {}."""
+    seed = _get(body, "seed", (int,), low=-(2**63), high=2**64 - 1)
+    return {} if seed is None else {"seed": seed % 2**64}  # MLX's keys are unsigned 64-bit; a negative one wraps
+
+
 def _options(body: dict, base: GenerationOptions, chat: bool) -> GenerationOptions:
     """The body's generation fields over the server's own options (its KV cache settings)."""
     changes: dict[str, Any] = {}
@@ -188,9 +195,7 @@ def _options(body: dict, base: GenerationOptions, chat: bool) -> GenerationOptio
             changes[name] = float(value) if float in kinds else value
     if changes.get("repetition_penalty") == 0:
         raise ApiError(400, "'repetition_penalty' must be above 0", param="repetition_penalty")
-    seed = _get(body, "seed", (int,), low=-(2**63), high=2**64 - 1)
-    if seed is not None:
-        changes["seed"] = seed % 2**64  # MLX's keys are unsigned 64-bit; a negative seed wraps
+    changes.update(seed_of(body))
     kwargs = _get(body, "chat_template_kwargs", (dict,), {})
     enable_thinking = kwargs.get("enable_thinking", True)
     if not isinstance(enable_thinking, bool):
@@ -228,7 +233,7 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
                   base: GenerationOptions | None = None) -> Request:
     """Validate a /v1/chat/completions (chat=True) or /v1/completions body; `base`: the server's options."""
     check_model(body, model_ids)
-    _refuse_unsupported(body)
+    refuse_unsupported(body)
     prompt = _prompt(body, chat)
     max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
     if max_tokens is None:

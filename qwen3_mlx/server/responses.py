@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..options import GenerationOptions
-from .protocol import ApiError, Request, _get, chat_message, check_model, strip_tool_blocks
+from .protocol import (ApiError, Request, _get, chat_message, check_model, refuse_unsupported, seed_of,
+                       strip_tool_blocks)
 from .streaming import Reply, sse
 
 
@@ -151,6 +152,11 @@ def _thinking(body: dict, template: str) -> dict:
     return {"enable_thinking": effort not in ("none", "minimal")}
 
 
+# Fields of the Responses API this server does not implement: a 400 unless absent or at their default.
+_UNSUPPORTED = {"background": (None, False), "truncation": (None, "disabled"), "top_logprobs": (None, 0),
+                "include": (None, []), "max_tool_calls": (None,), "conversation": (None,), "prompt": (None,)}
+
+
 @dataclass
 class ResponsesRequest(Request):
     """A Request with what the response object repeats and what storing it needs."""
@@ -163,6 +169,7 @@ class ResponsesRequest(Request):
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
                   store: ResponseStore, template: str) -> ResponsesRequest:
     check_model(body, model_ids)
+    refuse_unsupported(body, _UNSUPPORTED)
     previous = _get(body, "previous_response_id", (str,))
     history = list(store.get(previous).messages) if previous else []
     history += input_messages(body.get("input"))
@@ -172,7 +179,9 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
     if max_tokens is not None and max_tokens > max_tokens_limit:
         raise ApiError(400, f"max_output_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
                        param="max_output_tokens")
-    changes = {k: float(v) for k in ("temperature", "top_p") if (v := _get(body, k, (int, float), low=0)) is not None}
+    changes = {k: float(v) for k, high in (("temperature", 2), ("top_p", 1))
+               if (v := _get(body, k, (int, float), low=0, high=high)) is not None}
+    changes.update(seed_of(body))
     options = base.replace(tools=_tools(body), tool_choice=_tool_choice(body), response_format=_format(body),
                            parallel_tool_calls=_get(body, "parallel_tool_calls", (bool,), True),
                            **_thinking(body, template), **changes)
