@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from .chat import ChatSession, TurnStats
 from .errors import Qwen3MLXError, read_json
 from .generate import GenerationResponse
+from .grammar import grammar_for
 from .tools import ToolCall
 
 DEFAULT_TOOL_TIMEOUT = 60.0
@@ -41,15 +42,10 @@ DEFAULT_MAX_STEPS = 8
 @dataclass
 class ToolResult:
     """What goes back to the model as a `tool` message. `status`: "ok", "error" (the tool raised, timed out or
-    reported an error; the call did not parse or named no tool), "declined" (by the user), "cancelled" (Ctrl-C),
-    "skipped" (the step limit was reached)."""
+    reported an error; the call did not parse or named no tool), "declined" (by the user), "cancelled" (Ctrl-C)."""
 
     text: str
     status: str = "ok"
-
-    @property
-    def error(self) -> bool:
-        return self.status != "ok"
 
 
 class ToolRunner(Protocol):
@@ -206,7 +202,6 @@ class McpTools:
         self.tools: list[dict] = []
         self.catalogue: dict[str, McpTool] = {}
         self.servers: dict[str, _Server] = {}
-        self.failures: list[str] = []
         self.renamed: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -243,10 +238,8 @@ class McpTools:
         if self._logs is None:
             self._logs = tempfile.TemporaryDirectory(prefix="qwen3-mlx-mcp-")
         started = self._run(self._start_all(servers))
-        failures = [line for line in started if line]
-        self.failures += failures
         self._index()
-        return failures
+        return [line for line in started if line]
 
     async def _start_all(self, servers: dict[str, dict]) -> list[str | None]:
         return await asyncio.gather(*(self._start_one(name, entry) for name, entry in servers.items()))
@@ -445,7 +438,6 @@ class ToolCallEvent:
     """The model called a tool (before it runs: the place to show it)."""
 
     call: ToolCall
-    step: int
 
 
 @dataclass
@@ -459,7 +451,6 @@ class StepEvent:
     """One generation step ended (`stats.kind`: "user" for the first of a turn, "tool" after tool results)."""
 
     stats: TurnStats
-    calls: list[ToolCall]
 
 
 @dataclass
@@ -493,7 +484,12 @@ class Agent:
         self.max_steps = max_steps
         self.tool_timeout = tool_timeout
         self.always: set[str] = set()
-        session.options = session.options.replace(tools=list(tools.tools) or None)
+        session.options = session.options.replace(tools=list(tools.tools) or None).validate(
+            getattr(session.model, "args", None))
+        # A tool schema or tool_choice the grammar cannot hold (or a choice with no tools) is refused now, not at
+        # the first message.
+        grammar_for(session.options.replace(tool_choice=tool_choice or session.options.tool_choice),
+                    session.tokenizer.tool_call_form)
 
     def step_options(self, step: int):
         options = self.session.options
@@ -508,19 +504,16 @@ class Agent:
         stream = self.session.send(text, self.step_options(0))
         step = 0
         while True:
-            try:
-                yield from stream
-            finally:
-                stream.close()  # an abandoned turn (Ctrl-C, .close()) keeps its partial answer
+            yield from stream  # an abandoned turn (Ctrl-C, .close()) closes it: it keeps its partial answer
             stats = self.session.history[-1]
             calls = list(self.session.last_tool_calls)
-            yield StepEvent(stats, calls)
-            if not calls or stats.finish_reason == "interrupted":
+            yield StepEvent(stats)
+            if not calls:
                 return
             if step >= self.max_steps:
                 for call in calls:
-                    self._answer(call, ToolResult(f"not run: the limit of {self.max_steps} tool steps in a turn was "
-                                                  "reached", "skipped"))
+                    self.session.add_tool_result(f"not run: the limit of {self.max_steps} tool steps in a turn was "
+                                                 "reached")
                 yield LimitEvent(self.max_steps, calls)
                 return
             step += 1
@@ -530,13 +523,13 @@ class Agent:
                     result = ToolResult("cancelled by the user", "cancelled")
                 else:
                     if call.ok:
-                        yield ToolCallEvent(call, step)
+                        yield ToolCallEvent(call)
                     try:
                         result = self._run_call(call)
                     except KeyboardInterrupt:
                         cancelled = True
                         result = ToolResult("cancelled by the user", "cancelled")
-                self._answer(call, result)
+                self.session.add_tool_result(result.text)
                 yield ToolResultEvent(call, result)
             if cancelled:
                 return
@@ -555,16 +548,9 @@ class Agent:
                 self.always.add(call.name)
         return self.runner.call(call.name, call.arguments, self.tool_timeout)
 
-    def _answer(self, call: ToolCall, result: ToolResult) -> None:
-        self.session.add_tool_result(result.text)
-
     def ask(self, text: str) -> str:
         """Run a turn to its end and return the final answer."""
         for _ in self.run(text):
             pass
         return self.session.messages[-1]["content"] if self.session.messages[-1]["role"] == "assistant" else ""
 
-
-def run_tools(session: ChatSession, tools: ToolRunner, text: str, **kwargs) -> Iterator[Event]:
-    """`Agent(session, tools, **kwargs).run(text)`: one turn as a generator of events."""
-    return Agent(session, tools, **kwargs).run(text)

@@ -325,8 +325,13 @@ def test_agent_over_mcp_time_server(tiny, mark):
         agent = Agent(session, tools, tool_choice="get_current_time", max_steps=1)
         results = [e for e in agent.run("What time is it?") if isinstance(e, ToolResultEvent)]
         assert results and results[0].call.name == "get_current_time"
-        assert results[0].result.text == session.messages[2]["content"]  # the server's answer (or its error)
-        assert "timezone" in results[0].result.text.lower()
+        result = results[0].result
+        assert result.text == session.messages[2]["content"]  # the server's answer went back to the model
+        # The random model's timezone argument is noise: the server either answers for it or says it is invalid.
+        if result.status == "ok":
+            assert json.loads(result.text)["timezone"]
+        else:
+            assert result.status == "error" and "Invalid timezone" in result.text, result.text
 
 
 # ---- the command line ---------------------------------------------------------------------------------------
@@ -359,7 +364,8 @@ def test_chat_error_stops_the_servers(tiny, tmp_path, mark):
     proc = subprocess.run(chat_args(tiny.path, config, "--tool-choice", "nosuch"), input="", capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --tool-choice 'nosuch' is not auto, required")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: tool_choice names 'nosuch', which is not among "
+                                                           "the tools (ping)")
 
 
 @contextmanager

@@ -14,11 +14,12 @@ import json
 import os
 import sys
 import time
-
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
 
+from ..agent import CONFIRM_ANSWERS, DEFAULT_MAX_STEPS, DEFAULT_TOOL_TIMEOUT, read_mcp_config
 from ..chat import ChatSession
 from ..errors import Qwen3MLXError
 from .app import app, err
@@ -213,9 +214,8 @@ class ToolView:
         self.term = term
 
     def call(self, call) -> None:
-        arguments = json.dumps(call.arguments, ensure_ascii=False)
         if not self.term.interactive:
-            self.term.line(f"tool call: {call.name} {arguments}")
+            self.term.line(f"tool call: {call.name} {json.dumps(call.arguments, ensure_ascii=False)}")
             return
         from rich.console import Console
         from rich.panel import Panel
@@ -227,13 +227,11 @@ class ToolView:
 
     def result(self, call, result) -> None:
         name = call.name or "(unparsed call)"
-        if result.status in ("declined", "cancelled", "skipped"):
-            self.term.line(f"tool {result.status}: {name}" + ("" if result.status != "skipped" else " (not run)"),
-                           "2" if self.term.colour else None)
+        if result.status in ("declined", "cancelled"):
+            self.term.line(f"tool {result.status}: {name}", "2")  # line() styles only on a colour terminal
             return
         label = "tool result" if result.status == "ok" else "tool error"
-        self.term.line(f"{label}: {name}: {one_line(result.text)}", ("2" if result.status == "ok" else "31")
-                       if self.term.colour else None)
+        self.term.line(f"{label}: {name}: {one_line(result.text)}", "2" if result.status == "ok" else "31")
 
     def confirm(self, call) -> str:
         """y / n / a from the user (on a terminal the question is asked again until it is one of them)."""
@@ -243,8 +241,8 @@ class ToolView:
             except EOFError:
                 return "no"
             answer = answer.strip().lower()
-            if answer in ("y", "yes", "n", "no", "a", "always"):
-                return answer
+            if answer in CONFIRM_ANSWERS:
+                return CONFIRM_ANSWERS[answer]
             if not self.term.interactive:
                 return "no"
 
@@ -388,32 +386,14 @@ def handle_command(session: ChatSession, term: Terminal, line: str, agent=None) 
     return True
 
 
-TOOL_CHOICES = ("auto", "required", "none")
-
-
-def tool_choice_for(choice: str, tools: list[dict]) -> str:
-    """--tool-choice checked against the tools there are."""
-    names = [t["function"]["name"] for t in tools]
-    if choice in ("auto", "none"):
-        return choice
-    if not tools:
-        raise Qwen3MLXError(f"--tool-choice {choice} needs tools: give MCP servers with --mcp servers.json")
-    if choice != "required" and choice not in names:
-        raise Qwen3MLXError(f"--tool-choice {choice!r} is not auto, required, none or a tool's name "
-                            f"(tools: {', '.join(names)})")
-    return choice
-
-
-def start_tools(term: Terminal, config) :
+def start_tools(term: Terminal, config: dict):
     """The MCP servers of --mcp, started; one line per server that failed (the chat goes on without it)."""
     from ..agent import McpTools
+    from .app import show_progress
 
     tools = McpTools()
     try:
-        if show_status(term):
-            with err.status("starting MCP servers"):
-                failures = tools.start(config)
-        else:
+        with err.status("starting MCP servers") if term.interactive and show_progress() else nullcontext():
             failures = tools.start(config)
     except BaseException:
         tools.close()
@@ -425,12 +405,6 @@ def start_tools(term: Terminal, config) :
     servers = ", ".join(f"{s.name} ({len(s.tools)})" for s in tools.servers.values()) or "none"
     term.info(f"MCP: {len(tools.tools)} tools from {len(tools.servers)} servers: {servers} (/tools lists them)")
     return tools
-
-
-def show_status(term: Terminal) -> bool:
-    from .app import show_progress
-
-    return term.interactive and show_progress()
 
 
 @app.command()
@@ -447,8 +421,8 @@ def chat(
         "auto", "--tool-choice", help="The first step of each turn: auto (the model decides), required (it calls "
         "a tool), none (it does not), or a tool's name (it calls that one); later steps are auto."),
     max_tool_steps: int = typer.Option(
-        8, "--max-tool-steps", min=0, help="Tool steps per turn before a turn that keeps calling tools is ended."),
-    tool_timeout: float = typer.Option(60.0, "--tool-timeout", min=0.001, help="Seconds a tool call may take."),
+        DEFAULT_MAX_STEPS, "--max-tool-steps", min=0, help="Tool steps per turn before a turn that keeps calling tools is ended."),
+    tool_timeout: float = typer.Option(DEFAULT_TOOL_TIMEOUT, "--tool-timeout", min=0.001, help="Seconds a tool call may take."),
     source: ModelSource = None,
     options: GenerationOptions = None,
 ) -> None:
@@ -459,9 +433,11 @@ def chat(
         take_ctrl_c()
     term = Terminal(interactive)
     if mcp is None and tool_choice not in ("auto", "none"):
-        tool_choice_for(tool_choice, [])
+        raise Qwen3MLXError(f"--tool-choice {tool_choice} needs tools: give MCP servers with --mcp servers.json")
+    # A bad file is one line before the model loads.
+    config = {"mcpServers": read_mcp_config(mcp)} if mcp is not None else None
     llm, tokenizer, options, cached = load_for_generation(model, options, source)
-    tools = start_tools(term, mcp) if mcp is not None else None
+    tools = start_tools(term, config) if config is not None else None
     try:
         chat_loop(term, interactive, llm, tokenizer, options, cached, source, system, tools, yes=yes,
                   tool_choice=tool_choice, max_tool_steps=max_tool_steps, tool_timeout=tool_timeout)
@@ -485,8 +461,7 @@ def chat_loop(term, interactive, llm, tokenizer, options, cached, source, system
     if tools is not None:
         from ..agent import Agent
 
-        choice = tool_choice_for(tool_choice, tools.tools)
-        agent = Agent(session, tools, confirm=None if yes else ToolView(term).confirm, tool_choice=choice,
+        agent = Agent(session, tools, confirm=None if yes else ToolView(term).confirm, tool_choice=tool_choice,
                       max_steps=max_tool_steps, tool_timeout=tool_timeout)
     if interactive:
         try:
