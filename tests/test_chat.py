@@ -231,7 +231,8 @@ def test_chat_in_a_pty(tiny, tmp_path):
 def test_ctrl_c_stops_answer_and_keeps_turn(tiny, tmp_path, started_as):
     """Ctrl-C stops a 100,000-token answer, also when the chat was started with SIGINT ignored and blocked (it
     was ignored then, and the answer streamed on)."""
-    args = ["--max-tokens", "100000", "--no-think", "--temperature", "1.5", "--top-k", "0", "--top-p", "1"]
+    args = ["--max-tokens", "100000", "--no-think", "--temperature", "1.5", "--top-k", "0", "--top-p", "1",
+            "--seed", "0"]
     with chat_in_pty(tiny.path, *args, preexec_fn=started_as) as child:
         child.sendline("Write forever")
         expect(child, "Write forever\r\n", exact=True)  # the echo: what follows is the answer

@@ -123,7 +123,7 @@ def test_logprobs_zero_and_forced_tokens(tiny):
 # ---------------------------------------------------------------------------------------------------------------
 # The server, through the official openai client.
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,9 @@ def test_chat_logprobs_whole_and_streamed(server, tiny, top):
     got = entries(whole.logprobs)
     assert len(got) == 10
     ref = generate(tiny.model, tiny.tok, HI, logprobs=top, temperature=0, max_tokens=10, enable_thinking=False)
-    assert whole.message.content == ref.answer
+    assert whole.message.content == ref.answer and len(ref.tokens) == len(got)
     for e, token, lp in zip(got, ref.tokens, ref.logprobs):
+        assert len(lp.top) == top
         assert set(e) >= {"token", "logprob", "bytes", "top_logprobs"}
         assert bytes(e["bytes"]) == tiny.tok.token_bytes(token)
         assert abs(e["logprob"] - lp.logprob) < TOL

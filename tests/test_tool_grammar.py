@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -22,9 +23,6 @@ from qwen3_mlx.generate import generate
 from qwen3_mlx.grammar import GrammarError, tool_grammar
 from qwen3_mlx.loader import load
 from qwen3_mlx.tools import parse_tool_calls
-
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("llguidance")
 
 THINK, END_THINK, IM_END = 151667, 151668, 151645
 TOOL_CALL, END_TOOL_CALL = 151657, 151658
@@ -537,7 +535,6 @@ def test_xml_tool_without_parameters(forms):
 # ---------------------------------------------------------------------------------------------------------------
 # The server, through the official openai client.
 
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
