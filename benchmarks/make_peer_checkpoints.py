@@ -3,6 +3,7 @@
 Writes, under --out (default /tmp/peer-ckpt):
   qwen3-0.6b/       Qwen3ForCausalLM, the config of Qwen/Qwen3-0.6B
   moe-12l-64e-a8/   Qwen3MoeForCausalLM, the Qwen3-30B-A3B shape cut to 12 layers and 64 experts (8 active)
+  tiny-28l-h64/     Qwen3-0.6B's vocabulary and 28 layers at hidden size 64: the per-token overhead
   qwen3.5-0.8b/, qwen3.5-4b/   Qwen3_5ForCausalLM (text only) at the Qwen3.5 shapes (`--only` them; 4B is 8.4 GB)
 each as bf16 safetensors (`save_pretrained`) plus the real Qwen3 tokenizer files, which is what
 `../shared/peers/llama-bench.sh` converts to GGUF. Weights are N(0, 0.02) (norms at 1), so the models
@@ -32,10 +33,16 @@ CHECKPOINTS = {
     "moe-12l-64e-a8": lambda: shape_config(
         "qwen3-30b-a3b", num_hidden_layers=12, num_experts=64, num_experts_per_tok=8
     ),
+    # per-token overhead: the 0.6B's vocabulary and 28 layers with almost no weights, so a decode step is
+    # graph building, scheduling and thread wake-ups
+    "tiny-28l-h64": lambda: shape_config(
+        "qwen3-0.6b", hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16
+    ),
     "qwen3.5-0.8b": lambda: shape_config("qwen3.5-0.8b"),
     "qwen3.5-4b": lambda: shape_config("qwen3.5-4b"),
 }
-DEFAULT = ("qwen3-0.6b", "moe-12l-64e-a8")
+DEFAULT = ("qwen3-0.6b", "moe-12l-64e-a8", "tiny-28l-h64")
 
 
 def hf_config(cfg: dict):

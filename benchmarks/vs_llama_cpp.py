@@ -37,11 +37,13 @@ CASES = {
     "f32": ("qwen3-0.6b", "F32", None),
     "bf16": ("qwen3-0.6b", "BF16", "bf16"),
     "moe-q4": ("moe-12l-64e-a8", "Q4_0", 4),
+    # per-token overhead: almost no weights, so decode measures graph building, scheduling and wake-ups
+    "overhead-q4": ("tiny-28l-h64", "Q4_0", 4),
     # the hybrid generation (make_peer_checkpoints.py --only qwen3.5-0.8b qwen3.5-4b); not in the default run
     "q35-0.8b-q4": ("qwen3.5-0.8b", "Q4_0", 4),
     "q35-4b-q4": ("qwen3.5-4b", "Q4_0", 4),
 }
-DEFAULT = ("q4", "q8", "f32", "bf16", "moe-q4")
+DEFAULT = ("q4", "q8", "f32", "bf16", "moe-q4", "overhead-q4")
 # Long context (not in the default run: ~10 minutes): prefill of an 8192-token prompt and decode with 8192
 # tokens in the cache; llama-bench as `-p 8192 -n 0` and `-p 0 -n 32 -d 8192`, one repetition each.
 LONG_CASES = {"q4-8k": ("qwen3-0.6b", "Q4_0", 4, 8192)}

@@ -1,9 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The suite checks the models against transformers and MLX on the exact float path; the integer kernels
+# (activations quantized to int8) have their own tests (test_int8.py), which switch them on.
+os.environ.setdefault("QWEN3_MLX_INT8", "0")
 
 
 @pytest.fixture(scope="session")

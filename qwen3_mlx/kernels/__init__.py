@@ -14,6 +14,11 @@ draft's verification). One exception: float32 prefill GEMMs run OpenBLAS, whose 
 on AVX-512 CPUs unless OPENBLAS_CORETYPE says otherwise) keep this, and whose AVX2 kernels round a row by
 its position in the call: with those, a float32 model's prefill pieces may differ in the last bits.
 
+Quantized matmuls on x86 CPUs with VNNI (AVX512-VNNI, AVX-VNNI) quantize their activations to int8 per group
+and multiply with integer dot products (kernels/src/int8.h; benchmarks/int8_accuracy.py measures what that
+costs); `QWEN3_MLX_INT8=0` (or `set_int8(False)`) keeps the exact float path, which the test suite checks
+against transformers.
+
 `QWEN3_MLX_KERNELS=0` (or `set_enabled(False)`) turns ours off, for comparisons; `QWEN3_MLX_THREADS`
 sets their thread count (default: the usable cores). If the extension was not built or does not
 import, the package still works on MLX's kernels and says why once on stderr.
@@ -74,6 +79,12 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def set_int8(flag: bool) -> bool:
+    """Integer dot products for quantized matmuls (True, the default where the CPU has VNNI) or the float path;
+    for the calls evaluated after. Returns whether this CPU has them."""
+    return bool(_ext and _ext.set_int8(bool(flag)))
+
+
 def available() -> bool:
     """Whether the compiled extension imported."""
     return _ext is not None
@@ -92,7 +103,7 @@ def active() -> bool:
 def describe() -> dict:
     """Which kernels run here, for benchmark tables and JSON."""
     if active():
-        return {"kernels": "qwen3-mlx", "isa": _ext.isa(), "threads": _ext.threads()}
+        return {"kernels": "qwen3-mlx", "isa": _ext.isa(), "int8": _ext.int8(), "threads": _ext.threads()}
     reason = "disabled" if not _enabled else ("not on the CPU" if _ext is not None else _IMPORT_ERROR)
     return {"kernels": "mlx", "isa": None, "threads": None, "reason": reason}
 

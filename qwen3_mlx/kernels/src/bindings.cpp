@@ -1,9 +1,11 @@
 // Python bindings (nanobind, in MLX's domain so mx.array passes through unchanged).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "int8.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -52,5 +54,14 @@ NB_MODULE(_ext, m) {
   m.def("read_bandwidth", &q3k::read_bandwidth_gbs, "nbytes"_a = int64_t(1) << 30, "repeats"_a = 5,
         "Memory read bandwidth (GB/s, best of `repeats`) on the kernels' threads: the decode roofline.");
   m.def("isa", &q3k::isa_name, "Instruction set the kernels run with (avx512, avx2 or generic).");
+  m.def(
+      "int8",
+      []() -> std::optional<std::string> {
+        const q3k::Int8Kernels* t = q3k::int8_kernels();
+        return t ? std::optional<std::string>(t->name) : std::nullopt;
+      },
+      "The integer kernels quantized matmuls run with (avx512-vnni, avx-vnni), or None: the float path.");
+  m.def("set_int8", &q3k::set_int8, "on"_a,
+        "Switch the integer path on or off for the calls evaluated after; returns whether this CPU has it.");
   m.def("threads", &q3k::threads, "Threads the kernels use (QWEN3_MLX_THREADS, else the usable cores).");
 }

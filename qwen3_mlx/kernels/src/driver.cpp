@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "int8.h"
 #include "pool.h"
 
 #if Q3K_HAVE_BLAS
@@ -13,7 +14,7 @@
 namespace q3k {
 namespace {
 
-enum class Path { Gemv, Gemm, Blas };
+enum class Path { Gemv, Gemm, Blas, Int8Gemv, Int8Gemm };
 
 struct Task {
   int mat, n0, n1;
@@ -43,6 +44,10 @@ void run_task(void* ctx, int t, int /*thread*/) {
   const Task& task = (*job.tasks)[t];
   const MatArgs& a = (*job.mats)[task.mat];
   switch (task.path) {
+    case Path::Int8Gemv:  // x8 was prepared for the detected table
+      return int8_detected()->gemv(a, task.n0, task.n1);
+    case Path::Int8Gemm:
+      return int8_detected()->gemm(a, task.n0, task.n1);
     case Path::Gemv:
       return job.k->gemv(a, task.n0, task.n1);
     case Path::Gemm: {
@@ -115,7 +120,12 @@ void run_products(const Kernels& k, const std::vector<MatArgs>& mats) {
     const bool blas = a.wt == WType::F32 && path_rows >= kBlasMinRows && a.yrows == nullptr && blas_ready();
     const bool gemm = path_rows > gemv_max_rows();
     int rows;
-    if (blas) {
+    if (a.x8.codes && gemm) {
+      // The integer prefill repacks a block of up to ~128 KB of codes, a multiple of 32 rows.
+      rows = std::max(32, (131072 / std::max(a.K, 1)) & ~31);
+      const int64_t per_thread = ((a.N + threads - 1) / threads + 31) & ~int64_t(31);
+      rows = static_cast<int>(std::max<int64_t>(32, std::min<int64_t>(rows, per_thread)));
+    } else if (blas) {
       // Two tasks per thread (each GEMM packs the activations again), a multiple of 16 rows.
       const int64_t per_task = (a.N + 2 * threads - 1) / (2 * threads);
       rows = static_cast<int>(std::max<int64_t>(16, (per_task + 15) & ~int64_t(15)));
@@ -131,7 +141,8 @@ void run_products(const Kernels& k, const std::vector<MatArgs>& mats) {
       const int64_t target = std::max<int64_t>(16, total_rows / (8 * threads));
       rows = static_cast<int>(std::min<int64_t>(target, 512));
     }
-    const Path path = blas ? Path::Blas : (gemm ? Path::Gemm : Path::Gemv);
+    const Path path = a.x8.codes ? (gemm ? Path::Int8Gemm : Path::Int8Gemv)
+                                 : blas ? Path::Blas : (gemm ? Path::Gemm : Path::Gemv);
     for (int n0 = 0; n0 < a.N; n0 += rows) tasks.push_back({i, n0, std::min(a.N, n0 + rows), path});
   }
   Job job{&k, &mats, &tasks};

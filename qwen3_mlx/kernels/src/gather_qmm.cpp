@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "driver.h"
+#include "int8.h"
 
 namespace q3k {
 namespace {
@@ -65,7 +66,7 @@ void run_experts(const Groups& g, int E, int N, int K, int path_rows, const floa
     const int lo = g.count[e], n = g.count[e + 1] - lo;
     if (n == 0) continue;
     MatArgs a;
-    a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K, a.M = n, a.path_rows = path_rows, a.N = N, a.K = K;
+    a.x = xg ? xg + static_cast<int64_t>(lo) * K : nullptr, a.ldx = K, a.M = n, a.path_rows = path_rows, a.N = N, a.K = K;
     a.y = yp, a.ldy = N, a.yrows = g.order + lo;
     set_weight(a, e, lo);
     mats.push_back(a);
@@ -109,12 +110,21 @@ class GatherQMatmul : public CpuPrimitive {
       const Kernels& k = kernels();
       const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
       const int G = K / gs;
-      float* xq = xbuf.get(static_cast<size_t>(g.valid) * K);
-      float* xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(g.valid) * G) : nullptr;
-      prepare_x(k, g.x, g.srcrow, g.valid, K, gs, bits == 4, xq, xs);
+      const Int8Kernels* i8 = int8_kernels();
+      thread_local X8Buffers x8buf;
+      X8 x8;
+      float *xq = nullptr, *xs = nullptr;
+      if (i8) {
+        x8 = x8buf.prepare(*i8, g.x, g.srcrow, g.valid, K, gs, bits);
+      } else {
+        xq = xbuf.get(static_cast<size_t>(g.valid) * K);
+        xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(g.valid) * G) : nullptr;
+        prepare_x(k, g.x, g.srcrow, g.valid, K, gs, bits == 4, xq, xs);
+      }
       const int64_t row_bytes = static_cast<int64_t>(K) * bits / 8;
       run_experts(g, E, N, K, L, xq, yp, [&](MatArgs& a, int e, int lo) {
         a.xsum = xs ? xs + static_cast<int64_t>(lo) * G : nullptr;
+        a.x8 = x8.from(lo);
         a.w = wp + static_cast<int64_t>(e) * N * row_bytes, a.w_row_bytes = row_bytes;
         a.wt = bits == 4 ? WType::Q4 : WType::Q8;
         a.scales = sp + static_cast<int64_t>(e) * N * G * ssize;

@@ -1,6 +1,7 @@
 // QuantizedMatmul: a dense layer with MLX-affine-quantized weights.
 #include "common.h"
 #include "driver.h"
+#include "int8.h"
 
 namespace q3k {
 namespace {
@@ -24,7 +25,6 @@ class QuantizedMatmul : public CpuPrimitive {
                   bp = has_biases_ ? in[3].data<void>() : nullptr, yp = y.data<float>(), st = scale_type(scales.dtype()),
                   M, N, K, path_rows, gs = gs_, bits = bits_]() {
       thread_local Scratch xbuf, sums, xraw;
-      const Kernels& k = kernels();
       const float* xsrc = xp;
       if (!xl.contiguous) {
         float* c = xraw.get(static_cast<size_t>(M) * K);
@@ -37,12 +37,18 @@ class QuantizedMatmul : public CpuPrimitive {
       a.w = wp, a.w_row_bytes = static_cast<int64_t>(K) * bits / 8;
       a.scales = sp, a.biases = bp, a.st = st;
       a.y = yp, a.ldy = N;
-      // Group sums only where the kernel reads them (not per call in the AVX-512 4-bit decode).
-      const bool need_sums = bp && (bits == 8 || k.q4_sums);
-      float* xs = need_sums ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
-      float* xq = xbuf.get(static_cast<size_t>(M) * K);
-      prepare_x(k, xsrc, nullptr, M, K, gs, bits == 4, xq, xs);
-      a.x = xq, a.ldx = K, a.xsum = xs;
+      const Kernels& k = kernels();
+      if (const Int8Kernels* i8 = int8_kernels()) {
+        thread_local X8Buffers x8;
+        a.x8 = x8.prepare(*i8, xsrc, nullptr, M, K, gs, bits);
+      } else {
+        // Group sums only where the kernel reads them (not per call in the AVX-512 4-bit decode).
+        const bool need_sums = bp && (bits == 8 || k.q4_sums);
+        float* xs = need_sums ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
+        float* xq = xbuf.get(static_cast<size_t>(M) * K);
+        prepare_x(k, xsrc, nullptr, M, K, gs, bits == 4, xq, xs);
+        a.x = xq, a.ldx = K, a.xsum = xs;
+      }
       run_products(k, {a});
     });
   }
