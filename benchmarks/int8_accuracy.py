@@ -44,18 +44,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
-    if not kernels.set_int8(True):
+    if not kernels.set_int8(2):
         raise SystemExit("this CPU (or build) has no integer kernels")
     table = kernels._ext.int8()
     prompt = np.random.default_rng(args.seed).integers(0, 151936, args.tokens).tolist()
-    kernels.set_int8(False)
+    kernels.set_int8(0)
     reference = log_probs(random_model(args.shape, dtype=mx.float32, seed=args.seed), prompt)
     rows = []
     for bits in args.bits:
         model = random_model(args.shape, dtype=mx.float32, seed=args.seed, bits=bits, group_size=64)
-        kernels.set_int8(False)
+        kernels.set_int8(0)
         flt = log_probs(model, prompt)
-        kernels.set_int8(True)
+        kernels.set_int8(2)
         i8 = log_probs(model, prompt)
         d, w = kl(flt, i8), kl(reference, flt)
         rows.append({"bits": bits, "kl_mean": float(d.mean()), "kl_p99": float(np.percentile(d, 99)),

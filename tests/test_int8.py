@@ -118,11 +118,11 @@ def check_one(rows, n, k_groups, bits, gs, sdtype, biased, seed) -> None:
 
 @pytest.fixture
 def int8_on():
-    if not kernels._ext.set_int8(True):
-        kernels._ext.set_int8(False)
+    if not kernels.set_int8(2):  # prefill and decode
+        kernels.set_int8(0)
         pytest.skip("this CPU has no VNNI")
     yield kernels._ext.int8()
-    kernels._ext.set_int8(False)
+    kernels.set_int8(0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -160,11 +160,23 @@ def test_expert_gathers_equal_the_reference_row_by_row(int8_on, bits, T):
             assert np.array_equal(y[t, j], ref[0])
 
 
+def test_default_mode_is_prefill_only(int8_on):
+    wq, s, b = mx.quantize(mx.random.normal((16, 128), key=mx.random.key(0)) * 0.05, 64, 4)
+    x = mx.random.normal((12, 128), key=mx.random.key(1))
+    both = [_np(kernels._ext.quantized_matmul(x[:n], wq, s, b, 64, 4)) for n in (1, 12)]
+    kernels.set_int8(1)
+    prefill_only = [_np(kernels._ext.quantized_matmul(x[:n], wq, s, b, 64, 4)) for n in (1, 12)]
+    kernels.set_int8(0)
+    flt = [_np(kernels._ext.quantized_matmul(x[:n], wq, s, b, 64, 4)) for n in (1, 12)]
+    assert np.array_equal(prefill_only[0], flt[0]) and not np.array_equal(prefill_only[0], both[0])
+    assert np.array_equal(prefill_only[1], both[1]) and not np.array_equal(prefill_only[1], flt[1])
+
+
 def test_switch_gives_the_float_path_back(int8_on):
     wq, s, b = mx.quantize(mx.random.normal((16, 128), key=mx.random.key(0)) * 0.05, 64, 4)
     x = mx.random.normal((3, 128), key=mx.random.key(1))
     on = _np(kernels._ext.quantized_matmul(x, wq, s, b, 64, 4))
-    kernels._ext.set_int8(False)
+    kernels.set_int8(0)
     assert kernels._ext.int8() is None
     off = _np(kernels._ext.quantized_matmul(x, wq, s, b, 64, 4))
     mlx_ref = _np(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4))
@@ -194,7 +206,7 @@ def test_each_integer_table(isa, table):
     need = {"avx512-vnni": " avx512_vnni", "avx-vnni": " avx_vnni"}[table]
     if need not in flags:
         pytest.skip(f"this CPU has no {table}")
-    env = dict(os.environ, QWEN3_MLX_ISA=isa, QWEN3_MLX_INT8="1")
+    env = dict(os.environ, QWEN3_MLX_ISA=isa, QWEN3_MLX_INT8="all")
     code = CHILD.format(tests=os.path.dirname(__file__), table=table)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -14,10 +14,10 @@ draft's verification). One exception: float32 prefill GEMMs run OpenBLAS, whose 
 on AVX-512 CPUs unless OPENBLAS_CORETYPE says otherwise) keep this, and whose AVX2 kernels round a row by
 its position in the call: with those, a float32 model's prefill pieces may differ in the last bits.
 
-Quantized matmuls on x86 CPUs with VNNI (AVX512-VNNI, AVX-VNNI) quantize their activations to int8 per group
-and multiply with integer dot products (kernels/src/int8.h; benchmarks/int8_accuracy.py measures what that
-costs); `QWEN3_MLX_INT8=0` (or `set_int8(False)`) keeps the exact float path, which the test suite checks
-against transformers.
+Quantized prefill matmuls on x86 CPUs with VNNI (AVX512-VNNI, AVX-VNNI) quantize their activations to int8 per
+group and multiply with integer dot products (kernels/src/int8.h; benchmarks/int8_accuracy.py measures what
+that costs); `QWEN3_MLX_INT8=0` (or `set_int8(0)`) keeps the exact float path, which the test suite checks
+against transformers, and `QWEN3_MLX_INT8=all` (`set_int8(2)`) uses them for decode too.
 
 `QWEN3_MLX_KERNELS=0` (or `set_enabled(False)`) turns ours off, for comparisons; `QWEN3_MLX_THREADS`
 sets their thread count (default: the usable cores). If the extension was not built or does not
@@ -79,10 +79,10 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
-def set_int8(flag: bool) -> bool:
-    """Integer dot products for quantized matmuls (True, the default where the CPU has VNNI) or the float path;
-    for the calls evaluated after. Returns whether this CPU has them."""
-    return bool(_ext and _ext.set_int8(bool(flag)))
+def set_int8(mode: int) -> bool:
+    """Integer dot products for quantized matmuls: 0 never (the float path), 1 prefill (the default where the CPU
+    has VNNI), 2 prefill and decode; for the calls evaluated after. Returns whether this CPU has them."""
+    return bool(_ext and _ext.set_int8(int(mode)))
 
 
 def available() -> bool:

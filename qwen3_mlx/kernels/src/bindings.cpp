@@ -57,11 +57,12 @@ NB_MODULE(_ext, m) {
   m.def(
       "int8",
       []() -> std::optional<std::string> {
-        const q3k::Int8Kernels* t = q3k::int8_kernels();
+        const q3k::Int8Kernels* t = q3k::int8_kernels(1 << 30);
         return t ? std::optional<std::string>(t->name) : std::nullopt;
       },
-      "The integer kernels quantized matmuls run with (avx512-vnni, avx-vnni), or None: the float path.");
-  m.def("set_int8", &q3k::set_int8, "on"_a,
-        "Switch the integer path on or off for the calls evaluated after; returns whether this CPU has it.");
+      "The integer kernels quantized prefill matmuls run with (avx512-vnni, avx-vnni), or None: the float path.");
+  m.def("set_int8", &q3k::set_int8, "mode"_a,
+        "Integer products for quantized matmuls: 0 never, 1 prefill (the default), 2 prefill and decode; for "
+        "the calls evaluated after. Returns whether this CPU has them.");
   m.def("threads", &q3k::threads, "Threads the kernels use (QWEN3_MLX_THREADS, else the usable cores).");
 }

@@ -139,7 +139,7 @@ void run_products(const Kernels& k, const std::vector<MatArgs>& mats) {
       // About eight tasks per thread over all the products (a task claim costs ~100 ns), at least 16
       // rows so the hardware prefetcher sees long runs.
       const int64_t target = std::max<int64_t>(16, total_rows / (8 * threads));
-      rows = static_cast<int>(std::min<int64_t>(target, 512));
+      rows = static_cast<int>(std::min<int64_t>(target, a.x8.codes ? 128 : 512));
     }
     const Path path = a.x8.codes ? (gemm ? Path::Int8Gemm : Path::Int8Gemv)
                                  : blas ? Path::Blas : (gemm ? Path::Gemm : Path::Gemv);

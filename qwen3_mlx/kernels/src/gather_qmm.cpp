@@ -110,7 +110,7 @@ class GatherQMatmul : public CpuPrimitive {
       const Kernels& k = kernels();
       const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
       const int G = K / gs;
-      const Int8Kernels* i8 = int8_kernels();
+      const Int8Kernels* i8 = int8_kernels(L);
       thread_local X8Buffers x8buf;
       X8 x8;
       float *xq = nullptr, *xs = nullptr;

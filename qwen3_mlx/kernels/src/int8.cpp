@@ -27,19 +27,25 @@ const Int8Kernels* int8_detected() {
 }
 
 namespace {
-std::atomic<bool>& int8_on() {
-  static std::atomic<bool> on{[] {
+std::atomic<int>& int8_mode() {
+  static std::atomic<int> mode{[] {
     const char* v = std::getenv("QWEN3_MLX_INT8");
-    return !(v && std::strcmp(v, "0") == 0);
+    if (v && std::strcmp(v, "0") == 0) return 0;
+    if (v && std::strcmp(v, "all") == 0) return 2;
+    return 1;
   }()};
-  return on;
+  return mode;
 }
 }  // namespace
 
-const Int8Kernels* int8_kernels() { return int8_on().load(std::memory_order_relaxed) ? int8_detected() : nullptr; }
+const Int8Kernels* int8_kernels(int path_rows) {
+  const int mode = int8_mode().load(std::memory_order_relaxed);
+  if (mode == 0 || (mode == 1 && path_rows <= gemv_max_rows())) return nullptr;
+  return int8_detected();
+}
 
-bool set_int8(bool on) {
-  int8_on().store(on);
+bool set_int8(int mode) {
+  int8_mode().store(mode < 0 ? 0 : (mode > 2 ? 2 : mode));
   return int8_detected() != nullptr;
 }
 

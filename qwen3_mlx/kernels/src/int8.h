@@ -45,10 +45,13 @@ const Int8Kernels* int8_avx_vnni();
 // The table this CPU has, or null: no VNNI, or QWEN3_MLX_ISA capping below the set (avx512 for
 // AVX512-VNNI, avx2 for AVX-VNNI).
 const Int8Kernels* int8_detected();
-// The same while the integer path is on (QWEN3_MLX_INT8=0 starts it off; set_int8 switches it for the
-// calls evaluated after; set_int8 returns whether this CPU has a table).
-const Int8Kernels* int8_kernels();
-bool set_int8(bool on);
+// The table a product of `path_rows` positions of one sequence runs, or null for the float path. Mode 1,
+// the default: prefill only (more than gemv_max_rows positions), where the integer products pay; decode
+// is bound by per-token overhead, and there the integer path measured no faster in whole models (the
+// MoE shape slower). Mode 2 (QWEN3_MLX_INT8=all): decode too. Mode 0 (QWEN3_MLX_INT8=0): never.
+// set_int8 changes the mode for the calls evaluated after and returns whether this CPU has a table.
+const Int8Kernels* int8_kernels(int path_rows);
+bool set_int8(int mode);
 
 // Values per chunk for `bits`-bit weights, and the padded row length in bytes of the codes.
 inline int chunk_values(const Int8Kernels& t, int bits) { return t.lanes * 4 * (8 / bits); }

@@ -38,7 +38,7 @@ class QuantizedMatmul : public CpuPrimitive {
       a.scales = sp, a.biases = bp, a.st = st;
       a.y = yp, a.ldy = N;
       const Kernels& k = kernels();
-      if (const Int8Kernels* i8 = int8_kernels()) {
+      if (const Int8Kernels* i8 = int8_kernels(path_rows)) {
         thread_local X8Buffers x8;
         a.x8 = x8.prepare(*i8, xsrc, nullptr, M, K, gs, bits);
       } else {
