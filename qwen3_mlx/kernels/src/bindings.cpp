@@ -5,6 +5,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "driver.h"
 #include "int8.h"
 #include "ops.h"
 
@@ -57,7 +58,7 @@ NB_MODULE(_ext, m) {
   m.def(
       "int8",
       []() -> std::optional<std::string> {
-        const q3k::Int8Kernels* t = q3k::int8_kernels(1 << 30);
+        const q3k::Int8Kernels* t = q3k::int8_kernels(q3k::gemv_max_rows() + 1);  // a prefill's
         return t ? std::optional<std::string>(t->name) : std::nullopt;
       },
       "The integer kernels quantized prefill matmuls run with (avx512-vnni, avx-vnni), or None: the float path.");

@@ -56,19 +56,19 @@ Groups group_pairs(const float* xp, const Layout& xl, const int32_t* ip, const L
   return {xp, count.data(), order.data(), srcrow.data(), valid};
 }
 
-// One product per expert that has pairs: its rows of the gathered activations xg [valid, K] against the
-// weight `set_weight` fills in, written back to the pairs' output rows.
-template <class SetWeight>
-void run_experts(const Groups& g, int E, int N, int K, int path_rows, const float* xg, float* yp, SetWeight set_weight) {
+// One product per expert that has pairs: its rows of the gathered activations (sorted pairs lo.. of
+// expert e) against its weight, both of which `set(a, e, lo)` fills in, written back to the pairs' output rows.
+template <class Set>
+void run_experts(const Groups& g, int E, int N, int K, int path_rows, float* yp, Set set) {
   thread_local std::vector<MatArgs> mats;
   mats.clear();
   for (int e = 0; e < E; ++e) {
     const int lo = g.count[e], n = g.count[e + 1] - lo;
     if (n == 0) continue;
     MatArgs a;
-    a.x = xg ? xg + static_cast<int64_t>(lo) * K : nullptr, a.ldx = K, a.M = n, a.path_rows = path_rows, a.N = N, a.K = K;
+    a.M = n, a.path_rows = path_rows, a.N = N, a.K = K;
     a.y = yp, a.ldy = N, a.yrows = g.order + lo;
-    set_weight(a, e, lo);
+    set(a, e, lo);
     mats.push_back(a);
   }
   run_products(kernels(), mats);
@@ -106,25 +106,13 @@ class GatherQMatmul : public CpuPrimitive {
                   bp = has_biases_ ? in[3].data<uint8_t>() : nullptr, ip = idx.data<int32_t>(), yp = y.data<float>(),
                   st = scale_type(scales.dtype()), ssize = static_cast<int>(scales.itemsize()), E, N, K, P, L,
                   gs = gs_, bits = bits_, per_row = per_row_]() mutable {
-      thread_local Scratch xbuf, sums;
-      const Kernels& k = kernels();
+      thread_local QuantizedActivations acts;
       const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
       const int G = K / gs;
-      const Int8Kernels* i8 = int8_kernels(L);
-      thread_local X8Buffers x8buf;
-      X8 x8;
-      float *xq = nullptr, *xs = nullptr;
-      if (i8) {
-        x8 = x8buf.prepare(*i8, g.x, g.srcrow, g.valid, K, gs, bits);
-      } else {
-        xq = xbuf.get(static_cast<size_t>(g.valid) * K);
-        xs = bp && (bits == 8 || k.q4_sums) ? sums.get(static_cast<size_t>(g.valid) * G) : nullptr;
-        prepare_x(k, g.x, g.srcrow, g.valid, K, gs, bits == 4, xq, xs);
-      }
+      acts.prepare(g.x, g.srcrow, g.valid, K, gs, bits, bp != nullptr, L);
       const int64_t row_bytes = static_cast<int64_t>(K) * bits / 8;
-      run_experts(g, E, N, K, L, xq, yp, [&](MatArgs& a, int e, int lo) {
-        a.xsum = xs ? xs + static_cast<int64_t>(lo) * G : nullptr;
-        a.x8 = x8.from(lo);
+      run_experts(g, E, N, K, L, yp, [&](MatArgs& a, int e, int lo) {
+        acts.into(a, lo);
         a.w = wp + static_cast<int64_t>(e) * N * row_bytes, a.w_row_bytes = row_bytes;
         a.wt = bits == 4 ? WType::Q4 : WType::Q8;
         a.scales = sp + static_cast<int64_t>(e) * N * G * ssize;
@@ -167,7 +155,8 @@ class GatherMatmul : public CpuPrimitive {
       const Groups g = group_pairs(xp, xl, ip, il, P, E, N, per_row, yp);
       float* xg = xbuf.get(static_cast<size_t>(g.valid) * K);
       prepare_x(kernels(), g.x, g.srcrow, g.valid, K, 1, false, xg, nullptr);
-      run_experts(g, E, N, K, L, xg, yp, [&](MatArgs& a, int e, int) {
+      run_experts(g, E, N, K, L, yp, [&](MatArgs& a, int e, int lo) {
+        a.x = xg + static_cast<int64_t>(lo) * K, a.ldx = K;
         a.w = wp + static_cast<int64_t>(e) * N * K * isz, a.w_row_bytes = K * isz;
         a.wt = bf16 ? WType::BF16 : WType::F32;
       });

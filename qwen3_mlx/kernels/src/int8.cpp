@@ -49,25 +49,40 @@ bool set_int8(int mode) {
   return int8_detected() != nullptr;
 }
 
-X8 X8Buffers::prepare(const Int8Kernels& t, const float* x, const int32_t* xrows, int M, int K, int gs, int bits) {
-  const int G = K / gs, vl = 32 / bits, C = chunk_values(t, bits), half = C / 2;
-  const int64_t Kp = padded_k(t, K, bits), ldl = Kp / vl;
-  int8_t* codes = reinterpret_cast<int8_t*>(this->codes.get(static_cast<size_t>(M) * Kp / 4 + 1));
-  float* d = this->d.get(static_cast<size_t>(M) * G);
-  float* xs = this->xs.get(static_cast<size_t>(M) * G);
-  float* dl = this->dl.get(static_cast<size_t>(M) * ldl);
-  for (int i = 0; i < M; ++i) {
-    const float* src = x + static_cast<int64_t>(xrows ? xrows[i] : i) * K;
-    int8_t* dst = codes + static_cast<int64_t>(i) * Kp;
-    float* di = d + static_cast<int64_t>(i) * G;
-    t.quantize(src, K, gs, bits, dst, di, xs + static_cast<int64_t>(i) * G);
-    for (int64_t v = K; v < Kp; ++v) dst[bits == 8 ? v : (v / C) * C + (v % 2) * half + (v % C) / 2] = 0;
-    float* li = dl + static_cast<int64_t>(i) * ldl;
-    for (int64_t l = 0; l < ldl; ++l) li[l] = l * vl < K ? di[l * vl / gs] : 0.f;
+void QuantizedActivations::prepare(const float* x, const int32_t* xrows, int M, int K, int gs, int bits,
+                                   bool biases, int path_rows) {
+  const Kernels& k = kernels();
+  const int G = K / gs;
+  K_ = K, G_ = G, xf_ = nullptr, sums_view_ = nullptr, x8_ = X8{};
+  const Int8Kernels* t = int8_kernels(path_rows);
+  if (!t) {
+    // Group sums only where the kernel reads them (not per call in the AVX-512 4-bit decode).
+    float* xs = biases && (bits == 8 || k.q4_sums) ? sums_.get(static_cast<size_t>(M) * G) : nullptr;
+    float* xq = x_.get(static_cast<size_t>(M) * K);
+    prepare_x(k, x, xrows, M, K, gs, bits == 4, xq, xs);
+    xf_ = xq, sums_view_ = xs;
+    return;
   }
-  X8 v;
-  v.codes = codes, v.ld = Kp, v.d = d, v.xs = xs, v.ldg = G, v.dl = dl, v.ldl = ldl;
-  return v;
+  const int C = chunk_values(*t, bits);
+  const int64_t Kp = padded_k(*t, K, bits), ldg = G + t->lanes, whole = static_cast<int64_t>(K) / C * C;
+  int8_t* codes = reinterpret_cast<int8_t*>(codes_.get(static_cast<size_t>(M) * Kp / 4 + 1));
+  float* d = d_.get(static_cast<size_t>(M) * ldg);
+  float* xs = xs_.get(static_cast<size_t>(M) * ldg);
+  for (int i = 0; i < M; ++i) {
+    int8_t* row = codes + i * Kp;
+    float *di = d + i * ldg, *xsi = xs + i * ldg;
+    std::memset(row + whole, 0, Kp - whole);  // the last, partial chunk (its order mixes values and padding)
+    t->quantize(x + static_cast<int64_t>(xrows ? xrows[i] : i) * K, K, gs, bits, row, di, xsi);
+    for (int g = G; g < ldg; ++g) di[g] = xsi[g] = 0.f;
+  }
+  x8_.codes = codes, x8_.ld = Kp, x8_.d = d, x8_.xs = xs, x8_.ldg = ldg;
+}
+
+void QuantizedActivations::into(MatArgs& a, int64_t row) const {
+  a.x = xf_ ? xf_ + row * K_ : nullptr, a.ldx = K_;
+  a.xsum = sums_view_ ? sums_view_ + row * G_ : nullptr;
+  a.x8 = x8_;
+  if (x8_.codes) a.x8.codes += row * x8_.ld, a.x8.d += row * x8_.ldg, a.x8.xs += row * x8_.ldg;
 }
 
 }  // namespace q3k

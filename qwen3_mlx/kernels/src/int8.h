@@ -25,13 +25,13 @@ namespace q3k {
 
 // The integer kernels' activations (X8, kernels.h): codes in the table's chunk order for 4-bit weights
 // (each 8 * L values: the 4 * L even ones, then the odd ones: the order of a chunk's low and high nibbles),
-// zero-padded to whole chunks; d [M, G] and xs [M, G] as above; dl the d of each lane's group, chunk by
-// chunk, 0 past K.
+// zero-padded to whole chunks; d and xs as above, each row's G values followed by L zeros (the decode
+// reads L groups' scales at once from the chunk's first group).
 
 struct Int8Kernels {
   const char* name;
   int lanes;  // L above
-  // One activation row [K]: codes (padded_k bytes, chunk order; the padding is the caller's), d and xs [K / gs].
+  // One activation row [K]: codes (K values in chunk order; the padding is the caller's), d and xs [K / gs].
   void (*quantize)(const float* x, int K, int gs, int bits, int8_t* codes, float* d, float* xs);
   // Rows [n0, n1) of the product for all M rows of a.x8 (a.x and a.xsum unused): the decode arithmetic
   // above, and the prefill one (gemm8 in int8_body.h: the block's weights repacked once for all the rows).
@@ -60,11 +60,23 @@ inline int64_t padded_k(const Int8Kernels& t, int K, int bits) {
   return (static_cast<int64_t>(K) + c - 1) / c * c;
 }
 
-// Buffers for one thread's quantized activations, grown on demand and reused (no allocation per call).
-struct X8Buffers {
-  Scratch codes, d, xs, dl;
-  // x rows (xrows ? xrows[i] : i) of a row-major [*, K] float matrix, quantized for table t.
-  X8 prepare(const Int8Kernels& t, const float* x, const int32_t* xrows, int M, int K, int gs, int bits);
+// A quantized product's activations, prepared once per call for the path it takes: int8 codes for the
+// integer kernels, else float rows (in the float table's lane order for 4 bits) and group sums where that
+// table reads them. Buffers are the caller's thread's, grown on demand and reused.
+class QuantizedActivations {
+ public:
+  // x rows (xrows ? xrows[i] : i) of a row-major [*, K] float matrix, for `path_rows` positions of one
+  // sequence (which choose integer or float, as they choose the kernel).
+  void prepare(const float* x, const int32_t* xrows, int M, int K, int gs, int bits, bool biases, int path_rows);
+  // The activation fields of `a` for the rows from `row` on.
+  void into(MatArgs& a, int64_t row) const;
+
+ private:
+  Scratch x_, sums_, codes_, d_, xs_;
+  const float* xf_ = nullptr;
+  const float* sums_view_ = nullptr;
+  X8 x8_;
+  int64_t K_ = 0, G_ = 0;
 };
 
 }  // namespace q3k

@@ -16,10 +16,7 @@ static inline VI iload(const void* p) { return _mm256_loadu_si256(static_cast<co
 static inline VI iload_part(const void* p, int) {
   return _mm256_zextsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(p)));
 }
-static inline VI ibcast(int32_t v) { return _mm256_set1_epi32(v); }
 static inline void istore(void* p, VI v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
-static inline VI iadd(VI a, VI b) { return _mm256_add_epi32(a, b); }
-static inline VI iround(VF v) { return _mm256_cvtps_epi32(v); }
 static inline void split_even_odd(VI a, VI b, VI& ev, VI& od) {
   const VI e = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // each half: evens then odds
   const VI pa = _mm256_permutevar8x32_epi32(a, e), pb = _mm256_permutevar8x32_epi32(b, e);
@@ -31,14 +28,12 @@ static inline void store_codes(int8_t* p, VI v) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w16, w16));
 }
 static inline VF vabs(VF v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
-static inline VI lo4(VI v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
-static inline VI hi4(VI v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
 static inline VI dot4(VI acc, VI u, VI s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
-static inline VF itof(VI v) { return _mm256_cvtepi32_ps(v); }
 static inline VF permute(VI idx, VF v) { return _mm256_permutevar8x32_ps(v, idx); }
 
 }  // namespace q3k::avx2
 
+#include "int8_x86.h"
 #include "int8_body.h"
 
 const q3k::Int8Kernels* q3k::int8_avx_vnni() { return &avx2::int8_table(); }

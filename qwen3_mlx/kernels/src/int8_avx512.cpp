@@ -12,10 +12,7 @@ using VI = __m512i;
 static inline VI izero() { return _mm512_setzero_si512(); }
 static inline VI iload(const void* p) { return _mm512_loadu_si512(p); }
 static inline VI iload_part(const void* p, int n) { return _mm512_maskz_loadu_epi8((__mmask64(1) << n) - 1, p); }
-static inline VI ibcast(int32_t v) { return _mm512_set1_epi32(v); }
 static inline void istore(void* p, VI v) { _mm512_storeu_si512(p, v); }
-static inline VI iadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
-static inline VI iround(VF v) { return _mm512_cvtps_epi32(v); }
 static inline void split_even_odd(VI a, VI b, VI& ev, VI& od) {
   const VI e = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   ev = _mm512_permutex2var_epi32(a, e, b);
@@ -23,14 +20,12 @@ static inline void split_even_odd(VI a, VI b, VI& ev, VI& od) {
 }
 static inline void store_codes(int8_t* p, VI v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(v)); }
 static inline VF vabs(VF v) { return _mm512_abs_ps(v); }
-static inline VI lo4(VI v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
-static inline VI hi4(VI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
 static inline VI dot4(VI acc, VI u, VI s) { return _mm512_dpbusd_epi32(acc, u, s); }
-static inline VF itof(VI v) { return _mm512_cvtepi32_ps(v); }
 static inline VF permute(VI idx, VF v) { return _mm512_permutexvar_ps(idx, v); }
 
 }  // namespace q3k::avx512
 
+#include "int8_x86.h"
 #include "int8_body.h"
 
 const q3k::Int8Kernels* q3k::int8_avx512_vnni() { return &avx512::int8_table(); }

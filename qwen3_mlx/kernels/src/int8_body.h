@@ -1,5 +1,5 @@
 // The integer kernels' body (the arithmetic: int8.h), written once against the float layer of simd.h
-// and a small integer layer that int8_<isa>.cpp defines before including this:
+// and a small integer layer (int8_<isa>.cpp, int8_x86.h) included before this:
 //   VI                       W 32-bit lanes (4 * W bytes, one chunk)
 //   iload(p), iload_part(p, n)   a chunk; its first n bytes (n a multiple of 16), zeros after
 //   lo4, hi4                 the low / high nibble of each byte
@@ -42,7 +42,8 @@ inline VF lane_scales(const float* s, int g0, VI idx) {
 }
 
 // Rows m0 .. m0 + MR of the output for weight rows [n0, n1); `sc` holds the rows' scales as floats
-// ([n1 - n0][ldsc], zero-padded past G); `add`: the output already holds the bias part.
+// ([n1 - n0][ldsc], zero-padded past G, as the activations' d are); `add`: the output already holds the
+// bias part.
 template <int MR, int BITS, int GS>
 void rows_pass(const MatArgs& a, int n0, int n1, int m0, const float* sc, int64_t ldsc, bool add) {
   constexpr int CB = 4 * W;                // chunk bytes
@@ -55,9 +56,8 @@ void rows_pass(const MatArgs& a, int n0, int n1, int m0, const float* sc, int64_
   for (int l = 0; l < W; ++l) idx_l[l] = LPG >= W ? 0 : l / LPG;
   const VI idx = iload(idx_l);
   const int8_t* xc[MR];
-  const float* dl[MR];
-  for (int m = 0; m < MR; ++m)
-    xc[m] = a.x8.codes + (m0 + m) * a.x8.ld, dl[m] = a.x8.dl + (m0 + m) * a.x8.ldl;
+  const float* d[MR];
+  for (int m = 0; m < MR; ++m) xc[m] = a.x8.codes + (m0 + m) * a.x8.ld, d[m] = a.x8.d + (m0 + m) * a.x8.ldg;
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = static_cast<const uint8_t*>(a.w) + n * a.w_row_bytes;
     const float* s = sc + (n - n0) * ldsc;
@@ -66,18 +66,19 @@ void rows_pass(const MatArgs& a, int n0, int n1, int m0, const float* sc, int64_
     for (int j = 0; j < nchunks; ++j) {
       __builtin_prefetch(wr + j * CB + kPrefetch8 * BITS / 4);
       const VI w = j < nfull ? iload(wr + j * CB) : iload_part(wr + j * CB, tail);
-      const VF sv = lane_scales<LPG>(s, j * C / GS, idx);
+      const int g0 = j * C / GS;
+      const VF sv = lane_scales<LPG>(s, g0, idx);
       if constexpr (BITS == 4) {
         const VI lo = lo4(w), hi = hi4(w);
         for (int m = 0; m < MR; ++m) {
           const int8_t* x = xc[m] + j * C;
           const VI t = dot4(dot4(izero(), lo, iload(x)), hi, iload(x + CB));
-          acc[m] = vadd(acc[m], vmul(itof(t), vmul(sv, vload(dl[m] + j * W))));
+          acc[m] = vadd(acc[m], vmul(itof(t), vmul(sv, lane_scales<LPG>(d[m], g0, idx))));
         }
       } else {
         for (int m = 0; m < MR; ++m) {
           const VI t = dot4(izero(), w, iload(xc[m] + j * C));
-          acc[m] = vadd(acc[m], vmul(itof(t), vmul(sv, vload(dl[m] + j * W))));
+          acc[m] = vadd(acc[m], vmul(itof(t), vmul(sv, lane_scales<LPG>(d[m], g0, idx))));
         }
       }
     }
@@ -101,29 +102,25 @@ void passes(const MatArgs& a, int n0, int n1, const float* sc, int64_t ldsc, boo
   if (a.M - m >= 1) rows_pass<1, BITS, GS>(a, n0, n1, m, sc, ldsc, add);
 }
 
+// The scales of weight rows [n0, n1) as floats, scale (n, g) at sc[(n - n0) * rs + g * cs] (row-major for the
+// decode, transposed for the prefill), and the biases transposed (bt[g * ldb + n - n0]) when there are any.
 template <class S>
-void stage(const MatArgs& a, int n0, int n1, float* sc, int64_t ldsc, float* bt, int64_t ldb) {
-  const int G = a.K / a.gs;
-  for (int n = n0; n < n1; ++n) {
-    const int64_t sg = static_cast<int64_t>(n) * G;
-    float* s = sc + (n - n0) * ldsc;
-    for (int g = 0; g < G; ++g) s[g] = S::get(a.scales, sg + g);
-    for (int64_t g = G; g < ldsc; ++g) s[g] = 0.f;
-    if (bt)
-      for (int g = 0; g < G; ++g) bt[g * ldb + (n - n0)] = S::get(a.biases, sg + g);
-  }
-}
-
-// Scales (and biases) of rows [n0, n1) transposed to [G][ld] floats.
-template <class S>
-void stage_t(const MatArgs& a, int n0, int n1, float* st, float* bt, int64_t ld) {
+void stage_as(const MatArgs& a, int n0, int n1, float* sc, int64_t rs, int64_t cs, float* bt, int64_t ldb) {
   const int G = a.K / a.gs;
   for (int n = n0; n < n1; ++n) {
     const int64_t sg = static_cast<int64_t>(n) * G;
     for (int g = 0; g < G; ++g) {
-      st[g * ld + (n - n0)] = S::get(a.scales, sg + g);
-      if (bt) bt[g * ld + (n - n0)] = S::get(a.biases, sg + g);
+      sc[(n - n0) * rs + g * cs] = S::get(a.scales, sg + g);
+      if (bt) bt[g * ldb + (n - n0)] = S::get(a.biases, sg + g);
     }
+  }
+}
+
+void stage(const MatArgs& a, int n0, int n1, float* sc, int64_t rs, int64_t cs, float* bt, int64_t ldb) {
+  switch (a.st) {
+    case SType::F32: return stage_as<F32S>(a, n0, n1, sc, rs, cs, bt, ldb);
+    case SType::BF16: return stage_as<BF16S>(a, n0, n1, sc, rs, cs, bt, ldb);
+    case SType::F16: return stage_as<F16S>(a, n0, n1, sc, rs, cs, bt, ldb);
   }
 }
 
@@ -150,20 +147,20 @@ void gemv_bits(const MatArgs& a, int n0, int n1, const float* sc, int64_t ldsc, 
   return passes<BITS, 128>(a, n0, n1, sc, ldsc, add);
 }
 
+// Zeroed scratch of n floats (the padding the kernels read past the real values).
+inline float* zeroed(Scratch& s, int64_t n) {
+  float* p = s.get(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p[i] = 0.f;
+  return p;
+}
+
 void gemv8(const MatArgs& a, int n0, int n1) {
   thread_local Scratch scales, biases;
   const int G = a.K / a.gs, nb = n1 - n0;
-  const int64_t ldsc = G + W, ldb = (nb + W - 1) / W * W;
-  float* sc = scales.get(static_cast<size_t>(nb) * ldsc);
-  // transposed biases, zero-padded to whole vectors of rows
-  float* bt = a.biases ? biases.get(static_cast<size_t>(G) * ldb) : nullptr;
-  if (bt)
-    for (int64_t i = 0; i < G * ldb; ++i) bt[i] = 0.f;
-  switch (a.st) {
-    case SType::F32: stage<F32S>(a, n0, n1, sc, ldsc, bt, ldb); break;
-    case SType::BF16: stage<BF16S>(a, n0, n1, sc, ldsc, bt, ldb); break;
-    case SType::F16: stage<F16S>(a, n0, n1, sc, ldsc, bt, ldb); break;
-  }
+  const int64_t ldsc = G + W, ldb = (nb + W - 1) / W * W;  // rows padded for lane_scales, columns to vectors
+  float* sc = zeroed(scales, nb * ldsc);
+  float* bt = a.biases ? zeroed(biases, G * ldb) : nullptr;
+  stage(a, n0, n1, sc, ldsc, 1, bt, ldb);
   if (bt) bias_part(a, n0, n1, bt, ldb);
   if (a.wt == WType::Q4) return gemv_bits<4>(a, n0, n1, sc, ldsc, bt != nullptr);
   return gemv_bits<8>(a, n0, n1, sc, ldsc, bt != nullptr);
@@ -282,16 +279,9 @@ void gemm8(const MatArgs& a, int n0, int n1) {
   const int nsteps = static_cast<int>(a.x8.ld / 4);  // the activations' padded row, 4 codes a step
   int32_t* tile = reinterpret_cast<int32_t*>(tilebuf.get(static_cast<size_t>(nsteps) * nbp));
   int32_t* rb = reinterpret_cast<int32_t*>(rowbuf.get(static_cast<size_t>(nsteps) + 4 * W));
-  float* st = scales.get(static_cast<size_t>(G) * nbp);
-  float* bt = a.biases ? biases.get(static_cast<size_t>(G) * nbp) : nullptr;
-  for (int64_t i = 0; i < G * nbp; ++i) st[i] = 0.f;
-  if (bt)
-    for (int64_t i = 0; i < G * nbp; ++i) bt[i] = 0.f;
-  switch (a.st) {
-    case SType::F32: stage_t<F32S>(a, n0, n1, st, bt, nbp); break;
-    case SType::BF16: stage_t<BF16S>(a, n0, n1, st, bt, nbp); break;
-    case SType::F16: stage_t<F16S>(a, n0, n1, st, bt, nbp); break;
-  }
+  float* st = zeroed(scales, G * nbp);
+  float* bt = a.biases ? zeroed(biases, G * nbp) : nullptr;
+  stage(a, n0, n1, st, 1, nbp, bt, nbp);
   if (bt) bias_part(a, n0, n1, bt, nbp);
   if (a.wt == WType::Q4) {
     repack<4>(a, n0, nb, nbp, nsteps, tile, rb);

@@ -12,21 +12,13 @@ enum class WType { Q4, Q8, BF16, F32 };
 enum class SType { F32, BF16, F16 };  // dtype of scales and biases
 
 // Activations quantized to int8 for the integer kernels (int8.h): row m's codes at codes + m * ld bytes,
-// its group scales d and group sums xs at m * ldg, its lane scales dl at m * ldl.
+// its group scales d and group sums xs at m * ldg.
 struct X8 {
   const int8_t* codes = nullptr;
   int64_t ld = 0;
   const float* d = nullptr;
   const float* xs = nullptr;
   int64_t ldg = 0;
-  const float* dl = nullptr;
-  int64_t ldl = 0;
-  // The view from row r on.
-  X8 from(int64_t r) const {
-    X8 v = *this;
-    if (codes) v.codes += r * ld, v.d += r * ldg, v.xs += r * ldg, v.dl += r * ldl;
-    return v;
-  }
 };
 
 struct MatArgs {

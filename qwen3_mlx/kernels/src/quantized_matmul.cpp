@@ -24,32 +24,23 @@ class QuantizedMatmul : public CpuPrimitive {
     enc.dispatch([xp = x.data<float>(), xl = Layout(x), wp = w.data<uint32_t>(), sp = scales.data<void>(),
                   bp = has_biases_ ? in[3].data<void>() : nullptr, yp = y.data<float>(), st = scale_type(scales.dtype()),
                   M, N, K, path_rows, gs = gs_, bits = bits_]() {
-      thread_local Scratch xbuf, sums, xraw;
+      thread_local Scratch xraw;
+      thread_local QuantizedActivations acts;
       const float* xsrc = xp;
       if (!xl.contiguous) {
         float* c = xraw.get(static_cast<size_t>(M) * K);
         copy_rows(xp, xl, c);
         xsrc = c;
       }
+      acts.prepare(xsrc, nullptr, M, K, gs, bits, bp != nullptr, path_rows);
       MatArgs a;
       a.M = M, a.path_rows = path_rows, a.N = N, a.K = K, a.gs = gs;
       a.wt = bits == 4 ? WType::Q4 : WType::Q8;
       a.w = wp, a.w_row_bytes = static_cast<int64_t>(K) * bits / 8;
       a.scales = sp, a.biases = bp, a.st = st;
       a.y = yp, a.ldy = N;
-      const Kernels& k = kernels();
-      if (const Int8Kernels* i8 = int8_kernels(path_rows)) {
-        thread_local X8Buffers x8;
-        a.x8 = x8.prepare(*i8, xsrc, nullptr, M, K, gs, bits);
-      } else {
-        // Group sums only where the kernel reads them (not per call in the AVX-512 4-bit decode).
-        const bool need_sums = bp && (bits == 8 || k.q4_sums);
-        float* xs = need_sums ? sums.get(static_cast<size_t>(M) * (K / gs)) : nullptr;
-        float* xq = xbuf.get(static_cast<size_t>(M) * K);
-        prepare_x(k, xsrc, nullptr, M, K, gs, bits == 4, xq, xs);
-        a.x = xq, a.ldx = K, a.xsum = xs;
-      }
-      run_products(k, {a});
+      acts.into(a, 0);
+      run_products(kernels(), {a});
     });
   }
 
