@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..options import GenerationOptions
-from .protocol import (ApiError, Request, _get, chat_message, check_model, refuse_unsupported, seed_of,
-                       strip_tool_blocks)
+from .protocol import (ApiError, Request, _get, chat_message, check_model, openai_tool_calls,
+                       refuse_unsupported, seed_of, strip_tool_blocks)
 from .streaming import Reply
 
 # finish_reason -> Anthropic's stop_reason
@@ -184,10 +184,10 @@ def message_id() -> str:
     return "msg_" + uuid.uuid4().hex[:24]
 
 
-def _tool_blocks(answer: str, tools: list | None) -> list[dict]:
-    message, _ = chat_message("", answer, tools)
+def _tool_uses(calls: list[dict]) -> list[dict]:
+    """OpenAI tool calls (`openai_tool_calls`) as tool_use blocks."""
     return [{"type": "tool_use", "id": "toolu_" + c["id"][len("call_"):], "name": c["function"]["name"],
-             "input": json.loads(c["function"]["arguments"])} for c in message.get("tool_calls", [])]
+             "input": json.loads(c["function"]["arguments"])} for c in calls]
 
 
 def sse_event(kind: str, data: dict) -> str:
@@ -221,23 +221,13 @@ class MessageReply(Reply):
                 "stop_reason": reason, "stop_sequence": sequence, "usage": self.usage()}
 
     async def _collect(self) -> dict:
-        reasoning, answer = [], []
-        async for r in self.responses():
-            if r.segment == "answer":
-                answer.append(self.matcher.feed(r.text))
-                if self.matcher.hit:
-                    self.job.cancelled.set()
-                    break
-            else:
-                reasoning.append(r.text)
-        answer.append("" if self.matcher.hit else self.matcher.flush())
-        message, _ = chat_message("".join(reasoning), "".join(answer), self.req.options.tools)
+        message, _ = chat_message(*await self.gather(), self.req.options.tools)
         content = []
         if message.get("reasoning_content"):
             content.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
         if message["content"]:
             content.append({"type": "text", "text": message["content"]})
-        calls = _tool_blocks("".join(answer), self.req.options.tools)
+        calls = _tool_uses(message.get("tool_calls", []))
         return self.message(content + calls, *self.stop_reason(bool(calls)))
 
     # streaming ------------------------------------------------------------------------------------------------
@@ -265,26 +255,12 @@ class MessageReply(Reply):
             out.append(self._delta({"type": "text_delta", "text": text}))
         return out
 
-    async def events(self) -> AsyncIterator[str]:
-        """message_start, then each block's start / deltas / stop, message_delta (stop_reason, usage),
-        message_stop; an error mid-generation is an `error` event."""
-        try:
-            yield sse_event("message_start", {"message": {**self.message([], None, None),
-                                                          "usage": {**self.usage(), "output_tokens": 0}}})
-            try:
-                async for r in self.responses():
-                    for event in self._on_token(r):
-                        yield event
-                    if self.matcher.hit:
-                        self.job.cancelled.set()
-                        break
-            except ApiError as e:
-                yield sse_event("error", {"error": {"type": anthropic_error_type(e), "message": e.message}})
-                return
-            for event in self._ending():
-                yield event
-        finally:
-            self.job.cancelled.set()
+    def _opening(self) -> list[str]:
+        return [sse_event("message_start", {"message": {**self.message([], None, None),
+                                                        "usage": {**self.usage(), "output_tokens": 0}}})]
+
+    def _failed(self, e: ApiError) -> list[str]:
+        return [sse_event("error", {"error": {"type": anthropic_error_type(e), "message": e.message}})]
 
     def _on_token(self, r) -> list[str]:
         if r.segment == "reasoning":
@@ -301,7 +277,7 @@ class MessageReply(Reply):
         if self.tool_text is not None:
             answer = "".join(self.tool_text)
             out += self._text(strip_tool_blocks(answer))
-            calls = _tool_blocks(answer, self.req.options.tools)
+            calls = _tool_uses(openai_tool_calls(answer, self.req.options.tools))
         for call in calls:
             out += self._stop() + [self._start("tool_use", {**call, "input": {}}),
                                    self._delta({"type": "input_json_delta", "partial_json": json.dumps(call["input"])})]

@@ -14,11 +14,11 @@ import json
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..options import GenerationOptions
-from .protocol import (ApiError, Request, _get, chat_message, check_model, refuse_unsupported, seed_of,
-                       strip_tool_blocks)
+from .protocol import (ApiError, Request, _get, chat_message, check_model, openai_tool_calls,
+                       refuse_unsupported, seed_of, strip_tool_blocks)
 from .streaming import Reply, sse
 
 
@@ -204,7 +204,6 @@ class ResponseReply(Reply):
         self.rid = _id("resp_")
         self.seq = 0  # sequence_number of the next event
         self.items: list[dict] = []  # output items so far
-        self.reasoning_tokens = 0
 
     def response(self, status: str) -> dict:
         used = self.last.generation_tokens if self.last else 0
@@ -248,11 +247,7 @@ class ResponseReply(Reply):
         return response
 
     async def _collect(self) -> dict:
-        reasoning, answer = [], []
-        async for r in self.responses():
-            (answer if r.segment == "answer" else reasoning).append(r.text)
-            self.reasoning_tokens += r.segment == "reasoning"
-        self.items = self.output_items("".join(reasoning), "".join(answer))
+        self.items = self.output_items(*await self.gather())
         return self.keep(self.response(self.status()))
 
     # streaming ------------------------------------------------------------------------------------------------
@@ -261,24 +256,13 @@ class ResponseReply(Reply):
         self.seq += 1
         return sse({"type": kind, "sequence_number": self.seq - 1, **data})
 
-    async def events(self) -> AsyncIterator[str]:
-        """response.created / in_progress, each output item's added / deltas / done, response.completed (or
-        response.incomplete); an error mid-generation is response.failed."""
-        try:
-            yield self.ev("response.created", response=self.response("in_progress"))
-            yield self.ev("response.in_progress", response=self.response("in_progress"))
-            try:
-                async for r in self.responses():
-                    for event in self._on_token(r):
-                        yield event
-            except ApiError as e:
-                yield self.ev("response.failed", response={**self.response("failed"), "error": {
-                    "code": "server_error", "message": e.message}})
-                return
-            for event in self._ending():
-                yield event
-        finally:
-            self.job.cancelled.set()
+    def _opening(self) -> list[str]:
+        return [self.ev("response.created", response=self.response("in_progress")),
+                self.ev("response.in_progress", response=self.response("in_progress"))]
+
+    def _failed(self, e: ApiError) -> list[str]:
+        return [self.ev("response.failed", response={**self.response("failed"), "error": {
+            "code": "server_error", "message": e.message}})]
 
     def _open(self, item: dict) -> list[str]:
         self.items.append(item)
@@ -308,7 +292,6 @@ class ResponseReply(Reply):
 
     def _on_token(self, r) -> list[str]:
         if r.segment == "reasoning":
-            self.reasoning_tokens += 1
             if r.token in self.markup or not r.text:
                 return []
             out = [] if self.items and self.items[-1]["type"] == "reasoning" else self._close() + self._open(
@@ -332,8 +315,7 @@ class ResponseReply(Reply):
         if self.tool_text is not None:
             answer = "".join(self.tool_text)
             out += self._message_text(strip_tool_blocks(answer))
-            message, _ = chat_message("", answer, self.req.options.tools)
-            for call in message.get("tool_calls", []):
+            for call in openai_tool_calls(answer, self.req.options.tools):
                 item = function_call_item(call)
                 out += self._close() + self._open({**item, "arguments": "", "status": "in_progress"})
                 self.items[-1]["arguments"] = item["arguments"]

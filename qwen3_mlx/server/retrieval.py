@@ -21,6 +21,7 @@ from .. import retrieval
 from ..errors import Qwen3MLXError
 from .engine import Engine
 from .protocol import ApiError, _get, openapi_body
+from .routes import context_length
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
 
@@ -40,7 +41,7 @@ class Hosted:
 
     @property
     def context(self) -> int:
-        return int(getattr(self.model.args, "max_position_embeddings", 0) or 40960)
+        return context_length(self.model)
 
 
 EMBEDDINGS_REQUEST_SCHEMA = {

@@ -18,6 +18,11 @@ from .protocol import ApiError, Request, parse_request
 from .streaming import Reply
 
 
+def context_length(model) -> int:
+    """The tokens a model's context holds (prompt and answer): its config's max_position_embeddings."""
+    return int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
+
+
 class Completions:
     """/v1/chat/completions (chat=True) and /v1/completions over one engine."""
 
@@ -26,7 +31,7 @@ class Completions:
         self.engine, self.model, self.tokenizer, self.model_id = engine, model, tokenizer, model_id
         self.options = options  # the server's own (its KV cache), under every request's
         self.model_ids = (model_id, Path(model_id).name)  # then the other models held (app.py), for 404s
-        self.context = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 40960)
+        self.context = context_length(model)
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.markup = (getattr(tokenizer, "think_start_id", None), getattr(tokenizer, "think_end_id", None))
 
@@ -43,7 +48,9 @@ class Completions:
             self.engine.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e), type="rate_limit_error", code="queue_full") from None
-        prompt_text = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(job.prompt)
+        prompt_text = ""  # what an echoing completion starts with
+        if req.echo:
+            prompt_text = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(job.prompt)
         reply = reply_type(job, req, self.model_id, self.markup, self.tokenizer, prompt_text)
         if req.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream")

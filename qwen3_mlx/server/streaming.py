@@ -26,7 +26,7 @@ class Reply:
     def __init__(self, job: Job, req: Request, model_id: str, markup: tuple = (), tokenizer=None,
                  prompt_text: str = ""):
         self.job, self.req, self.model_id, self.markup = job, req, model_id, markup
-        self.tokenizer, self.prompt_text = tokenizer, prompt_text if req.echo else ""
+        self.tokenizer, self.prompt_text = tokenizer, prompt_text
         self.chat = req.chat
         self.scored: list = []  # (token, TokenLogprobs) of answer tokens not yet sent (all of them, when whole)
         self.text_offset = 0  # completions' logprobs: where the next reported token starts in the text
@@ -36,12 +36,14 @@ class Reply:
         self.starts = ToolStart()
         self.tool_text: list[str] | None = None  # the answer from the first tool call on, parsed at the end
         self.answer_started = False
+        self.reasoning_tokens = 0  # think tags included
 
     async def responses(self):
         while True:
             kind, value = await self.job.out.get()
             if kind == "token":
                 self.last = value
+                self.reasoning_tokens += value.segment == "reasoning"
                 if value.logprobs is not None and (value.segment == "answer" or not self.chat):
                     self.scored.append((value.token, value.logprobs))
                 yield value
@@ -74,7 +76,9 @@ class Reply:
             self.job.cancelled.set()
             watcher.cancel()
 
-    async def _collect(self) -> dict:
+    async def gather(self) -> tuple[str, str]:
+        """The whole generation as (reasoning, answer), the answer cut at a stop string (generation stops there).
+        The reasoning keeps its think tags (chat_message drops them)."""
         reasoning, answer = [], []
         async for r in self.responses():
             if r.segment == "answer" or not self.chat:
@@ -83,13 +87,17 @@ class Reply:
                     self.job.cancelled.set()
                     break
             else:
-                reasoning.append(r.text)  # chat_message drops the think tags
+                reasoning.append(r.text)
         answer.append("" if self.matcher.hit else self.matcher.flush())
+        return "".join(reasoning), "".join(answer)
+
+    async def _collect(self) -> dict:
+        reasoning, answer = await self.gather()
         if not self.chat:
-            choice = {"index": 0, "text": self.prompt_text + "".join(answer), "finish_reason": self.finish(),
+            choice = {"index": 0, "text": self.prompt_text + answer, "finish_reason": self.finish(),
                       "logprobs": self.take_logprobs()}
             return self.body("text_completion", [choice])
-        message, has_calls = chat_message("".join(reasoning), "".join(answer), self.req.options.tools)
+        message, has_calls = chat_message(reasoning, answer, self.req.options.tools)
         choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if has_calls else self.finish(),
                   "logprobs": self.take_logprobs()}
         return self.body("chat.completion", [choice])
@@ -111,37 +119,40 @@ class Reply:
                          logprobs=lp))
 
     async def events(self) -> AsyncIterator[str]:
-        """The answer as server-sent events; an error mid-generation is the last event before [DONE]."""
+        """The answer as server-sent events: `_opening`, `_on_token`'s for each token, `_ending`; an error
+        mid-generation ends the stream with `_failed`'s. Subclasses speak other APIs through these four."""
         try:
-            if self.chat:
-                yield self.event({"role": "assistant", "content": ""})
-            elif self.prompt_text:
-                yield self.event({}, text=self.prompt_text)
+            for event in self._opening():
+                yield event
             try:
-                async for event in self._deltas():
-                    yield event
+                async for r in self.responses():
+                    for event in self._on_token(r):
+                        yield event
+                    if self.matcher.hit:
+                        self.job.cancelled.set()
+                        break
             except ApiError as e:
-                yield sse(e.body())
-                yield DONE
+                for event in self._failed(e):
+                    yield event
                 return
             for event in self._ending():
                 yield event
-            yield DONE
         finally:
             self.job.cancelled.set()  # the client went away, or the stream ended: stop generating
 
-    async def _deltas(self) -> AsyncIterator[str]:
-        async for r in self.responses():
-            if self.chat and r.segment == "reasoning":
-                if r.token not in self.markup and r.text:
-                    yield self.event({"reasoning_content": r.text})
-                continue
-            text = self._sendable(r.text)
-            if text:
-                yield self.event({"content": text}, text=text)
-            if self.matcher.hit:
-                self.job.cancelled.set()
-                break
+    def _opening(self) -> list[str]:
+        if self.chat:
+            return [self.event({"role": "assistant", "content": ""})]
+        return [self.event({}, text=self.prompt_text)] if self.prompt_text else []
+
+    def _on_token(self, r) -> list[str]:
+        if self.chat and r.segment == "reasoning":
+            return [self.event({"reasoning_content": r.text})] if r.token not in self.markup and r.text else []
+        text = self._sendable(r.text)
+        return [self.event({"content": text}, text=text)] if text else []
+
+    def _failed(self, e: ApiError) -> list[str]:
+        return [sse(e.body()), DONE]
 
     def _sendable(self, text: str) -> str:
         """What of the answer's next text can go out now: a tool call is kept whole for the end, and a possible
@@ -174,3 +185,4 @@ class Reply:
         yield self.event({}, finish)
         if self.req.include_usage:
             yield sse(self.body("chat.completion.chunk" if self.chat else "text_completion", []))
+        yield DONE
