@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from helpers import save_thinker
-from test_server import KEY, Server
+import test_server
+from test_server import KEY
+
+# test_server's module fixtures (a server per module).
+api_server, thinker_server = test_server.api_server, test_server.thinker_server
 
 anthropic = pytest.importorskip("anthropic")
 jsonschema = pytest.importorskip("jsonschema")
@@ -19,25 +20,11 @@ HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0}  # the SDK no longer has sampling parameters; the server still takes them
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_checkpoint):
-    server = Server(tiny_checkpoint, "--api-key", KEY)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def thinker_server(tmp_path_factory):
-    server = Server(save_thinker(tmp_path_factory.mktemp("anthropic-thinker")), "--api-key", KEY)
-    yield server
-    server.close()
-
-
 def client(server, key=KEY):
     return anthropic.Anthropic(base_url=server.base, api_key=key, max_retries=0, timeout=120)
 
 
-def test_plain_and_streamed_answers_are_generates(tiny_server, tiny_checkpoint):
+def test_plain_and_streamed_answers_are_generates(api_server, tiny_checkpoint):
     """A greedy message is what `generate` gives for the same conversation (thinking off: Anthropic's default),
     whole and streamed alike, with Anthropic's event order."""
     from qwen3_mlx.generate import generate
@@ -47,7 +34,7 @@ def test_plain_and_streamed_answers_are_generates(tiny_server, tiny_checkpoint):
     system = "You are terse."
     ref = generate(model, tokenizer, [{"role": "system", "content": system}, *HI], max_tokens=12, temperature=0,
                    enable_thinking=False)
-    c = client(tiny_server)
+    c = client(api_server)
     m = c.messages.create(model=tiny_checkpoint.name, max_tokens=12, extra_body=GREEDY, system=system, messages=HI)
     assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
     assert [b.type for b in m.content] == ["text"] and m.content[0].text == ref.answer
@@ -73,10 +60,10 @@ def test_plain_and_streamed_answers_are_generates(tiny_server, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_tool_choice_any_gives_a_tool_use_block_whose_input_validates(tiny_server, tiny_checkpoint, stream):
+def test_tool_choice_any_gives_a_tool_use_block_whose_input_validates(api_server, tiny_checkpoint, stream):
     """A random-weight model with tool_choice any: the answer is a tool_use block of a declared tool whose input
     validates against its input_schema, every seed (the grammar, not luck)."""
-    c = client(tiny_server)
+    c = client(api_server)
     for seed in range(3):
         args = dict(model=tiny_checkpoint.name, max_tokens=120, messages=[{"role": "user", "content": f"Weather {seed}?"}],
                     tools=TOOLS, tool_choice={"type": "any", "disable_parallel_tool_use": True},
@@ -92,10 +79,10 @@ def test_tool_choice_any_gives_a_tool_use_block_whose_input_validates(tiny_serve
         jsonschema.validate(uses[0].input, TOOLS[0]["input_schema"])
 
 
-def test_a_tool_result_goes_back_into_the_prompt(tiny_server, tiny_checkpoint):
+def test_a_tool_result_goes_back_into_the_prompt(api_server, tiny_checkpoint):
     """tool_use in the assistant turn and tool_result in the next user turn reach the template (count_tokens
     grows by the result's tokens), and tool_choice none answers in text."""
-    c = client(tiny_server)
+    c = client(api_server)
     turn = [{"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                                                "input": {"city": "Paris", "days": 1}}]}]
@@ -115,51 +102,38 @@ def test_thinking_blocks_and_the_budget(thinker_server):
     """thinking enabled: a thinking block, then the text; budget_tokens 0 cuts the reasoning at once; absent
     thinking means none (Anthropic's default)."""
     c = client(thinker_server)
-    m = c.messages.create(model="anthropic-thinker0", max_tokens=60, messages=HI,
+    m = c.messages.create(model=thinker_server.name, max_tokens=60, messages=HI,
                           thinking={"type": "enabled", "budget_tokens": 1024})
     assert [b.type for b in m.content] == ["thinking", "text"]
     assert m.content[0].thinking == "Let" and m.content[1].text == "ok" and m.stop_reason == "end_turn"
-    with c.messages.stream(model="anthropic-thinker0", max_tokens=60, messages=HI,
+    with c.messages.stream(model=thinker_server.name, max_tokens=60, messages=HI,
                            thinking={"type": "enabled", "budget_tokens": 1024}) as s:
         streamed = s.get_final_message()
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in streamed.content] == [
         ("thinking", "Let"), ("text", "ok")]
-    cut = c.messages.create(model="anthropic-thinker0", max_tokens=80, messages=HI,
+    cut = c.messages.create(model=thinker_server.name, max_tokens=80, messages=HI,
                             thinking={"type": "enabled", "budget_tokens": 0})
     assert "Let" not in cut.content[0].thinking and "limited time" in cut.content[0].thinking
     # Off: the template closes an empty think block, after which this model can only end its turn.
-    off = c.messages.create(model="anthropic-thinker0", max_tokens=60, messages=HI)
+    off = c.messages.create(model=thinker_server.name, max_tokens=60, messages=HI)
     assert off.content == [] and off.usage.output_tokens == 1 and off.stop_reason == "end_turn"
 
 
 def test_errors_are_anthropic_shaped(thinker_server):
     with pytest.raises(anthropic.AuthenticationError):
-        client(thinker_server, key="wrong").messages.create(model="anthropic-thinker0", max_tokens=5, messages=HI)
+        client(thinker_server, key="wrong").messages.create(model=thinker_server.name, max_tokens=5, messages=HI)
     with pytest.raises(anthropic.NotFoundError):
         client(thinker_server).messages.create(model="claude-opus-9", max_tokens=5, messages=HI)
-    headers = {"x-api-key": KEY}  # Anthropic's header, not a bearer token
-    for body, status in [({"model": "anthropic-thinker0", "messages": HI}, 400),  # no max_tokens
-                         ({"model": "anthropic-thinker0", "max_tokens": 5, "messages": [
+    for body, status in [({"model": thinker_server.name, "messages": HI}, 400),  # no max_tokens
+                         ({"model": thinker_server.name, "max_tokens": 5, "messages": [
                              {"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400),
-                         ({"model": "anthropic-thinker0", "max_tokens": 5, "messages": HI,
+                         ({"model": thinker_server.name, "max_tokens": 5, "messages": HI,
                            "tool_choice": {"type": "tool", "name": "nope"}, "tools": TOOLS}, 400),
                          # not implemented: refused, not ignored
-                         ({"model": "anthropic-thinker0", "max_tokens": 5, "messages": HI,
+                         ({"model": thinker_server.name, "max_tokens": 5, "messages": HI,
                            "mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]}, 400)]:
-        got, answer = post(thinker_server, "/v1/messages", body, headers)
+        got, answer = thinker_server.post("/v1/messages", body, key=None, headers={"x-api-key": KEY})  # Anthropic's
         assert got == status and answer["type"] == "error", answer
         assert set(answer["error"]) == {"type", "message"} and answer["error"]["type"] == "invalid_request_error"
         assert "Traceback" not in answer["error"]["message"]
 
-
-def post(server, path, body, headers):
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(server.base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import save_thinker
-from test_server import KEY, Server
+import test_server
+
+# test_server's module fixtures (a server per module).
+api_server, thinker_server = test_server.api_server, test_server.thinker_server
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -18,28 +20,14 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for
 NO_THINKING = {"effort": "none"}  # Qwen3's template has no reasoning_effort: none turns thinking off
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    s = Server(tiny_checkpoint, "--api-key", KEY, "--responses-store", "4")
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
-def thinker(tmp_path_factory):
-    s = Server(save_thinker(tmp_path_factory.mktemp("responses-thinker")), "--api-key", KEY)
-    yield s
-    s.close()
-
-
-def test_plain_and_streamed_answers_are_generates(server, tiny_checkpoint):
+def test_plain_and_streamed_answers_are_generates(api_server, tiny_checkpoint):
     from qwen3_mlx.generate import generate
     from qwen3_mlx.loader import load
 
     model, tokenizer = load(tiny_checkpoint)
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
     ref = generate(model, tokenizer, messages, max_tokens=12, temperature=0, enable_thinking=False)
-    c = server.client()
+    c = api_server.client()
     args = dict(model=tiny_checkpoint.name, instructions="Be terse.", input="Hi", max_output_tokens=12,
                 temperature=0, reasoning=NO_THINKING)
     r = c.responses.create(**args)
@@ -58,8 +46,8 @@ def test_plain_and_streamed_answers_are_generates(server, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_required_tool_choice_gives_a_function_call_that_validates(server, tiny_checkpoint, stream):
-    c = server.client()
+def test_required_tool_choice_gives_a_function_call_that_validates(api_server, tiny_checkpoint, stream):
+    c = api_server.client()
     for seed in range(2):
         args = dict(model=tiny_checkpoint.name, input=f"Weather {seed}?", tools=TOOLS, tool_choice="required",
                     parallel_tool_calls=False, max_output_tokens=120, reasoning=NO_THINKING, temperature=1,
@@ -77,10 +65,10 @@ def test_required_tool_choice_gives_a_function_call_that_validates(server, tiny_
             assert deltas == calls[0].arguments
 
 
-def test_previous_response_id_continues_a_stored_conversation(server, tiny_checkpoint):
+def test_previous_response_id_continues_a_stored_conversation(api_server, tiny_checkpoint):
     """The follow-up sees the first exchange (more input tokens than the new input alone), GET returns a stored
     response, an unknown or unstored id is a 404, and the store keeps only the last --responses-store."""
-    c = server.client()
+    c = api_server.client()
     first = c.responses.create(model=tiny_checkpoint.name, input="Weather in Paris?", tools=TOOLS,
                                tool_choice="required", parallel_tool_calls=False, temperature=0,
                                max_output_tokens=120, reasoning=NO_THINKING)
@@ -107,15 +95,15 @@ def test_previous_response_id_continues_a_stored_conversation(server, tiny_check
         c.responses.retrieve(first.id)
 
 
-def test_reasoning_items(thinker):
+def test_reasoning_items(thinker_server):
     """Thinking output is a reasoning item (whole and streamed), the answer a message."""
-    c = thinker.client()
-    r = c.responses.create(model="responses-thinker0", input="Hi", max_output_tokens=40)
+    c = thinker_server.client()
+    r = c.responses.create(model=thinker_server.name, input="Hi", max_output_tokens=40)
     assert [i.type for i in r.output] == ["reasoning", "message"]
     assert r.output[0].content[0].text == "Let" and r.output_text == "ok" and r.status == "completed"
     assert r.usage.output_tokens_details.reasoning_tokens == 3  # <think>, Let, </think>
-    events = list(c.responses.create(model="responses-thinker0", input="Hi", max_output_tokens=40, stream=True))
+    events = list(c.responses.create(model=thinker_server.name, input="Hi", max_output_tokens=40, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Let"
     assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
-    off = c.responses.create(model="responses-thinker0", input="Hi", max_output_tokens=40, reasoning={"effort": "none"})
+    off = c.responses.create(model=thinker_server.name, input="Hi", max_output_tokens=40, reasoning={"effort": "none"})
     assert [i.type for i in off.output] == [] and off.usage.output_tokens == 1

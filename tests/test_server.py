@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from helpers import save_thinker
@@ -32,6 +33,8 @@ class Server:
     """A `qwen3-mlx serve` subprocess; always killed at the end, whatever the test did."""
 
     def __init__(self, model, *args):
+        self.model = str(model)  # the id it serves the model as
+        self.name = Path(model).name  # which addresses it too
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, NO_COLOR="1")
@@ -54,9 +57,10 @@ class Server:
     def client(self, key=KEY):
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60)
 
-    def post(self, path, body: bytes | dict, key=KEY):
+    def post(self, path, body: bytes | dict, key=KEY, headers: dict | None = None):
+        """(status, JSON body) of a POST with the key as a bearer token (and `headers`)."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if key:
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST")
@@ -91,11 +95,27 @@ class Server:
                 self.proc.wait()
 
 
+def serving(model, *args):
+    """A module fixture's body (`yield from serving(...)`): `model` served with the test key and `args` for the
+    module's tests, closed after them."""
+    server = Server(model, "--api-key", KEY, *args)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# Module fixtures test_anthropic and test_responses import too (each module starts its own server).
 @pytest.fixture(scope="module")
 def thinker_server(tmp_path_factory):
-    server = Server(save_thinker(tmp_path_factory.mktemp("serve-thinker")), "--api-key", KEY)
-    yield server
-    server.close()
+    """The checkpoint that thinks "Let" and answers "ok" (helpers.save_thinker)."""
+    yield from serving(save_thinker(tmp_path_factory.mktemp("thinker")))
+
+
+@pytest.fixture(scope="module")
+def api_server(tiny_checkpoint):
+    """The tiny random checkpoint, keeping 4 /v1/responses answers."""
+    yield from serving(tiny_checkpoint, "--responses-store", "4")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +137,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 def test_models_and_health(thinker_server):
     ids = [m.id for m in thinker_server.client().models.list()]
-    assert len(ids) == 1 and ids[0].endswith("serve-thinker0")
+    assert ids == [thinker_server.model]
     with urllib.request.urlopen(thinker_server.base + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
 
@@ -135,7 +155,7 @@ def test_chat_splits_reasoning_from_the_answer(thinker_server):
 
 def test_streamed_chat_has_reasoning_and_content_deltas_and_usage(thinker_server):
     stream = thinker_server.client().chat.completions.create(
-        model="serve-thinker0", messages=HI, max_tokens=20, stream=True, stream_options={"include_usage": True}
+        model=thinker_server.name, messages=HI, max_tokens=20, stream=True, stream_options={"include_usage": True}
     )
     reasoning, content, finish, used = [], [], None, None
     for ev in stream:
@@ -152,7 +172,7 @@ def test_streamed_chat_has_reasoning_and_content_deltas_and_usage(thinker_server
 
 def test_thinking_budget_cuts_reasoning(thinker_server):
     r = thinker_server.client().chat.completions.create(
-        model="serve-thinker0", messages=HI, max_tokens=80, extra_body={"thinking_budget": 1}
+        model=thinker_server.name, messages=HI, max_tokens=80, extra_body={"thinking_budget": 1}
     )
     assert "limited time" in r.choices[0].message.model_extra["reasoning_content"]
 
@@ -165,11 +185,11 @@ def test_tool_messages_round_trip_into_the_template(thinker_server):
         {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
     ]
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    r = thinker_server.client().chat.completions.create(model="serve-thinker0", messages=messages, tools=tools,
+    r = thinker_server.client().chat.completions.create(model=thinker_server.name, messages=messages, tools=tools,
                                                          max_tokens=20)
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "ok"
     # the tool turn reached the template: the prompt is longer than the same chat without it
-    plain = thinker_server.client().chat.completions.create(model="serve-thinker0", messages=HI, max_tokens=20)
+    plain = thinker_server.client().chat.completions.create(model=thinker_server.name, messages=HI, max_tokens=20)
     assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 10
 
 
@@ -296,15 +316,15 @@ def test_json_schema_is_enforced_during_sampling(tiny_server, tiny, stream):
 
 def test_prefix_cache_hits_across_turns_where_the_template_drops_reasoning(thinker_server):
     client = thinker_server.client()
-    first = client.chat.completions.create(model="serve-thinker0", messages=[{"role": "user", "content": "Hello"}],
+    first = client.chat.completions.create(model=thinker_server.name, messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=20)
-    again = client.chat.completions.create(model="serve-thinker0", messages=[{"role": "user", "content": "Hello"}],
+    again = client.chat.completions.create(model=thinker_server.name, messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=20)
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last
     assert again.choices[0].message.content == first.choices[0].message.content == "ok"
     turn2 = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "ok"},
              {"role": "user", "content": "And now?"}]
-    second = client.chat.completions.create(model="serve-thinker0", messages=turn2, max_tokens=20)
+    second = client.chat.completions.create(model=thinker_server.name, messages=turn2, max_tokens=20)
     # turn 1's <think>Let</think> is gone from the history: the cache still holds the prompt up to that reply
     assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
     assert second.choices[0].message.content == "ok"
