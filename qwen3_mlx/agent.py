@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import inspect
 import json
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -215,13 +216,40 @@ class McpTools:
 
     # the event loop thread ----------------------------------------------------------------------------------
 
-    def _run(self, coro, timeout: float | None = None):
+    def _run(self, make: Callable[[], Awaitable], timeout: float | None = None):
+        """Run the coroutine `make()` on the loop thread and wait for its result. Ctrl-C or our own timeout
+        cancels it there, wherever it lands: the future it cancels exists before the work is handed to the loop
+        (`asyncio.run_coroutine_threadsafe` returns its future only after the hand-over, and an interrupt in
+        between left the call running on the server), and the coroutine is made on the loop, if still wanted."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="mcp", daemon=True)
             self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        loop, future = self._loop, concurrent.futures.Future()
+
+        def start() -> None:  # on the loop
+            if future.cancelled():
+                return
+            task = loop.create_task(make())
+
+            def settle(_) -> None:
+                if task.cancelled():
+                    future.cancel()
+                elif future.set_running_or_notify_cancel():
+                    if task.exception() is not None:
+                        future.set_exception(task.exception())
+                    else:
+                        future.set_result(task.result())
+
+            def cancel(_) -> None:  # from the caller's thread
+                if future.cancelled():
+                    loop.call_soon_threadsafe(task.cancel)
+
+            task.add_done_callback(settle)
+            future.add_done_callback(cancel)
+
         try:
+            loop.call_soon_threadsafe(start)
             return future.result(timeout)
         except BaseException:  # Ctrl-C or our own timeout: the coroutine is cancelled on the loop
             future.cancel()
@@ -237,7 +265,7 @@ class McpTools:
             raise Qwen3MLXError("MCP servers need the mcp package: pip install 'qwen3-mlx[agent]'") from None
         if self._logs is None:
             self._logs = tempfile.TemporaryDirectory(prefix="qwen3-mlx-mcp-")
-        started = self._run(self._start_all(servers))
+        started = self._run(partial(self._start_all, servers))
         self._index()
         return [line for line in started if line]
 
@@ -352,9 +380,9 @@ class McpTools:
             return ToolResult(f"error: the MCP server {tool.server!r} is not running", "error")
         try:
             # The loop enforces the timeout (and cancels the request); ours only guards against a stuck loop.
-            return self._run(self._call(server, tool.remote_name, arguments, timeout),
+            return self._run(partial(self._call, server, tool.remote_name, arguments, timeout),
                              None if timeout is None else timeout + 10)
-        except FutureTimeout:
+        except concurrent.futures.TimeoutError:
             return ToolResult(f"error: the tool did not answer within {timeout:g} s", "error")
         except Exception as e:  # noqa: BLE001 - a failed call is the model's result, not a crash
             return ToolResult(f"error: {describe(e)}", "error")

@@ -177,15 +177,39 @@ def test_remote_server_over_streamable_http(mark):
         server.wait(10)
 
 
-def test_ctrl_c_during_a_call_cancels_it(mark):
+def wait_for_event(path: Path, event: str, timeout: float = 30) -> bool:
+    """Whether the toolbox reported `event` (a line of its --events file) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and event in path.read_text().splitlines():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_ctrl_c_during_a_call_cancels_it(mark, tmp_path):
+    """Ctrl-C (SIGINT) while a call runs on the server: the call raises KeyboardInterrupt at once, the server
+    is told to cancel it, and the next call works. The interrupt is sent only once the server reports the call
+    running (a fixed delay could land before the call, or outside it, on a loaded machine)."""
+    events = tmp_path / "events"
     with McpTools() as tools:
-        tools.start({"mcpServers": {"box": toolbox(mark, "--tools", "slow,ping")}})
-        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
-        t0 = time.perf_counter()
-        with pytest.raises(KeyboardInterrupt):
-            tools.call("slow", {}, timeout=30)
-        assert time.perf_counter() - t0 < 5
+        assert tools.start({"mcpServers": {"box": toolbox(mark, "--tools", "slow,ping", "--events", str(events))}}) == []
+        sent = []
+
+        def interrupt_once_running():
+            if wait_for_event(events, "slow started"):
+                sent.append(time.perf_counter())
+                os.kill(os.getpid(), signal.SIGINT)
+
+        waiter = threading.Thread(target=interrupt_once_running, daemon=True)
+        waiter.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                tools.call("slow", {}, timeout=30)
+            assert sent and time.perf_counter() - sent[0] < 5
+        finally:
+            waiter.join()
+        assert wait_for_event(events, "slow cancelled", 5)  # the server was told, not only the caller
         assert tools.call("ping", {}).text == "pong from toolbox 7f3a9c"
 
 
@@ -418,16 +442,18 @@ def test_chat_in_a_pty_asks_before_running_a_tool(tiny, tmp_path, mark):
 
 @pytest.mark.slow  # the library-level Ctrl-C test covers the cancellation; this one adds the pty
 def test_ctrl_c_in_the_chat_cancels_a_running_tool(tiny, tmp_path, mark):
-    config = write_config(tmp_path / "servers.json", {"box": toolbox(mark, "--tools", "slow")})
+    events = tmp_path / "events"
+    config = write_config(tmp_path / "servers.json", {"box": toolbox(mark, "--tools", "slow", "--events", str(events))})
     with chat_in_pty(chat_args(tiny.path, config, "--tool-choice", "slow", "--max-tokens", "20", "--seed", "0",
                                "--max-tool-steps", "1")) as child:
         child.sendline("Take your time")
         expect(child, "run slow? [y]es / [n]o / [a]lways: ")
         child.sendline("y")
-        time.sleep(1.0)  # the call is running (it sleeps a minute)
+        assert wait_for_event(events, "slow started")  # the call is running (it sleeps a minute)
         child.sendintr()
         expect(child, "tool cancelled: slow")
         expect(child, ">>> ")
+        assert wait_for_event(events, "slow cancelled", 5)
         child.sendline("/quit")
         expect(child, pexpect.EOF)
         child.close()
