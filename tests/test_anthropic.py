@@ -124,16 +124,48 @@ def test_errors_are_anthropic_shaped(thinker_server):
         client(thinker_server, key="wrong").messages.create(model=thinker_server.name, max_tokens=5, messages=HI)
     with pytest.raises(anthropic.NotFoundError):
         client(thinker_server).messages.create(model="claude-opus-9", max_tokens=5, messages=HI)
-    for body, status in [({"model": thinker_server.name, "messages": HI}, 400),  # no max_tokens
-                         ({"model": thinker_server.name, "max_tokens": 5, "messages": [
-                             {"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400),
-                         ({"model": thinker_server.name, "max_tokens": 5, "messages": HI,
-                           "tool_choice": {"type": "tool", "name": "nope"}, "tools": TOOLS}, 400),
-                         # not implemented: refused, not ignored
-                         ({"model": thinker_server.name, "max_tokens": 5, "messages": HI,
-                           "mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]}, 400)]:
+    base = {"model": thinker_server.name, "max_tokens": 5, "messages": HI}
+    cases = [({"model": thinker_server.name, "messages": HI}, "max_tokens: field required"),
+             ({**base, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image'"),
+             ({**base, "tool_choice": {"type": "tool", "name": "nope"}, "tools": TOOLS}, "'nope'"),
+             ({**base, "tool_choice": {"type": ["any"]}}, "tool_choice: type must be"),  # was a 500
+             ({**base, "tools": TOOLS, "tool_choice": {"type": "any", "disable_parallel_tool_use": "yes"}},
+              "'disable_parallel_tool_use' must be bool"),
+             ({**base, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+              "needs a string 'text'"),
+             # a final assistant turn would be closed by the template, not continued: refused
+             ({**base, "messages": [*HI, {"role": "assistant", "content": "The answer is"}]}, "prefill"),
+             # not implemented: refused, not ignored
+             ({**base, "mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]}, "'mcp_servers' is not"),
+             ({**base, "speed": "fast"}, "'speed' is not supported"),
+             ({**base, "thinking": {"type": "adaptive", "display": "omitted"}}, "'thinking.display' is not"),
+             ({**base, "tools": [{**TOOLS[0], "defer_loading": True}]}, "'tools[0].defer_loading' is not"),
+             ({**base, "frobnicate": 1}, "Unknown parameter: 'frobnicate'"),
+             ({**base, "output_config": {"format": {"type": "json_schema", "schema": {}}, "verbose": True}},
+              "Unknown parameter: 'output_config.verbose'")]
+    for body, why in cases:
         got, answer = thinker_server.post("/v1/messages", body, key=None, headers={"x-api-key": KEY})  # Anthropic's
-        assert got == status and answer["type"] == "error", answer
+        assert got == 400 and answer["type"] == "error", answer
         assert set(answer["error"]) == {"type", "message"} and answer["error"]["type"] == "invalid_request_error"
-        assert "Traceback" not in answer["error"]["message"]
+        assert why in answer["error"]["message"] and "Traceback" not in answer["error"]["message"], (why, answer)
+    # count_tokens takes the fields that shape the prompt only
+    got, answer = thinker_server.post("/v1/messages/count_tokens", base, key=None, headers={"x-api-key": KEY})
+    assert got == 400 and answer["error"]["message"] == "Unknown parameter: 'max_tokens'.", answer
+    assert "Traceback" not in "".join(thinker_server.stderr)  # refused, not crashed
 
+
+def test_system_messages_and_a_tool_named_like_a_choice(api_server, tiny_checkpoint):
+    """A system message in `messages` is the template's system turn (first, it is the `system` field's); a tool
+    may be named "none": tool_choice names it, and it is called."""
+    c = client(api_server)
+    count = c.messages.count_tokens(model=tiny_checkpoint.name, system="Be terse.", messages=HI).input_tokens
+    assert c.messages.count_tokens(model=tiny_checkpoint.name, messages=[
+        {"role": "system", "content": "Be terse."}, *HI]).input_tokens == count
+    assert c.messages.count_tokens(model=tiny_checkpoint.name, messages=HI).input_tokens < count
+    tools = [{**TOOLS[0], "name": "none", "strict": True, "cache_control": {"type": "ephemeral"}}]
+    m = c.messages.create(model=tiny_checkpoint.name, max_tokens=120, messages=HI, tools=tools,
+                          tool_choice={"type": "tool", "name": "none"}, metadata={"user_id": "u1"},
+                          service_tier="standard_only", extra_body={"temperature": 1, "seed": 0})
+    uses = [b for b in m.content if b.type == "tool_use"]
+    assert m.stop_reason == "tool_use" and [u.name for u in uses] == ["none"], m
+    jsonschema.validate(uses[0].input, TOOLS[0]["input_schema"])

@@ -257,6 +257,7 @@ def test_errors_have_openai_shape_and_status(thinker_server):
     assert any("does not read reasoning_effort" in m for m in messages)
     with pytest.raises(openai.AuthenticationError):
         s.client(key="wrong").models.list()
+    assert "Traceback" not in "".join(s.stderr)  # refused, not crashed
 
 
 def test_chat_template_kwargs_reach_the_template():

@@ -13,8 +13,8 @@ import uuid
 from typing import Any
 
 from ..options import GenerationOptions
-from .protocol import (ApiError, Request, _get, chat_message, check_model, openai_tool_calls,
-                       refuse_unsupported, seed_of, strip_tool_blocks)
+from .protocol import (ApiError, Request, _get, chat_message, check_fields, check_model,
+                       openai_tool_calls, seed_of, strip_tool_blocks)
 from .streaming import Reply
 
 # finish_reason -> Anthropic's stop_reason
@@ -29,13 +29,19 @@ def _blocks(content: Any, where: str) -> list[dict]:
     return content
 
 
+def _string(block: dict, key: str, where: str) -> str:
+    if not isinstance(block.get(key), str):
+        raise ApiError(400, f"{where}: a {block.get('type')} block needs a string '{key}'", param="messages")
+    return block[key]
+
+
 def _text_of(content: Any, where: str) -> str:
     parts = []
     for block in _blocks(content, where):
-        if block.get("type") != "text" or not isinstance(block.get("text"), str):
+        if block.get("type") != "text":
             raise ApiError(400, f"{where}: only text blocks are supported here (got {block.get('type')!r})",
                            param="messages")
-        parts.append(block["text"])
+        parts.append(_string(block, "text", where))
     return "".join(parts)
 
 
@@ -45,13 +51,13 @@ def _user_turn(content: Any, where: str) -> list[dict]:
     for i, block in enumerate(_blocks(content, where)):
         kind = block.get("type")
         if kind == "text":
-            text.append(str(block.get("text", "")))
+            text.append(_string(block, "text", where))
         elif kind == "tool_result":
             result = block.get("content", "")
             body = result if isinstance(result, str) else _text_of(result, f"{where}.content[{i}]")
-            if block.get("is_error"):
+            if _get(block, "is_error", (bool,), False):
                 body = f"Error: {body}"
-            out.append({"role": "tool", "content": body, "tool_call_id": block.get("tool_use_id")})
+            out.append({"role": "tool", "content": body, "tool_call_id": _string(block, "tool_use_id", where)})
         else:
             raise ApiError(400, f"{where}: {kind!r} content blocks are not supported (text and tool_result are)",
                            param="messages")
@@ -66,9 +72,9 @@ def _assistant_turn(content: Any, where: str) -> dict:
     for block in _blocks(content, where):
         kind = block.get("type")
         if kind == "text":
-            message["content"] += str(block.get("text", ""))
+            message["content"] += _string(block, "text", where)
         elif kind == "thinking":
-            message["reasoning_content"] = str(block.get("thinking", ""))
+            message["reasoning_content"] = _string(block, "thinking", where)
         elif kind == "redacted_thinking":
             continue
         elif kind == "tool_use":
@@ -97,49 +103,120 @@ def parse_messages(body: dict) -> list[dict]:
             out.extend(_user_turn(m.get("content"), where))
         elif role == "assistant":
             out.append(_assistant_turn(m.get("content"), where))
+        elif role == "system":
+            out.append({"role": "system", "content": _text_of(m.get("content"), where)})
         else:
-            raise ApiError(400, f"{where}: role must be 'user' or 'assistant', got {role!r}", param="messages")
+            raise ApiError(400, f"{where}: role must be 'user', 'assistant' or 'system', got {role!r}",
+                           param="messages")
+    if messages[-1].get("role") == "assistant":
+        # Prefill (the answer continuing a final assistant turn) would need the template to leave that turn open;
+        # rendered as it is, the turn would be closed and a new answer begun: refused, as Anthropic does for
+        # models without prefill.
+        raise ApiError(400, "This model does not support assistant message prefill. The conversation must end "
+                            "with a user message.", param="messages")
     return out
 
 
-def _tools(body: dict) -> tuple[list | None, str | dict, bool]:
-    """Anthropic tools and tool_choice -> (OpenAI function tools, tool_choice, parallel calls allowed)."""
-    tools = _get(body, "tools", (list,))
+# A custom tool's fields: `strict` is what the tool grammar always does; `cache_control` and
+# `eager_input_streaming` change nothing here (the prefix cache is automatic; a call's input is sent once whole).
+_TOOL_FIELDS = frozenset({"type", "name", "description", "input_schema", "strict", "cache_control",
+                          "eager_input_streaming"})
+_TOOL_UNSUPPORTED = {"defer_loading": (None, False), "allowed_callers": (None, ["direct"]), "input_examples": (None,)}
+
+
+def _tools(body: dict) -> list | None:
+    """Anthropic custom tools -> OpenAI function tools."""
     functions = []
-    for i, t in enumerate(tools or []):
+    for i, t in enumerate(_get(body, "tools", (list,)) or []):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("type") not in (None, "custom"):
             raise ApiError(400, f"tools[{i}]: only custom tools {{name, description, input_schema}} are supported",
                            param="tools")
-        schema = t.get("input_schema") or {"type": "object", "properties": {}}
+        check_fields(t, _TOOL_FIELDS, _TOOL_UNSUPPORTED, where=f"tools[{i}]")
+        schema = _get(t, "input_schema", (dict,), {"type": "object", "properties": {}})
         functions.append({"type": "function", "function": {
-            "name": t["name"], "description": t.get("description", ""), "parameters": schema}})
+            "name": t["name"], "description": _get(t, "description", (str,), ""), "parameters": schema}})
+    return functions or None
+
+
+_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none", "tool": None}
+
+
+def _tool_choice(body: dict) -> tuple[str | dict, bool]:
+    """`tool_choice` -> (the options' tool_choice, parallel calls allowed)."""
     choice = _get(body, "tool_choice", (dict,), {"type": "auto"})
-    kind = choice.get("type", "auto")
-    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    kind = choice.get("type")
+    if not isinstance(kind, str) or kind not in _TOOL_CHOICES:
+        raise ApiError(400, f"tool_choice: type must be auto, any, tool or none, got {json.dumps(kind)}",
+                       param="tool_choice")
+    check_fields(choice, frozenset({"type", "disable_parallel_tool_use"} | ({"name"} if kind == "tool" else set())),
+                 where="tool_choice")
+    mapped = _TOOL_CHOICES[kind]
     if kind == "tool":
         if not isinstance(choice.get("name"), str):
             raise ApiError(400, "tool_choice: type 'tool' needs a name", param="tool_choice")
-        mapped = choice["name"]
-    if mapped is None:
-        raise ApiError(400, f"tool_choice: type must be auto, any, tool or none, got {kind!r}", param="tool_choice")
-    return functions or None, mapped, not choice.get("disable_parallel_tool_use", False)
+        mapped = {"type": "function", "function": {"name": choice["name"]}}  # a tool may be named "none"
+    return mapped, not _get(choice, "disable_parallel_tool_use", (bool,), False)
 
 
 def _thinking(body: dict) -> tuple[bool, int | None]:
-    """`thinking` -> (enable_thinking, thinking_budget). Absent means off, as in Anthropic's API."""
+    """`thinking` -> (enable_thinking, thinking_budget). Absent means off, as in Anthropic's API. The thinking
+    returned is the model's whole reasoning (what `display: summarized` shows at most); `omitted` is refused."""
     thinking = _get(body, "thinking", (dict,), {"type": "disabled"})
     kind = thinking.get("type")
+    fields = {"enabled": {"type", "budget_tokens"}, "adaptive": {"type"}, "disabled": {"type"}}.get(kind)
+    if fields is None:
+        raise ApiError(400, f"thinking: type must be enabled, disabled or adaptive, got {json.dumps(kind)}",
+                       param="thinking")
+    check_fields(thinking, frozenset(fields), {} if kind == "disabled" else {"display": (None, "summarized")},
+                 where="thinking")
     if kind == "disabled":
         return False, None
-    if kind == "adaptive":
-        return True, None
-    if kind == "enabled":
-        return True, _get(thinking, "budget_tokens", (int,), low=0)
-    raise ApiError(400, f"thinking: type must be enabled, disabled or adaptive, got {kind!r}", param="thinking")
+    return True, _get(thinking, "budget_tokens", (int,), low=0) if kind == "enabled" else None
 
 
-# Fields of the Messages API this server does not implement: a 400 unless absent.
-_UNSUPPORTED = {"container": (None,), "mcp_servers": (None,), "context_management": (None,)}
+def _output_config(body: dict) -> dict:
+    """`output_config` -> options: `format` (a JSON schema the answer is held to), `effort` (the template's
+    reasoning_effort, refused by templates that do not read it)."""
+    output = _get(body, "output_config", (dict,), {})
+    check_fields(output, frozenset({"format", "effort"}), where="output_config")
+    changes: dict[str, Any] = {}
+    fmt = output.get("format")
+    if fmt is not None:
+        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+            raise ApiError(400, "output_config.format: must be {type: json_schema, schema: {...}}",
+                           param="output_config")
+        check_fields(fmt, frozenset({"type", "schema"}), where="output_config.format")
+        changes["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}
+    effort = _get(output, "effort", (str,))
+    if effort is not None:
+        changes["reasoning_effort"] = effort
+    return changes
+
+
+def _identity(body: dict) -> None:
+    """`metadata` ({user_id}), `cache_control` and the ids naming who asks: checked, and nothing more to do (no
+    accounting here; the prefix cache keeps every prompt it can without being asked)."""
+    metadata = _get(body, "metadata", (dict,), {})
+    check_fields(metadata, frozenset({"user_id"}), where="metadata")
+    _get(metadata, "user_id", (str,))
+    cache = _get(body, "cache_control", (dict,), {"type": "ephemeral"})
+    check_fields(cache, frozenset({"type", "ttl"}), where="cache_control")
+    if cache.get("type") != "ephemeral" or cache.get("ttl") not in (None, "5m", "1h"):
+        raise ApiError(400, "cache_control: must be {type: ephemeral, ttl: 5m or 1h}", param="cache_control")
+    for name in ("user_profile_id", "workspace_id"):
+        _get(body, name, (str,))
+
+
+# The Messages API's fields: the implemented ones (seed, temperature, top_p and top_k: sampling the API had or
+# that OpenAI's has), and those refused unless absent or at a value meaning what this server does anyway.
+_COUNT_FIELDS = frozenset({"model", "messages", "system", "thinking", "tool_choice", "tools", "output_config",
+                           "cache_control", "user_profile_id", "workspace_id"})
+_FIELDS = _COUNT_FIELDS | {"max_tokens", "stop_sequences", "stream", "temperature", "top_p", "top_k", "seed",
+                           "metadata"}
+_UNSUPPORTED = {"container": (None,), "mcp_servers": (None,), "context_management": (None,),
+                "inference_geo": (None,), "diagnostics": (None,), "speed": (None, "standard"),
+                "service_tier": (None, "auto", "standard_only")}
+_COUNT_UNSUPPORTED = {k: _UNSUPPORTED[k] for k in ("mcp_servers", "context_management", "speed")}
 
 
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
@@ -147,7 +224,10 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
     """A /v1/messages body as the engine's chat request (`count_only`: /v1/messages/count_tokens, no
     max_tokens)."""
     check_model(body, model_ids, required=True)
-    refuse_unsupported(body, _UNSUPPORTED)
+    if count_only:
+        check_fields(body, _COUNT_FIELDS, _COUNT_UNSUPPORTED)
+    else:
+        check_fields(body, _FIELDS, _UNSUPPORTED)
     messages = parse_messages(body)
     max_tokens = None
     if not count_only:
@@ -160,23 +240,16 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
     stop = _get(body, "stop_sequences", (list,), [])
     if not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop_sequences: must be a list of non-empty strings", param="stop_sequences")
-    tools, choice, parallel = _tools(body)
+    _identity(body)
+    choice, parallel = _tool_choice(body)
     enable_thinking, budget = _thinking(body)
     changes = {name: _get(body, name, kinds, low=low, high=high) for name, kinds, low, high in (
         ("temperature", (int, float), 0, 1), ("top_p", (int, float), 0, 1), ("top_k", (int,), 0, None))}
     changes = {k: (float(v) if k != "top_k" else v) for k, v in changes.items() if v is not None}
     changes.update(seed_of(body))
-    output = _get(body, "output_config", (dict,), {})
-    fmt = output.get("format")
-    if fmt is not None:
-        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
-            raise ApiError(400, "output_config.format: must be {type: json_schema, schema: {...}}",
-                           param="output_config")
-        changes["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt["schema"]}}
-    if output.get("effort") is not None:
-        changes["reasoning_effort"] = output["effort"]  # refused by templates that do not read it
-    options = base.replace(enable_thinking=enable_thinking, thinking_budget=budget, tools=tools, tool_choice=choice,
-                           parallel_tool_calls=parallel, **changes)
+    changes.update(_output_config(body))
+    options = base.replace(enable_thinking=enable_thinking, thinking_budget=budget, tools=_tools(body),
+                           tool_choice=choice, parallel_tool_calls=parallel, **changes)
     return Request(True, messages, options, max_tokens, _get(body, "stream", (bool,), False), False, stop)
 
 
@@ -304,33 +377,47 @@ def anthropic_error_body(e: ApiError) -> dict:
     return {"type": "error", "error": {"type": anthropic_error_type(e), "message": e.message}}
 
 
-# The request body as a JSON schema, for the OpenAPI document (validation itself is parse_request's).
+# The request bodies as JSON schemas, for the OpenAPI document (validation itself is parse_request's).
 MESSAGES_REQUEST_SCHEMA = {
     "type": "object",
-    "required": ["model", "messages"],
+    "required": ["model", "messages", "max_tokens"],
     "properties": {
         "model": {"type": "string"},
         "max_tokens": {"type": "integer", "minimum": 1},
         "system": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
         "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role", "content"],
-            "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
+            "properties": {"role": {"type": "string", "enum": ["user", "assistant", "system"]},
                            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}},
         "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"}}}},
+            "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"},
+            "strict": {"type": "boolean"}}}},
         "tool_choice": {"type": "object", "properties": {
             "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
             "disable_parallel_tool_use": {"type": "boolean"}}},
         "thinking": {"type": "object", "properties": {
             "type": {"type": "string", "enum": ["enabled", "disabled", "adaptive"]},
-            "budget_tokens": {"type": "integer", "minimum": 0}}},
+            "budget_tokens": {"type": "integer", "minimum": 0}, "display": {"const": "summarized"}}},
         "stop_sequences": {"type": "array", "items": {"type": "string", "minLength": 1}},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer"},
         "stream": {"type": "boolean"},
         "output_config": {"type": "object", "properties": {
             "effort": {"type": "string"}, "format": {"type": "object", "properties": {
-                "type": {"const": "json_schema"}, "schema": {"type": "object"}}}}},
+                "type": {"const": "json_schema"}, "schema": {"type": "object"}}}}, "additionalProperties": False},
+        "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}, "additionalProperties": False},
+        "cache_control": {"type": "object", "properties": {
+            "type": {"const": "ephemeral"}, "ttl": {"enum": ["5m", "1h"]}}, "additionalProperties": False},
+        "service_tier": {"enum": ["auto", "standard_only"]},
+        "speed": {"const": "standard"},
+        "user_profile_id": {"type": "string"},
+        "workspace_id": {"type": "string"},
     },
+    "additionalProperties": False,
+}
+COUNT_TOKENS_REQUEST_SCHEMA = {
+    **MESSAGES_REQUEST_SCHEMA, "required": ["model", "messages"],
+    "properties": {k: v for k, v in MESSAGES_REQUEST_SCHEMA["properties"].items() if k in _COUNT_FIELDS | {"speed"}},
 }

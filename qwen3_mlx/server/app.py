@@ -65,20 +65,19 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                                       max_tokens_limit=max_tokens_limit, base=complete.options)
         return await complete.answer(request, req, anthropic.MessageReply)
 
-    @app.post("/v1/messages/count_tokens", openapi_extra=openapi_body(anthropic.MESSAGES_REQUEST_SCHEMA))
+    @app.post("/v1/messages/count_tokens", openapi_extra=openapi_body(anthropic.COUNT_TOKENS_REQUEST_SCHEMA))
     async def count_tokens(request: HttpRequest):
         req = anthropic.parse_request(await complete.body_of(request), model_ids=complete.model_ids,
                                       max_tokens_limit=max_tokens_limit, base=complete.options, count_only=True)
         return {"input_tokens": len(complete.prompt_ids(req))}
 
     store = responses.ResponseStore(responses_store)
-    template = tokenizer.template_source([{}]) if tokenizer is not None else ""
 
     @app.post("/v1/responses", openapi_extra=openapi_body(responses.RESPONSES_REQUEST_SCHEMA))
     async def create_response(request: HttpRequest):
         req = responses.parse_request(await complete.body_of(request), model_ids=complete.model_ids,
                                       max_tokens_limit=max_tokens_limit, base=complete.options, store=store,
-                                      template=template)
+                                      tokenizer=tokenizer)
         return await complete.answer(request, req, partial(responses.ResponseReply, store=store))
 
     @app.get("/v1/responses/{response_id}")

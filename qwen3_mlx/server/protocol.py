@@ -115,6 +115,7 @@ class Request:
     include_usage: bool
     stop: list[str]
     echo: bool = False  # completions: the answer starts with the prompt
+    max_tokens_param: str = "max_tokens"  # the body's name for max_tokens, for errors
 
 
 # Sampling fields of a request body: (kinds, low, high), validated as OpenAI's API does.
@@ -128,13 +129,32 @@ _NUMBERS = {"temperature": ((int, float), 0, 2), "top_p": ((int, float), 0, 1), 
 _UNSUPPORTED = {"frequency_penalty": (None, 0), "logit_bias": (None,), "best_of": (None, 1), "suffix": (None, "")}
 
 
-def refuse_unsupported(body: dict, fields: dict = _UNSUPPORTED) -> None:
-    """400 for a field of `fields` (name -> the values that mean "not used") set to anything else."""
+def _field(where: str | None, name: str) -> tuple[str, str]:
+    """A field's name as messages show it (`where.name`) and the top-level field an error's `param` names."""
+    shown = f"{where}.{name}" if where else name
+    return shown, shown.split(".")[0].split("[")[0]
+
+
+def refuse_unsupported(body: dict, fields: dict = _UNSUPPORTED, where: str | None = None) -> None:
+    """400 for a field of `fields` (name -> the values that mean "not used") set to anything else (`where`: the
+    path of `body` in the request, for a nested object)."""
     for name, defaults in fields.items():
         value = body.get(name)
         # bool is an int in Python: True must not pass for best_of 1, nor 0 for logprobs false's 0.
         if value != {} and not any(value == d and isinstance(value, bool) == isinstance(d, bool) for d in defaults):
-            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})", param=name)
+            shown, param = _field(where, name)
+            raise ApiError(400, f"'{shown}' is not supported by this server (got {json.dumps(value)})", param=param)
+
+
+def check_fields(body: dict, known: frozenset, unsupported: dict | None = None, where: str | None = None) -> None:
+    """Every field of `body` is implemented (`known`) or refused: one of `unsupported` set to anything but a value
+    meaning "not used" is a 400 (`refuse_unsupported`), and so is a field of neither (OpenAI's and Anthropic's APIs
+    refuse unknown fields too). Never accepted and ignored."""
+    unknown = sorted(set(body) - known - set(unsupported or ()))
+    if unknown:
+        shown, param = _field(where, unknown[0])
+        raise ApiError(400, f"Unknown parameter: '{shown}'.", param=param, code="unknown_parameter")
+    refuse_unsupported(body, unsupported or {}, where)
 
 
 def _prompt(body: dict, chat: bool) -> Any:

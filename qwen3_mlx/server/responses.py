@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..options import GenerationOptions
-from .protocol import (ApiError, Request, _get, chat_message, check_model, openai_tool_calls,
-                       refuse_unsupported, seed_of, strip_tool_blocks)
+from .protocol import (ApiError, Request, _get, chat_message, check_fields, check_model,
+                       openai_tool_calls, seed_of, strip_tool_blocks)
 from .streaming import Reply, sse
 
 
@@ -41,8 +41,9 @@ class ResponseStore:
 
     def get(self, rid: str, param: str | None = "previous_response_id") -> Stored:
         if rid not in self.items:
-            raise ApiError(404, f"response {rid!r} not found (not stored, or no longer: the store keeps the "
-                                f"last {self.size})", param=param, type="not_found_error")
+            why = (f"not stored, or no longer: the store keeps the last {self.size}" if self.size > 0 else
+                   "this server stores no responses: serve --responses-store 0")
+            raise ApiError(404, f"response {rid!r} not found ({why})", param=param, type="not_found_error")
         self.items.move_to_end(rid)
         return self.items[rid]
 
@@ -86,22 +87,33 @@ def input_messages(raw: Any) -> list[dict]:
                 raise ApiError(400, f"{where}: unknown role {item.get('role')!r}", param="input")
             out.append({"role": role, "content": _text(item.get("content"), where)})
         elif kind == "function_call":
+            if not (isinstance(item.get("name"), str) and isinstance(item.get("call_id"), str)
+                    and isinstance(item.get("arguments"), str)):
+                raise ApiError(400, f"{where}: a function_call needs a name, a call_id and arguments (strings)",
+                               param="input")
             try:
-                arguments = json.loads(item.get("arguments") or "{}")
-            except (json.JSONDecodeError, TypeError):
-                raise ApiError(400, f"{where}: arguments are not JSON", param="input") from None
-            call = {"type": "function", "id": item.get("call_id"),
-                    "function": {"name": item.get("name"), "arguments": arguments}}
+                arguments = json.loads(item["arguments"] or "{}")
+            except json.JSONDecodeError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ApiError(400, f"{where}: arguments are not a JSON object", param="input")
+            call = {"type": "function", "id": item["call_id"], "function": {"name": item["name"], "arguments": arguments}}
             if not (out and out[-1]["role"] == "assistant"):
                 out.append({"role": "assistant", "content": ""})
             out[-1].setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+            if not isinstance(item.get("call_id"), str):
+                raise ApiError(400, f"{where}: a function_call_output needs a call_id (a string)", param="input")
+            out.append({"role": "tool", "tool_call_id": item["call_id"],
                         "content": output if isinstance(output, str) else _text(output, where)})
         elif kind == "reasoning":
-            reasoning = "".join(p.get("text", "") for p in (item.get("content") or item.get("summary") or [])
-                                if isinstance(p, dict))
+            parts = item.get("content") or item.get("summary") or []
+            if not (isinstance(parts, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                    for p in parts)):
+                raise ApiError(400, f"{where}: a reasoning item's content or summary is a list of text parts",
+                               param="input")
+            reasoning = "".join(p["text"] for p in parts)
             continue
         else:
             raise ApiError(400, f"{where}: items of type {kind!r} are not supported", param="input")
@@ -110,12 +122,20 @@ def input_messages(raw: Any) -> list[dict]:
     return out
 
 
+# A function tool's fields: `strict` is what the tool grammar always does.
+_TOOL_FIELDS = frozenset({"type", "name", "description", "parameters", "strict"})
+_TOOL_UNSUPPORTED = {"defer_loading": (None, False), "allowed_callers": (None, ["direct"]), "output_schema": (None,),
+                     "async": (None, False)}
+
+
 def _tools(body: dict) -> list | None:
     tools = _get(body, "tools", (list,))
     out = []
     for i, t in enumerate(tools or []):
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("name"), str):
             raise ApiError(400, f"tools[{i}]: only function tools are supported", param="tools")
+        check_fields(t, _TOOL_FIELDS, _TOOL_UNSUPPORTED, where=f"tools[{i}]")
+        _get(t, "strict", (bool,))
         out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
                                                      if t.get(k) is not None}})
     return out or None
@@ -123,38 +143,76 @@ def _tools(body: dict) -> list | None:
 
 def _tool_choice(body: dict) -> str | dict:
     choice = body.get("tool_choice") or "auto"
-    if choice in ("auto", "none", "required"):
+    if isinstance(choice, str) and choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return choice["name"]
+        check_fields(choice, frozenset({"type", "name"}), where="tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}  # a tool may be named "none"
     raise ApiError(400, "'tool_choice' must be auto, none, required or {type: function, name}", param="tool_choice")
 
 
 def _format(body: dict) -> dict | None:
-    fmt = _get(body, "text", (dict,), {}).get("format")
-    if fmt is None or fmt.get("type") == "text":
+    """`text.format` -> the options' response_format (`strict` is what the grammar always does; `verbosity` is
+    refused but at its default)."""
+    text = _get(body, "text", (dict,), {})
+    check_fields(text, frozenset({"format"}), {"verbosity": (None, "medium")}, where="text")
+    fmt = _get(text, "format", (dict,))
+    kind = fmt.get("type") if fmt else None
+    if fmt is None or kind == "text":
         return None
-    if fmt.get("type") == "json_object":
+    if kind == "json_object":
+        check_fields(fmt, frozenset({"type"}), where="text.format")
         return {"type": "json_object"}
-    if fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+    if kind == "json_schema" and isinstance(fmt.get("schema"), dict):
+        check_fields(fmt, frozenset({"type", "name", "schema", "description", "strict"}), where="text.format")
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt["schema"]}}
     raise ApiError(400, "text.format must be text, json_object or {type: json_schema, schema}", param="text")
 
 
-def _thinking(body: dict, template: str) -> dict:
-    """`reasoning.effort` -> the template's reasoning_effort when it reads one; otherwise Qwen3's switch:
-    none / minimal turn thinking off, any other effort leaves it on."""
-    effort = _get(body, "reasoning", (dict,), {}).get("effort")
+def _reasoning(body: dict, tokenizer, tools: list | None) -> tuple[dict, bool]:
+    """`reasoning` -> (options, whether a summary is asked for). `effort`: the template's reasoning_effort when it
+    reads one; otherwise Qwen3's switch: none / minimal turn thinking off, any other effort leaves it on. A
+    summary (`summary`, or the older `generate_summary`) is the whole reasoning, its own most detailed one."""
+    reasoning = _get(body, "reasoning", (dict,), {})
+    check_fields(reasoning, frozenset({"effort", "summary", "generate_summary"}),
+                 {"mode": (None, "standard"), "context": (None,)}, where="reasoning")
+    summary = False
+    for name in ("summary", "generate_summary"):
+        if reasoning.get(name) not in (None, "auto", "concise", "detailed"):
+            raise ApiError(400, f"reasoning.{name} must be auto, concise or detailed", param="reasoning")
+        summary = summary or reasoning.get(name) is not None
+    effort = _get(reasoning, "effort", (str,))
     if effort is None:
-        return {}
-    if "reasoning_effort" in template:
-        return {"reasoning_effort": effort}
-    return {"enable_thinking": effort not in ("none", "minimal")}
+        return {}, summary
+    if "reasoning_effort" in tokenizer.template_source(tools):
+        return {"reasoning_effort": effort}, summary
+    return {"enable_thinking": effort not in ("none", "minimal")}, summary
 
 
-# Fields of the Responses API this server does not implement: a 400 unless absent or at their default.
+def _identity(body: dict) -> None:
+    """`metadata` (echoed in the response), and the fields naming who asks or hinting at caching: checked, and
+    nothing more to do (no accounting here; the prefix cache keeps every prompt it can, keyed by its tokens)."""
+    metadata = _get(body, "metadata", (dict,), {})
+    if len(metadata) > 16 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ApiError(400, "'metadata' must map at most 16 keys to strings", param="metadata")
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        _get(body, name, (str,))
+    options = _get(body, "stream_options", (dict,), {})
+    check_fields(options, frozenset({"include_obfuscation"}), where="stream_options")
+    _get(options, "include_obfuscation", (bool,))  # the padding against length side channels: none is added
+
+
+# The Responses API's fields: the implemented ones (seed: OpenAI's, from chat completions), and those refused
+# unless absent or at a value meaning what this server does anyway.
+_FIELDS = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
+                     "max_output_tokens", "temperature", "top_p", "seed", "reasoning", "text", "store",
+                     "previous_response_id", "stream", "stream_options", "metadata", "user", "safety_identifier",
+                     "prompt_cache_key"})
 _UNSUPPORTED = {"background": (None, False), "truncation": (None, "disabled"), "top_logprobs": (None, 0),
-                "include": (None, []), "max_tool_calls": (None,), "conversation": (None,), "prompt": (None,)}
+                "include": (None, []), "max_tool_calls": (None,), "conversation": (None,), "prompt": (None,),
+                "background_options": (None,), "context_management": (None,), "moderation": (None,),
+                "image": (None,), "access_programs": (None,), "prompt_cache_options": (None,),
+                "prompt_cache_retention": (None, "in_memory"), "service_tier": (None, "auto", "default")}
 
 
 @dataclass
@@ -164,12 +222,14 @@ class ResponsesRequest(Request):
     echo_fields: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # the conversation before this answer (no instructions)
     store: bool = True
+    summary: bool = False  # reasoning items carry the reasoning as their summary too
+    max_tokens_param: str = "max_output_tokens"
 
 
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int, base: GenerationOptions,
-                  store: ResponseStore, template: str) -> ResponsesRequest:
+                  store: ResponseStore, tokenizer) -> ResponsesRequest:
     check_model(body, model_ids)
-    refuse_unsupported(body, _UNSUPPORTED)
+    check_fields(body, _FIELDS, _UNSUPPORTED)
     previous = _get(body, "previous_response_id", (str,))
     history = list(store.get(previous).messages) if previous else []
     history += input_messages(body.get("input"))
@@ -179,20 +239,24 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
     if max_tokens is not None and max_tokens > max_tokens_limit:
         raise ApiError(400, f"max_output_tokens {max_tokens} exceeds this server's limit of {max_tokens_limit}",
                        param="max_output_tokens")
+    _identity(body)
     changes = {k: float(v) for k, high in (("temperature", 2), ("top_p", 1))
                if (v := _get(body, k, (int, float), low=0, high=high)) is not None}
     changes.update(seed_of(body))
-    options = base.replace(tools=_tools(body), tool_choice=_tool_choice(body), response_format=_format(body),
+    tools = _tools(body)
+    thinking, summary = _reasoning(body, tokenizer, tools)
+    options = base.replace(tools=tools, tool_choice=_tool_choice(body), response_format=_format(body),
                            parallel_tool_calls=_get(body, "parallel_tool_calls", (bool,), True),
-                           **_thinking(body, template), **changes)
+                           **thinking, **changes)
+    kept = _get(body, "store", (bool,), True) and store.size > 0  # a server keeping none says so
     echo = {"instructions": instructions, "max_output_tokens": max_tokens, "previous_response_id": previous,
             "parallel_tool_calls": options.parallel_tool_calls, "temperature": changes.get("temperature"),
             "top_p": changes.get("top_p"), "tool_choice": body.get("tool_choice") or "auto",
             "tools": body.get("tools") or [], "reasoning": body.get("reasoning"),
             "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
-            "metadata": body.get("metadata") or {}, "store": _get(body, "store", (bool,), True)}
+            "metadata": body.get("metadata") or {}, "store": kept}
     return ResponsesRequest(True, messages, options, max_tokens, _get(body, "stream", (bool,), False), False, [],
-                            echo_fields=echo, history=history, store=echo["store"])
+                            echo_fields=echo, history=history, store=kept, summary=summary)
 
 
 class ResponseReply(Reply):
@@ -224,7 +288,7 @@ class ResponseReply(Reply):
         message, _ = chat_message(reasoning, answer, self.req.options.tools)
         items = []
         if message.get("reasoning_content"):
-            items.append(reasoning_item(message["reasoning_content"]))
+            items.append(reasoning_item(message["reasoning_content"], self.req.summary))
         if message["content"]:
             items.append(message_item(message["content"]))
         items += [function_call_item(c) for c in message.get("tool_calls", [])]
@@ -282,6 +346,14 @@ class ResponseReply(Reply):
             text = item["content"][0]["text"]
             out.append(self.ev("response.reasoning_text.done", item_id=item["id"], output_index=index,
                                content_index=0, text=text))
+            if self.req.summary:  # the summary is the whole reasoning: sent once that is known
+                part = reasoning_item(text, True)["summary"][0]
+                item["summary"] = [part]
+                where = {"item_id": item["id"], "output_index": index, "summary_index": 0}
+                out += [self.ev("response.reasoning_summary_part.added", **where, part={**part, "text": ""}),
+                        self.ev("response.reasoning_summary_text.delta", **where, delta=text),
+                        self.ev("response.reasoning_summary_text.done", **where, text=text),
+                        self.ev("response.reasoning_summary_part.done", **where, part=part)]
         elif item["type"] == "message":
             part = item["content"][0]
             out += [self.ev("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
@@ -338,8 +410,10 @@ def _started(item: dict) -> dict:
     return json.loads(json.dumps(item))  # a copy: later deltas must not change what was sent
 
 
-def reasoning_item(text: str) -> dict:
-    return {"type": "reasoning", "id": _id("rs_"), "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+def reasoning_item(text: str, summary: bool = False) -> dict:
+    """A reasoning item; with `summary`, the reasoning is its own summary too."""
+    return {"type": "reasoning", "id": _id("rs_"), "summary": [{"type": "summary_text", "text": text}] if summary else [],
+            "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def message_item(text: str) -> dict:
@@ -359,17 +433,31 @@ RESPONSES_REQUEST_SCHEMA = {
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
         "instructions": {"type": "string"},
         "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {
-            "type": {"const": "function"}, "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+            "type": {"const": "function"}, "name": {"type": "string"}, "description": {"type": "string"},
+            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}},
         "tool_choice": {"anyOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {"type": "object"}]},
         "parallel_tool_calls": {"type": "boolean"},
         "max_output_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "reasoning": {"type": "object", "properties": {"effort": {"type": "string"}}},
-        "text": {"type": "object", "properties": {"format": {"type": "object"}}},
+        "seed": {"type": "integer"},
+        "reasoning": {"type": "object", "properties": {
+            "effort": {"type": "string"}, "summary": {"enum": ["auto", "concise", "detailed"]}}},
+        "text": {"type": "object", "properties": {"format": {"type": "object"}, "verbosity": {"const": "medium"}},
+                 "additionalProperties": False},
         "store": {"type": "boolean"},
         "previous_response_id": {"type": "string"},
         "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_obfuscation": {"type": "boolean"}},
+                           "additionalProperties": False},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": 16},
+        "user": {"type": "string"},
+        "safety_identifier": {"type": "string"},
+        "prompt_cache_key": {"type": "string"},
+        "prompt_cache_retention": {"const": "in_memory"},
+        "service_tier": {"enum": ["auto", "default"]},
+        "truncation": {"const": "disabled"},
     },
     "required": ["input"],
+    "additionalProperties": False,
 }

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from .. import retrieval
 from ..errors import Qwen3MLXError
 from .engine import Engine
-from .protocol import ApiError, _get, openapi_body
+from .protocol import ApiError, _get, check_fields, openapi_body
 from .routes import context_length
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
@@ -60,6 +60,7 @@ EMBEDDINGS_REQUEST_SCHEMA = {
         "instruction": {"type": "string"},
         "user": {"type": "string"},
     },
+    "additionalProperties": False,
 }
 RERANK_REQUEST_SCHEMA = {
     "type": "object",
@@ -73,7 +74,14 @@ RERANK_REQUEST_SCHEMA = {
         "instruction": {"type": "string"},
         "return_documents": {"type": "boolean"},
     },
+    "additionalProperties": False,
 }
+
+
+# Every field of a body is implemented (unknown ones are refused): `user` names who asks (no accounting here),
+# `instruction` is Qwen3-Embedding's and Qwen3-Reranker's task line.
+EMBEDDINGS_FIELDS = frozenset(EMBEDDINGS_REQUEST_SCHEMA["properties"])
+RERANK_FIELDS = frozenset(RERANK_REQUEST_SCHEMA["properties"])
 
 
 class Retrieval:
@@ -89,8 +97,10 @@ class Retrieval:
         models = [f"{self.chat_id!r} (chat)"] + [f"{h.model_id!r} ({h.kind})" for h in self.hosted.values() if h]
         return ", ".join(models)
 
-    def pick(self, body: dict, kind: str, flag: str) -> Hosted:
+    def pick(self, body: Any, kind: str, flag: str) -> Hosted:
         """The model of `kind` for a request, checking the name it gives."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
         hosted = self.hosted[kind]
         name = _get(body, "model", (str,))
         if name is not None and not (hosted and name in hosted.names):
@@ -128,9 +138,8 @@ class Retrieval:
 
     async def embeddings(self, request: HttpRequest) -> dict:
         body = await self.body_of(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
         hosted = self.pick(body, "embedding", "--embedding-model")
+        check_fields(body, EMBEDDINGS_FIELDS)
         inputs = _inputs(body.get("input"))
         dimensions = _get(body, "dimensions", (int,), low=1, high=hosted.model.args.hidden_size)
         encoding = _get(body, "encoding_format", (str,), "float")
@@ -152,9 +161,8 @@ class Retrieval:
 
     async def rerank(self, request: HttpRequest) -> dict:
         body = await self.body_of(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
         hosted = self.pick(body, "rerank", "--rerank-model")
+        check_fields(body, RERANK_FIELDS)
         query = _get(body, "query", (str,))
         if query is None:
             raise ApiError(400, "'query' is required", param="query")

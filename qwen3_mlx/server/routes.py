@@ -83,8 +83,9 @@ class Completions:
         room = self.context - len(ids)
         asked = req.max_tokens  # None: as many as the context and the server's limit allow
         if room < 1 or (asked is not None and asked > room):
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({asked or 1}) exceeds the model's "
-                                f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {req.max_tokens_param} ({asked or 1}) exceeds "
+                                f"the model's context of {self.context} tokens", param=req.max_tokens_param,
+                           code="context_length_exceeded")
         options = req.options.replace(max_tokens=min(asked or self.max_tokens_limit, room))
         try:
             # Built here, not by the engine, so a schema that cannot be enforced is a 400 before any token.
