@@ -65,9 +65,10 @@ def test_tool_choice_any_gives_a_tool_use_block_whose_input_validates(api_server
     validates against its input_schema, every seed (the grammar, not luck)."""
     c = client(api_server)
     for seed in range(3):
-        args = dict(model=tiny_checkpoint.name, max_tokens=120, messages=[{"role": "user", "content": f"Weather {seed}?"}],
-                    tools=TOOLS, tool_choice={"type": "any", "disable_parallel_tool_use": True},
-                    extra_body={"temperature": 1, "seed": seed})
+        args = {"model": tiny_checkpoint.name, "max_tokens": 120,
+                "messages": [{"role": "user", "content": f"Weather {seed}?"}], "tools": TOOLS,
+                "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+                "extra_body": {"temperature": 1, "seed": seed}}
         if stream:
             with c.messages.stream(**args) as s:
                 m = s.get_final_message()

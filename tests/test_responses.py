@@ -28,8 +28,8 @@ def test_plain_and_streamed_answers_are_generates(api_server, tiny_checkpoint):
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
     ref = generate(model, tokenizer, messages, max_tokens=12, temperature=0, enable_thinking=False)
     c = api_server.client()
-    args = dict(model=tiny_checkpoint.name, instructions="Be terse.", input="Hi", max_output_tokens=12,
-                temperature=0, reasoning=NO_THINKING)
+    args = {"model": tiny_checkpoint.name, "instructions": "Be terse.", "input": "Hi", "max_output_tokens": 12,
+            "temperature": 0, "reasoning": NO_THINKING}
     r = c.responses.create(**args)
     assert r.object == "response" and r.id.startswith("resp_") and r.output_text == ref.answer
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
@@ -49,9 +49,9 @@ def test_plain_and_streamed_answers_are_generates(api_server, tiny_checkpoint):
 def test_required_tool_choice_gives_a_function_call_that_validates(api_server, tiny_checkpoint, stream):
     c = api_server.client()
     for seed in range(2):
-        args = dict(model=tiny_checkpoint.name, input=f"Weather {seed}?", tools=TOOLS, tool_choice="required",
-                    parallel_tool_calls=False, max_output_tokens=120, reasoning=NO_THINKING, temperature=1,
-                    extra_body={"seed": seed})
+        args = {"model": tiny_checkpoint.name, "input": f"Weather {seed}?", "tools": TOOLS,
+                "tool_choice": "required", "parallel_tool_calls": False, "max_output_tokens": 120,
+                "reasoning": NO_THINKING, "temperature": 1, "extra_body": {"seed": seed}}
         if stream:
             events = list(c.responses.create(**args, stream=True))
             r = events[-1].response
@@ -83,7 +83,7 @@ def test_previous_response_id_continues_a_stored_conversation(api_server, tiny_c
     assert c.responses.retrieve(first.id).output[0].id == first.output[0].id
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model=tiny_checkpoint.name, previous_response_id="resp_nope", input="x")
-    for refused in (dict(background=True), dict(truncation="auto"), dict(top_logprobs=3)):  # refused, not ignored
+    for refused in ({"background": True}, {"truncation": "auto"}, {"top_logprobs": 3}):  # refused, not ignored
         with pytest.raises(openai.BadRequestError, match=next(iter(refused))):
             c.responses.create(model=tiny_checkpoint.name, input="x", **refused)
     unstored = c.responses.create(model=tiny_checkpoint.name, input="x", store=False, max_output_tokens=2)
@@ -140,7 +140,8 @@ def test_a_server_storing_nothing_says_so():
     from qwen3_mlx.server.responses import ResponseStore, parse_request
 
     store = ResponseStore(0)
-    kwargs = dict(model_ids=("m", "m"), max_tokens_limit=8, base=GenerationOptions(), store=store, tokenizer=None)
+    kwargs = {"model_ids": ("m", "m"), "max_tokens_limit": 8, "base": GenerationOptions(), "store": store,
+              "tokenizer": None}
     assert parse_request({"input": "x"}, **kwargs).echo_fields["store"] is False
     with pytest.raises(ApiError, match="this server stores no responses") as e:
         parse_request({"input": "x", "previous_response_id": "resp_1"}, **kwargs)

@@ -295,8 +295,8 @@ def test_json_schema_is_enforced_during_sampling(tiny_server, tiny, stream):
     """A random model's free output is not JSON; with response_format it parses and validates, every seed."""
     jsonschema = pytest.importorskip("jsonschema")
     client = tiny_server.client()
-    base = dict(model=tiny.name, messages=[{"role": "user", "content": "JSON please"}], max_tokens=60,
-                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    base = {"model": tiny.name, "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 60,
+            "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}
     free = client.chat.completions.create(**base, seed=0).choices[0].message.content
     with pytest.raises(json.JSONDecodeError):
         json.loads(free)
@@ -391,8 +391,8 @@ def test_a_batch_of_16_gives_each_request_its_solo_generate_output(tiny):
     requests = []
     for i in range(16):
         think = i % 3 == 0
-        req = dict(messages=[{"role": "user", "content": f"Question {i}: " + "why " * (i * 7)}],
-                   max_tokens=20 + 5 * (i % 4), temperature=0, think=think)
+        req = {"messages": [{"role": "user", "content": f"Question {i}: " + "why " * (i * 7)}],
+               "max_tokens": 20 + 5 * (i % 4), "temperature": 0, "think": think}
         if i == 3:
             req["thinking_budget"] = 5
         if i == 5:
@@ -400,13 +400,13 @@ def test_a_batch_of_16_gives_each_request_its_solo_generate_output(tiny):
         if i == 7:
             req.update(think=False, response_format=fmt, max_tokens=60)
         if i == 9:
-            req = dict(prompt="Once upon a time " * (i + 1), max_tokens=25, temperature=0)
+            req = {"prompt": "Once upon a time " * (i + 1), "max_tokens": 25, "temperature": 0}
         if i == 11:  # a thinking budget and a schema together
             req.update(think=True, thinking_budget=4, response_format=fmt, max_tokens=90)
         requests.append(req)
 
     def reference(req) -> str:
-        opts = dict(max_tokens=req["max_tokens"], temperature=req["temperature"], seed=req.get("seed"))
+        opts = {"max_tokens": req["max_tokens"], "temperature": req["temperature"], "seed": req.get("seed")}
         if "prompt" in req:
             return generate(model, tokenizer, req["prompt"], **opts).text
         opts.update(enable_thinking=req["think"], thinking_budget=req.get("thinking_budget"))
@@ -421,8 +421,8 @@ def test_a_batch_of_16_gives_each_request_its_solo_generate_output(tiny):
     def ask(req) -> str:
         client = server.client()
         barrier.wait()
-        common = dict(model=tiny.name, max_tokens=req["max_tokens"], temperature=req["temperature"],
-                      seed=req.get("seed"))
+        common = {"model": tiny.name, "max_tokens": req["max_tokens"], "temperature": req["temperature"],
+                  "seed": req.get("seed")}
         if "prompt" in req:
             return client.completions.create(prompt=req["prompt"], **common).choices[0].text
         extra = {"chat_template_kwargs": {"enable_thinking": req["think"]}}

@@ -13,8 +13,17 @@ import uuid
 from typing import Any
 
 from ..options import GenerationOptions
-from .protocol import (ApiError, Request, _get, chat_message, check_fields, check_model,
-                       openai_tool_calls, seed_of, strip_tool_blocks)
+from .protocol import (
+    ApiError,
+    Request,
+    _get,
+    chat_message,
+    check_fields,
+    check_model,
+    openai_tool_calls,
+    seed_of,
+    strip_tool_blocks,
+)
 from .streaming import Reply
 
 # finish_reason -> Anthropic's stop_reason

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 
 from ..options import GenerationOptions
 from . import anthropic, responses

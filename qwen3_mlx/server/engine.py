@@ -154,7 +154,7 @@ class Engine:
         def run():
             try:
                 result, error = fn(), None
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (any failure of fn is its caller's, re-raised there)
                 result, error = None, e
             loop.call_soon_threadsafe(settle, result, error)
 
@@ -179,7 +179,7 @@ class Engine:
                 continue
             try:
                 self._turn()
-            except Exception:  # never let one failure take the engine down; the log keeps the trace
+            except Exception:  # noqa: BLE001 - never let one failure take the engine down; the log keeps the trace
                 traceback.print_exc()
                 for r in self._running:
                     r.job.send("error", ApiError(500, "internal error while generating", type="server_error"))
@@ -211,7 +211,7 @@ class Engine:
         except Qwen3MLXError as e:
             job.send("error", ApiError(400, str(e)))
             return
-        except Exception:  # this request's failure only; the log keeps the trace
+        except Exception:  # noqa: BLE001 - this request's failure only; the log keeps the trace
             traceback.print_exc()
             job.send("error", ApiError(500, "internal error while starting the request", type="server_error"))
             return

@@ -3,18 +3,18 @@ speaks (OpenAI's `ApiError.body()`; Anthropic's on /v1/messages), and none carri
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .anthropic import anthropic_error_body
 from .protocol import ApiError
 
 
 def error_response(e: ApiError, request: HttpRequest | None = None) -> JSONResponse:
     if request is not None and request.url.path.startswith("/v1/messages"):
-        from .anthropic import anthropic_error_body
-
         return JSONResponse(anthropic_error_body(e), status_code=e.status)
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -39,7 +39,7 @@ async def _internal_error(request, e: Exception):
 
 def install_guards(app: FastAPI, *, api_key: str | None, max_body_bytes: int) -> None:
     """Refuse an announced oversized body before reading it and a missing API key on /v1/, and answer every
-    error, down to an unexpected exception, in OpenAI's shape."""
+    error, down to an unexpected exception, in the shape of the route's API."""
 
     @app.middleware("http")
     async def guard(request: HttpRequest, call_next):
@@ -47,13 +47,12 @@ def install_guards(app: FastAPI, *, api_key: str | None, max_body_bytes: int) ->
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             too_big = f"request body of {length} bytes exceeds the limit of {max_body_bytes}"
             return error_response(ApiError(413, too_big), request)
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            # Bearer (OpenAI's clients) or x-api-key (Anthropic's).
-            if (request.headers.get("authorization") != f"Bearer {api_key}"
-                    and request.headers.get("x-api-key") != api_key):
-                why = "missing or invalid API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')"
-                return error_response(ApiError(401, why, type="authentication_error", code="invalid_api_key"),
-                                      request)
+        # Bearer (OpenAI's clients) or x-api-key (Anthropic's).
+        if (api_key is not None and request.url.path.startswith("/v1/")
+                and request.headers.get("authorization") != f"Bearer {api_key}"
+                and request.headers.get("x-api-key") != api_key):
+            why = "missing or invalid API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')"
+            return error_response(ApiError(401, why, type="authentication_error", code="invalid_api_key"), request)
         return await call_next(request)
 
     app.add_exception_handler(ApiError, _api_error)

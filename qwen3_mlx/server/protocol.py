@@ -374,7 +374,7 @@ class StopMatcher:
             cut, self.hit = min(found)
             out, self.pending = self.pending[:cut], ""
             return out
-        keep = self.hold if self.hold > 0 else 0
+        keep = max(0, self.hold)
         out, self.pending = (self.pending[:-keep], self.pending[-keep:]) if keep else (self.pending, "")
         return out
 

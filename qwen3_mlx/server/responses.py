@@ -17,8 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..options import GenerationOptions
-from .protocol import (ApiError, Request, _get, chat_message, check_fields, check_model,
-                       openai_tool_calls, seed_of, strip_tool_blocks)
+from .protocol import (
+    ApiError,
+    Request,
+    _get,
+    chat_message,
+    check_fields,
+    check_model,
+    openai_tool_calls,
+    seed_of,
+    strip_tool_blocks,
+)
 from .streaming import Reply, sse
 
 
@@ -97,7 +106,8 @@ def input_messages(raw: Any) -> list[dict]:
                 arguments = None
             if not isinstance(arguments, dict):
                 raise ApiError(400, f"{where}: arguments are not a JSON object", param="input")
-            call = {"type": "function", "id": item["call_id"], "function": {"name": item["name"], "arguments": arguments}}
+            call = {"type": "function", "id": item["call_id"],
+                    "function": {"name": item["name"], "arguments": arguments}}
             if not (out and out[-1]["role"] == "assistant"):
                 out.append({"role": "assistant", "content": ""})
             out[-1].setdefault("tool_calls", []).append(call)
@@ -412,8 +422,8 @@ def _started(item: dict) -> dict:
 
 def reasoning_item(text: str, summary: bool = False) -> dict:
     """A reasoning item; with `summary`, the reasoning is its own summary too."""
-    return {"type": "reasoning", "id": _id("rs_"), "summary": [{"type": "summary_text", "text": text}] if summary else [],
-            "content": [{"type": "reasoning_text", "text": text}]}
+    parts = [{"type": "summary_text", "text": text}] if summary else []
+    return {"type": "reasoning", "id": _id("rs_"), "summary": parts, "content": [{"type": "reasoning_text", "text": text}]}
 
 
 def message_item(text: str) -> dict:

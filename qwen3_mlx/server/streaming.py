@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request as HttpRequest
 
 from .engine import Job
-from .protocol import (ApiError, Request, StopMatcher, ToolStart, chat_message, chunk, completion_id, logprobs_body,
-                       now, openai_tool_calls, strip_tool_blocks, usage)
+from .protocol import (
+    ApiError,
+    Request,
+    StopMatcher,
+    ToolStart,
+    chat_message,
+    chunk,
+    completion_id,
+    logprobs_body,
+    now,
+    openai_tool_calls,
+    strip_tool_blocks,
+    usage,
+)
 
 DONE = "data: [DONE]\n\n"
 
