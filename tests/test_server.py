@@ -257,6 +257,16 @@ def test_errors_have_openai_shape_and_status(thinker_server):
     assert any("does not read reasoning_effort" in m for m in messages)
     with pytest.raises(openai.AuthenticationError):
         s.client(key="wrong").models.list()
+    # every field is implemented or refused, never ignored
+    for path, body, why in [
+        ("/v1/chat/completions", {"messages": HI, "frobnicate": 1}, "Unknown parameter: 'frobnicate'."),
+        ("/v1/chat/completions", {"messages": HI, "modalities": ["text", "audio"]}, "'modalities' is not supported"),
+        ("/v1/chat/completions", {"messages": HI, "store": True}, "'store' is not supported"),
+        ("/v1/chat/completions", {"messages": HI, "stream": True, "stream_options": {"include_usage": "yes"}},
+         "'include_usage' must be bool"),
+        ("/v1/completions", {"prompt": "Hi", "tools": TOOLS}, "Unknown parameter: 'tools'.")]:  # no template there
+        status, answer = s.post(path, body)
+        assert status == 400 and why in answer["error"]["message"], (why, answer)
     assert "Traceback" not in "".join(s.stderr)  # refused, not crashed
 
 

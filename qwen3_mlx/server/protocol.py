@@ -127,6 +127,18 @@ _NUMBERS = {"temperature": ((int, float), 0, 2), "top_p": ((int, float), 0, 1), 
 # Fields of OpenAI's API this server does not implement yet: answered with a 400 when set to anything but their
 # default, never accepted and ignored (a client asking for them must not get an answer without them).
 _UNSUPPORTED = {"frequency_penalty": (None, 0), "logit_bias": (None,), "best_of": (None, 1), "suffix": (None, "")}
+_CHAT_UNSUPPORTED = {**_UNSUPPORTED, "store": (None, False), "modalities": (None, ["text"]), "audio": (None,),
+                     "prediction": (None,), "web_search_options": (None,), "service_tier": (None, "auto", "default"),
+                     "verbosity": (None, "medium"), "prompt_cache_retention": (None, "in_memory"),
+                     "functions": (None,), "function_call": (None,)}
+# The fields each route implements; any other is refused (check_fields).
+_COMMON_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                            "repetition_penalty", "seed", "stop", "stream", "stream_options", "n", "response_format",
+                            "logprobs", "user"})
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "tools", "tool_choice", "parallel_tool_calls",
+                                 "top_logprobs", "reasoning_effort", "chat_template_kwargs", "thinking_budget",
+                                 "safety_identifier", "prompt_cache_key", "metadata"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo"}
 
 
 def _field(where: str | None, name: str) -> tuple[str, str]:
@@ -155,6 +167,17 @@ def check_fields(body: dict, known: frozenset, unsupported: dict | None = None, 
         shown, param = _field(where, unknown[0])
         raise ApiError(400, f"Unknown parameter: '{shown}'.", param=param, code="unknown_parameter")
     refuse_unsupported(body, unsupported or {}, where)
+
+
+def check_identity(body: dict) -> None:
+    """`metadata` (at most 16 string values) and the fields naming who asks or hinting at caching (`user`,
+    `safety_identifier`, `prompt_cache_key`): checked, with nothing more to do (no accounting here; the prefix
+    cache keeps every prompt it can, keyed by its tokens)."""
+    metadata = _get(body, "metadata", (dict,), {})
+    if len(metadata) > 16 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ApiError(400, "'metadata' must map at most 16 keys to strings", param="metadata")
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        _get(body, name, (str,))
 
 
 def _prompt(body: dict, chat: bool) -> Any:
@@ -253,7 +276,11 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
                   base: GenerationOptions | None = None) -> Request:
     """Validate a /v1/chat/completions (chat=True) or /v1/completions body; `base`: the server's options."""
     check_model(body, model_ids)
-    refuse_unsupported(body)
+    if chat:
+        check_fields(body, _CHAT_FIELDS, _CHAT_UNSUPPORTED)
+    else:
+        check_fields(body, _COMPLETION_FIELDS, _UNSUPPORTED)
+    check_identity(body)
     prompt = _prompt(body, chat)
     max_tokens = _get(body, "max_completion_tokens", (int,), low=1)
     if max_tokens is None:
@@ -274,8 +301,11 @@ def parse_request(body: Any, *, chat: bool, model_ids: tuple[str, ...], max_toke
                             "does not compute; ask for one or the other", param="echo")
     stream = _get(body, "stream", (bool,), False)
     stream_options = _get(body, "stream_options", (dict,), {})
-    return Request(chat, prompt, options, max_tokens, stream, bool(stream_options.get("include_usage")), stop or [],
-                   echo)
+    # include_obfuscation: the padding against length side channels; none is added here
+    check_fields(stream_options, frozenset({"include_usage", "include_obfuscation"}), where="stream_options")
+    _get(stream_options, "include_obfuscation", (bool,))
+    return Request(chat, prompt, options, max_tokens, stream, _get(stream_options, "include_usage", (bool,), False),
+                   stop or [], echo)
 
 
 def completion_id(chat: bool) -> str:
@@ -420,7 +450,14 @@ _SAMPLING = {
     "seed": {"type": "integer"},
     "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"},
+                                                        "include_obfuscation": {"type": "boolean"}},
+                       "additionalProperties": False},
+    "n": {"const": 1},
+    "user": {"type": "string"},
+    "response_format": {"type": "object", "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object"}}},
 }
 CHAT_REQUEST_SCHEMA = {
     "type": "object",
@@ -441,13 +478,14 @@ CHAT_REQUEST_SCHEMA = {
         "logprobs": {"type": "boolean"},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "reasoning_effort": {"type": "string"},
-        "response_format": {"type": "object", "properties": {
-            "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
-            "json_schema": {"type": "object"}}},
+        "safety_identifier": {"type": "string"},
+        "prompt_cache_key": {"type": "string"},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": 16},
         "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}},
                                  "additionalProperties": True},
         "thinking_budget": {"type": "integer", "minimum": 0},
     },
+    "additionalProperties": False,
 }
 COMPLETION_REQUEST_SCHEMA = {
     "type": "object",
@@ -455,6 +493,7 @@ COMPLETION_REQUEST_SCHEMA = {
     "properties": {**_SAMPLING, "prompt": {"anyOf": [
         {"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]},
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, "echo": {"type": "boolean"}},
+    "additionalProperties": False,
 }
 
 

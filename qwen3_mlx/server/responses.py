@@ -23,6 +23,7 @@ from .protocol import (
     _get,
     chat_message,
     check_fields,
+    check_identity,
     check_model,
     openai_tool_calls,
     seed_of,
@@ -200,13 +201,8 @@ def _reasoning(body: dict, tokenizer, tools: list | None) -> tuple[dict, bool]:
 
 
 def _identity(body: dict) -> None:
-    """`metadata` (echoed in the response), and the fields naming who asks or hinting at caching: checked, and
-    nothing more to do (no accounting here; the prefix cache keeps every prompt it can, keyed by its tokens)."""
-    metadata = _get(body, "metadata", (dict,), {})
-    if len(metadata) > 16 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ApiError(400, "'metadata' must map at most 16 keys to strings", param="metadata")
-    for name in ("user", "safety_identifier", "prompt_cache_key"):
-        _get(body, name, (str,))
+    """`metadata` (echoed in the response) and the fields naming who asks (check_identity); `stream_options`."""
+    check_identity(body)
     options = _get(body, "stream_options", (dict,), {})
     check_fields(options, frozenset({"include_obfuscation"}), where="stream_options")
     _get(options, "include_obfuscation", (bool,))  # the padding against length side channels: none is added
