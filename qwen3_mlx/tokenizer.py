@@ -174,8 +174,21 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) become their ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) become their ids. Text
+        that is not Unicode (a lone surrogate: bytes that were not UTF-8, as Python decodes arguments and stdin,
+        or a JSON escape such as \\ud800) is a domain error."""
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the tokenizers library's answer to a str it cannot convert
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                code = ord(text[e.start])
+                what = (f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF
+                        else f"U+{code:04X}, a lone surrogate")
+                raise Qwen3MLXError(f"the text is not valid Unicode: it holds {what} (after "
+                                    f"{text[max(0, e.start - 20):e.start]!r})") from None
+            raise
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

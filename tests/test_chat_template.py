@@ -264,3 +264,16 @@ def test_reasoning_effort_reaches_a_template_that_reads_it_and_is_refused_otherw
         prompt_tokens(ours, messages, GenerationOptions(reasoning_effort="low"))
     with pytest.raises(Qwen3MLXError, match="reasoning_effort"):
         prompt_tokens(effort_tok, messages, GenerationOptions(chat_template_kwargs={"reasoning_effort": "low"}))
+
+
+def test_text_that_is_not_unicode_is_a_domain_error(ours):
+    """Bytes that are not UTF-8 reach Python strings as lone surrogates (arguments, stdin with surrogateescape) and
+    JSON can spell one (\\ud800): the tokenizer refuses them in one line, not with the tokenizers library's
+    TypeError."""
+    from qwen3_mlx.errors import Qwen3MLXError
+
+    with pytest.raises(Qwen3MLXError, match=r"the byte 0xe9, which is not UTF-8 \(after 'caf'\)"):
+        ours.encode(b"caf\xe9".decode("utf-8", "surrogateescape"))
+    with pytest.raises(Qwen3MLXError, match="U\\+D800, a lone surrogate"):
+        ours.encode(json.loads('"a\\ud800b"'))
+    assert ours.decode(ours.encode("café")) == "café"
