@@ -277,6 +277,27 @@ def test_cli_rerank_sorts_documents_by_score(reranker):
     np.testing.assert_allclose([x["relevance_score"] for x in results], np.sort(scores)[::-1][:2], atol=1e-6)
 
 
+def test_cli_prints_the_texts_as_given_and_refuses_bytes_that_are_not_utf8(embedder, reranker):
+    """Output lines are the user's texts, not rich markup or :emoji: codes; stdin that is not UTF-8 is one error
+    line, with a strict stdin error handler as with Python's default one here."""
+    text = ":smile: [b]bold[/b]\tend"
+    r = run_cli("embed", embedder[0], text)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == text
+    r = run_cli("embed", embedder[0], "--table", text, "x")
+    assert r.returncode == 0 and ":smile: [b]bold[/b]" in r.stdout, r.stdout
+    r = run_cli("rerank", reranker[0], "--query", "q", text)
+    assert r.returncode == 0 and r.stdout.endswith(f"[0] {text}\n"), r.stdout
+    for command in (("embed", embedder[0]), ("rerank", reranker[0], "--query", "q")):
+        for handler in ("strict", "surrogateescape"):
+            r = subprocess.run([sys.executable, "-m", "qwen3_mlx", *map(str, command)], input=b"ok\ncaf\xe9\n",
+                               capture_output=True, timeout=120, check=False,
+                               env=dict(os.environ, NO_COLOR="1", PYTHONIOENCODING=f"utf-8:{handler}"))
+            assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
+            message = "error: the text is not valid Unicode: it holds the byte 0xe9, which is not UTF-8 (after "
+            assert [line for line in r.stderr.decode().splitlines() if line.strip()][0].startswith(message)
+
+
 # ---- the server ----
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -12,17 +13,24 @@ from .app import app, fail, out
 from .options import load_for_cli
 
 
-def _texts(args: list[str] | None, what: str) -> list[str]:
-    """The arguments, else stdin's non-empty lines."""
-    if args:
-        return args
-    if sys.stdin.isatty():
-        fail(f"give the {what} as arguments or on stdin, one per line")
-    lines = [line.rstrip("\n") for line in sys.stdin]
-    texts = [line for line in lines if line.strip()]
+def _inputs(model: str, args: list[str] | None, what: str):
+    """(model, tokenizer, texts) of a command: the texts are the arguments, else stdin's non-empty lines (read
+    first: a missing input fails before the model loads). Bytes that are not UTF-8 reach the tokenizer, which
+    refuses them in one line, whatever the locale's error handler for stdin."""
+    texts = args
     if not texts:
-        fail(f"no {what} on stdin")
-    return texts
+        if sys.stdin.isatty():
+            fail(f"give the {what} as arguments or on stdin, one per line")
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape")
+        texts = [line.rstrip("\n") for line in stdin if line.strip()]
+        if not texts:
+            fail(f"no {what} on stdin")
+    return (*load_for_cli(model, local=True), texts)
+
+
+def _line(text: str) -> None:
+    """One line of output as it is: the texts are the user's, not rich markup or :emoji: codes."""
+    print(text)
 
 
 def _short(text: str, width: int = 48) -> str:
@@ -49,22 +57,21 @@ def embed(
 ):
     from ..retrieval import embed as embed_texts
 
-    texts = _texts(texts, "texts")
-    loaded, tokenizer = load_for_cli(model, local=True)
+    loaded, tokenizer, texts = _inputs(model, texts, "texts")
     vectors = embed_texts(loaded, tokenizer, texts, instruction=instruction, dimensions=dimensions,
                           batch_size=batch_size)
     if not table:
         for i, (t, v) in enumerate(zip(texts, vectors)):
-            out.print(json.dumps({"index": i, "text": t, "embedding": [round(float(x), 7) for x in v]}),
-                      markup=False)
+            _line(json.dumps({"index": i, "text": t, "embedding": [round(float(x), 7) for x in v]}))
         return
     from rich.table import Table
+    from rich.text import Text
 
     rows = Table(box=None, pad_edge=False)
     for name in ("#", "text", f"embedding ({vectors.shape[1]} values)"):
         rows.add_column(name)
     for i, (t, v) in enumerate(zip(texts, vectors)):
-        rows.add_row(str(i), _short(t), " ".join(f"{x:+.4f}" for x in v[:6]) + " …")
+        rows.add_row(str(i), Text(_short(t)), " ".join(f"{x:+.4f}" for x in v[:6]) + " …")
     out.print(rows)
     if 1 < len(texts) <= 12:
         sims = vectors @ vectors.T
@@ -98,13 +105,11 @@ def rerank(
 ):
     from ..retrieval import rerank as rerank_documents
 
-    documents = _texts(documents, "documents")
-    loaded, tokenizer = load_for_cli(model, local=True)
+    loaded, tokenizer, documents = _inputs(model, documents, "documents")
     scores = rerank_documents(loaded, tokenizer, query, documents, instruction=instruction)
     order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
     if as_json:
-        out.print(json.dumps({"results": [{"index": i, "relevance_score": float(scores[i])} for i in order]}),
-                  markup=False)
+        _line(json.dumps({"results": [{"index": i, "relevance_score": float(scores[i])} for i in order]}))
         return
     for i in order:
-        out.print(f"{scores[i]:.4f}  [{i}] {_short(documents[i], 96)}", markup=False)
+        _line(f"{scores[i]:.4f}  [{i}] {_short(documents[i], 96)}")
