@@ -14,7 +14,6 @@ result as an extension of what the cache holds, so a tool step prefills little m
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from .errors import Qwen3MLXError, read_json
 from .generate import GenerationResponse, prompt_tokens, stream_generate, tidy_segments
 from .models.cache import make_cache, reusable_prefix, truncate_cache
 from .options import GenerationOptions, as_options
-from .tools import ToolCall, parse_tool_calls
+from .tools import ToolCall, split_tool_calls
 
 SAVE_FORMAT = "qwen3-mlx-chat/1"
 
@@ -45,24 +44,6 @@ class TurnStats:
     finish_reason: str | None = None  # "stop", "length" or "interrupted"
     tool_calls: int = 0  # tool calls in the answer (parsed or not)
     kind: str = "user"  # "user": answered a user message; "tool": a step after tool results
-
-
-_CALL_BLOCK = re.compile(r"<tool_call>.*?</tool_call>|<function=[^>\n]+>.*?</function>", re.DOTALL)
-
-
-def split_tool_calls(answer: str, tools: list[dict] | None) -> tuple[str, list[ToolCall]]:
-    """An answer's text without its usable tool-call blocks, and every call in it (usable or not). Blocks that
-    do not parse stay in the text: the conversation shows what the model wrote."""
-    calls = parse_tool_calls(answer, tools)
-    if not calls:
-        return answer, []
-
-    def drop(m: re.Match) -> str:
-        found = parse_tool_calls(m.group(0), tools)
-        return "" if found and all(c.ok for c in found) else m.group(0)
-
-    text = _CALL_BLOCK.sub(drop, answer)
-    return text.strip(), calls
 
 
 class ChatSession:

@@ -36,17 +36,38 @@ def parse_tool_calls(text: str, tools: list[dict] | None = None) -> list[ToolCal
     """Every tool call in `text`, in order, in either form (module docstring). `tools`: the request's tool
     definitions (OpenAI form), whose parameter schemas type the XML form's values. Malformed blocks (bad JSON, no
     name, unclosed) are returned with `error` set rather than raising: model output is not trusted."""
-    blocks = [(m.group(1).strip(), bool(m.group(2))) for m in _BLOCK.finditer(text)]
+    return [call for _, call in _calls(text, tools)]
+
+
+def split_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str, list[ToolCall]]:
+    """`text` without its usable tool-call blocks, and every call in it as `parse_tool_calls` gives them. Blocks
+    that cannot be used stay in the text: a conversation shows what the model wrote."""
+    calls = _calls(text, tools)
+    if not calls:
+        return text, []
+    kept, start = [], 0
+    for block, call in calls:
+        if call.ok:
+            kept.append(text[start:block.start()])
+            start = block.end()
+    kept.append(text[start:])
+    return "".join(kept).strip(), [call for _, call in calls]
+
+
+def _calls(text: str, tools: list[dict] | None) -> list[tuple[re.Match, ToolCall]]:
+    """Each call's block (its match in `text`) and the call parsed from it."""
+    blocks = [(m, m.group(1).strip(), bool(m.group(2))) for m in _BLOCK.finditer(text)]
     if not blocks and "<function=" in text:  # the XML form without its <tool_call> wrapper
-        blocks = [(m.group(0), True) for m in _FUNCTION.finditer(text)]
+        blocks = [(m, m.group(0), True) for m in _FUNCTION.finditer(text)]
     calls = []
-    for raw, closed in blocks:
+    for block, raw, closed in blocks:
         if raw.startswith("<function="):
-            calls.append(_xml_call(raw, closed, _schemas(tools)))
+            call = _xml_call(raw, closed, _schemas(tools))
         elif not closed:
-            calls.append(ToolCall(None, raw=raw, error="unterminated <tool_call> block (no </tool_call>)"))
+            call = ToolCall(None, raw=raw, error="unterminated <tool_call> block (no </tool_call>)")
         else:
-            calls.append(_json_call(raw))
+            call = _json_call(raw)
+        calls.append((block, call))
     return calls
 
 
