@@ -24,6 +24,7 @@ import json
 import re
 import tempfile
 import threading
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -83,13 +84,10 @@ def signature_schema(fn: Callable) -> dict:
     """A JSON schema of `fn`'s parameters from their annotations (int, float, str, bool, list, dict; anything else
     is left untyped); parameters without a default are required, others refused unless `fn` takes **kwargs."""
     properties, required, extra = {}, [], False
-    hints = {}
     try:
-        import typing
-
         hints = typing.get_type_hints(fn)
-    except Exception:
-        pass
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve leaves its parameter untyped
+        hints = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             extra = extra or p.kind == p.VAR_KEYWORD
@@ -334,12 +332,10 @@ class McpTools:
         except BaseException as e:
             if not ready.done():
                 ready.set_exception(e if isinstance(e, Exception) else RuntimeError(describe(e)))
-            elif not isinstance(e, asyncio.CancelledError):
-                server.client = None  # crashed after starting: its calls answer with an error
             if not isinstance(e, Exception):
                 raise
         finally:
-            server.client = None
+            server.client = None  # stopped, or crashed after starting: its calls answer with an error
 
     def _stderr_tail(self, server: _Server) -> str:
         if server.log is None:

@@ -59,7 +59,7 @@ class GenerationOptions:
     # Tool calls: with `tools`, every call the model opens is held to a declared tool and its schema.
     tool_choice: str | dict = _opt(
         "auto", "auto (calls optional, each one valid), required (one or more calls), none (no call), or a tool's "
-        "name (a call of it); OpenAI's {type: function, function: {name}} form is accepted too.", "--tool-choice")
+        "name (a call of it); OpenAI's {type: function, function: {name}} form is accepted too.")
     parallel_tool_calls: bool = _opt(True, "Allow more than one tool call in an answer.")
     response_format: dict | None = _opt(
         None, "OpenAI's response_format: {type: json_object} or {type: json_schema, json_schema: {schema}} holds "
