@@ -275,8 +275,6 @@ def test_constraint_masks_the_answer_not_the_reasoning(tok):
 
 def test_thinking_budget_and_constraint_together(tok):
     """The budget cuts the reasoning with Qwen's stop text up to </think>; what follows is the constraint's."""
-    from qwen3_mlx.generate import BUDGET_STOP_TEXT
-
     hmm = tok.encode(" hmm")[0]
     target = tok.encode("ok!") + [IM_END]
     constraint = ScriptedConstraint(target)

@@ -120,6 +120,22 @@ def test_logprobs_zero_and_forced_tokens(tiny):
     assert generate(tiny.model, tiny.tok, "Hi", temperature=0, max_tokens=3).logprobs == []
 
 
+def test_token_bytes_equal_transformers_pieces_through_the_byte_table(tiny):
+    """token_bytes (the logprobs' `bytes`) of every id against transformers: its tokenizer's piece mapped back
+    through GPT-2's byte table (transformers' own bytes_to_unicode); an added token is its text."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hf = AutoTokenizer.from_pretrained(str(tiny.path))
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
+    pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
+    assert len(pieces) == tiny.tok.vocab_size and len(added) > 20
+    for i, piece in enumerate(pieces):
+        want = added[i].encode() if i in added else bytes(to_byte[c] for c in piece)
+        assert tiny.tok.token_bytes(i) == want, (i, piece)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The server, through the official openai client.
 
@@ -128,7 +144,7 @@ import openai  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    pytest.importorskip("fastapi")
+    import fastapi  # noqa: F401 - in the test extra: a missing one fails here (test_server would skip)
     from test_server import Server
 
     s = Server(tiny.path, "--max-concurrency", "1")
