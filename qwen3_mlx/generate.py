@@ -342,9 +342,10 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
     model's caches holding what `prompt_cache` holds (a chat reusing both across turns).
 
     Each call with a `seed` starts its own random stream, so two calls with one seed draw the same numbers (a
-    multi-turn caller varies it per turn). With a constraint each step waits for its token before the next is
-    queued (no pipelining). With a draft model, greedy output is exactly plain greedy's and sampled output
-    follows the same distribution; each response counts the drafted and kept tokens.
+    multi-turn caller varies it per turn). With a constraint (a response_format, tools) the next forward is
+    queued before its mask is computed: the model runs while the grammar works. With a draft model, greedy
+    output is exactly plain greedy's and sampled output follows the same distribution; each response counts the
+    drafted and kept tokens.
     """
     options = as_options(options, overrides).validate(getattr(model, "args", None))
     seq = Sequence(model, tokenizer, prompt, options, prompt_cache)
@@ -399,7 +400,7 @@ def _plain(seq: Sequence, y: Draw, forward) -> Iterator[GenerationResponse]:
         elif seq.constraint is not None:
             # The next mask depends on this token, the forward that feeds it does not: the forward is queued
             # first and runs while the grammar computes the mask.
-            def next_mask():
+            def next_mask(y: Draw = y):
                 token = int(y.token.item())
                 seq.constrain(token)
                 return seq.mask_after(token) if seq.wants_more(token) else None
@@ -425,7 +426,7 @@ def _plain(seq: Sequence, y: Draw, forward) -> Iterator[GenerationResponse]:
             y = next_y
 
 
-def _speculative(seq: Sequence, spec, y: mx.array, forward, feed) -> Iterator[GenerationResponse]:
+def _speculative(seq: Sequence, spec, y: Draw, forward, feed) -> Iterator[GenerationResponse]:
     from .speculative import speculative_tokens
 
     def stop_forward() -> int:

@@ -230,15 +230,17 @@ def grammar_for(options, form: str = "json") -> str | None:
 
 
 @lru_cache(maxsize=4)
-def _ll_tokenizer(tokenizer_json: str, n_vocab: int, eos: tuple[int, ...]):
-    return _llguidance().LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(eos))
+def _ll_tokenizer(tokenizer, n_vocab: int):
+    """llguidance's token table of `tokenizer`, built once per tokenizer object: keyed by its JSON, every
+    constrained generation (each agent step, each server request) serialised the tokenizer again, ~0.1 s."""
+    return _llguidance().LLTokenizer(tokenizer.to_json(), n_vocab=n_vocab, eos_token=list(tokenizer.eos_token_ids))
 
 
 class GrammarConstraint:
     """A `constraint` for stream_generate: an additive logits mask per step, advanced by each answer token."""
 
     def __init__(self, tokenizer, grammar: str, vocab_size: int):
-        ll = _ll_tokenizer(tokenizer.to_json(), vocab_size, tuple(tokenizer.eos_token_ids))
+        ll = _ll_tokenizer(tokenizer, vocab_size)
         self.matcher = _llguidance().LLMatcher(ll, grammar, log_level=0)
         self.vocab_size = vocab_size
         self._bias = np.empty(vocab_size, np.float32)
