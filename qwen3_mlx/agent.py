@@ -206,7 +206,7 @@ class McpTools:
         self._thread: threading.Thread | None = None
         self._logs = None
 
-    def __enter__(self) -> McpTools:
+    def __enter__(self) -> McpTools:  # noqa: PYI034 - not meant to be subclassed
         return self
 
     def __exit__(self, *exc) -> None:
@@ -310,7 +310,9 @@ class McpTools:
 
         try:
             if "command" in entry:
-                server.log = open(Path(self._logs.name) / f"{_NAME_CHARS.sub('_', server.name)}.log", "w+")
+                # Open for the server's life (close() closes it); a local file, quick to open.
+                log = Path(self._logs.name) / f"{_NAME_CHARS.sub('_', server.name)}.log"
+                server.log = open(log, "w+")  # noqa: ASYNC230, SIM115
                 params = StdioServerParameters(command=entry["command"], args=[str(a) for a in entry.get("args", [])],
                                                env={k: str(v) for k, v in (entry.get("env") or {}).items()} or None,
                                                cwd=entry.get("cwd"))
@@ -406,7 +408,7 @@ class McpTools:
         try:
             stopping = asyncio.run_coroutine_threadsafe(self._stop(list(self.servers.values()), timeout), loop)
             stopping.result(2 * timeout + 5)
-        except BaseException:  # noqa: BLE001 - shutting down whatever happens
+        except BaseException:  # noqa: BLE001, S110 - shutting down whatever happens
             pass
         finally:
             loop.call_soon_threadsafe(loop.stop)

@@ -124,9 +124,9 @@ class ChatSession:
         return (all prompt ids, number reused). At least one token is always left to prefill."""
         ids = prompt_tokens(self.tokenizer, messages, options or self.options)
         reused = truncate_cache(self.cache, reusable_prefix(self.cached_tokens, ids))
-        if self.draft_cache is not None:
-            if truncate_cache(self.draft_cache, reused) < reused:  # the draft holds less: both start there
-                reused = truncate_cache(self.cache, self.draft_cache[0].offset)
+        # The draft holds less: both start there.
+        if self.draft_cache is not None and truncate_cache(self.draft_cache, reused) < reused:
+            reused = truncate_cache(self.cache, self.draft_cache[0].offset)
         self.cached_tokens = ids[:reused]
         return ids, reused
 

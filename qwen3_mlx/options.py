@@ -51,17 +51,19 @@ class GenerationOptions:
     thinking_budget: int | None = _opt(
         None, "Cut reasoning after N tokens, then answer.", "--thinking-budget", min=0)
     # The prompt's rendering (messages prompts only).
-    tools: tuple | list | None = _opt(None, "Tool schemas for the chat template (OpenAI's function form).")
-    chat_template_kwargs: dict | None = _opt(None, "More variables for the model's chat template.")
+    tools: tuple | list | None = _opt(  # noqa: RUF009 - _opt makes a field()
+        None, "Tool schemas for the chat template (OpenAI's function form).")
+    chat_template_kwargs: dict | None = _opt(  # noqa: RUF009 - _opt makes a field()
+        None, "More variables for the model's chat template.")
     reasoning_effort: str | None = _opt(
         None, "The chat template's reasoning_effort (Qwen3.8: xhigh, medium, low); refused by templates without it.",
         "--reasoning-effort")
     # Tool calls: with `tools`, every call the model opens is held to a declared tool and its schema.
-    tool_choice: str | dict = _opt(
+    tool_choice: str | dict = _opt(  # noqa: RUF009 - _opt makes a field()
         "auto", "auto (calls optional, each one valid), required (one or more calls), none (no call), or a tool's "
         "name (a call of it); OpenAI's {type: function, function: {name}} form is accepted too.")
     parallel_tool_calls: bool = _opt(True, "Allow more than one tool call in an answer.")
-    response_format: dict | None = _opt(
+    response_format: dict | None = _opt(  # noqa: RUF009 - _opt makes a field()
         None, "OpenAI's response_format: {type: json_object} or {type: json_schema, json_schema: {schema}} holds "
         "the answer to JSON (the reasoning stays free).")
     logprobs: int | None = _opt(
@@ -69,7 +71,7 @@ class GenerationOptions:
         "the model's distribution before any filter (GenerationResponse.logprobs).")
     # Stopping and constraints.
     ignore_eos: bool = _opt(False, "Generate exactly max_tokens tokens.")
-    constraint: Any = _opt(
+    constraint: Any = _opt(  # noqa: RUF009 - _opt makes a field()
         None, "Limits the answer's tokens (not the reasoning's): an object with mask() (an additive [vocab] "
         "logits mask) and advance(token), e.g. a JSON schema grammar.")
     # KV cache.
@@ -82,7 +84,8 @@ class GenerationOptions:
         0, "With --kv-bits: keep the cache in float until it holds N positions.", "--quantized-kv-start", min=0)
     prefill_step_size: int = _opt(512, "Prompt tokens per prefill forward (memory stays bounded).")
     # Speculative decoding.
-    draft_model: Any = _opt(None, "A loaded draft model of the same vocabulary (speculative decoding).")
+    draft_model: Any = _opt(  # noqa: RUF009 - _opt makes a field()
+        None, "A loaded draft model of the same vocabulary (speculative decoding).")
     num_draft: int = _opt(3, "Tokens the draft proposes per round.", "--num-draft", min=1, max=16)
 
     def replace(self, **changes) -> GenerationOptions:

@@ -7,9 +7,9 @@ share one length needs none and runs the plain causal kernels. Positions are 0..
 transformers: RoPE depends on relative positions only, so a padded row computes what it computes alone.
 
 - `embed`: last-token pooling of the final-norm hidden states, L2 normalised; `dimensions` truncates, then
-  renormalises (Qwen3-Embedding is Matryoshka-trained; a folder whose modules do not normalise gets neither). The pooling and normalisation are read off the
-  sentence-transformers files of the folder (`modules.json`, `1_Pooling/config.json`); a folder without them
-  gets Qwen3-Embedding's (last token, normalised). Every text ends with `<|endoftext|>`, as Qwen3-Embedding's
+  renormalises (Qwen3-Embedding is Matryoshka-trained; a folder whose modules do not normalise gets neither).
+  The pooling and normalisation are read off the sentence-transformers files of the folder (`modules.json`,
+  `1_Pooling/config.json`); a folder without them gets Qwen3-Embedding's (last token, normalised). Every text ends with `<|endoftext|>`, as Qwen3-Embedding's
   tokenizer appends it (its post-processor; our tokenizer encodes without special tokens, so it is appended
   here). Queries take the model card's instruction format, `Instruct: {instruction}\\nQuery:{text}`.
 - `rerank`: P("yes") against "no" at the last position of the model card's judge prompt, i.e. the softmax
@@ -18,9 +18,9 @@ transformers: RoPE depends on relative positions only, so a padded row computes 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -162,8 +162,8 @@ def embed(model, tokenizer, texts: str | Sequence[str] | Sequence[Sequence[int]]
     """Embeddings of `texts` (strings, or token-id lists), float32 [n, d], one row per text in order.
 
     `instruction`: the task, for queries (`Instruct: {instruction}\\nQuery:{text}`); documents go without one.
-    `dimensions`: keep the first d values (renormalised, for a model that normalises). Texts are batched by length, at most `batch_size`
-    texts and `max_tokens` padded tokens per forward."""
+    `dimensions`: keep the first d values (renormalised, for a model that normalises). Texts are batched by
+    length, at most `batch_size` texts and `max_tokens` padded tokens per forward."""
     _check_model(model, "embed")
     rows = embedding_ids(tokenizer, texts, instruction)
     hidden = model.args.hidden_size

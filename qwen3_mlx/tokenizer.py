@@ -52,7 +52,7 @@ def _compile_template(source: str):
 
     class _GenerationTag(jinja2.ext.Extension):
         # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps the body.
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
@@ -125,7 +125,7 @@ class Tokenizer:
             raise ModelLoadError(f"{self.path} has no tokenizer.json")
         try:
             self._tok = _HFTokenizer.from_file(str(file))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever the tokenizers library cannot read is a load error
             raise ModelLoadError(f"cannot read {file}: {e}") from None
         self.config = self._read_json("tokenizer_config.json")
         self.special_tokens = {

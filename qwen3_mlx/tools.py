@@ -119,8 +119,7 @@ def _xml_call(raw: str, closed: bool, schemas: dict[str, dict]) -> ToolCall:
     for p in _PARAMETER.finditer(m.group(2)):
         key, value = p.group(1).strip(), p.group(2)
         # The template writes "<parameter=k>\nvalue\n</parameter>": one newline each side is layout.
-        value = value[1:] if value.startswith("\n") else value
-        value = value[:-1] if value.endswith("\n") else value
+        value = value.removeprefix("\n").removesuffix("\n")
         arguments[key] = coerce(value, props.get(key))
     return ToolCall(name, arguments, raw=raw)
 

@@ -29,55 +29,55 @@ CALC = {
 }
 
 CONVERSATIONS = {
-    "single_turn": dict(messages=[{"role": "user", "content": "What is 2+2?"}]),
-    "system_prompt": dict(
-        messages=[
+    "single_turn": {"messages": [{"role": "user", "content": "What is 2+2?"}]},
+    "system_prompt": {
+        "messages": [
             {"role": "system", "content": "You are a terse assistant. /no_think"},
             {"role": "user", "content": "Name a prime."},
         ]
-    ),
-    "multi_turn_thinking_stripped": dict(
-        messages=[
+    },
+    "multi_turn_thinking_stripped": {
+        "messages": [
             {"role": "user", "content": "Hi!"},
             {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello! How can I help?"},
             {"role": "user", "content": "Tell me a joke. /think"},
             {"role": "assistant", "content": "<think>\nA short joke.\n</think>\n\nWhy did the chicken cross the road?"},
             {"role": "user", "content": "Why?"},
         ]
-    ),
-    "reasoning_content_field": dict(
-        messages=[
+    },
+    "reasoning_content_field": {
+        "messages": [
             {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello", "reasoning_content": "be nice"},
             {"role": "user", "content": "Bye"},
             {"role": "assistant", "content": "Goodbye", "reasoning_content": "say bye"},
         ],
-        add_generation_prompt=False,
-    ),
-    "thinking_off": dict(
-        messages=[
+        "add_generation_prompt": False,
+    },
+    "thinking_off": {
+        "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Capital of Bulgaria?"},
         ],
-        enable_thinking=False,
-    ),
-    "thinking_off_multi_turn": dict(
-        messages=[
+        "enable_thinking": False,
+    },
+    "thinking_off_multi_turn": {
+        "messages": [
             {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"},
             {"role": "user", "content": "你好吗？"},
         ],
-        enable_thinking=False,
-    ),
-    "tools_first_call": dict(
-        messages=[
+        "enable_thinking": False,
+    },
+    "tools_first_call": {
+        "messages": [
             {"role": "system", "content": "You help with weather."},
             {"role": "user", "content": "Weather in Sofia?"},
         ],
-        tools=[WEATHER, CALC],
-    ),
-    "tools_with_calls_and_responses": dict(
-        messages=[
+        "tools": [WEATHER, CALC],
+    },
+    "tools_with_calls_and_responses": {
+        "messages": [
             {"role": "user", "content": "Weather in Sofia and Paris?"},
             {
                 "role": "assistant",
@@ -90,10 +90,10 @@ CONVERSATIONS = {
             {"role": "tool", "content": json.dumps({"temp": 21, "sky": "clear"})},
             {"role": "tool", "content": "18 C, rain"},
         ],
-        tools=[WEATHER],
-    ),
-    "multi_step_tool_loop": dict(
-        messages=[
+        "tools": [WEATHER],
+    },
+    "multi_step_tool_loop": {
+        "messages": [
             {"role": "system", "content": "Use tools."},
             {"role": "user", "content": "What is (3+4)*weather temp in Sofia?"},
             {
@@ -112,23 +112,23 @@ CONVERSATIONS = {
             {"role": "assistant", "content": "<think>\nDone.\n</think>\n\nThe answer is 147."},
             {"role": "user", "content": "Thanks! And in Plovdiv?"},
         ],
-        tools=[WEATHER, CALC],
-    ),
-    "tool_response_as_user_text": dict(
-        messages=[
+        "tools": [WEATHER, CALC],
+    },
+    "tool_response_as_user_text": {
+        "messages": [
             {"role": "user", "content": "q"},
             {"role": "assistant", "content": "<tool_call>\n{\"name\": \"calculate\", \"arguments\": {}}\n</tool_call>"},
             {"role": "user", "content": "<tool_response>\n5\n</tool_response>"},
         ],
-        tools=[CALC],
-    ),
-    "none_values_dropped": dict(
-        messages=[
+        "tools": [CALC],
+    },
+    "none_values_dropped": {
+        "messages": [
             {"role": "user", "content": "x", "name": None},
             {"role": "assistant", "content": "y", "tool_calls": None, "reasoning_content": None},
             {"role": "user", "content": "z"},
         ]
-    ),
+    },
 }
 
 

@@ -115,7 +115,7 @@ def test_an_embedding_checkpoint_loads_headless(embedder, loaded_embedder):
     from safetensors import safe_open
 
     with safe_open(str(embedder[0] / "model.safetensors"), "np") as f:
-        assert not any(k.startswith("model.") for k in f.keys())  # what Qwen3Model.save_pretrained writes
+        assert not any(k.startswith("model.") for k in f.keys())  # what save_pretrained writes  # noqa: SIM118
     model, _ = loaded_embedder
     assert model.headless and "lm_head" not in model
     import mlx.core as mx
@@ -244,7 +244,7 @@ def test_rerank_refuses_an_embedding_model(loaded_embedder):
 
 def run_cli(*args, stdin: str | None = None):
     return subprocess.run([sys.executable, "-m", "qwen3_mlx", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"))
+                          text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"), check=False)
 
 
 def test_cli_embed_prints_json_lines_and_a_table_from_stdin(embedder, loaded_embedder):
@@ -295,7 +295,7 @@ def test_cli_prints_the_texts_as_given_and_refuses_bytes_that_are_not_utf8(embed
                                env=dict(os.environ, NO_COLOR="1", PYTHONIOENCODING=f"utf-8:{handler}"))
             assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr
             message = "error: the text is not valid Unicode: it holds the byte 0xe9, which is not UTF-8 (after "
-            assert [line for line in r.stderr.decode().splitlines() if line.strip()][0].startswith(message)
+            assert next(line for line in r.stderr.decode().splitlines() if line.strip()).startswith(message)
 
 
 # ---- the server ----

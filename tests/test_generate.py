@@ -162,7 +162,7 @@ def test_no_budget_keeps_thinking(tok):
 
 
 def test_budget_zero_with_open_think_in_prompt(tok):
-    rule, hmm = budget_rule(tok)
+    rule, _ = budget_rule(tok)
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
     result = generate(ScriptedModel(rule), tok, prompt, thinking_budget=0, max_tokens=100)
     assert result.tokens == tok.encode(BUDGET_STOP_TEXT) + [IM_END]

@@ -139,7 +139,7 @@ def test_token_bytes_equal_transformers_pieces_through_the_byte_table(tiny):
 # ---------------------------------------------------------------------------------------------------------------
 # The server, through the official openai client.
 
-import openai  # noqa: E402
+import openai
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def entries(choice_logprobs) -> list[dict]:
 @pytest.mark.parametrize("top", [3, 0])
 def test_chat_logprobs_whole_and_streamed(server, tiny, top):
     client = server.client()
-    base = dict(model=tiny.path.name, messages=HI, max_tokens=10, temperature=0, logprobs=True, top_logprobs=top,
-                extra_body=NO_THINK)
+    base = {"model": tiny.path.name, "messages": HI, "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": top,
+                "extra_body": NO_THINK}
     whole = client.chat.completions.create(**base).choices[0]
     got = entries(whole.logprobs)
     assert len(got) == 10
@@ -212,7 +212,7 @@ def test_completions_logprobs_shape(server, tiny):
 
 def test_streamed_completions_logprobs_equal_whole(server, tiny):
     client = server.client()
-    common = dict(model=tiny.path.name, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+    common = {"model": tiny.path.name, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 2}
     whole = client.completions.create(**common).choices[0].logprobs
     tokens, token_logprobs, offsets = [], [], []
     for ev in client.completions.create(**common, stream=True):

@@ -27,7 +27,7 @@ from qwen3_mlx.tools import parse_tool_calls
 THINK, END_THINK, IM_END = 151667, 151668, 151645
 TOOL_CALL, END_TOOL_CALL = 151657, 151658
 USER = [{"role": "user", "content": "What is the weather like?"}]
-RANDOM = dict(temperature=1.0, top_p=1.0, top_k=0)  # the whole (masked) distribution, no filter
+RANDOM = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # the whole (masked) distribution, no filter
 
 # A Qwen3.5-style template: tools as JSON in <tools>, calls in the XML form, and the generation prompt that opens
 # <think> (thinking on) or writes an empty block (thinking off), as Qwen3.5's own template does.
@@ -422,7 +422,7 @@ def wants_more_calls(tok):
 @pytest.mark.parametrize("form", ["json", "xml"])
 def test_parallel_tool_calls_false_allows_one_call(forms, form):
     m = forms[form]
-    common = dict(tools=SIMPLE, tool_choice="required", enable_thinking=False, temperature=0, max_tokens=160)
+    common = {"tools": SIMPLE, "tool_choice": "required", "enable_thinking": False, "temperature": 0, "max_tokens": 160}
     for seed in range(3):
         r = generate(ScriptedModel(wants_more_calls(m.tok), seed=seed), m.tok, USER, parallel_tool_calls=False,
                      **common)
@@ -513,8 +513,8 @@ def test_errors_name_the_keyword_or_option(forms):
     # through generate: refused before the model runs
     m = forms["json"]
     model = ScriptedModel(lambda s: IM_END)
-    for kwargs in (dict(tools=SIMPLE, tool_choice="nope"), dict(tool_choice="required"),
-                   dict(tools=[tool("f", {"type": "object", "properties": {"a": {"not": {}}}})])):
+    for kwargs in ({"tools": SIMPLE, "tool_choice": "nope"}, {"tool_choice": "required"},
+                   {"tools": [tool("f", {"type": "object", "properties": {"a": {"not": {}}}})]}):
         with pytest.raises(GrammarError):
             generate(model, m.tok, USER, enable_thinking=False, max_tokens=5, **kwargs)
     assert model.steps == 0
@@ -578,8 +578,8 @@ def server_calls(client, model, stream: bool, **kwargs):
 @pytest.mark.parametrize("stream", [False, True])
 def test_server_required_and_single_call(server, tiny_checkpoint, stream):
     client = server.client()
-    base = dict(messages=USER, tools=SIMPLE, max_tokens=200, temperature=1.0, top_p=1.0,
-                extra_body={"chat_template_kwargs": {"enable_thinking": False}, "top_k": 0})
+    base = {"messages": USER, "tools": SIMPLE, "max_tokens": 200, "temperature": 1.0, "top_p": 1.0,
+                "extra_body": {"chat_template_kwargs": {"enable_thinking": False}, "top_k": 0}}
     for seed in range(3):
         finish, calls, content = server_calls(client, tiny_checkpoint.name, stream, seed=seed, tool_choice="required",
                                               **base)

@@ -19,13 +19,26 @@ from pathlib import Path
 
 import typer
 
-from ..agent import CONFIRM_ANSWERS, DEFAULT_MAX_STEPS, DEFAULT_TOOL_TIMEOUT, read_mcp_config
+from ..agent import (
+    CONFIRM_ANSWERS,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_TOOL_TIMEOUT,
+    read_mcp_config,
+)
 from ..chat import ChatSession
 from ..errors import Qwen3MLXError
-from .app import app, err
 from ..options import GenerationOptions
+from .app import app, err
 from .generate import ReasoningFilter, kv_note
-from .options import KV, SAMPLING, SYSTEM, THINKING, ModelSource, load_for_generation, with_options
+from .options import (
+    KV,
+    SAMPLING,
+    SYSTEM,
+    THINKING,
+    ModelSource,
+    load_for_generation,
+    with_options,
+)
 
 HELP = """commands:
   /think            thinking on for the next turns        /no_think     thinking off
@@ -412,7 +425,7 @@ def start_tools(term: Terminal, config: dict):
 def chat(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     system: str = SYSTEM,
-    mcp: Path = typer.Option(
+    mcp: Path = typer.Option(  # noqa: B008 - typer's option declaration
         None, "--mcp", help="MCP servers whose tools the model may call: a JSON file in the mcpServers format, "
         "e.g. {\"mcpServers\": {\"time\": {\"command\": \"uvx\", \"args\": \\[\"mcp-server-time\"]}}} (stdio: "
         "command, args, env; remote: url, streamable HTTP)."),

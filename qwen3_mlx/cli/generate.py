@@ -6,7 +6,15 @@ import typer
 
 from ..options import GenerationOptions
 from .app import app, err, out
-from .options import KV, SAMPLING, SYSTEM, THINKING, ModelSource, load_for_generation, with_options
+from .options import (
+    KV,
+    SAMPLING,
+    SYSTEM,
+    THINKING,
+    ModelSource,
+    load_for_generation,
+    with_options,
+)
 
 
 def format_stats(r, options: GenerationOptions) -> str:

@@ -48,7 +48,8 @@ def _short(text: str, width: int = 48) -> str:
 )
 def embed(
     model: str = typer.Argument(..., help="Embedding model folder or Hugging Face repo id."),
-    texts: list[str] = typer.Argument(None, help="Texts to embed (default: stdin lines)."),
+    texts: list[str] = typer.Argument(  # noqa: B008 - typer's argument declaration
+        None, help="Texts to embed (default: stdin lines)."),
     instruction: str = typer.Option(
         None, "--instruction", "-i", help="Task for queries: each text becomes 'Instruct: TASK\\nQuery:TEXT'."),
     dimensions: int = typer.Option(None, "--dimensions", "-d", help="Keep the first N values, renormalised.", min=1),
@@ -95,7 +96,8 @@ def embed(
 )
 def rerank(
     model: str = typer.Argument(..., help="Reranker model folder or Hugging Face repo id."),
-    documents: list[str] = typer.Argument(None, help="Documents to score (default: stdin lines)."),
+    documents: list[str] = typer.Argument(  # noqa: B008 - typer's argument declaration
+        None, help="Documents to score (default: stdin lines)."),
     query: str = typer.Option(..., "--query", "-q", help="The query."),
     instruction: str = typer.Option(
         None, "--instruction", "-i",
