@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import anthropic
+import jsonschema
 import pytest
 import test_server
 from test_server import KEY
@@ -9,8 +11,6 @@ from test_server import KEY
 # test_server's module fixtures (a server per module).
 api_server, thinker_server = test_server.api_server, test_server.thinker_server
 
-anthropic = pytest.importorskip("anthropic")
-jsonschema = pytest.importorskip("jsonschema")
 
 TOOLS = [{"name": "get_weather", "description": "Weather for a city.", "input_schema": {
     "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},

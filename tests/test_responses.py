@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
+import openai
 import pytest
 import test_server
 
 # test_server's module fixtures (a server per module).
 api_server, thinker_server = test_server.api_server, test_server.thinker_server
 
-openai = pytest.importorskip("openai")
-jsonschema = pytest.importorskip("jsonschema")
 
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city.", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},

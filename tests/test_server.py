@@ -13,12 +13,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import fastapi  # noqa: F401  (the test extra has the server's dependencies: a missing one fails, not skips)
+import jsonschema
+import openai
 import pytest
+import schemathesis
+import uvicorn  # noqa: F401
 from helpers import save_thinker
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 KEY = "sk-test"
 
@@ -264,7 +265,10 @@ def test_errors_have_openai_shape_and_status(thinker_server):
         ("/v1/chat/completions", {"messages": HI, "store": True}, "'store' is not supported"),
         ("/v1/chat/completions", {"messages": HI, "stream": True, "stream_options": {"include_usage": "yes"}},
          "'include_usage' must be bool"),
-        ("/v1/completions", {"prompt": "Hi", "tools": TOOLS}, "Unknown parameter: 'tools'.")]:  # no template there
+        ("/v1/completions", {"prompt": "Hi", "tools": TOOLS}, "Unknown parameter: 'tools'."),  # no template there
+        # JSON can spell a lone surrogate, which no tokenizer can take: was a 500
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "U+D800, a lone surrogate"),
+        ("/v1/completions", b'{"prompt": "a\\ud800b"}', "U+D800, a lone surrogate")]:
         status, answer = s.post(path, body)
         assert status == 400 and why in answer["error"]["message"], (why, answer)
     assert "Traceback" not in "".join(s.stderr)  # refused, not crashed
@@ -303,7 +307,6 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enu
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_is_enforced_during_sampling(tiny_server, tiny, stream):
     """A random model's free output is not JSON; with response_format it parses and validates, every seed."""
-    jsonschema = pytest.importorskip("jsonschema")
     client = tiny_server.client()
     base = {"model": tiny.name, "messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 60,
             "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}
@@ -369,7 +372,6 @@ def fuzz_server(tiny):
 def test_openapi_document_fuzzed_with_schemathesis_gives_no_server_errors(fuzz_server):
     """schemathesis generates requests from the server's own OpenAPI document (valid and invalid ones):
     none may be answered with a 5xx."""
-    schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
     schema = schemathesis.openapi.from_url(fuzz_server.base + "/openapi.json")
