@@ -42,7 +42,8 @@ def table(doc: dict) -> Table:
         title += f"; {ranks['parallel']} over {ranks['count']} ranks{split}"
     k = doc["environment"].get("kernels") or {}
     if k.get("kernels") == "qwen3-mlx":
-        title += f"; qwen3-mlx kernels ({k['isa']}, {k['threads']} threads)"
+        int8 = f", {k['int8']} prefill" if k.get("int8") else ""  # the integer path (QWEN3_MLX_INT8)
+        title += f"; qwen3-mlx kernels ({k['isa']}{int8}, {k['threads']} threads)"
         if doc["settings"].get("vs"):
             title += f", {doc['settings']['vs']} on MLX's"
     elif k:
