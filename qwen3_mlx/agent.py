@@ -24,6 +24,7 @@ import json
 import re
 import tempfile
 import threading
+import time
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,25 @@ def closed_schema(schema: dict | None) -> dict:
     return schema
 
 
+# Ctrl-C (SIGINT) is sent to the process, and the kernel may hand it to any thread that does not block it
+# (MLX's, OpenBLAS's, the MCP loop's, a tool's): Python then raises KeyboardInterrupt in the main thread only
+# when that thread next runs Python code, which one long blocking wait would put off until the tool answered.
+# So waits for a tool block in short slices.
+WAIT_SLICE = 0.05
+
+
+def wait_result(future: concurrent.futures.Future, timeout: float | None):
+    """`future.result(timeout)`, waiting in slices of WAIT_SLICE seconds so that Ctrl-C interrupts it at once."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            return future.result(WAIT_SLICE if left is None else max(0.0, min(WAIT_SLICE, left)))
+        except concurrent.futures.TimeoutError:
+            if left is not None and left <= WAIT_SLICE:
+                raise
+
+
 # ---- plain Python callables --------------------------------------------------------------------------------------
 
 _JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array", dict: "object"}
@@ -120,23 +140,19 @@ class PythonTools:
         fn = self.functions.get(name)
         if fn is None:
             return ToolResult(f"error: there is no tool named {name!r}", "error")
-        box: dict = {}
+        future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run():
             try:
-                box["value"] = fn(**arguments)
+                future.set_result(ToolResult(result_text(fn(**arguments))))
             except BaseException as e:  # noqa: BLE001 - the model gets what went wrong
-                box["error"] = e
+                future.set_result(ToolResult(f"error: {type(e).__name__}: {e}", "error"))
 
-        worker = threading.Thread(target=run, name=f"tool {name}", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
+        threading.Thread(target=run, name=f"tool {name}", daemon=True).start()
+        try:
+            return wait_result(future, timeout)
+        except concurrent.futures.TimeoutError:
             return ToolResult(f"error: the tool did not answer within {timeout:g} s", "error")
-        if "error" in box:
-            e = box["error"]
-            return ToolResult(f"error: {type(e).__name__}: {e}", "error")
-        return ToolResult(result_text(box.get("value")))
 
     def close(self) -> None:
         pass
@@ -248,7 +264,7 @@ class McpTools:
 
         try:
             loop.call_soon_threadsafe(start)
-            return future.result(timeout)
+            return wait_result(future, timeout)
         except BaseException:  # Ctrl-C or our own timeout: the coroutine is cancelled on the loop
             future.cancel()
             raise
