@@ -19,6 +19,10 @@ group and multiply with integer dot products (kernels/src/int8.h; benchmarks/int
 that costs); `QWEN3_MLX_INT8=0` (or `set_int8(0)`) keeps the exact float path, which the test suite checks
 against transformers, and `QWEN3_MLX_INT8=all` (`set_int8(2)`) uses them for decode too.
 
+A decoded position of one sequence runs its decoder layers as one node (`DecoderPlan`: the same pieces
+back to back in one primitive, bit for bit what the unfused layer gives); `QWEN3_MLX_FUSED=0` (or
+`set_fused(False)`) runs the layers op by op.
+
 `QWEN3_MLX_KERNELS=0` (or `set_enabled(False)`) turns ours off, for comparisons; `QWEN3_MLX_THREADS`
 sets their thread count (default: the usable cores). If the extension was not built or does not
 import, the package still works on MLX's kernels and says why once on stderr.
@@ -61,6 +65,10 @@ else:
     _IMPORT_ERROR = None
 
 _enabled = os.environ.get("QWEN3_MLX_KERNELS", "1") != "0"
+# Whole decoder layers for one decoded position, the weights held (models/fused.py builds them; callers check
+# `fused()` first): plan(x, [k_0, v_0, ...], offset) -> [hidden, k_0, v_0, ...].
+DecoderPlan = _ext.DecoderPlan if _ext is not None else None
+_fused = os.environ.get("QWEN3_MLX_FUSED", "1") != "0"
 _warned = False
 
 BITS = (4, 8)
@@ -77,6 +85,17 @@ def set_enabled(flag: bool) -> None:
     """Use our kernels on the CPU (True, the default) or MLX's own everywhere (False)."""
     global _enabled
     _enabled = bool(flag)
+
+
+def set_fused(flag: bool) -> None:
+    """Run a decoded position's decoder layers as one node each (True, the default) or op by op (False)."""
+    global _fused
+    _fused = bool(flag)
+
+
+def fused() -> bool:
+    """Whether decoder layers issued now may run fused (`decoder_layers`): our kernels active and fusion on."""
+    return _fused and active()
 
 
 def set_int8(mode: int) -> bool:
@@ -131,6 +150,15 @@ def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: 
     return mx.quantized_matmul(
         x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
     )
+
+
+def quantized_embedding(ids, w, scales, biases, *, group_size: int, bits: int, mode: str = "affine") -> mx.array:
+    """Rows of a quantized table for token ids, dequantized: ours on the CPU (one node, float32, MLX's values),
+    else MLX's gather and dequantize (in the scales' dtype)."""
+    if _ours_quantized(mode, bits, group_size, biases):
+        return _ext.quantized_embedding(ids, w, scales, biases, group_size, bits)
+    return mx.dequantize(w[ids], scales[ids], None if biases is None else biases[ids], group_size=group_size,
+                         bits=bits, mode=mode)
 
 
 def linear(x: mx.array, w: mx.array) -> mx.array:

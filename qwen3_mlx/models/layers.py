@@ -22,6 +22,15 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def __call__(self, x: mx.array) -> mx.array:
+        # On our CPU kernels the rows come out float32, as the model computes (in the scales' dtype, bfloat16
+        # in most checkpoints, every norm, RoPE and attention of a decode step fell back to MLX's emulated
+        # bfloat16 compositions, and every product gained two casts).
+        return kernels.quantized_embedding(
+            x, self["weight"], self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits,
+            mode=self.mode,
+        )
+
     def as_linear(self, x: mx.array) -> mx.array:
         return kernels.quantized_matmul(
             x, self["weight"], self["scales"], self.get("biases"), group_size=self.group_size, bits=self.bits,

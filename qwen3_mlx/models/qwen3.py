@@ -10,6 +10,7 @@ import mlx.nn as nn
 
 from .. import kernels
 from .base import BaseModelArgs, attention_mask, make_rope
+from . import fused
 from .cache import KVCache
 from .layers import Embedding, Linear, RMSNorm
 
@@ -111,6 +112,8 @@ class Qwen3Model(nn.Module):
         cache = cache if cache is not None else [None] * len(self.layers)
         if mask is None:
             mask = attention_mask(h.shape[1], cache[0])
+            if mask is None and (out := fused.decode(self, self.layers, h, cache)) is not None:
+                return self.norm(out)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
         return self.norm(h)

@@ -9,6 +9,7 @@
 #include "common.h"
 #include "driver.h"
 #include "pool.h"
+#include "steps.h"
 
 namespace q3k {
 namespace {
@@ -37,11 +38,10 @@ struct Job {
   float* part = nullptr;  // [ntasks][rep * (D + 2)] when some row splits
 };
 
-Row make_row(const mx::array& k, const mx::array& v, int64_t b, int S, int Hkv, int threads) {
+Row make_row(const float* k, const int64_t* kst, const float* v, const int64_t* vst, int S, int Hkv, int threads) {
   Row r;
-  const auto &ks = k.strides(), &vs = v.strides();
-  r.k = k.data<float>() + b * ks[0], r.v = v.data<float>() + b * vs[0];
-  for (int i = 0; i < 3; ++i) r.kst[i] = ks[i + 1], r.vst[i] = vs[i + 1];
+  r.k = k, r.v = v;
+  for (int i = 0; i < 3; ++i) r.kst[i] = kst[i], r.vst[i] = vst[i];
   r.S = S, r.splits = 1, r.chunk = S, r.task0 = 0;
   // Fewer kv heads than twice the threads: split a long cache into key ranges of at least 512 keys, so
   // every thread streams its share of K and V once (then a small merge).
@@ -52,6 +52,13 @@ Row make_row(const mx::array& k, const mx::array& v, int64_t b, int S, int Hkv, 
     r.splits = (S + r.chunk - 1) / r.chunk;
   }
   return r;
+}
+
+// Row b of [B, Hkv, >= S, D] arrays read at their strides.
+Row make_row(const mx::array& k, const mx::array& v, int64_t b, int S, int Hkv, int threads) {
+  const auto &ks = k.strides(), &vs = v.strides();
+  const int64_t kst[3] = {ks[1], ks[2], ks[3]}, vst[3] = {vs[1], vs[2], vs[3]};
+  return make_row(k.data<float>() + b * ks[0], kst, v.data<float>() + b * vs[0], vst, S, Hkv, threads);
 }
 
 // Rows of a strided [S, D] view as contiguous rows (only when its last axis is strided).
@@ -92,6 +99,18 @@ void run_head(void* ctx, int t, int) {
     a.out = p, a.row_max = p + rep * j.D, a.row_sum = a.row_max + rep;
   }
   kernels().attend(a);
+}
+
+// The decode tasks: on the pool, or on the caller when the keys and values they read are few (a short cache of
+// a small model: less time than waking and joining another thread). The same tasks either way.
+void run_heads(Job& j) {
+  int64_t bytes = 0;
+  for (int b = 0; b < j.B; ++b) bytes += static_cast<int64_t>(j.rows[b].S) * j.Hkv * j.D * 2 * sizeof(float);
+  if (bytes < (int64_t(32) << 10)) {
+    for (int t = 0; t < j.ntasks; ++t) run_head(&j, t, 0);
+  } else {
+    Pool::get().run(j.ntasks, &run_head, &j);
+  }
 }
 
 // Merges the key ranges of each split (b, kv head): out = sum_i o_i e^(m_i - M) / sum_i l_i e^(m_i - M).
@@ -161,7 +180,7 @@ class DecodeAttention : public CpuPrimitive {
       }
       job.rows = rows.data();
       if (split) job.part = parts.get(static_cast<size_t>(job.ntasks) * (job.H / job.Hkv) * (job.D + 2));
-      Pool::get().run(job.ntasks, &run_head, &job);
+      run_heads(job);
       if (split) merge_splits(job);
     });
   }
@@ -176,6 +195,20 @@ class DecodeAttention : public CpuPrimitive {
   float scale_;
   std::vector<int> lengths_;
 };
+
+}  // namespace
+
+void decode_attention_heads(const float* q, int H, int D, const float* k, const int64_t* kst, const float* v,
+                            const int64_t* vst, int Hkv, int S, float scale, float* out) {
+  thread_local Scratch parts;
+  const Row row = make_row(k, kst, v, vst, S, Hkv, Pool::get().size());
+  Job job{q, out, &row, 1, H, Hkv, D, Hkv * row.splits, scale};
+  if (row.splits > 1) job.part = parts.get(static_cast<size_t>(job.ntasks) * (H / Hkv) * (D + 2));
+  run_heads(job);
+  if (row.splits > 1) merge_splits(job);
+}
+
+namespace {
 
 // ---- prefill ----
 
@@ -402,7 +435,7 @@ class QuantizedAttention : public CpuPrimitive {
     for (int i = 1; i < 7; ++i) {
       // Rows may sit anywhere (a slice of a larger buffer), but each row's words and scales are contiguous.
       const auto& a = in[i];
-      require(a.strides()[3] == 1 && (a.shape(2) <= 1 || a.strides()[2] == a.shape(3)),
+      Q3K_REQUIRE(a.strides()[3] == 1 && (a.shape(2) <= 1 || a.strides()[2] == a.shape(3)),
               "quantized cache rows must be contiguous (a slice of a [B, H, capacity, n] buffer along capacity)");
     }
     const int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = in[1].shape(1), S = in[1].shape(2);
@@ -455,22 +488,22 @@ class QuantizedAttention : public CpuPrimitive {
 mx::array quantized_attention(const mx::array& q, const std::vector<mx::array>& keys,
                               const std::vector<mx::array>& values, float scale, bool causal, int group_size, int bits,
                               mx::StreamOrDevice s) {
-  require(q.ndim() == 4 && q.dtype() == mx::float32, "q must be float32 [B, heads, length, head_dim], got " + shape_str(q));
-  require(keys.size() == 3 && values.size() == 3, "keys and values must each be (words, scales, biases)");
-  require(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
-  require(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  Q3K_REQUIRE(q.ndim() == 4 && q.dtype() == mx::float32, "q must be float32 [B, heads, length, head_dim], got " + shape_str(q));
+  Q3K_REQUIRE(keys.size() == 3 && values.size() == 3, "keys and values must each be (words, scales, biases)");
+  Q3K_REQUIRE(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
+  Q3K_REQUIRE(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
   const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
-  require(D % group_size == 0, "head_dim " + std::to_string(D) + " is not a multiple of the group size");
+  Q3K_REQUIRE(D % group_size == 0, "head_dim " + std::to_string(D) + " is not a multiple of the group size");
   const auto& k0 = keys[0];
-  require(k0.ndim() == 4 && k0.shape(0) == B, "quantized keys must be [B, kv_heads, S, words], got " + shape_str(k0));
+  Q3K_REQUIRE(k0.ndim() == 4 && k0.shape(0) == B, "quantized keys must be [B, kv_heads, S, words], got " + shape_str(k0));
   const int Hkv = k0.shape(1), S = k0.shape(2);
-  require(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep, "query heads must be a multiple (at most 16x) of kv heads");
-  require(!causal || S >= q.shape(2), "causal attention needs at least as many keys as queries");
+  Q3K_REQUIRE(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep, "query heads must be a multiple (at most 16x) of kv heads");
+  Q3K_REQUIRE(!causal || S >= q.shape(2), "causal attention needs at least as many keys as queries");
   for (const auto* part : {&keys, &values}) {
     const auto &w = (*part)[0], &sc = (*part)[1], &bi = (*part)[2];
-    require(w.dtype() == mx::uint32 && w.shape() == mx::Shape({B, Hkv, S, D * bits / 32}),
+    Q3K_REQUIRE(w.dtype() == mx::uint32 && w.shape() == mx::Shape({B, Hkv, S, D * bits / 32}),
             "quantized words must be uint32 [B, kv_heads, S, head_dim * bits / 32], got " + shape_str(w));
-    require(sc.dtype() == mx::float32 && bi.dtype() == mx::float32 &&
+    Q3K_REQUIRE(sc.dtype() == mx::float32 && bi.dtype() == mx::float32 &&
                 sc.shape() == mx::Shape({B, Hkv, S, D / group_size}) && bi.shape() == sc.shape(),
             "scales and biases must be float32 [B, kv_heads, S, head_dim / group_size], got " + shape_str(sc));
   }
@@ -483,30 +516,30 @@ mx::array quantized_attention(const mx::array& q, const std::vector<mx::array>& 
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s) {
-  require(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k, v must be [B, heads, length, head_dim]");
-  require(k.shape() == v.shape(), "k " + shape_str(k) + " and v " + shape_str(v) + " differ");
-  require(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q " + shape_str(q) + " does not match k " + shape_str(k));
+  Q3K_REQUIRE(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k, v must be [B, heads, length, head_dim]");
+  Q3K_REQUIRE(k.shape() == v.shape(), "k " + shape_str(k) + " and v " + shape_str(v) + " differ");
+  Q3K_REQUIRE(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q " + shape_str(q) + " does not match k " + shape_str(k));
   const int H = q.shape(1), Hkv = k.shape(1);
-  require(Hkv > 0 && H % Hkv == 0, "query heads " + std::to_string(H) + " must be a multiple of key/value heads " +
+  Q3K_REQUIRE(Hkv > 0 && H % Hkv == 0, "query heads " + std::to_string(H) + " must be a multiple of key/value heads " +
                                        std::to_string(Hkv));
-  require(!causal || k.shape(2) >= q.shape(2), "causal attention needs at least as many keys as queries");
-  require(q.shape(2) == 0 || k.shape(2) >= 1, "no keys");
-  require(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32, "q, k and v must be float32");
+  Q3K_REQUIRE(!causal || k.shape(2) >= q.shape(2), "causal attention needs at least as many keys as queries");
+  Q3K_REQUIRE(q.shape(2) == 0 || k.shape(2) >= 1, "no keys");
+  Q3K_REQUIRE(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32, "q, k and v must be float32");
   auto stream = mx::to_stream(s);
   return mx::array(q.shape(), mx::float32, std::make_shared<FlashAttention>(stream, scale, causal), {q, k, v});
 }
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            mx::StreamOrDevice s) {
-  require(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k, v must be [B, heads, length, head_dim]");
-  require(q.shape(2) == 1, "decode attention takes one query row per head, got " + shape_str(q));
-  require(k.shape() == v.shape(), "k " + shape_str(k) + " and v " + shape_str(v) + " differ");
-  require(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q " + shape_str(q) + " does not match k " + shape_str(k));
-  require(k.shape(2) >= 1, "no keys");
+  Q3K_REQUIRE(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k, v must be [B, heads, length, head_dim]");
+  Q3K_REQUIRE(q.shape(2) == 1, "decode attention takes one query row per head, got " + shape_str(q));
+  Q3K_REQUIRE(k.shape() == v.shape(), "k " + shape_str(k) + " and v " + shape_str(v) + " differ");
+  Q3K_REQUIRE(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q " + shape_str(q) + " does not match k " + shape_str(k));
+  Q3K_REQUIRE(k.shape(2) >= 1, "no keys");
   const int H = q.shape(1), Hkv = k.shape(1);
-  require(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep,
+  Q3K_REQUIRE(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep,
           "query heads " + std::to_string(H) + " must be a multiple (at most 16x) of key/value heads " + std::to_string(Hkv));
-  require(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
+  Q3K_REQUIRE(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
   auto stream = mx::to_stream(s);
   // q, k and v are taken as they are (any strides; k and v typically a slice of the cache).
   return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, std::vector<int>{}),
@@ -516,24 +549,24 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
 mx::array ragged_decode_attention(const mx::array& q, const std::vector<mx::array>& keys,
                                   const std::vector<mx::array>& values, const std::vector<int>& lengths, float scale,
                                   mx::StreamOrDevice s) {
-  require(q.ndim() == 4 && q.shape(2) == 1, "q must be [B, heads, 1, head_dim], got " + shape_str(q));
+  Q3K_REQUIRE(q.ndim() == 4 && q.shape(2) == 1, "q must be [B, heads, 1, head_dim], got " + shape_str(q));
   const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
-  require(static_cast<int>(keys.size()) == B && static_cast<int>(values.size()) == B &&
+  Q3K_REQUIRE(static_cast<int>(keys.size()) == B && static_cast<int>(values.size()) == B &&
               static_cast<int>(lengths.size()) == B,
           "ragged attention needs one key buffer, value buffer and length per batch row (" + std::to_string(B) + ")");
-  require(B >= 1, "empty batch");
+  Q3K_REQUIRE(B >= 1, "empty batch");
   const int Hkv = keys[0].ndim() == 4 ? keys[0].shape(1) : 0;
-  require(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep,
+  Q3K_REQUIRE(Hkv > 0 && H % Hkv == 0 && H / Hkv <= kMaxRep,
           "query heads " + std::to_string(H) + " must be a multiple (at most 16x) of key/value heads");
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {mx::astype(q, mx::float32, stream)};
   for (int b = 0; b < B; ++b) {
     const auto &k = keys[b], &v = values[b];
-    require(k.ndim() == 4 && k.shape(0) == 1 && k.shape(1) == Hkv && k.shape(3) == D && v.shape() == k.shape(),
+    Q3K_REQUIRE(k.ndim() == 4 && k.shape(0) == 1 && k.shape(1) == Hkv && k.shape(3) == D && v.shape() == k.shape(),
             "row " + std::to_string(b) + ": key and value buffers must both be [1, " + std::to_string(Hkv) +
                 ", S, " + std::to_string(D) + "], got " + shape_str(k) + " and " + shape_str(v));
-    require(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
-    require(lengths[b] >= 1 && lengths[b] <= k.shape(2),
+    Q3K_REQUIRE(k.dtype() == mx::float32 && v.dtype() == mx::float32, "k and v must be float32");
+    Q3K_REQUIRE(lengths[b] >= 1 && lengths[b] <= k.shape(2),
             "row " + std::to_string(b) + ": length " + std::to_string(lengths[b]) + " outside the buffer's 1.." +
                 std::to_string(k.shape(2)));
     inputs.push_back(k);

@@ -10,6 +10,7 @@
 #include "ops.h"
 
 namespace nb = nanobind;
+namespace mx = mlx::core;
 using namespace nb::literals;
 
 NB_MODULE(_ext, m) {
@@ -52,6 +53,17 @@ NB_MODULE(_ext, m) {
   m.def("rope", &q3k::rope, "x"_a, "inv_freq"_a, "offset"_a, "mscale"_a = 1.0f, nb::kw_only(),
         "stream"_a = nb::none(),
         "Rotary embedding (HF half-split layout) of x [B, H, L, D] at positions offset.. with inv_freq [D/2].");
+  m.def("quantized_embedding", &q3k::quantized_embedding, "ids"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Rows of a quantized table for token ids, dequantized as MLX does -> ids.shape + [dims] float32.");
+  nb::class_<q3k::DecoderPlan>(m, "DecoderPlan",
+                                "Whole decoder layers for one decoded position, the weights held: "
+                                "plan(x, [k_0, v_0, ...], offset) -> [hidden, k_0, v_0, ...] (one node).")
+      .def(nb::init<const mx::array&, const std::vector<mx::array>&, const std::vector<int>&, int, int, float, float,
+                    float, bool>(),
+           "inv_freq"_a, "arrays"_a, "projs"_a, "heads"_a, "kv_heads"_a, "eps"_a, "scale"_a, "mscale"_a, "mlp"_a)
+      .def("__call__", &q3k::DecoderPlan::operator(), "x"_a, "kv"_a, "offset"_a, nb::kw_only(), "stream"_a = nb::none())
+      .def_prop_ro("layers", &q3k::DecoderPlan::layers);
   m.def("read_bandwidth", &q3k::read_bandwidth_gbs, "nbytes"_a = int64_t(1) << 30, "repeats"_a = 5,
         "Memory read bandwidth (GB/s, best of `repeats`) on the kernels' threads: the decode roofline.");
   m.def("isa", &q3k::isa_name, "Instruction set the kernels run with (avx512, avx2 or generic).");

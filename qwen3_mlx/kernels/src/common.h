@@ -15,9 +15,14 @@
 
 namespace q3k {
 
-inline void require(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("qwen3_mlx kernels: " + what);
-}
+[[noreturn]] inline void fail(const std::string& what) { throw std::invalid_argument("qwen3_mlx kernels: " + what); }
+
+// Checks an argument; the message is built only when the check fails (the ops run per call, per layer, per
+// token: building every message eagerly cost ~1 ms of a decode step's graph building).
+#define Q3K_REQUIRE(ok, what)   \
+  do {                          \
+    if (!(ok)) ::q3k::fail(what); \
+  } while (0)
 
 inline std::string shape_str(const mx::array& a) {
   std::ostringstream s;
@@ -38,25 +43,25 @@ inline SType scale_type(mx::Dtype d) {
 // returns N.
 inline int check_quantized(const mx::array& w, const mx::array& scales, const std::optional<mx::array>& biases,
                            int K, int group_size, int bits, int lead_dims) {
-  require(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
-  require(group_size == 32 || group_size == 64 || group_size == 128,
+  Q3K_REQUIRE(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
+  Q3K_REQUIRE(group_size == 32 || group_size == 64 || group_size == 128,
           "group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  require(w.dtype() == mx::uint32, "quantized weight must be uint32");
-  require(static_cast<int>(w.ndim()) == 2 + lead_dims, "weight must have " + std::to_string(2 + lead_dims) +
+  Q3K_REQUIRE(w.dtype() == mx::uint32, "quantized weight must be uint32");
+  Q3K_REQUIRE(static_cast<int>(w.ndim()) == 2 + lead_dims, "weight must have " + std::to_string(2 + lead_dims) +
                                                             " dims, got " + shape_str(w));
   const int N = w.shape(-2);
-  require(K > 0, "input dims must be positive");
-  require(K % group_size == 0, "input dims " + std::to_string(K) + " not a multiple of the group size");
-  require(static_cast<int64_t>(w.shape(-1)) * 32 == static_cast<int64_t>(K) * bits,
+  Q3K_REQUIRE(K > 0, "input dims must be positive");
+  Q3K_REQUIRE(K % group_size == 0, "input dims " + std::to_string(K) + " not a multiple of the group size");
+  Q3K_REQUIRE(static_cast<int64_t>(w.shape(-1)) * 32 == static_cast<int64_t>(K) * bits,
           "weight " + shape_str(w) + " does not match input dims " + std::to_string(K) + " at " +
               std::to_string(bits) + " bits");
   auto sshape = w.shape();
   sshape.back() = K / group_size;
-  require(scales.shape() == sshape, "scales " + shape_str(scales) + " do not match weight " + shape_str(w));
+  Q3K_REQUIRE(scales.shape() == sshape, "scales " + shape_str(scales) + " do not match weight " + shape_str(w));
   scale_type(scales.dtype());
   if (biases) {
-    require(biases->shape() == sshape, "biases " + shape_str(*biases) + " do not match weight " + shape_str(w));
-    require(biases->dtype() == scales.dtype(), "biases and scales must have the same dtype");
+    Q3K_REQUIRE(biases->shape() == sshape, "biases " + shape_str(*biases) + " do not match weight " + shape_str(w));
+    Q3K_REQUIRE(biases->dtype() == scales.dtype(), "biases and scales must have the same dtype");
   }
   return N;
 }

@@ -28,6 +28,9 @@ struct Job {
 };
 
 constexpr int kBlasMinRows = 64;
+// Weight bytes of a decode region below which it runs on the calling thread (~1.5 us of reads here, about
+// what waking and joining another thread costs).
+constexpr int64_t kSerialBytes = 32 << 10;
 
 int env_int(const char* name, int fallback) {
   if (const char* v = std::getenv(name)) {
@@ -146,6 +149,14 @@ void run_products(const Kernels& k, const std::vector<MatArgs>& mats) {
     for (int n0 = 0; n0 < a.N; n0 += rows) tasks.push_back({i, n0, std::min(a.N, n0 + rows), path});
   }
   Job job{&k, &mats, &tasks};
+  // Products this small (a decode step of a tiny model: 64-wide layers) take less time than handing tasks to
+  // another thread and waiting for it: they run on the caller, in the same tasks (so the same results).
+  int64_t bytes = 0;
+  for (const auto& a : mats) bytes += a.M <= gemv_max_rows() ? static_cast<int64_t>(a.N) * a.w_row_bytes : kSerialBytes;
+  if (bytes < kSerialBytes) {
+    for (int t = 0; t < static_cast<int>(tasks.size()); ++t) run_task(&job, t, 0);
+    return;
+  }
   Pool::get().run(static_cast<int>(tasks.size()), &run_task, &job);
 }
 

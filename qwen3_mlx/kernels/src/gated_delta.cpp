@@ -61,16 +61,16 @@ class GatedDelta : public CpuPrimitive {
 
 std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& g,
                                    const mx::array& beta, const mx::array& state, mx::StreamOrDevice s) {
-  require(k.ndim() == 4 && q.shape() == k.shape(), "q and k must be [B, H, L, Dk] alike, got " + shape_str(q) +
+  Q3K_REQUIRE(k.ndim() == 4 && q.shape() == k.shape(), "q and k must be [B, H, L, Dk] alike, got " + shape_str(q) +
                                                        " and " + shape_str(k));
   const int B = k.shape(0), H = k.shape(1), L = k.shape(2), Dk = k.shape(3);
-  require(v.ndim() == 4 && v.shape(0) == B && v.shape(1) == H && v.shape(2) == L, "v must be [B, H, L, Dv], got " +
+  Q3K_REQUIRE(v.ndim() == 4 && v.shape(0) == B && v.shape(1) == H && v.shape(2) == L, "v must be [B, H, L, Dv], got " +
                                                                                        shape_str(v));
   const int Dv = v.shape(3);
-  require(g.shape() == mx::Shape{B, H, L} && beta.shape() == g.shape(), "g and beta must be [B, H, L]");
-  require(state.shape() == mx::Shape{B, H, Dk, Dv}, "state must be [B, H, Dk, Dv], got " + shape_str(state));
-  for (const auto* a : {&q, &k, &v, &g, &beta, &state}) require(a->dtype() == mx::float32, "inputs must be float32");
-  require(Dk > 0 && Dv > 0, "head dims must be positive");
+  Q3K_REQUIRE((g.shape() == mx::Shape{B, H, L} && beta.shape() == g.shape()), "g and beta must be [B, H, L]");
+  Q3K_REQUIRE((state.shape() == mx::Shape{B, H, Dk, Dv}), "state must be [B, H, Dk, Dv], got " + shape_str(state));
+  for (const auto* a : {&q, &k, &v, &g, &beta, &state}) Q3K_REQUIRE(a->dtype() == mx::float32, "inputs must be float32");
+  Q3K_REQUIRE(Dk > 0 && Dv > 0, "head dims must be positive");
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs;
   for (const auto* a : {&q, &k, &v, &g, &beta, &state}) inputs.push_back(as_input(*a, stream));

@@ -79,7 +79,7 @@ int pairs_per_row(const mx::array& x, const mx::array& indices) {
   mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
   if (lead == indices.shape()) return 1;
   mx::Shape tokens(indices.shape().begin(), indices.shape().end() - 1);
-  require(lead == tokens, "x " + shape_str(x) + " does not match indices " + shape_str(indices));
+  Q3K_REQUIRE(lead == tokens, "x " + shape_str(x) + " does not match indices " + shape_str(indices));
   return indices.shape(-1);
 }
 
@@ -175,11 +175,11 @@ class GatherMatmul : public CpuPrimitive {
 }  // namespace
 
 mx::array gather_mm(const mx::array& x, const mx::array& w, const mx::array& indices, mx::StreamOrDevice s) {
-  require(x.ndim() >= 1 && indices.ndim() >= 1, "x and indices must have at least one dim");
-  require(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
-  require(w.ndim() == 3 && w.shape(2) == x.shape(-1), "expert weights " + shape_str(w) + " do not match x " + shape_str(x));
-  require(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16, "expert weights must be float32 or bfloat16");
-  require(x.shape(-1) > 0, "input dims must be positive");
+  Q3K_REQUIRE(x.ndim() >= 1 && indices.ndim() >= 1, "x and indices must have at least one dim");
+  Q3K_REQUIRE(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
+  Q3K_REQUIRE(w.ndim() == 3 && w.shape(2) == x.shape(-1), "expert weights " + shape_str(w) + " do not match x " + shape_str(x));
+  Q3K_REQUIRE(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16, "expert weights must be float32 or bfloat16");
+  Q3K_REQUIRE(x.shape(-1) > 0, "input dims must be positive");
   const int per_row = pairs_per_row(x, indices);
   auto stream = mx::to_stream(s);
   auto shape = indices.shape();
@@ -191,9 +191,9 @@ mx::array gather_mm(const mx::array& x, const mx::array& w, const mx::array& ind
 mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales,
                      const std::optional<mx::array>& biases, const mx::array& indices, int group_size, int bits,
                      mx::StreamOrDevice s) {
-  require(x.ndim() >= 1, "x must have at least one dim");
-  require(indices.ndim() >= 1, "indices must have at least one dim");
-  require(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
+  Q3K_REQUIRE(x.ndim() >= 1, "x must have at least one dim");
+  Q3K_REQUIRE(indices.ndim() >= 1, "indices must have at least one dim");
+  Q3K_REQUIRE(mx::issubdtype(indices.dtype(), mx::integer), "indices must be integers");
   const int K = x.shape(-1);
   const int N = check_quantized(w, scales, biases, K, group_size, bits, 1);
   const int per_row = pairs_per_row(x, indices);

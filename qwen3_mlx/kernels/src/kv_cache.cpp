@@ -79,22 +79,22 @@ class KVAppend : public CpuPrimitive {
 std::vector<mx::array> kv_append(const mx::array& keys, const mx::array& values, const std::vector<mx::array>& kbufs,
                                  const std::vector<mx::array>& vbufs, const std::vector<int>& positions,
                                  mx::StreamOrDevice s) {
-  require(keys.ndim() == 4 && keys.shape() == values.shape(),
+  Q3K_REQUIRE(keys.ndim() == 4 && keys.shape() == values.shape(),
           "keys and values must both be [B, kv_heads, L, head_dim], got " + shape_str(keys) + " and " + shape_str(values));
-  require(keys.dtype() == mx::float32 && values.dtype() == mx::float32, "keys and values must be float32");
+  Q3K_REQUIRE(keys.dtype() == mx::float32 && values.dtype() == mx::float32, "keys and values must be float32");
   const int B = keys.shape(0), Hkv = keys.shape(1), L = keys.shape(2), D = keys.shape(3);
-  require(static_cast<int>(kbufs.size()) == B && static_cast<int>(vbufs.size()) == B &&
+  Q3K_REQUIRE(static_cast<int>(kbufs.size()) == B && static_cast<int>(vbufs.size()) == B &&
               static_cast<int>(positions.size()) == B,
           "kv_append needs one key buffer, value buffer and position per batch row (" + std::to_string(B) + ")");
   std::vector<mx::array> inputs = {keys, values};
   std::vector<mx::Shape> shapes;
   for (int b = 0; b < B; ++b) {
     for (const auto* buf : {&kbufs[b], &vbufs[b]}) {
-      require(buf->ndim() == 4 && buf->shape(0) == 1 && buf->shape(1) == Hkv && buf->shape(3) == D &&
+      Q3K_REQUIRE(buf->ndim() == 4 && buf->shape(0) == 1 && buf->shape(1) == Hkv && buf->shape(3) == D &&
                   buf->dtype() == mx::float32,
               "row " + std::to_string(b) + ": cache buffers must be float32 [1, " + std::to_string(Hkv) + ", capacity, " +
                   std::to_string(D) + "], got " + shape_str(*buf));
-      require(positions[b] >= 0 && static_cast<int64_t>(positions[b]) + L <= buf->shape(2),
+      Q3K_REQUIRE(positions[b] >= 0 && static_cast<int64_t>(positions[b]) + L <= buf->shape(2),
               "row " + std::to_string(b) + ": positions " + std::to_string(positions[b]) + ".." +
                   std::to_string(positions[b] + L - 1) + " do not fit a buffer of " + std::to_string(buf->shape(2)));
       inputs.push_back(*buf);

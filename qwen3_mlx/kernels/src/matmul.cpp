@@ -90,18 +90,18 @@ class FloatMatmul : public CpuPrimitive {
 }  // namespace
 
 mx::array matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
-  require(x.ndim() >= 1, "x must have at least one dim");
-  require(w.ndim() >= 2, "weight must have at least 2 dims, got " + shape_str(w));
-  require(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16, "weight must be float32 or bfloat16");
-  require(w.shape(-1) == x.shape(-1), "weight " + shape_str(w) + " does not match x " + shape_str(x));
+  Q3K_REQUIRE(x.ndim() >= 1, "x must have at least one dim");
+  Q3K_REQUIRE(w.ndim() >= 2, "weight must have at least 2 dims, got " + shape_str(w));
+  Q3K_REQUIRE(w.dtype() == mx::float32 || w.dtype() == mx::bfloat16, "weight must be float32 or bfloat16");
+  Q3K_REQUIRE(w.shape(-1) == x.shape(-1), "weight " + shape_str(w) + " does not match x " + shape_str(x));
   if (w.ndim() > 2) {
     // Batched: x [..., M, K] and w [..., N, K] with the same leading dims, except that w's last
     // leading dim may divide x's (each weight batch then serves that many consecutive x batches).
-    require(x.ndim() == w.ndim(), "batched x " + shape_str(x) + " and weight " + shape_str(w) + " differ in rank");
+    Q3K_REQUIRE(x.ndim() == w.ndim(), "batched x " + shape_str(x) + " and weight " + shape_str(w) + " differ in rank");
     for (int i = 0; i < static_cast<int>(x.ndim()) - 3; ++i)
-      require(x.shape(i) == w.shape(i), "batch dims of x " + shape_str(x) + " and weight " + shape_str(w) + " differ");
+      Q3K_REQUIRE(x.shape(i) == w.shape(i), "batch dims of x " + shape_str(x) + " and weight " + shape_str(w) + " differ");
     const int hx = x.shape(-3), hw = w.shape(-3);
-    require(hw > 0 && hx % hw == 0, "weight batch " + std::to_string(hw) + " does not divide " + std::to_string(hx));
+    Q3K_REQUIRE(hw > 0 && hx % hw == 0, "weight batch " + std::to_string(hw) + " does not divide " + std::to_string(hx));
   }
   auto stream = mx::to_stream(s);
   auto shape = x.shape();

@@ -7,6 +7,7 @@
 #include "common.h"
 #include "driver.h"
 #include "pool.h"
+#include "steps.h"
 
 namespace q3k {
 namespace {
@@ -98,12 +99,17 @@ class RMSNorm : public CpuPrimitive {
 
 }  // namespace
 
+void rms_norm_rows(const float* x, const void* w, bool w_bf16, float* y, int64_t rows, int D, float eps) {
+  Job job{x, w, w_bf16, y, rows, std::max<int64_t>(rows, 1), D, eps};
+  run_rows(&job, 0, 0);
+}
+
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
-  require(x.ndim() >= 1 && x.shape(-1) >= 1, "rms_norm input must have a non-empty last axis, got " + shape_str(x));
-  require(x.dtype() == mx::float32, "rms_norm input must be float32");
-  require(weight.ndim() == 1 && weight.shape(0) == x.shape(-1),
+  Q3K_REQUIRE(x.ndim() >= 1 && x.shape(-1) >= 1, "rms_norm input must have a non-empty last axis, got " + shape_str(x));
+  Q3K_REQUIRE(x.dtype() == mx::float32, "rms_norm input must be float32");
+  Q3K_REQUIRE(weight.ndim() == 1 && weight.shape(0) == x.shape(-1),
           "rms_norm weight " + shape_str(weight) + " does not match input " + shape_str(x));
-  require(weight.dtype() == mx::float32 || weight.dtype() == mx::bfloat16, "rms_norm weight must be float32 or bfloat16");
+  Q3K_REQUIRE(weight.dtype() == mx::float32 || weight.dtype() == mx::bfloat16, "rms_norm weight must be float32 or bfloat16");
   auto stream = mx::to_stream(s);
   return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(stream, eps), {x, as_input(weight, stream)});
 }

@@ -1,10 +1,11 @@
 // The operations the extension adds to MLX. Each is one Primitive (eval_cpu only: the Python side
 // routes GPU streams to MLX's own kernels), defined in the .cpp of the same name except: the four
-// attentions in attention.cpp, gather_mm in gather_qmm.cpp, kv_append in kv_cache.cpp, route in
+// attentions in attention.cpp, gather_mm in gather_qmm.cpp, kv_append in kv_cache.cpp, decoder_layers in decoder_layers.cpp, quantized_embedding in embedding.cpp, route in
 // router.cpp, rms_norm in norm.cpp; read_bandwidth_gbs is in bandwidth.cpp, isa_name and threads
 // in matmul.cpp.
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <variant>
 #include <vector>
@@ -88,6 +89,35 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 // for every row, or one per batch row (sequences at different lengths).
 mx::array rope(const mx::array& x, const mx::array& inv_freq, const std::variant<int64_t, std::vector<int64_t>>& offset,
                float mscale, mx::StreamOrDevice s = {});
+
+// Rows of an MLX-affine-quantized table [vocab, K * bits / 32] (scales, biases [vocab, K / group_size]) for token
+// ids of any shape -> ids.shape + [K] float32, the values MLX's dequantize gives (rounded in the scales' dtype).
+// Negative ids count from the end; ids outside the table give rows of zeros.
+mx::array quantized_embedding(const mx::array& ids, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                              int group_size, int bits, mx::StreamOrDevice s = {});
+
+// Whole decoder layers for one decoded position of one sequence (decoder_layers.cpp), built once from the
+// layers' weights and called per token. `arrays` holds per layer: input norm, q norm, k norm, [post-attention
+// norm,] each projection's weight (float32/bfloat16 [N, K], or MLX affine words, scales[, biases]) in the order
+// q, k, v, o[, gate, up, down]; `projs` holds (bits or 0 for float, group_size, has_biases) per projection.
+// Without `mlp` a layer ends after the attention residual (a mixture-of-experts layer runs its MLP unfused).
+// The weights are held (evaluated, contiguous) by the plan, not passed per call: a call's graph node has only
+// the activation and the caches as inputs.
+class DecoderPlan {
+ public:
+  DecoderPlan(const mx::array& inv_freq, const std::vector<mx::array>& arrays, const std::vector<int>& projs, int heads,
+              int kv_heads, float eps, float scale, float mscale, bool mlp);
+  // x [..., hidden] (one position) and each layer's float32 key and value buffers [1, kv_heads, capacity,
+  // head_dim] (k_0, v_0, k_1, ...): the new rows go to position `offset`, in place -> [hidden after the layers,
+  // k_0, v_0, ...].
+  std::vector<mx::array> operator()(const mx::array& x, const std::vector<mx::array>& kv, int64_t offset,
+                                    mx::StreamOrDevice s = {}) const;
+  int layers() const;
+  struct Data;
+
+ private:
+  std::shared_ptr<const Data> data_;
+};
 
 // Best of `repeats` reads of an nbytes buffer on the kernels' threads, in GB/s.
 double read_bandwidth_gbs(int64_t nbytes, int repeats);

@@ -59,7 +59,7 @@ class QuantizedMatmul : public CpuPrimitive {
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const std::optional<mx::array>& biases, int group_size, int bits, mx::StreamOrDevice s) {
-  require(x.ndim() >= 1, "x must have at least one dim");
+  Q3K_REQUIRE(x.ndim() >= 1, "x must have at least one dim");
   const int K = x.shape(-1);
   const int N = check_quantized(w, scales, biases, K, group_size, bits, 0);
   auto stream = mx::to_stream(s);

@@ -9,6 +9,7 @@
 #include "common.h"
 #include "driver.h"
 #include "pool.h"
+#include "steps.h"
 
 namespace q3k {
 namespace {
@@ -109,19 +110,24 @@ class RoPE : public CpuPrimitive {
 
 }  // namespace
 
+void rope_heads(const float* x, const float* inv_freq, int H, int D, int64_t pos, float mscale, float* out) {
+  Job job{x, inv_freq, out, {static_cast<int64_t>(H) * D, D, D, 1}, 1, H, 1, D, 1, pos, nullptr, mscale};
+  run_positions(&job, 0, 0);
+}
+
 mx::array rope(const mx::array& x, const mx::array& inv_freq, const std::variant<int64_t, std::vector<int64_t>>& offset,
                float mscale, mx::StreamOrDevice s) {
-  require(x.ndim() == 4, "rope input must be [B, heads, length, head_dim], got " + shape_str(x));
-  require(x.dtype() == mx::float32, "rope input must be float32");
-  require(x.shape(3) % 2 == 0 && x.shape(3) > 0, "rope head_dim must be even, got " + shape_str(x));
-  require(inv_freq.ndim() == 1 && inv_freq.shape(0) == x.shape(3) / 2 && inv_freq.dtype() == mx::float32,
+  Q3K_REQUIRE(x.ndim() == 4, "rope input must be [B, heads, length, head_dim], got " + shape_str(x));
+  Q3K_REQUIRE(x.dtype() == mx::float32, "rope input must be float32");
+  Q3K_REQUIRE(x.shape(3) % 2 == 0 && x.shape(3) > 0, "rope head_dim must be even, got " + shape_str(x));
+  Q3K_REQUIRE(inv_freq.ndim() == 1 && inv_freq.shape(0) == x.shape(3) / 2 && inv_freq.dtype() == mx::float32,
           "rope inv_freq must be float32 [head_dim / 2], got " + shape_str(inv_freq));
   std::vector<int64_t> offsets = std::holds_alternative<int64_t>(offset) ? std::vector<int64_t>{std::get<int64_t>(offset)}
                                                                           : std::get<std::vector<int64_t>>(offset);
-  require(offsets.size() == 1 || static_cast<int64_t>(offsets.size()) == x.shape(0),
+  Q3K_REQUIRE(offsets.size() == 1 || static_cast<int64_t>(offsets.size()) == x.shape(0),
           "rope takes one offset or one per batch row (" + std::to_string(x.shape(0)) + "), got " +
               std::to_string(offsets.size()));
-  for (auto o : offsets) require(o >= 0, "rope offset must be non-negative");
+  for (auto o : offsets) Q3K_REQUIRE(o >= 0, "rope offset must be non-negative");
   auto stream = mx::to_stream(s);
   // x is read at its strides (typically the transposed view of a projection): no copy node.
   return mx::array(x.shape(), mx::float32, std::make_shared<RoPE>(stream, std::move(offsets), mscale),

@@ -70,8 +70,8 @@ class Router : public CpuPrimitive {
 }  // namespace
 
 std::vector<mx::array> route(const mx::array& logits, int k, bool norm_topk_prob, mx::StreamOrDevice s) {
-  require(logits.ndim() >= 1 && logits.shape(-1) >= 1, "logits must have an experts axis");
-  require(k >= 1 && k <= logits.shape(-1), "k must be in [1, experts], got " + std::to_string(k));
+  Q3K_REQUIRE(logits.ndim() >= 1 && logits.shape(-1) >= 1, "logits must have an experts axis");
+  Q3K_REQUIRE(k >= 1 && k <= logits.shape(-1), "k must be in [1, experts], got " + std::to_string(k));
   auto stream = mx::to_stream(s);
   auto shape = logits.shape();
   shape.back() = k;

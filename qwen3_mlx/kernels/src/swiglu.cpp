@@ -63,8 +63,8 @@ class SwiGLU : public CpuPrimitive {
 }  // namespace
 
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
-  require(gate.shape() == up.shape(), "gate " + shape_str(gate) + " and up " + shape_str(up) + " differ");
-  require(gate.dtype() == mx::float32 && up.dtype() == mx::float32, "gate and up must be float32");
+  Q3K_REQUIRE(gate.shape() == up.shape(), "gate " + shape_str(gate) + " and up " + shape_str(up) + " differ");
+  Q3K_REQUIRE(gate.dtype() == mx::float32 && up.dtype() == mx::float32, "gate and up must be float32");
   return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(mx::to_stream(s)), {gate, up});
 }
 
