@@ -729,3 +729,37 @@ def test_a_batch_of_sequences_decodes_each_exactly_as_alone(moe, bits):
             assert [c[0].offset for c in caches] == [len(p) + 2 for p in prompts]
         finally:
             kernels.set_enabled(True)
+
+
+@pytest.mark.parametrize("b,length,c,k", [(1, 1, 40, 4), (2, 7, 33, 4), (1, 130, 300, 4), (1, 3, 16, 1), (2, 2, 8, 2)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_causal_conv_equals_mlx(b, length, c, k, with_state):
+    """The Gated DeltaNet conv (and SiLU) against MLX's composition of it (kernels.causal_conv with ours off)."""
+    x = mx.random.normal((length, b, c), key=mx.random.key(1)).transpose(1, 0, 2) * 3  # strided, as a split gives
+    w = mx.random.normal((c, k, 1), key=mx.random.key(2))
+    state = mx.random.normal((b, k - 1, c), key=mx.random.key(3)) if with_state else None
+    y, new_state = ext.causal_conv(x, w, state)
+    kernels.set_enabled(False)
+    try:
+        ref_y, ref_state = kernels.causal_conv(x, w, state)
+        ref_bf16 = kernels.causal_conv(x, w.astype(mx.bfloat16), state)[0]
+    finally:
+        kernels.set_enabled(True)
+    assert y.shape == ref_y.shape and new_state.shape == ref_state.shape == (b, k - 1, c)
+    assert rel_err(y, ref_y) <= 1e-6
+    np.testing.assert_array_equal(np.array(new_state), np.array(ref_state))
+    assert rel_err(ext.causal_conv(x, w.astype(mx.bfloat16), state)[0], ref_bf16) <= 1e-6
+
+
+def test_causal_conv_carries_its_state_across_calls():
+    # A prompt in pieces (prefill chunks, then decode steps) gives what it gives in one call.
+    x = mx.random.normal((1, 20, 24), key=mx.random.key(4))
+    w = mx.random.normal((24, 4, 1), key=mx.random.key(5))
+    whole, _ = ext.causal_conv(x, w, None)
+    state, parts = None, []
+    for a, z in [(0, 9), (9, 10), (10, 11), (11, 20)]:
+        y, state = ext.causal_conv(x[:, a:z], w, state)
+        parts.append(y)
+    np.testing.assert_array_equal(np.array(mx.concatenate(parts, axis=1)), np.array(whole))
+    with pytest.raises(ValueError, match="conv state must be float32"):
+        ext.causal_conv(x, w, mx.zeros((1, 2, 24)))

@@ -152,6 +152,24 @@ def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int, mode: 
     )
 
 
+def causal_conv(x: mx.array, w: mx.array, state: mx.array | None) -> tuple[mx.array, mx.array]:
+    """The Gated DeltaNet's causal depthwise conv and its SiLU: x [B, L, C] after `state` [B, K - 1, C] (the
+    previous inputs, None for zeros), w [C, K, 1] -> (silu(conv) [B, L, C], new state [B, K - 1, C]).
+
+    Ours on the CPU in float32 (one node; MLX's composition is ~4K + 4), else MLX ops."""
+    if active() and x.dtype == mx.float32 and w.dtype in (mx.float32, mx.bfloat16) and \
+            (state is None or state.dtype == mx.float32):
+        y, new_state = _ext.causal_conv(x, w, state)
+        return y, new_state
+    B, L, C = x.shape
+    K = w.shape[1]
+    past = state if state is not None else mx.zeros((B, K - 1, C), x.dtype)
+    xs = mx.concatenate([past, x], axis=1)  # [B, K - 1 + L, C]
+    taps = w[:, :, 0] if w.ndim == 3 else w  # [C, K]
+    out = sum(xs[:, i : i + L] * taps[:, i] for i in range(K))
+    return out * mx.sigmoid(out), xs[:, -(K - 1):] if K > 1 else xs[:, :0]
+
+
 def quantized_embedding(ids, w, scales, biases, *, group_size: int, bits: int, mode: str = "affine") -> mx.array:
     """Rows of a quantized table for token ids, dequantized: ours on the CPU (one node, float32, MLX's values),
     else MLX's gather and dequantize (in the scales' dtype)."""

@@ -147,6 +147,10 @@ def _buffers(cache: KVCache, kv_heads: int, head_dim: int) -> tuple[mx.array, mx
     if cache.keys is None or cache.offset + 1 > cache.keys.shape[2]:
         row = mx.zeros((1, kv_heads, 1, head_dim), mx.float32)
         cache.reserve(row, row)
+        # Grown one layer at a time: queued together, every layer's new buffer and the old one it copies were alive
+        # at once (the whole cache twice over, +0.55 GB at 8K tokens of the 0.6B); evaluated here, each old buffer
+        # is released before the next copy. A stall once every KVCache.step tokens.
+        mx.eval(cache.keys, cache.values)
     return cache.keys, cache.values
 
 

@@ -53,6 +53,8 @@ NB_MODULE(_ext, m) {
   m.def("rope", &q3k::rope, "x"_a, "inv_freq"_a, "offset"_a, "mscale"_a = 1.0f, nb::kw_only(),
         "stream"_a = nb::none(),
         "Rotary embedding (HF half-split layout) of x [B, H, L, D] at positions offset.. with inv_freq [D/2].");
+  m.def("causal_conv", &q3k::causal_conv, "x"_a, "w"_a, "state"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
+        "Causal depthwise conv + SiLU over x [B, L, C] after state [B, K-1, C] (None: zeros) -> [y, new state].");
   m.def("quantized_embedding", &q3k::quantized_embedding, "ids"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none(),
         "Rows of a quantized table for token ids, dequantized as MLX does -> ids.shape + [dims] float32.");

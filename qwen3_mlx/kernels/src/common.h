@@ -24,6 +24,14 @@ namespace q3k {
     if (!(ok)) ::q3k::fail(what); \
   } while (0)
 
+// A function whose products and sums must round one by one, as MLX's separate ops do: GCC contracts a * b + c
+// into a fused multiply-add by default; clang only within one expression, and these keep the product apart.
+#if defined(__GNUC__) && !defined(__clang__)
+#define Q3K_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define Q3K_NO_CONTRACT
+#endif
+
 inline std::string shape_str(const mx::array& a) {
   std::ostringstream s;
   s << "(";

@@ -23,12 +23,6 @@ inline float round_as(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#define Q3K_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#else
-#define Q3K_NO_CONTRACT  // clang contracts only within one expression, and the product is its own here
-#endif
-
 template <typename T>
 Q3K_NO_CONTRACT void dequantize_row(const uint32_t* w, const void* scales, const void* biases, int64_t row, int K, int gs, int bits,
                     float* out) {

@@ -1,6 +1,6 @@
 // The operations the extension adds to MLX. Each is one Primitive (eval_cpu only: the Python side
 // routes GPU streams to MLX's own kernels), defined in the .cpp of the same name except: the four
-// attentions in attention.cpp, gather_mm in gather_qmm.cpp, kv_append in kv_cache.cpp, decoder_layers in decoder_layers.cpp, quantized_embedding in embedding.cpp, route in
+// attentions in attention.cpp, gather_mm in gather_qmm.cpp, kv_append in kv_cache.cpp, decoder_layers in decoder_layers.cpp, quantized_embedding in embedding.cpp, causal_conv in conv.cpp, route in
 // router.cpp, rms_norm in norm.cpp; read_bandwidth_gbs is in bandwidth.cpp, isa_name and threads
 // in matmul.cpp.
 #pragma once
@@ -89,6 +89,11 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 // for every row, or one per batch row (sequences at different lengths).
 mx::array rope(const mx::array& x, const mx::array& inv_freq, const std::variant<int64_t, std::vector<int64_t>>& offset,
                float mscale, mx::StreamOrDevice s = {});
+
+// The Gated DeltaNet's causal depthwise conv and its SiLU: x [B, L, C] after `state` [B, K - 1, C] (the previous
+// inputs; zeros when absent) with w [C, K] (or [C, K, 1]) -> (silu(conv) [B, L, C], the new state [B, K - 1, C]).
+std::vector<mx::array> causal_conv(const mx::array& x, const mx::array& w, const std::optional<mx::array>& state,
+                                   mx::StreamOrDevice s = {});
 
 // Rows of an MLX-affine-quantized table [vocab, K * bits / 32] (scales, biases [vocab, K / group_size]) for token
 // ids of any shape -> ids.shape + [K] float32, the values MLX's dequantize gives (rounded in the scales' dtype).
