@@ -220,18 +220,35 @@ def test_decoder_plan_refuses_bad_arguments():
     with pytest.raises(ValueError, match="multiple"):
         kernels.DecoderPlan(inv, arrays, [4, 64, 1] * 4, **dict(args, kv_heads=3))
     plan = kernels.DecoderPlan(inv, arrays, [4, 64, 1] * 4, **args)
-    x, buf = mx.zeros((1, 1, 64)), mx.zeros((1, 2, 8, 16))
+    x, kb, vb = mx.zeros((1, 1, 64)), mx.zeros((1, 2, 8, 16)), mx.zeros((1, 2, 8, 16))
     with pytest.raises(ValueError, match="position 8 does not fit a key buffer of 8"):
-        plan(x, [buf, buf], 8)
+        plan(x, [kb, vb], 8)
     with pytest.raises(ValueError, match="key buffer must be float32"):
-        plan(x, [buf[:, :1], buf], 0)
+        plan(x, [kb[:, :1], vb], 0)
     with pytest.raises(ValueError, match=r"one key and one value buffer per layer \(2\)"):
-        plan(x, [buf], 0)
+        plan(x, [kb], 0)
     with pytest.raises(ValueError, match="one float32 position"):
-        plan(mx.zeros((1, 2, 64)), [buf, buf], 0)
-    out = plan(x, [buf, buf], 3)
+        plan(mx.zeros((1, 2, 64)), [kb, vb], 0)
+    with pytest.raises(ValueError, match="its own array"):
+        plan(x, [kb, kb], 0)
+    out = plan(x, [kb, vb], 3)
     mx.eval(out)
-    assert out[0].shape == (1, 1, 64) and out[1].shape == buf.shape
+    assert out[0].shape == (1, 1, 64) and out[1].shape == kb.shape
+
+
+def test_models_the_plan_refuses_decode_op_by_op(fused_calls):
+    # float16 norms (a model loaded with dtype=float16), more than 16 query heads per kv head, layers of
+    # different MLP widths: no fused node, the same logits as op by op.
+    f16 = bench_model(4)
+    for layer in f16.layers:
+        layer.input_layernorm.weight = layer.input_layernorm.weight.astype(mx.float16)
+    wide = bench_model(4, num_attention_heads=36, num_key_value_heads=2)  # 18 per kv head
+    mixed = bench_model(4)
+    mixed.layers[1].mlp = bench_model(4, intermediate_size=256).layers[1].mlp
+    for model in (f16, wide, mixed):
+        on = decode_run(model, IDS, 2, True)
+        np.testing.assert_array_equal(on[0], decode_run(model, IDS, 2, False)[0])
+    assert fused_calls == []
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (4, 128)])

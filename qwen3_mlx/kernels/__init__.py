@@ -67,7 +67,7 @@ else:
 _enabled = os.environ.get("QWEN3_MLX_KERNELS", "1") != "0"
 # Whole decoder layers for one decoded position, the weights held (models/fused.py builds them; callers check
 # `fused()` first): plan(x, [k_0, v_0, ...], offset) -> [hidden, k_0, v_0, ...].
-DecoderPlan = _ext.DecoderPlan if _ext is not None else None
+DecoderPlan = getattr(_ext, "DecoderPlan", None)
 _fused = os.environ.get("QWEN3_MLX_FUSED", "1") != "0"
 _warned = False
 
@@ -95,7 +95,7 @@ def set_fused(flag: bool) -> None:
 
 def fused() -> bool:
     """Whether decoder layers issued now may run fused (`decoder_layers`): our kernels active and fusion on."""
-    return _fused and active()
+    return _fused and active() and DecoderPlan is not None
 
 
 def set_int8(mode: int) -> bool:

@@ -7,7 +7,9 @@ A run of layers with qwen3.MLP is one node; a mixture-of-experts layer is a node
 MLP op by op. Anything else returns None and the caller runs the layers op by op.
 
 The plan (the weights, checked once) is kept on the model and rebuilt when any layer's modules or arrays change
-(a quantization, a weight update): every call compares them by identity, which the plan's references keep valid.
+(a quantization, `update`, `load_weights`): every call compares them by identity, which the plan's references keep
+valid. An array changed in place (`w[...] = v` on a model's own weight) keeps its identity and is not seen: replace
+arrays instead, as MLX's own module methods do.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def _layer_arrays(layer, mlp: bool) -> tuple[list, list] | None:
     arrays = [layer.input_layernorm["weight"], attn.q_norm["weight"], attn.k_norm["weight"]]
     if mlp:
         arrays.append(layer.post_attention_layernorm["weight"])
+    if any(a.dtype not in FLOAT_WEIGHTS for a in arrays):  # (a float16 model: MLX's norms, op by op)
+        return None
     projs = []
     names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     if mlp:
@@ -82,7 +86,7 @@ class Plan:
         self.runs = []
         try:
             self._build(layers)
-        except _NotFusable:
+        except (_NotFusable, ValueError):  # ValueError: a shape the plan refuses (layers of different widths)
             self.runs = None
 
     def _build(self, layers: list) -> None:
@@ -94,7 +98,7 @@ class Plan:
         for layer in layers:
             a = layer.self_attn
             if type(a) is not Attention or (a.n_heads, a.n_kv_heads, a.scale, a.rope.mscale,
-                                             layer.input_layernorm.eps) != shape:
+                                             layer.input_layernorm.eps) != shape or a.n_heads > 16 * a.n_kv_heads:
                 raise _NotFusable
             mlp = type(layer.mlp) is MLP
             got = _layer_arrays(layer, mlp)

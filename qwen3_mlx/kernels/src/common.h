@@ -25,7 +25,8 @@ namespace q3k {
   } while (0)
 
 // A function whose products and sums must round one by one, as MLX's separate ops do: GCC contracts a * b + c
-// into a fused multiply-add by default; clang only within one expression, and these keep the product apart.
+// into a fused multiply-add by default, across statements; clang only within one expression, so such functions
+// also compute the product in a statement of its own.
 #if defined(__GNUC__) && !defined(__clang__)
 #define Q3K_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
 #else

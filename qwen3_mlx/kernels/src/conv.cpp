@@ -37,11 +37,18 @@ Q3K_NO_CONTRACT void conv_row(const Job& j, int b, int l, float* out) {
   for (int c = 0; c < C; ++c) out[c] = 0.f;
   for (int i = 0; i < K; ++i) {
     const float* in = input_row(j, b, l + i);
+    // The product and the sum as two statements: clang contracts a * b + c within one expression (arm64).
     if (j.w_bf16) {
-      for (int c = 0; c < C; ++c) out[c] = out[c] + (in ? in[c] : 0.f) * BF16S::get(j.w, static_cast<int64_t>(c) * K + i);
+      for (int c = 0; c < C; ++c) {
+        const float p = (in ? in[c] : 0.f) * BF16S::get(j.w, static_cast<int64_t>(c) * K + i);
+        out[c] = out[c] + p;
+      }
     } else {
       const float* w = static_cast<const float*>(j.w);
-      for (int c = 0; c < C; ++c) out[c] = out[c] + (in ? in[c] : 0.f) * w[static_cast<int64_t>(c) * K + i];
+      for (int c = 0; c < C; ++c) {
+        const float p = (in ? in[c] : 0.f) * w[static_cast<int64_t>(c) * K + i];
+        out[c] = out[c] + p;
+      }
     }
   }
 }

@@ -327,6 +327,11 @@ std::vector<mx::array> DecoderPlan::operator()(const mx::array& x, const std::ve
   Q3K_REQUIRE(offset >= 0 && offset < (int64_t(1) << 31) - 1, "offset out of range");
   std::vector<mx::array> inputs = {x};
   std::vector<mx::Shape> shapes = {x.shape()};
+  std::vector<uintptr_t> ids;
+  for (const auto& a : kv) ids.push_back(a.id());
+  std::sort(ids.begin(), ids.end());
+  Q3K_REQUIRE(std::adjacent_find(ids.begin(), ids.end()) == ids.end(),
+              "each key and value buffer must be its own array (the rows are written in place)");
   for (size_t i = 0; i < kv.size(); ++i) {
     const auto& buf = kv[i];
     const char* what = i % 2 ? "value buffer" : "key buffer";
