@@ -110,7 +110,7 @@ void stage_as(const MatArgs& a, int n0, int n1, float* sc, int64_t rs, int64_t c
   for (int n = n0; n < n1; ++n) {
     const int64_t sg = static_cast<int64_t>(n) * G;
     for (int g = 0; g < G; ++g) {
-      sc[(n - n0) * rs + g * cs] = S::get(a.scales, sg + g);
+      if (sc) sc[(n - n0) * rs + g * cs] = S::get(a.scales, sg + g);
       if (bt) bt[g * ldb + (n - n0)] = S::get(a.biases, sg + g);
     }
   }
@@ -154,16 +154,39 @@ inline float* zeroed(Scratch& s, int64_t n) {
   return p;
 }
 
+// The decode's row-major scales: each row's G values converted a vector at a time (a scalar conversion per
+// value was a quarter of a decode product with its weights in cache), then its W zeros of padding.
+void stage_scale_rows(const MatArgs& a, int n0, int n1, float* sc, int64_t ldsc) {
+  const int G = a.K / a.gs;
+  for (int n = n0; n < n1; ++n) {
+    const int64_t sg = static_cast<int64_t>(n) * G;
+    float* row = sc + (n - n0) * ldsc;
+    int g = 0;
+    if (a.st == SType::BF16) {
+      for (; g + W <= G; g += W) vstore(row + g, decbf16(static_cast<const uint16_t*>(a.scales) + sg + g));
+    } else if (a.st == SType::F32) {
+      for (; g + W <= G; g += W) vstore(row + g, vload(static_cast<const float*>(a.scales) + sg + g));
+    }
+    for (; g < G; ++g)
+      row[g] = a.st == SType::BF16 ? BF16S::get(a.scales, sg + g)
+                                   : a.st == SType::F16 ? F16S::get(a.scales, sg + g) : F32S::get(a.scales, sg + g);
+    for (int64_t i = G; i < ldsc; ++i) row[i] = 0.f;
+  }
+}
+
 void gemv8(const MatArgs& a, int n0, int n1) {
   thread_local Scratch scales, biases;
   const int G = a.K / a.gs, nb = n1 - n0;
   const int64_t ldsc = G + W, ldb = (nb + W - 1) / W * W;  // rows padded for lane_scales, columns to vectors
-  float* sc = zeroed(scales, nb * ldsc);
-  float* bt = a.biases ? zeroed(biases, G * ldb) : nullptr;
-  stage(a, n0, n1, sc, ldsc, 1, bt, ldb);
-  if (bt) bias_part(a, n0, n1, bt, ldb);
-  if (a.wt == WType::Q4) return gemv_bits<4>(a, n0, n1, sc, ldsc, bt != nullptr);
-  return gemv_bits<8>(a, n0, n1, sc, ldsc, bt != nullptr);
+  float* sc = scales.get(static_cast<size_t>(nb * ldsc));
+  stage_scale_rows(a, n0, n1, sc, ldsc);
+  if (a.biases) {
+    float* bt = zeroed(biases, G * ldb);
+    stage(a, n0, n1, nullptr, 0, 0, bt, ldb);
+    bias_part(a, n0, n1, bt, ldb);
+  }
+  if (a.wt == WType::Q4) return gemv_bits<4>(a, n0, n1, sc, ldsc, a.biases != nullptr);
+  return gemv_bits<8>(a, n0, n1, sc, ldsc, a.biases != nullptr);
 }
 
 // ---- prefill: the weight block repacked once so a vector holds one 4-byte step of W output columns ----
