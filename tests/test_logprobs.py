@@ -159,8 +159,8 @@ def entries(choice_logprobs) -> list[dict]:
 @pytest.mark.parametrize("top", [3, 0])
 def test_chat_logprobs_whole_and_streamed(server, tiny, top):
     client = server.client()
-    base = {"model": tiny.path.name, "messages": HI, "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": top,
-                "extra_body": NO_THINK}
+    base = {"model": tiny.path.name, "messages": HI, "max_tokens": 10, "temperature": 0, "logprobs": True,
+            "top_logprobs": top, "extra_body": NO_THINK}
     whole = client.chat.completions.create(**base).choices[0]
     got = entries(whole.logprobs)
     assert len(got) == 10

@@ -422,7 +422,8 @@ def wants_more_calls(tok):
 @pytest.mark.parametrize("form", ["json", "xml"])
 def test_parallel_tool_calls_false_allows_one_call(forms, form):
     m = forms[form]
-    common = {"tools": SIMPLE, "tool_choice": "required", "enable_thinking": False, "temperature": 0, "max_tokens": 160}
+    common = {"tools": SIMPLE, "tool_choice": "required", "enable_thinking": False, "temperature": 0,
+              "max_tokens": 160}
     for seed in range(3):
         r = generate(ScriptedModel(wants_more_calls(m.tok), seed=seed), m.tok, USER, parallel_tool_calls=False,
                      **common)
@@ -579,7 +580,7 @@ def server_calls(client, model, stream: bool, **kwargs):
 def test_server_required_and_single_call(server, tiny_checkpoint, stream):
     client = server.client()
     base = {"messages": USER, "tools": SIMPLE, "max_tokens": 200, "temperature": 1.0, "top_p": 1.0,
-                "extra_body": {"chat_template_kwargs": {"enable_thinking": False}, "top_k": 0}}
+            "extra_body": {"chat_template_kwargs": {"enable_thinking": False}, "top_k": 0}}
     for seed in range(3):
         finish, calls, content = server_calls(client, tiny_checkpoint.name, stream, seed=seed, tool_choice="required",
                                               **base)

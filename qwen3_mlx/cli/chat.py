@@ -29,16 +29,8 @@ from ..chat import ChatSession
 from ..errors import Qwen3MLXError
 from ..options import GenerationOptions
 from .app import app, err
-from .generate import ReasoningFilter, kv_note
-from .options import (
-    KV,
-    SAMPLING,
-    SYSTEM,
-    THINKING,
-    ModelSource,
-    load_for_generation,
-    with_options,
-)
+from .generate import ReasoningFilter, generation_command, kv_note
+from .options import SYSTEM, ModelSource, load_for_generation
 
 HELP = """commands:
   /think            thinking on for the next turns        /no_think     thinking off
@@ -421,7 +413,7 @@ def start_tools(term: Terminal, config: dict):
 
 
 @app.command()
-@with_options(*SAMPLING, *THINKING, *KV, "num_draft", source=True)
+@generation_command
 def chat(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     system: str = SYSTEM,

@@ -16,6 +16,9 @@ from .options import (
     with_options,
 )
 
+# The flags of a command that generates (`generate`, `chat`): sampling, thinking, KV cache, draft and model source.
+generation_command = with_options(*SAMPLING, *THINKING, *KV, "num_draft", source=True)
+
 
 def format_stats(r, options: GenerationOptions) -> str:
     """One statistics line from the last GenerationResponse."""
@@ -65,7 +68,7 @@ class ReasoningFilter:
 
 
 @app.command()
-@with_options(*SAMPLING, *THINKING, *KV, "num_draft", source=True)
+@generation_command
 def generate(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
