@@ -145,20 +145,28 @@ def test_bfloat16_checkpoint_through_the_loader(tmp_path, fused_calls):
 
 
 def test_greedy_generation_is_the_same_fused_or_not(tiny_checkpoint, fused_calls):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from qwen3_mlx.generate import generate
     from qwen3_mlx.loader import load
 
     model, tokenizer = load(tiny_checkpoint)
+    ids = tokenizer.encode("The capital of France is")
     texts = {}
     for on in (True, False):
         kernels.set_fused(on)
         try:
-            texts[on] = generate(model, tokenizer, "The capital of France is", max_tokens=24, temperature=0.0,
-                                 ignore_eos=True).tokens
+            texts[on] = generate(model, tokenizer, ids, max_tokens=24, temperature=0.0, ignore_eos=True).tokens
         finally:
             kernels.set_fused(True)
     assert fused_calls
     assert len(texts[True]) == 24 and texts[True] == texts[False]
+    # and both are transformers' own greedy continuation (the independent reference)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24)
+    assert texts[True] == out[0, len(ids):].tolist()
 
 
 def test_paths_the_fused_layers_leave_to_the_ops(fused_calls):

@@ -763,3 +763,17 @@ def test_causal_conv_carries_its_state_across_calls():
     np.testing.assert_array_equal(np.array(mx.concatenate(parts, axis=1)), np.array(whole))
     with pytest.raises(ValueError, match="conv state must be float32"):
         ext.causal_conv(x, w, mx.zeros((1, 2, 24)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 128**-0.5])
+def test_l2_norm_equals_the_formula_in_float64(scale):
+    x = mx.random.normal((2, 5, 3, 128), key=mx.random.key(9)) * 3
+    a = np.array(x).astype(np.float64)
+    ref = a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6) * scale
+    ours = np.array(kernels.l2_norm(x, scale))
+    assert np.abs(ours - ref).max() <= 1e-6 * np.abs(ref).max()
+    kernels.set_enabled(False)
+    try:
+        assert np.abs(np.array(kernels.l2_norm(x, scale)) - ref).max() <= 1e-6 * np.abs(ref).max()
+    finally:
+        kernels.set_enabled(True)

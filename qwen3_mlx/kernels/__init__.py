@@ -313,6 +313,22 @@ def rms_norm(x: mx.array, weight: mx.array, *, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
+_L2_WEIGHTS: dict[tuple[int, float], mx.array] = {}
+
+
+def l2_norm(x: mx.array, scale: float = 1.0, eps: float = 1e-6) -> mx.array:
+    """x * rsqrt(sum(x^2) + eps) * scale over the last axis (the Gated DeltaNet's q and k). Ours on the CPU in
+    float32 as the RMSNorm kernel (one node instead of six): rms_norm(x, w, eps / d) = x * rsqrt((sum + eps) / d)
+    * w, so w = scale / sqrt(d), made once per (d, scale); else MLX ops."""
+    if active() and x.dtype == mx.float32 and x.ndim >= 1:
+        d = x.shape[-1]
+        w = _L2_WEIGHTS.get((d, scale))
+        if w is None:
+            w = _L2_WEIGHTS[(d, scale)] = mx.full((d,), scale / d**0.5, mx.float32)
+        return _ext.rms_norm(x, w, eps / d)
+    return x * mx.rsqrt((x * x).sum(-1, keepdims=True) + eps) * scale
+
+
 def rope_inv_freq(dims: int, *, base: float | None = None, freqs: mx.array | None = None) -> mx.array:
     """The inverse frequencies [dims / 2] our RoPE kernel takes, as mx.fast.rope derives them on the CPU:
     exp(-i * log(base) / (dims / 2)) in float32, or 1 / freqs (wavelengths). Computed once per model."""

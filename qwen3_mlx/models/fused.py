@@ -14,6 +14,8 @@ arrays instead, as MLX's own module methods do.
 
 from __future__ import annotations
 
+import operator
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -124,11 +126,7 @@ class Plan:
         self.kv_heads, self.head_dim = kv_heads, first.rope._inv_freq.shape[0] * 2
 
     def matches(self, identity: list) -> bool:
-        return len(identity) == len(self.identity) and all(map(_same, identity, self.identity))
-
-
-def _same(a, b) -> bool:
-    return a is b
+        return len(identity) == len(self.identity) and all(map(operator.is_, identity, self.identity))
 
 
 class _NotFusable(Exception):

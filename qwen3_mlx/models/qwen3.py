@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
-from .base import BaseModelArgs, attention_mask, make_rope
 from . import fused
+from .base import BaseModelArgs, attention_mask, make_rope
 from .cache import KVCache
 from .layers import Embedding, Linear, RMSNorm
 

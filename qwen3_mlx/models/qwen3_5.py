@@ -134,23 +134,11 @@ class GatedDeltaNet(nn.Module):
         self.A_log = mx.zeros((self.n_v,))
         self.norm = GatedRMSNorm(self.dv, args.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, D, bias=False)
-        self._l2_weights: dict[float, mx.array] = {}  # not parameters (a leading underscore)
 
     def _conv(self, x: mx.array, cache: RecurrentCache | None) -> tuple[mx.array, mx.array]:
         """The causal depthwise conv (and SiLU) over [B, L, C] after the cached inputs; (output, new conv state)."""
         past = cache.conv if cache is not None else None
         return kernels.causal_conv(x, self.conv1d.weight, past)
-
-    def _l2norm(self, x: mx.array, scale: float) -> mx.array:
-        """x * rsqrt(sum(x^2) + 1e-6) * scale over the last axis. On the CPU as our RMSNorm kernel (one node
-        instead of six): rms_norm(x, w, eps / d) = x * rsqrt((sum + eps) / d) * w, so w = scale / sqrt(d)."""
-        if kernels.active() and x.dtype == mx.float32:
-            d = x.shape[-1]
-            w = self._l2_weights.get(scale)
-            if w is None:
-                w = self._l2_weights[scale] = mx.full((d,), scale / d**0.5, mx.float32)
-            return kernels.rms_norm(x, w, eps=1e-6 / d)
-        return x * mx.rsqrt((x * x).sum(-1, keepdims=True) + 1e-6) * scale
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """(q, k, v concatenated [B, L, conv_dim], z [B, L, Hv, Dv], b and a [B, L, Hv])."""
@@ -165,7 +153,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = mx.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
         # [B, L, heads, d] -> [B, heads, L, d]; key heads repeated to the value heads they serve
         # q and k L2-normed per head (q also scaled by dk^-0.5), before the key heads are repeated.
-        q, k = (self._l2norm(t.reshape(B, L, self.n_k, self.dk), s) for t, s in ((q, self.dk**-0.5), (k, 1.0)))
+        q, k = (kernels.l2_norm(t.reshape(B, L, self.n_k, self.dk), s) for t, s in ((q, self.dk**-0.5), (k, 1.0)))
         v = v.reshape(B, L, self.n_v, self.dv).transpose(0, 2, 1, 3)
         rep = self.n_v // self.n_k
         q, k = (mx.repeat(t, rep, axis=2).transpose(0, 2, 1, 3) if rep > 1 else t.transpose(0, 2, 1, 3)

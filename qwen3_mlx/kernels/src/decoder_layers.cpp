@@ -60,10 +60,6 @@ struct Params {
   int64_t offset = 0;
   float eps = 0, scale = 0, mscale = 1;
   bool mlp = true;
-  bool operator==(const Params& o) const {
-    return hidden == o.hidden && H == o.H && Hkv == o.Hkv && D == o.D && inter == o.inter && offset == o.offset &&
-           eps == o.eps && scale == o.scale && mscale == o.mscale && mlp == o.mlp;
-  }
 };
 
 // Products of one activation row x [K] with `n` projections into ys, in one pool region (as one product
