@@ -103,15 +103,19 @@ class GatedAttention(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of each value head (a plain weight), times silu(z)."""
+    """RMSNorm of each value head (a plain weight), times silu(z) (or sigmoid(z): qwen4_exp's `output_gate_type`)."""
 
-    def __init__(self, dims: int, eps: float):
+    def __init__(self, dims: int, eps: float, activation: str = "silu"):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.eps = eps
+        self.activation = activation
 
     def __call__(self, x: mx.array, z: mx.array) -> mx.array:
-        return kernels.swiglu(z, kernels.rms_norm(x, self.weight, eps=self.eps))  # silu(z) * norm(x)
+        normed = kernels.rms_norm(x, self.weight, eps=self.eps)
+        if self.activation == "sigmoid":
+            return mx.sigmoid(z.astype(mx.float32)).astype(normed.dtype) * normed
+        return kernels.swiglu(z, normed)  # silu(z) * norm(x)
 
 
 class GatedDeltaNet(nn.Module):
@@ -147,6 +151,13 @@ class GatedDeltaNet(nn.Module):
         return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
 
     def __call__(self, x: mx.array, mask=None, cache: RecurrentCache | None = None) -> mx.array:
+        out, conv, state = self.mix(x, cache)
+        if cache is not None:
+            cache.update(conv, state, x.shape[1])
+        return out
+
+    def mix(self, x: mx.array, cache: RecurrentCache | None) -> tuple[mx.array, mx.array, mx.array]:
+        """(output, new conv state, new delta-rule state), `cache` read and left as it was."""
         B, L, _ = x.shape
         mixed, z, b, a = self._project(x)
         qkv, conv = self._conv(mixed, cache)
@@ -163,10 +174,8 @@ class GatedDeltaNet(nn.Module):
         state = cache.recurrent if cache is not None and cache.recurrent is not None else \
             mx.zeros((B, self.n_v, self.dk, self.dv), mx.float32)
         o, state = kernels.gated_delta(q, k, v, g, beta, state)  # [B, Hv, L, Dv]
-        if cache is not None:
-            cache.update(conv, state, L)
         o = self.norm(o.transpose(0, 2, 1, 3), z)  # [B, L, Hv, Dv]
-        return self.out_proj(o.reshape(B, L, -1))
+        return self.out_proj(o.reshape(B, L, -1)), conv, state
 
 
 class DecoderLayer(nn.Module):
