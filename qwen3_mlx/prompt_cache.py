@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import Qwen3MLXError
 from .kernels import QuantizedKV
-from .models.cache import KVCache, QuantizedKVCache, RecurrentCache, common_prefix_length, truncate_cache
+from .models.cache import IndexedKVCache, KVCache, QuantizedKVCache, RecurrentCache, common_prefix_length, truncate_cache
 
 FORMAT = "qwen3-mlx-prompt-cache/1"
 
@@ -29,7 +29,8 @@ def model_fingerprint(model) -> str:
     row): two checkpoints of one shape, or one checkpoint at two precisions, differ."""
     h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True, default=str).encode())
     embed = model.model.embed_tokens
-    for a in (model.model.norm.weight, embed.weight[:1], *(embed[k][:1] for k in ("scales", "biases") if k in embed)):
+    final = model.model.norm if "norm" in model.model else model.model.hyper_connection_mixer.hc_norm  # qwen4_exp's
+    for a in (final.weight, embed.weight[:1], *(embed[k][:1] for k in ("scales", "biases") if k in embed)):
         h.update(np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a).tobytes())
     return h.hexdigest()[:16]
 
@@ -67,12 +68,15 @@ def save_prompt_cache(path: str | Path, model, cache: list, tokens: list[int], s
     for i, c in enumerate(cache):
         if isinstance(c, RecurrentCache):
             arrays[f"{i}.conv"], arrays[f"{i}.recurrent"] = c.conv, c.recurrent
+            arrays.update({f"{i}.extra.{j}": a for j, a in enumerate(c.extra)})
         elif quantized:
             for kind, parts in (("keys", c.keys), ("values", c.values)):
                 for name, a in zip(QuantizedKV._fields, parts):
                     arrays[f"{i}.{kind}.{name}"] = a[..., :n, :]
         else:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :n, :], c.values[..., :n, :]
+            if isinstance(c, IndexedKVCache):
+                arrays[f"{i}.index"] = c.index[:, :n]
     metadata = {"format": FORMAT, "tokens": json.dumps(tokens), "model": model_fingerprint(model),
                 "model_name": str(getattr(model, "model_path", "") or model.args.model_type),
                 "system": json.dumps(system), "layers": str(len(cache)),
@@ -107,7 +111,8 @@ def load_prompt_cache(path: str | Path, model) -> PromptCache:
     for i in range(layers):
         if i in recurrent:
             c = RecurrentCache()
-            c.update(arrays[f"{i}.conv"], arrays[f"{i}.recurrent"], len(tokens))
+            extra = [arrays[f"{i}.extra.{j}"] for j in range(len(arrays)) if f"{i}.extra.{j}" in arrays]
+            c.update(arrays[f"{i}.conv"], arrays[f"{i}.recurrent"], len(tokens), extra=extra)
             cache.append(c)
             continue
         if "kv_bits" in metadata:
@@ -115,8 +120,10 @@ def load_prompt_cache(path: str | Path, model) -> PromptCache:
             c.keys, c.values = (QuantizedKV._make(arrays[f"{i}.{kind}.{n}"] for n in QuantizedKV._fields)
                                 for kind in ("keys", "values"))
         else:
-            c = KVCache()
+            c = KVCache() if f"{i}.index" not in arrays else IndexedKVCache()
             c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+            if f"{i}.index" in arrays:
+                c.index = arrays[f"{i}.index"]
         c.offset = len(tokens)
         cache.append(c)
     return PromptCache(cache, tokens, json.loads(metadata.get("system", "null")))

@@ -7,6 +7,7 @@ import itertools
 import mlx.core as mx
 
 from .. import kernels
+from ..errors import Qwen3MLXError
 from ..kernels import QuantizedKV, RaggedKV
 
 # A layer cache's identity, kept when it is converted to quantized: how another process mirrors it (pipeline).
@@ -62,6 +63,33 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class IndexedKVCache(KVCache):
+    """A KVCache plus the QSA indexer's raw keys (`index` [B, capacity, D], one per position: qwen4_exp's
+    attention layers). The indexer appends its chunk before the attention's `update_and_fetch` moves `offset`."""
+
+    def __init__(self):
+        super().__init__()
+        self.index: mx.array | None = None
+
+    def update_index(self, keys: mx.array) -> mx.array:
+        """Write [B, L, D] index keys at `offset`; return the positions' index keys so far and these."""
+        prev, n = self.offset, keys.shape[1]
+        if self.index is None or prev + n > self.index.shape[1]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            fresh = mx.zeros((keys.shape[0], grow, keys.shape[2]), keys.dtype)
+            self.index = fresh if self.index is None else mx.concatenate([self.index[:, :prev], fresh], axis=1)
+        self.index[:, prev : prev + n] = keys
+        return self.index[:, : prev + n]
+
+    @property
+    def state(self) -> tuple:
+        return () if self.keys is None else (*super().state, self.index[:, : self.offset])
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + (0 if self.index is None else self.index.nbytes)
 
 
 class QuantizedKVCache:
@@ -142,25 +170,27 @@ class RecurrentCache:
     def __init__(self):
         self.conv: mx.array | None = None
         self.recurrent: mx.array | None = None
+        self.extra: tuple = ()  # more state of the same layer (qwen4_exp's n-gram context and PLE conv inputs)
         self._offset = 0
         self.uid = next(_uids)
-        self.checkpoints: dict[int, tuple] = {}  # position -> (conv, recurrent), around multi-token forwards
-        self.step: tuple | None = None  # (position, conv, recurrent) before the latest single-token step
+        self.checkpoints: dict[int, tuple] = {}  # position -> (conv, recurrent, extra), around multi-token forwards
+        self.step: tuple | None = None  # (position, conv, recurrent, extra) before the latest single-token step
 
     def _save(self) -> None:
         if self.recurrent is not None:
             self.checkpoints.pop(self._offset, None)
-            self.checkpoints[self._offset] = (self.conv, self.recurrent)
+            self.checkpoints[self._offset] = (self.conv, self.recurrent, self.extra)
             while len(self.checkpoints) > self.max_checkpoints:
                 self.checkpoints.pop(next(iter(self.checkpoints)))
 
-    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
-        """The state after `n` more positions (checkpointing as the class says)."""
+    def update(self, conv: mx.array, recurrent: mx.array, n: int, extra: tuple | None = None) -> None:
+        """The state after `n` more positions (checkpointing as the class says); `extra` None keeps it."""
         if n == 1:
-            self.step = (self._offset, self.conv, self.recurrent) if self.recurrent is not None else None
+            self.step = (self._offset, self.conv, self.recurrent, self.extra) if self.recurrent is not None else None
         else:
             self._save()
         self.conv, self.recurrent = conv, recurrent
+        self.extra = self.extra if extra is None else tuple(extra)
         self._offset += n
         if n > 1:
             self._save()
@@ -184,9 +214,10 @@ class RecurrentCache:
             return
         if value == 0:
             self.conv = self.recurrent = self.step = None
-            self.checkpoints = {}
+            self.extra, self.checkpoints = (), {}
         elif value in self.checkpoints or (self.step and self.step[0] == value):
-            self.conv, self.recurrent = self.checkpoints[value] if value in self.checkpoints else self.step[1:]
+            self.conv, self.recurrent, self.extra = self.checkpoints[value] if value in self.checkpoints \
+                else self.step[1:]
             self.checkpoints = {p: c for p, c in self.checkpoints.items() if p <= value}
             self.step = self.step if self.step and self.step[0] < value else None
         else:
@@ -196,12 +227,12 @@ class RecurrentCache:
 
     @property
     def state(self) -> tuple:
-        return () if self.recurrent is None else (self.conv, self.recurrent)
+        return () if self.recurrent is None else (self.conv, self.recurrent, *self.extra)
 
     @property
     def nbytes(self) -> int:
         """The live state and the checkpoints that do not share its arrays."""
-        saved = [*self.checkpoints.values(), *([self.step[1:]] if self.step else [])]
+        saved = [(c, r, *e) for c, r, e in [*self.checkpoints.values(), *([self.step[1:]] if self.step else [])]]
         arrays = {id(a): a for pair in [self.state, *saved] for a in pair}
         return sum(a.nbytes for a in arrays.values())
 
@@ -212,6 +243,8 @@ def quantize_cache(cache: list, *, bits: int | None, group_size: int = 64, start
     kv = [i for i, c in enumerate(cache) if not isinstance(c, RecurrentCache)]  # a hybrid's attention layers
     if bits is None or not kv or not isinstance(cache[kv[0]], KVCache) or cache[kv[0]].offset < start:
         return
+    if isinstance(cache[kv[0]], IndexedKVCache):
+        raise Qwen3MLXError("a quantized KV cache is not supported for qwen4_exp (QSA indexed attention) yet")
     for i in kv:
         cache[i] = QuantizedKVCache.from_float(cache[i], bits, group_size)
 

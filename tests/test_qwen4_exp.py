@@ -1,0 +1,284 @@
+"""Qwen3.8-Flash-Next (`qwen4_exp`: hyper-connections, QSA indexed attention, per-layer n-gram embeddings) against
+transformers' Qwen4ExpForCausalLM."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from helpers import REAL_VOCAB, copy_tokenizer
+
+EOS = 151645  # <|im_end|>, what the real tokenizer ends a turn with
+
+
+def q4_config(**overrides) -> dict:
+    """Eight layers (two indexed), two streams, PLE on three DeltaNet layers. Eight index heads: a block's score
+    is a sum of relu()s, so with few heads whole blocks tie at 0 and torch.topk's choice among ties (not
+    documented) would decide the selection."""
+    cfg = dict(vocab_size=500, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+               linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=4096,
+               tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+               shared_expert_intermediate_size=48, hc_count=2, hc_lowrank=16, ple_layer_ids=[1, 3, 6],
+               ple_embed_dim=32, ngram_size=3, heads_per_ngram=2, ngram_vocab_size_base=300,
+               make_ngram_vocab_size_divisible_by=8, split_ngram_parts=4, indexer_n_heads=8, indexer_kv_heads=1,
+               indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4, eos_token_id=2,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+               output_gate_type="sigmoid")
+    cfg.update(overrides)
+    return cfg
+
+
+def save_q4(path, seed=0, tokenizer=False, **overrides):
+    """A random Qwen4ExpForCausalLM written by transformers, weights widened so every part matters (its init
+    zeroes the PLE conv)."""
+    import torch
+    from transformers import Qwen4ExpForCausalLM, Qwen4ExpTextConfig
+
+    torch.manual_seed(seed)
+    model = Qwen4ExpForCausalLM(Qwen4ExpTextConfig(**q4_config(**overrides))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # zero-centred norms around 0, the DeltaNet's gated norm around 1
+                p.copy_(0.1 * torch.randn_like(p) + (1.0 if "linear_attn.norm" in name else 0.0))
+            elif "A_log" in name or "dt_bias" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    if tokenizer:
+        copy_tokenizer(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen4_exp")
+    return path, save_q4(path)
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def prompt(n=150, seed=0):
+    ids = np.random.RandomState(seed).randint(0, 500, (1, n))
+    ids[0, [i for i in (20, 21, 77) if i < n]] = 2  # EOS resets the n-grams
+    return ids
+
+
+def test_logits_match_transformers(q4):
+    """A prompt of 37 index blocks (the indexer picks 2 per query) in one forward, then in chunks of 50 / 40 / 7,
+    decode steps, and a last chunk on the cache."""
+    import torch
+
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache
+
+    path, torch_model = q4
+    ids = prompt()
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)).logits.numpy()
+    model, _ = load_model(path)
+    assert rel(model(mx.array(ids)), ref) <= 1e-4
+    cache = make_cache(model)
+    for a, b in ((0, 50), (50, 90), (90, 97)):
+        assert rel(model(mx.array(ids[:, a:b]), cache), ref[:, a:b]) <= 1e-4
+    steps = mx.concatenate([model(mx.array(ids[:, t : t + 1]), cache) for t in range(97, 110)], axis=1)
+    assert rel(steps, ref[:, 97:110]) <= 1e-4
+    assert rel(model(mx.array(ids[:, 110:]), cache), ref[:, 110:]) <= 1e-4
+
+
+def test_the_indexer_and_the_ngram_resets_matter(q4):
+    """The parity above is not blind to the two new mechanisms: attending every key, or n-grams that run across
+    an EOS, give other logits."""
+    import torch
+
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models import qwen4_exp
+
+    path, torch_model = q4
+    ids = prompt()
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)).logits.numpy()
+    model, _ = load_model(path)
+    emb = next(layer.ple.ple_embedding for layer in model.layers if "ple" in layer)
+    plain = emb.ids(mx.array(ids), mx.full((1, 2), 2, mx.int64))
+    ids_no_eos = ids.copy()
+    ids_no_eos[0, [20, 21, 77]] = 3
+    assert not np.array_equal(np.array(plain), np.array(emb.ids(mx.array(ids_no_eos), mx.full((1, 2), 2, mx.int64))))
+    original = qwen4_exp.Indexer.__call__
+    try:
+        qwen4_exp.Indexer.__call__ = lambda self, x, cache, rope: (original(self, x, cache, rope), None)[1]
+        assert rel(model(mx.array(ids)), ref) > 1e-2
+    finally:
+        qwen4_exp.Indexer.__call__ = original
+
+
+def test_hash_constants_equal_transformers():
+    """Our derivation of the tables' sizes (primes from 20M on) and multipliers for the published settings
+    equals transformers' (checkpoints carry them too; load uses theirs)."""
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as ref
+
+    from qwen3_mlx.models.qwen4_exp import ModelArgs, hash_constants
+
+    args = ModelArgs.from_dict({**q4_config(vocab_size=248320, ngram_vocab_size_base=20_000_000,
+                                            heads_per_ngram=8, ple_embed_dim=64), "model_type": "qwen4_exp_text"})
+    for index in (0, 2):
+        mults, sizes, _ = hash_constants(args, index)
+        assert mults.tolist() == ref._build_layer_multipliers(248320, 3, index, 1234).tolist()
+        assert sizes[:3].tolist() == [ref._find_nth_prime_after(20_000_000 - 1, index * 16 + h + 1) for h in range(3)]
+
+
+def test_checkpoint_hash_constants_are_used(q4, tmp_path):
+    """The multipliers a checkpoint carries are the ones hashed with (here: edited ones change the logits)."""
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_mlx.loader import load_model
+
+    path, _ = q4
+    for f in ("config.json",):
+        (tmp_path / f).write_text((path / f).read_text())
+    tensors = load_file(path / "model.safetensors")
+    key = "model.layers.0.ple.ple_embedding.layer_multipliers"
+    assert tensors[key].dtype == np.int64
+    tensors[key] = tensors[key] + 2
+    save_file(tensors, tmp_path / "model.safetensors")
+    ids = mx.array(prompt(40))
+    a, _ = load_model(path)
+    b, _ = load_model(tmp_path)
+    assert np.array(b.layers[0].ple.ple_embedding.layer_multipliers).tolist() == tensors[key].tolist()
+    assert rel(b(ids), a(ids)) > 1e-3
+
+
+def test_vision_language_layout_loads_the_language_model(q4, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_mlx.loader import load_model
+
+    path, _ = q4
+    text = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen4_exp", "text_config": text,
+                                                      "tie_word_embeddings": False}))
+    tensors = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+               for k, v in load_file(path / "model.safetensors").items()}
+    tensors["model.visual.patch_embed.proj.weight"] = np.zeros((4, 4), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    vl, _ = load_model(tmp_path)
+    text_only, _ = load_model(path)
+    ids = mx.array(prompt(40))
+    assert np.array_equal(np.array(vl(ids)), np.array(text_only(ids)))
+    assert "skipping 1 vision" in capsys.readouterr().err
+
+
+def test_state_checkpoints_cover_the_ngram_and_conv_state(q4):
+    """Cut back to a checkpoint, the PLE's n-gram context and conv inputs go back with the DeltaNet's state:
+    the logits continue exactly as from a fresh prefill."""
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache, truncate_cache
+
+    model, _ = load_model(q4[0])
+    ids = prompt(80)[0].tolist()
+    cache = make_cache(model)
+    model.fill(mx.array([ids[:30]]), cache)
+    model.fill(mx.array([ids[30:45]]), cache)
+    for t in ids[45:50]:
+        model(mx.array([[t]]), cache)
+    assert truncate_cache(cache, 40) == 30
+    got = model(mx.array([ids[30:60]]), cache)
+    fresh = make_cache(model)
+    model.fill(mx.array([ids[:30]]), fresh)
+    assert np.array_equal(np.array(got), np.array(model(mx.array([ids[30:60]]), fresh)))
+
+
+@pytest.fixture(scope="module")
+def q4_real_vocab(tmp_path_factory):
+    from qwen3_mlx import load
+
+    path = tmp_path_factory.mktemp("qwen4_exp_vocab")
+    torch_model = save_q4(path, tokenizer=True, vocab_size=REAL_VOCAB, eos_token_id=EOS)
+    return (*load(path), torch_model)
+
+
+def test_greedy_generation_matches_transformers(q4_real_vocab):
+    import torch
+
+    from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.options import GenerationOptions
+
+    model, tokenizer, torch_model = q4_real_vocab
+    messages = [{"role": "user", "content": "Write a haiku about the sea, then one about the mountains."}]
+    ids = prompt_tokens(tokenizer, messages, GenerationOptions(enable_thinking=False))
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                   attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    out = generate(model, tokenizer, ids, temperature=0, max_tokens=16, ignore_eos=True)
+    assert out.tokens == ref
+
+
+def test_chat_turns_resume_from_state_checkpoints(q4_real_vocab):
+    """The second and third turns prefill only the new part and give the tokens of a fresh run."""
+    from qwen3_mlx.chat import ChatSession
+    from qwen3_mlx.generate import generate
+
+    model, tokenizer, _ = q4_real_vocab
+    session = ChatSession(model, tokenizer, temperature=0, max_tokens=6, enable_thinking=False)
+    for i, question in enumerate(["Hi there", "Tell me more", "Thanks"]):
+        tokens = [r.token for r in session.send(question)]
+        expected = generate(model, tokenizer, session.conversation()[:-1], temperature=0, max_tokens=6,
+                            enable_thinking=False)
+        assert tokens == expected.tokens
+        stats = session.history[-1]
+        assert stats.prefill_tokens + stats.reused_tokens == stats.prompt_tokens
+        if i:
+            assert stats.reused_tokens >= session.history[i - 1].prompt_tokens - 7 > 0
+
+
+def test_prompt_cache_file_holds_index_keys_and_ple_state(q4_real_vocab, tmp_path):
+    from qwen3_mlx.generate import prompt_tokens
+    from qwen3_mlx.models.cache import make_cache
+    from qwen3_mlx.prompt_cache import load_prompt_cache, save_prompt_cache
+
+    model, tokenizer, _ = q4_real_vocab
+    ids = prompt_tokens(tokenizer, [{"role": "system", "content": "You are a patient tutor. " * 8},
+                                    {"role": "user", "content": "Hi"}])
+    cache = make_cache(model)
+    model.fill(mx.array([ids[:60]]), cache)
+    save_prompt_cache(tmp_path / "c.safetensors", model, cache, ids[:60])
+    loaded, reused = load_prompt_cache(tmp_path / "c.safetensors", model).take(ids)
+    assert reused == 60
+    got = model(mx.array([ids[60:]]), loaded)
+    fresh = make_cache(model)
+    model.fill(mx.array([ids[:60]]), fresh)
+    assert np.array_equal(np.array(got), np.array(model(mx.array([ids[60:]]), fresh)))
+
+
+def test_server_batch_gives_each_sequence_its_own_tokens(q4_real_vocab):
+    """Decoding several sequences at once (the server's batches) gives each the tokens it gets alone."""
+    from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.models.cache import batch_cache, make_cache
+
+    model, tokenizer, _ = q4_real_vocab
+    prompts = [prompt_tokens(tokenizer, [{"role": "user", "content": q}]) for q in ("Hi", "What is the sea?")]
+    caches = [make_cache(model) for _ in prompts]
+    last = [model(mx.array([p]), c)[0, -1].argmax().item() for p, c in zip(prompts, caches)]
+    batched = [[t] for t in last]
+    for _ in range(4):
+        logits = model(mx.array([[t[-1]] for t in batched]), batch_cache(caches))
+        for row, toks in zip(np.array(logits[:, -1].argmax(axis=-1)).tolist(), batched):
+            toks.append(row)
+    for p, toks in zip(prompts, batched):
+        assert generate(model, tokenizer, p, temperature=0, max_tokens=5, ignore_eos=True).tokens == toks
+
+
+def test_quantized_kv_cache_is_refused(q4):
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.cache import make_cache
+
+    model, _ = load_model(q4[0])
+    with pytest.raises(Qwen3MLXError, match="qwen4_exp"):
+        make_cache(model, kv_bits=8)
