@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import jsonschema
 import pytest
@@ -170,3 +172,111 @@ def test_system_messages_and_a_tool_named_like_a_choice(api_server, tiny_checkpo
     uses = [b for b in m.content if b.type == "tool_use"]
     assert m.stop_reason == "tool_use" and [u.name for u in uses] == ["none"], m
     jsonschema.validate(uses[0].input, TOOLS[0]["input_schema"])
+
+
+USE = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 1}}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
+
+
+def _after_use(*blocks) -> list[dict]:
+    """A conversation whose last user turn holds `blocks`, after an assistant turn that called get_weather."""
+    return [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": [USE]},
+            {"role": "user", "content": list(blocks)}]
+
+
+def test_messages_and_blocks_take_only_their_own_fields(thinker_server):
+    """Each message, each content block (text, tool_use, tool_result and its content, thinking,
+    redacted_thinking) and each system block takes the fields the Messages API defines for it. An unknown field, or
+    one this server cannot honour (citations, a caller other than the model, a toolset), is a 400 in Anthropic's
+    shape naming it, through the SDK as on the wire and on count_tokens too: never accepted and dropped."""
+    c = client(thinker_server)
+    text = {"type": "text", "text": "Hi"}
+    unknown = [  # (messages, system, the field's path)
+        ([{**HI[0], "name": "bob"}], None, "messages[0].name"),
+        ([{"role": "user", "content": [{**text, "lang": "fr"}]}], None, "messages[0].content[0].lang"),
+        (HI, [{"type": "text", "text": "Be terse.", "priority": "high"}], "system[0].priority"),
+        ([{"role": "system", "content": [{**text, "x": 1}]}, *HI], None, "messages[0].content[0].x"),
+        ([*HI, {"role": "assistant", "content": [{**USE, "parallel": True}]}, *HI], None,
+         "messages[1].content[0].parallel"),
+        (_after_use({**RESULT, "tool_name": "get_weather"}), None, "messages[2].content[0].tool_name"),
+        (_after_use({**RESULT, "content": [{"type": "text", "text": "sunny", "unit": "C"}]}), None,
+         "messages[2].content[0].content[0].unit"),
+        ([*HI, {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "", "x": 1},
+                                                 text]}, *HI], None, "messages[1].content[0].x"),
+        ([*HI, {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "…", "x": 1}, text]}, *HI],
+         None, "messages[1].content[0].x"),
+        # the API defines no cache_control on thinking blocks
+        ([*HI, {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "",
+                                                  "cache_control": {"type": "ephemeral"}}, text]}, *HI], None,
+         "messages[1].content[0].cache_control"),
+        ([{"role": "user", "content": [{**text, "cache_control": {"type": "ephemeral", "scope": "global"}}]}], None,
+         "messages[0].content[0].cache_control.scope"),
+    ]
+    cases = [(m, s, f"Unknown parameter: '{path}'.") for m, s, path in unknown]
+    citation = {"type": "char_location", "cited_text": "Hi", "document_index": 0, "start_char_index": 0,
+                "end_char_index": 2}
+    cases += [
+        ([{"role": "user", "content": [{**text, "citations": [citation]}]}], None,
+         f"'messages[0].content[0].citations' is not supported by this server (got {json.dumps([citation])})"),
+        ([*HI, {"role": "assistant", "content": [{**USE, "caller": {"type": "code_execution_20250825",
+                                                                     "tool_id": "srvtoolu_1"}}]}, *HI], None,
+         ("'messages[1].content[0].caller' is not supported by this server (got "
+          '{"type": "code_execution_20250825", "tool_id": "srvtoolu_1"})')),
+        (_after_use({**RESULT, "toolset_name": "browser"}), None,
+         "'messages[2].content[0].toolset_name' is not supported by this server (got \"browser\")"),
+        ([{"role": "user", "content": [{**text, "cache_control": {"type": "persistent"}}]}], None,
+         "messages[0].content[0].cache_control: must be {type: ephemeral, ttl: 5m or 1h}"),
+    ]
+    for messages, system, why in cases:
+        extra = {"system": system} if system else {}
+        with pytest.raises(anthropic.BadRequestError) as e:
+            c.messages.create(model=thinker_server.name, max_tokens=5, messages=messages, **extra)
+        assert e.value.status_code == 400 and e.value.body == {
+            "type": "error", "error": {"type": "invalid_request_error", "message": why}}, (why, e.value.body)
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):  # on the wire, both routes
+            body = {"model": thinker_server.name, "messages": messages, **extra}
+            got, answer = thinker_server.post(path, {**body, "max_tokens": 5} if path == "/v1/messages" else body,
+                                              key=None, headers={"x-api-key": KEY})
+            assert (got, answer) == (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                                      "message": why}}), (path, why, answer)
+    assert "Traceback" not in "".join(thinker_server.stderr)
+
+
+def test_cache_control_and_fields_meaning_nothing_here_are_accepted(api_server, tiny_checkpoint):
+    """cache_control on system, text, tool_use and tool_result blocks, on a tool and on the request, citations
+    null, the model as a tool_use's caller: accepted, and the prompt and the greedy answer are those of the same
+    request without them. A message read back from the server goes into the next request as the SDK sends it."""
+    c = client(api_server)
+    cache = {"type": "ephemeral", "ttl": "1h"}
+    plain = {"model": tiny_checkpoint.name, "tools": TOOLS, "system": [{"type": "text", "text": "Be terse."}],
+             "messages": [*_after_use(RESULT, {"type": "text", "text": "And Oslo?"})]}
+    marked = {"model": tiny_checkpoint.name, "tools": [{**TOOLS[0], "cache_control": cache}],
+              "system": [{"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
+                                                         "cache_control": cache, "citations": None}]},
+                           {"role": "assistant", "content": [{**USE, "cache_control": cache,
+                                                              "caller": {"type": "direct"}}]},
+                           {"role": "user", "content": [{**RESULT, "cache_control": cache, "is_error": False},
+                                                        {"type": "text", "text": "And Oslo?"}]}],
+              "extra_body": {"cache_control": {"type": "ephemeral"}}}
+    assert c.messages.count_tokens(**marked).input_tokens == c.messages.count_tokens(**plain).input_tokens
+    want = c.messages.create(**plain, max_tokens=8, tool_choice={"type": "none"}, extra_body=GREEDY)
+    got = c.messages.create(**{**marked, "extra_body": {**marked["extra_body"], **GREEDY}}, max_tokens=8,
+                            tool_choice={"type": "none"})
+    assert [b.type for b in got.content] == ["text"] and got.content == want.content
+    # the answer, as the SDK read it, sent back as the assistant's turn
+    again = c.messages.count_tokens(**{**plain, "messages": [
+        *plain["messages"], {"role": "assistant", "content": got.content}, {"role": "user", "content": "Thanks."}]})
+    assert again.input_tokens > c.messages.count_tokens(**plain).input_tokens
+
+
+def test_a_thinking_answer_goes_back_as_it_came(thinker_server):
+    """thinking and text blocks read back from the server (signature "") are taken in the next turn."""
+    c = client(thinker_server)
+    m = c.messages.create(model=thinker_server.name, max_tokens=60, messages=HI,
+                          thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    follow = c.messages.create(model=thinker_server.name, max_tokens=60, thinking={"type": "enabled",
+                                                                                   "budget_tokens": 1024},
+                               messages=[*HI, {"role": "assistant", "content": m.content}, *HI])
+    assert [b.type for b in follow.content] == ["thinking", "text"]

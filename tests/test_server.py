@@ -274,6 +274,83 @@ def test_errors_have_openai_shape_and_status(thinker_server):
     assert "Traceback" not in "".join(s.stderr)  # refused, not crashed
 
 
+def test_chat_message_fields_are_checked_never_dropped(thinker_server):
+    """Each chat message takes its role's fields (OpenAI's), each content part and tool call its own: an unknown
+    one, `name` (the template has no place for it: different participants would be merged), or an assistant's
+    refusal, audio or function_call is a 400 in OpenAI's shape naming the field, never accepted and dropped."""
+    s = thinker_server
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    tool_turn = [*HI, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    named = "'messages[{}].name' is not supported by this server: the model's chat template has no place for a " \
+            "participant's name (got \"{}\")"
+    cases = [
+        ([{**HI[0], "name": "alice"}], named.format(0, "alice")),
+        ([{"role": "system", "content": "Be terse.", "name": "boss"}, *HI], named.format(0, "boss")),
+        ([*HI, {"role": "assistant", "content": "Hello", "name": "bot"}, *HI], named.format(1, "bot")),
+        # OpenAI defines no name on tool messages
+        ([*tool_turn, {"role": "tool", "tool_call_id": "call_1", "content": "12:00", "name": "get_time"}],
+         "Unknown parameter: 'messages[2].name'."),
+        ([{**HI[0], "lang": "fr"}], "Unknown parameter: 'messages[0].lang'."),
+        ([{**HI[0], "reasoning_content": "x"}], "Unknown parameter: 'messages[0].reasoning_content'."),
+        ([{"role": "user", "content": [{"type": "text", "text": "Hi", "lang": "fr"}]}],
+         "Unknown parameter: 'messages[0].content[0].lang'."),
+        ([{"role": "user", "content": [{"type": "text", "text": "Hi", "prompt_cache_breakpoint": {"mode": "auto"}}]}],
+         "'messages[0].content[0].prompt_cache_breakpoint' must be {mode: explicit, ttl: 30m or 12h}"),
+        ([*HI, {"role": "assistant", "content": None, "tool_calls": [{**call, "index": 0}]}, *HI],
+         "Unknown parameter: 'messages[1].tool_calls[0].index'."),
+        ([*HI, {"role": "assistant", "content": None, "tool_calls": [
+            {**call, "function": {**call["function"], "strict": True}}]}, *HI],
+         "Unknown parameter: 'messages[1].tool_calls[0].function.strict'."),
+        ([*HI, {"role": "assistant", "content": None, "refusal": "I cannot help with that."}, *HI],
+         "'messages[1].refusal' is not supported by this server (got \"I cannot help with that.\")"),
+        ([*HI, {"role": "assistant", "content": None, "function_call": {"name": "get_time", "arguments": "{}"}},
+          *HI], "'messages[1].function_call' is not supported by this server"),
+        ([*HI, {"role": "assistant", "audio": {"id": "audio_1"}}, *HI],
+         "'messages[1].audio' is not supported by this server (got {\"id\": \"audio_1\"})"),
+    ]
+    for messages, why in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            s.client().chat.completions.create(model=s.name, messages=messages, max_tokens=5)
+        error = e.value.body  # the SDK's: the body's "error" object
+        assert e.value.status_code == 400 and why in error["message"], (why, error)
+        assert error == {"message": error["message"], "type": "invalid_request_error", "param": "messages",
+                         "code": "unknown_parameter" if why.startswith("Unknown") else None}, error
+        status, answer = s.post("/v1/chat/completions", {"model": s.name, "messages": messages, "max_tokens": 5})
+        assert (status, answer) == (400, {"error": error}), answer
+    assert "Traceback" not in "".join(s.stderr)
+
+
+def test_chat_message_fields_meaning_nothing_here_are_accepted(thinker_server):
+    """An empty name, an assistant's refusal / audio / function_call at null and a text part's cache breakpoint
+    are taken and change nothing in the prompt; a message read back from the server (reasoning_content and
+    tool_calls included) goes into the next request as the SDK sends it."""
+    s = thinker_server
+    c = s.client()
+    prompt = c.chat.completions.create(model=s.name, messages=[*HI, {"role": "assistant", "content": "Hello"}, *HI],
+                                       max_tokens=1).usage.prompt_tokens
+    same = c.chat.completions.create(model=s.name, max_tokens=1, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Hi",
+                                      "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}], "name": ""},
+        {"role": "assistant", "content": "Hello", "refusal": None, "audio": None, "function_call": None,
+         "name": None, "tool_calls": None},
+        {"role": "user", "content": [{"type": "text", "text": "Hi", "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+    ])
+    assert same.usage.prompt_tokens == prompt
+    answer = c.chat.completions.create(model=s.name, messages=HI, max_tokens=20).choices[0].message
+    assert answer.content == "ok" and answer.model_extra["reasoning_content"] == "Let"
+    follow = c.chat.completions.create(model=s.name, messages=[*HI, answer, *HI], max_tokens=20)
+    assert follow.choices[0].message.content == "ok"
+    # no arguments: the grammar can only close the call (sampled ones could run past max_tokens)
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}]
+    calls = c.chat.completions.create(model=s.name, messages=HI, tools=tools, tool_choice="required", max_tokens=60)
+    message = calls.choices[0].message
+    assert message.tool_calls and message.tool_calls[0].function.name == "get_time"
+    tool = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "12:00"}
+    done = c.chat.completions.create(model=s.name, messages=[*HI, message, tool], tools=tools, max_tokens=20)
+    assert done.choices[0].message.content == "ok"
+
+
 def test_chat_template_kwargs_reach_the_template():
     """Variables besides enable_thinking (Qwen3.6's preserve_thinking) go to the template as given."""
     from qwen3_mlx.server.protocol import parse_request

@@ -31,26 +31,75 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 
 
 def _blocks(content: Any, where: str) -> list[dict]:
+    """A message's content (`where`: its path, e.g. `messages[0].content`) as a list of blocks."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
-        raise ApiError(400, f"{where}: content must be a string or a list of content blocks", param="messages")
+        raise ApiError(400, f"{where}: content must be a string or a list of content blocks", param=_param(where))
     return content
+
+
+def _param(where: str) -> str:
+    """The top-level field a nested path (`messages[0].content[1]`) is in."""
+    return where.split(".")[0].split("[")[0]
+
+
+def _cache_control(cache: Any, where: str) -> None:
+    """A cache breakpoint ({type: ephemeral, ttl}): checked, then ignored on purpose (the prefix cache keeps every
+    prompt it can without being asked, and a breakpoint changes no answer)."""
+    if cache is None:
+        return
+    if not isinstance(cache, dict):
+        raise ApiError(400, f"{where}: must be {{type: ephemeral, ttl: 5m or 1h}}", param=_param(where))
+    check_fields(cache, frozenset({"type", "ttl"}), where=where)
+    if cache.get("type") != "ephemeral" or cache.get("ttl") not in (None, "5m", "1h"):
+        raise ApiError(400, f"{where}: must be {{type: ephemeral, ttl: 5m or 1h}}", param=_param(where))
+
+
+# The fields of each content block type taken (anthropic.types.*BlockParam), and those refused unless absent or
+# at a value meaning what this server does anyway. Every other field is refused, never dropped.
+# - cache_control: accepted and ignored (see _cache_control).
+# - text.citations: they point into document or search-result blocks, which are refused here: only none is taken.
+# - tool_use.caller: who called the tool; only the model itself ({type: direct}) is what this server does.
+# - toolset_name: tools of a toolset, which are refused here (custom tools only).
+# - thinking.signature: taken and not checked (this server signs nothing; its own signatures are "").
+# - redacted_thinking.data: Claude's encrypted reasoning, which no other model can read: the block is dropped,
+#   as the template drops earlier turns' reasoning anyway.
+_BLOCKS: dict[str, tuple[frozenset, dict]] = {
+    "text": (frozenset({"type", "text", "cache_control"}), {"citations": (None, [])}),
+    "tool_use": (frozenset({"type", "id", "name", "input", "cache_control"}),
+                 {"caller": (None, {"type": "direct"}), "toolset_name": (None,)}),
+    "tool_result": (frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+                    {"toolset_name": (None,)}),
+    "thinking": (frozenset({"type", "thinking", "signature"}), {}),
+    "redacted_thinking": (frozenset({"type", "data"}), {}),
+}
+
+
+def _check_block(block: dict, where: str) -> str:
+    """A block's type, once every field of the block is checked (`where`: the block's path)."""
+    kind = block.get("type")
+    fields, unsupported = _BLOCKS[kind]
+    check_fields(block, fields, unsupported, where=where)
+    _cache_control(block.get("cache_control"), f"{where}.cache_control")
+    return kind
 
 
 def _string(block: dict, key: str, where: str) -> str:
     if not isinstance(block.get(key), str):
-        raise ApiError(400, f"{where}: a {block.get('type')} block needs a string '{key}'", param="messages")
+        raise ApiError(400, f"{where}: a {block.get('type')} block needs a string '{key}'", param=_param(where))
     return block[key]
 
 
 def _text_of(content: Any, where: str) -> str:
+    """Text blocks only (`system`, a system message, a tool_result's content)."""
     parts = []
-    for block in _blocks(content, where):
+    for i, block in enumerate(_blocks(content, where)):
         if block.get("type") != "text":
-            raise ApiError(400, f"{where}: only text blocks are supported here (got {block.get('type')!r})",
-                           param="messages")
-        parts.append(_string(block, "text", where))
+            raise ApiError(400, f"{where}[{i}]: only text blocks are supported here (got {block.get('type')!r})",
+                           param=_param(where))
+        _check_block(block, f"{where}[{i}]")
+        parts.append(_string(block, "text", f"{where}[{i}]"))
     return "".join(parts)
 
 
@@ -58,18 +107,19 @@ def _user_turn(content: Any, where: str) -> list[dict]:
     """A user message: its tool_result blocks become `tool` messages (in order), its text one user message."""
     out, text = [], []
     for i, block in enumerate(_blocks(content, where)):
-        kind = block.get("type")
+        kind, at = block.get("type"), f"{where}[{i}]"
+        if kind not in ("text", "tool_result"):
+            raise ApiError(400, f"{at}: {kind!r} content blocks are not supported (text and tool_result are)",
+                           param=_param(where))
+        _check_block(block, at)
         if kind == "text":
-            text.append(_string(block, "text", where))
-        elif kind == "tool_result":
+            text.append(_string(block, "text", at))
+        else:
             result = block.get("content", "")
-            body = result if isinstance(result, str) else _text_of(result, f"{where}.content[{i}]")
+            body = result if isinstance(result, str) else _text_of(result, f"{at}.content")
             if _get(block, "is_error", (bool,), False):
                 body = f"Error: {body}"
-            out.append({"role": "tool", "content": body, "tool_call_id": _string(block, "tool_use_id", where)})
-        else:
-            raise ApiError(400, f"{where}: {kind!r} content blocks are not supported (text and tool_result are)",
-                           param="messages")
+            out.append({"role": "tool", "content": body, "tool_call_id": _string(block, "tool_use_id", at)})
     if text:
         out.append({"role": "user", "content": "".join(text)})
     return out
@@ -78,26 +128,26 @@ def _user_turn(content: Any, where: str) -> list[dict]:
 def _assistant_turn(content: Any, where: str) -> dict:
     """An assistant message: text, thinking (the template's reasoning_content) and tool_use blocks."""
     message: dict[str, Any] = {"role": "assistant", "content": ""}
-    for block in _blocks(content, where):
-        kind = block.get("type")
+    for i, block in enumerate(_blocks(content, where)):
+        kind, at = block.get("type"), f"{where}[{i}]"
+        if kind not in ("text", "thinking", "redacted_thinking", "tool_use"):
+            raise ApiError(400, f"{at}: {kind!r} content blocks are not supported", param=_param(where))
+        _check_block(block, at)
         if kind == "text":
-            message["content"] += _string(block, "text", where)
+            message["content"] += _string(block, "text", at)
         elif kind == "thinking":
-            message["reasoning_content"] = _string(block, "thinking", where)
-        elif kind == "redacted_thinking":
-            continue
+            message["reasoning_content"] = _string(block, "thinking", at)
         elif kind == "tool_use":
             if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
-                raise ApiError(400, f"{where}: a tool_use block needs a name and an input object", param="messages")
+                raise ApiError(400, f"{at}: a tool_use block needs a name and an input object", param=_param(where))
             message.setdefault("tool_calls", []).append(
                 {"type": "function", "function": {"name": block["name"], "arguments": block.get("input", {})}})
-        else:
-            raise ApiError(400, f"{where}: {kind!r} content blocks are not supported", param="messages")
     return message
 
 
 def parse_messages(body: dict) -> list[dict]:
-    """`system` and `messages` -> the chat template's messages."""
+    """`system` and `messages` -> the chat template's messages. Every message and block is checked field by
+    field: a field the API defines that this server does not honour is refused, as is an unknown one."""
     out = []
     system = body.get("system")
     if system:
@@ -108,15 +158,17 @@ def parse_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
-        if role == "user":
-            out.extend(_user_turn(m.get("content"), where))
-        elif role == "assistant":
-            out.append(_assistant_turn(m.get("content"), where))
-        elif role == "system":
-            out.append({"role": "system", "content": _text_of(m.get("content"), where)})
-        else:
+        if role not in ("user", "assistant", "system"):
             raise ApiError(400, f"{where}: role must be 'user', 'assistant' or 'system', got {role!r}",
                            param="messages")
+        check_fields(m, frozenset({"role", "content"}), where=where)
+        content = f"{where}.content"
+        if role == "user":
+            out.extend(_user_turn(m.get("content"), content))
+        elif role == "assistant":
+            out.append(_assistant_turn(m.get("content"), content))
+        else:
+            out.append({"role": "system", "content": _text_of(m.get("content"), content)})
     if messages[-1].get("role") == "assistant":
         # Prefill (the answer continuing a final assistant turn) would need the template to leave that turn open;
         # rendered as it is, the turn would be closed and a new answer begun: refused, as Anthropic does for
@@ -141,6 +193,7 @@ def _tools(body: dict) -> list | None:
             raise ApiError(400, f"tools[{i}]: only custom tools {{name, description, input_schema}} are supported",
                            param="tools")
         check_fields(t, _TOOL_FIELDS, _TOOL_UNSUPPORTED, where=f"tools[{i}]")
+        _cache_control(t.get("cache_control"), f"tools[{i}].cache_control")
         schema = _get(t, "input_schema", (dict,), {"type": "object", "properties": {}})
         functions.append({"type": "function", "function": {
             "name": t["name"], "description": _get(t, "description", (str,), ""), "parameters": schema}})
@@ -208,10 +261,7 @@ def _identity(body: dict) -> None:
     metadata = _get(body, "metadata", (dict,), {})
     check_fields(metadata, frozenset({"user_id"}), where="metadata")
     _get(metadata, "user_id", (str,))
-    cache = _get(body, "cache_control", (dict,), {"type": "ephemeral"})
-    check_fields(cache, frozenset({"type", "ttl"}), where="cache_control")
-    if cache.get("type") != "ephemeral" or cache.get("ttl") not in (None, "5m", "1h"):
-        raise ApiError(400, "cache_control: must be {type: ephemeral, ttl: 5m or 1h}", param="cache_control")
+    _cache_control(body.get("cache_control"), "cache_control")
     for name in ("user_profile_id", "workspace_id"):
         _get(body, name, (str,))
 
@@ -397,7 +447,8 @@ MESSAGES_REQUEST_SCHEMA = {
         "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role", "content"],
             "properties": {"role": {"type": "string", "enum": ["user", "assistant", "system"]},
-                           "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}},
+                           "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}},
+            "additionalProperties": False}},
         "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
             "name": {"type": "string"}, "description": {"type": "string"}, "input_schema": {"type": "object"},
             "strict": {"type": "boolean"}}}},

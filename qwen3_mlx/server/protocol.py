@@ -57,16 +57,60 @@ def _text(content: Any, where: str) -> str:
         except Qwen3MLXError as e:
             raise ApiError(400, str(e), param="messages") from None
         parts = []
-        for part in content:
+        for i, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
+            at = f"{where}.content[{i}]"
+            check_fields(part, frozenset({"type", "text", "prompt_cache_breakpoint"}), where=at)
+            _cache_breakpoint(part.get("prompt_cache_breakpoint"), f"{at}.prompt_cache_breakpoint")
             parts.append(part["text"])
         return "".join(parts)
     raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
 
 
+def _cache_breakpoint(breakpoint: Any, where: str) -> None:
+    """A text part's `prompt_cache_breakpoint` ({mode: explicit, ttl}): checked, then ignored on purpose (the prefix
+    cache keeps every prompt it can without being asked, and a breakpoint changes no answer)."""
+    if breakpoint is None:
+        return
+    if isinstance(breakpoint, dict):
+        check_fields(breakpoint, frozenset({"mode", "ttl"}), where=where)
+    if not (isinstance(breakpoint, dict) and breakpoint.get("mode") == "explicit"
+            and breakpoint.get("ttl") in (None, "30m", "12h")):
+        raise ApiError(400, f"'{where}' must be {{mode: explicit, ttl: 30m or 12h}}", param="messages")
+
+
+# Each role's message fields (OpenAI's ChatCompletion*MessageParam; reasoning_content is the extension the
+# template reads), and those refused unless absent or at a value meaning "not used": an assistant's earlier audio
+# answer, its deprecated function_call and its refusal text would be dropped, changing the conversation.
+_MESSAGE_FIELDS = {"system": frozenset({"role", "content"}), "user": frozenset({"role", "content"}),
+                   "assistant": frozenset({"role", "content", "tool_calls", "reasoning_content"}),
+                   "tool": frozenset({"role", "content", "tool_call_id"})}
+_MESSAGE_UNSUPPORTED = {"assistant": {"audio": (None,), "function_call": (None,), "refusal": (None, "")}}
+# `name` (system/user/assistant) is refused if set: Qwen's template has no place for it (dropped, speakers merge).
+_NAMED_ROLES = ("system", "user", "assistant")
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    """An assistant message's tool call {id, type: function, function: {name, arguments}} as the template's."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or call.get("type", "function") != "function":
+        raise ApiError(400, f"{where}: each tool call needs type function and a function with a name",
+                       param="messages")
+    check_fields(call, frozenset({"id", "type", "function"}), where=where)
+    check_fields(fn, frozenset({"name", "arguments"}), where=f"{where}.function")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise ApiError(400, f"{where}: tool call arguments are not JSON", param="messages") from None
+    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
 def parse_messages(raw: Any) -> list[dict]:
-    """OpenAI chat messages -> the chat template's messages (tool calls' arguments as the client sent them)."""
+    """OpenAI chat messages -> the chat template's messages (tool calls' arguments as the client sent them). Each
+    message's fields are checked against its role's: none is accepted and dropped."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
     messages = []
@@ -78,26 +122,23 @@ def parse_messages(raw: Any) -> list[dict]:
         if role not in ROLES:
             raise ApiError(400, f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
                            param="messages")
+        named = role in _NAMED_ROLES and m.get("name") not in (None, "")
+        if named:
+            raise ApiError(400, f"'{where}.name' is not supported by this server: the model's chat template has no "
+                                f"place for a participant's name (got {json.dumps(m['name'])})", param="messages")
+        known = _MESSAGE_FIELDS[role] | ({"name"} if role in _NAMED_ROLES else set())
+        check_fields(m, known, _MESSAGE_UNSUPPORTED.get(role), where=where)
         msg = {"role": role, "content": _text(m.get("content"), where)}
         if role == "assistant" and m.get("tool_calls") is not None:
             calls = m["tool_calls"]
             if not isinstance(calls, list):
                 raise ApiError(400, f"{where}: tool_calls must be a list", param="messages")
-            msg["tool_calls"] = []
-            for call in calls:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise ApiError(400, f"{where}: each tool call needs a function with a name", param="messages")
-                args = fn.get("arguments", "{}")
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args) if args.strip() else {}
-                    except json.JSONDecodeError:
-                        raise ApiError(400, f"{where}: tool call arguments are not JSON", param="messages") from None
-                msg["tool_calls"].append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+            msg["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(calls)]
         if role == "tool" and m.get("tool_call_id") is not None:
             msg["tool_call_id"] = m["tool_call_id"]
-        if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+        if role == "assistant" and m.get("reasoning_content") is not None:
+            if not isinstance(m["reasoning_content"], str):
+                raise ApiError(400, f"{where}: reasoning_content must be a string", param="messages")
             msg["reasoning_content"] = m["reasoning_content"]
         messages.append(msg)
     return messages
@@ -467,8 +508,12 @@ CHAT_REQUEST_SCHEMA = {
         "messages": {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role"],
             "properties": {"role": {"type": "string", "enum": list(ROLES)},
-                           "content": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                           "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"}}}},
+                           "content": {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+                               "type": "object", "required": ["type", "text"],
+                               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]},
+                           "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"},
+                           "reasoning_content": {"type": "string"}},
+            "additionalProperties": False}},
         "tools": {"type": "array", "items": {"type": "object"}},
         "tool_choice": {"anyOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {
             "type": "object", "required": ["type", "function"],
