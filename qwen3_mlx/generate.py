@@ -349,13 +349,18 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
     """
     options = as_options(options, overrides).validate(getattr(model, "args", None))
     seq = Sequence(model, tokenizer, prompt, options, prompt_cache)
+    spec = None
+    if options.draft_model is not None:
+        from .speculative import Speculator
+
+        spec = Speculator(model, seq, draft_cache)
 
     def forward(tokens, n_generated: int, mask=None) -> Draw:
         """Queue a forward of `tokens` and the sampling of its last logits; `mask` may be a function, called
         once the forward is queued (a constraint's next mask needs the token the forward feeds, not its result)."""
         seq.quantize_cache()
         inputs = mx.array(tokens) if isinstance(tokens, list) else tokens.reshape(-1)
-        logits = model(inputs[None], seq.cache)[:, -1, :]
+        logits = (spec.forward(tokens) if spec is not None else model(inputs[None], seq.cache))[:, -1, :]
         if callable(mask):
             mx.async_eval(logits)
             mask = mask()
@@ -363,15 +368,10 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
         mx.async_eval(y.arrays())
         return y
 
-    spec = None
-    if options.draft_model is not None:
-        from .speculative import Speculator
-
-        spec = Speculator(model, seq, draft_cache)
     _prefill(model, seq, spec)
     y = forward(*seq.first_input())
     if spec is not None:
-        yield from _speculative(seq, spec, y, forward, lambda tokens: model(mx.array(tokens)[None], seq.cache))
+        yield from _speculative(seq, spec, y, forward, spec.forward)
         return
     try:
         yield from _plain(seq, y, forward)
@@ -385,12 +385,11 @@ def _prefill(model, seq: Sequence, spec) -> None:
     """All but the last prompt token in chunks, each evaluated so memory stays bounded (the draft's too)."""
     for start, end in split_at(prefill_plan(len(seq.prefill), seq.options.prefill_step_size), seq.cuts):
         seq.quantize_cache()
-        tokens = mx.array(seq.prefill[start:end])[None]
-        model.fill(tokens, seq.cache)
-        mx.eval([c.state for c in seq.cache])
         if spec is not None:
-            spec.draft.fill(tokens, spec.dcache)
-            mx.eval([c.state for c in spec.dcache])
+            spec.fill(seq.prefill[start:end])
+            continue
+        model.fill(mx.array(seq.prefill[start:end])[None], seq.cache)
+        mx.eval([c.state for c in seq.cache])
 
 
 def _plain(seq: Sequence, y: Draw, forward) -> Iterator[GenerationResponse]:

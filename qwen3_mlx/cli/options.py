@@ -52,7 +52,8 @@ class ModelSource:
 _SOURCE_FLAGS = {
     "draft_model": (str, typer.Option(
         None, "--draft-model", help="A small model of the same family proposing tokens for the big one to check "
-        "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B.")),
+        "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B; or "
+        "mtp: the checkpoint's own multi-token-prediction head (Qwen3.5 / 3.6 / 3.8, Qwen3-Next).")),
     "prompt_cache": (Path, typer.Option(
         None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system "
         "prompt applies unless --system is given).")),
@@ -123,7 +124,11 @@ def load_for_generation(model: str, options: GenerationOptions, source: ModelSou
     if source.prompt_cache is not None:
         refuse_distributed("--prompt-cache")
     llm, tokenizer = load_for_cli(model, parallel=source.parallel, split=source.split)
-    if source.draft_model is not None:
+    if source.draft_model == "mtp":
+        from ..models.mtp import load_mtp
+
+        options = options.replace(draft_model=load_mtp(llm))
+    elif source.draft_model is not None:
         from ..speculative import check_draft
 
         draft, draft_tokenizer = load_for_cli(source.draft_model, local=True)

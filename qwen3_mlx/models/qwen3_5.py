@@ -222,6 +222,15 @@ class Model(qwen3.Model):
         """A KVCache per attention layer, a RecurrentCache (conv and delta-rule state) per linear one."""
         return [RecurrentCache() if layer.is_linear else KVCache() for layer in self.layers]
 
+    def hidden_states(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The final-norm hidden states [B, L, hidden] of a forward (`logits` turns them into logits): what a
+        multi-token-prediction drafter pairs with the next token (`models/mtp.py`)."""
+        return self.model(inputs, cache)
+
+    def mtp_layer(self) -> nn.Module:
+        """A decoder block shaped as this family's multi-token-prediction layer (full attention, the model's MLP)."""
+        return DecoderLayer(self.args, "full_attention")
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF tensors to ours: the language model of a vision-language checkpoint (vision tower and MTP head
         skipped), conv weights [C, 1, K] -> [C, K, 1], and the 1 of the zero-centred norms folded in."""

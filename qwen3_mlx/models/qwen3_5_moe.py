@@ -42,6 +42,9 @@ class Model(qwen3_5.Model):
         layers = [qwen3_5.DecoderLayer(args, t, SparseMoeBlock(args)) for t in args.layer_types]
         super().__init__(args, qwen3_5.TextModel(args, layers))
 
+    def mtp_layer(self):
+        return qwen3_5.DecoderLayer(self.args, "full_attention", SparseMoeBlock(self.args))
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """As qwen3_5's, then experts to `switch_mlp` stacks: transformers' fused `experts.gate_up_proj`
         [E, 2I, D] (gate rows first) and `experts.down_proj`, or the per-expert tensors of hub checkpoints."""
