@@ -231,7 +231,12 @@ def load_model(
     keep_bf16 = dtype is None
     dtype = dtype or default_dtype()
     model = build_model(config)
-    weights = model.sanitize(load_weights(model_path))
+    weights = load_weights(model_path)
+    if hasattr(model, "rows_on_disk"):  # tables read by row from their files, never loaded whole (qwen4_exp)
+        from .quantize.safetensors_io import scan
+
+        weights = model.rows_on_disk(weights, scan(weight_files(model_path)), dtype)
+    weights = model.sanitize(weights)
     if shard is not None:
         weights = shard(model, weights)
     quantization = config.get("quantization") or config.get("quantization_config")

@@ -282,3 +282,59 @@ def test_quantized_kv_cache_is_refused(q4):
     model, _ = load_model(q4[0])
     with pytest.raises(Qwen3MLXError, match="qwen4_exp"):
         make_cache(model, kv_bits=8)
+
+
+def test_ngram_tables_stay_on_disk(q4):
+    """Loaded, a table is not a parameter (not resident): its rows come from the file, equal to the tensor."""
+    from safetensors.numpy import load_file
+
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.qwen4_exp import DiskRows
+
+    path, _ = q4
+    model, _ = load_model(path)
+    emb = model.layers[2].ple.ple_embedding
+    assert isinstance(emb.disk, DiskRows) and "ngram_embedding" not in emb
+    tensors = load_file(path / "model.safetensors")
+    table = np.concatenate([tensors[f"model.layers.2.ple.ple_embedding.ngram_embedding.shard_{j}.weight"]
+                            for j in range(4)])
+    ids = mx.array([[0, 5, len(table) - 1], [400, 343, 342]])  # 342 / 343: either side of a part boundary
+    assert np.array_equal(np.array(emb.disk.take(ids)), table[np.array(ids)])
+    with pytest.raises(IndexError):
+        emb.disk.take(mx.array([len(table)]))
+
+
+def test_4bit_export_runs_in_our_runtime(q4, tmp_path):
+    """`qwen3-mlx quantize`: the export (marked qwen3-mlx only) keeps the hash constants int64 and the tables
+    in float parts read from disk, and runs within the quality report's KL of the source."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from qwen3_mlx.loader import load_model
+
+    src, out = q4[0], tmp_path / "q4"
+    r = subprocess.run([sys.executable, "-m", "qwen3_mlx", "quantize", str(src), str(out), "--bits", "4",
+                        "--group-size", "32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "qwen3-mlx only" in r.stderr
+    kl_report = float(r.stdout.split("mean ")[1].split()[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen4_exp_text" and "qwen3_mlx_only" in config
+    (shard,) = out.glob("*.safetensors")
+    with safe_open(shard, "np") as f, safe_open(src / "model.safetensors", "np") as g:
+        key = "model.layers.5.ple.ple_embedding.layer_multipliers"
+        assert np.array_equal(f.get_tensor(key), g.get_tensor(key)) and f.get_tensor(key).dtype == np.int64
+        part = "model.layers.5.ple.ple_embedding.ngram_embedding.shard_1.weight"
+        assert np.array_equal(f.get_tensor(part), g.get_tensor(part))
+        assert "model.layers.5.ple.key_proj.scales" in f.keys()
+    source, _ = load_model(src)
+    quantized, _ = load_model(out)
+    assert quantized.layers[5].ple.ple_embedding.disk is not None
+    ids = mx.array(np.random.default_rng(0).integers(0, 500, (1, 96)))
+    x, y = source(ids)[0], quantized(ids)[0]
+    p = mx.softmax(x, axis=-1)
+    kl = (p * (mx.log(p) - (y - mx.logsumexp(y, axis=-1, keepdims=True)))).sum(axis=-1)
+    assert 0 < kl.mean().item() < 0.05
+    assert kl.mean().item() == pytest.approx(kl_report, rel=1e-2)

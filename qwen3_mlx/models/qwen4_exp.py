@@ -21,6 +21,7 @@ Module names equal checkpoint tensor names; sanitize() joins the n-gram tables' 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -179,6 +180,37 @@ def inject(h: mx.array, out: mx.array, weights: mx.array) -> mx.array:
     return h + (out[..., None, :] * weights[..., :, None]).reshape(h.shape)
 
 
+class DiskRows:
+    """A table [rows, d] left in its safetensors file(s), in consecutive parts (HF's `shard_*`), memory-mapped:
+    a lookup reads the rows it names, so the table costs page cache the OS can drop, not resident memory."""
+
+    def __init__(self, parts: list, dtype: mx.Dtype):
+        from ..quantize.safetensors_io import DTYPES
+
+        self.maps, starts = [], [0]
+        for info in parts:
+            np_dtype = DTYPES[info.dtype][2]
+            self.maps.append(np.memmap(info.file, np_dtype, "r", offset=info.start, shape=info.shape))
+            starts.append(starts[-1] + info.shape[0])
+        self.starts = np.array(starts)
+        self.bf16 = parts[0].dtype == "BF16"  # numpy has no bfloat16: read as uint16, viewed in MLX
+        self.dtype, self.shape = dtype, (int(self.starts[-1]), parts[0].shape[1])
+
+    def take(self, ids: mx.array) -> mx.array:
+        """Rows [*ids.shape, d] (ids evaluated here: the rows are read on the host)."""
+        flat = np.array(ids).reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise IndexError(f"n-gram table row out of range 0..{self.shape[0] - 1}")
+        part = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty((flat.size, self.shape[1]), self.maps[0].dtype)
+        for p in np.unique(part):
+            at = part == p
+            out[at] = self.maps[p][flat[at] - self.starts[p]]
+        rows = mx.array(out)
+        rows = rows.view(mx.bfloat16) if self.bf16 else rows
+        return rows.astype(self.dtype).reshape(*ids.shape, self.shape[1])
+
+
 class NGramEmbedding(nn.Module):
     """Each token's hashed 2..ngram_size-grams: `heads_per_ngram` rows per order from one table, concatenated."""
 
@@ -194,6 +226,7 @@ class NGramEmbedding(nn.Module):
         div = args.make_ngram_vocab_size_divisible_by
         rows = -(-int(sizes.sum()) // div) * div
         self.ngram_embedding = Embedding(rows, args.ple_embed_dim // self.heads)
+        self.disk: DiskRows | None = None  # the table read from its file by row instead (`Model.rows_on_disk`)
 
     def _shifted(self, tokens: mx.array, shift: int) -> mx.array:
         """tokens [B, T] shifted right by `shift` within each EOS-ended segment, EOS where that leaves it."""
@@ -225,7 +258,8 @@ class NGramEmbedding(nn.Module):
         B, L = tokens.shape
         if context is None:
             context = mx.full((B, self.n - 1), self.eos, mx.int64)
-        rows = self.ngram_embedding(self.ids(tokens, context))  # [B, L, heads, d]
+        ids = self.ids(tokens, context)
+        rows = self.ngram_embedding(ids) if self.disk is None else self.disk.take(ids)  # [B, L, heads, d]
         new_context = mx.concatenate([context, tokens.astype(mx.int64)], axis=1)[:, -(self.n - 1) :]
         return rows.reshape(B, L, -1), new_context
 
@@ -404,6 +438,7 @@ class TextModel(nn.Module):
         return self.hyper_connection_mixer(h)
 
 
+_TABLE = re.compile(r"layers\.(\d+)\.ple\.ple_embedding\.ngram_embedding\.(?:shard_(\d+)\.)?weight$")
 _PLUS_ONE = ("hc_norm.weight", "q_layernorm.weight", "k_layernorm.weight", "norm_key.weight", "norm_query.weight",
              "norm_conv.weight")
 
@@ -416,6 +451,27 @@ class Model(qwen3_5_moe.Model):
         """A RecurrentCache per DeltaNet layer (the PLE's state too, as `extra`), an IndexedKVCache per attention
         layer (keys, values and the indexer's keys)."""
         return [RecurrentCache() if layer.is_linear else IndexedKVCache() for layer in self.layers]
+
+    def rows_on_disk(self, weights: dict[str, mx.array], infos: dict, dtype: mx.Dtype) -> dict[str, mx.array]:
+        """Leave the n-gram tables in their files (read by row: `DiskRows`): their tensors taken out of
+        `weights` (returned without them), the tables' parameters out of the model. `infos`: the checkpoint's
+        `safetensors_io.scan`."""
+        parts: dict[int, dict[int, object]] = {}
+        for key in [k for k in weights if _TABLE.search(k)]:
+            m = _TABLE.search(key)
+            if key not in infos or f"{key[: -len('.weight')]}.scales" in weights:
+                return weights  # not a plain float tensor in a file (a quantized export): loaded as usual
+            parts.setdefault(int(m[1]), {})[int(m[2] or 0)] = infos[key]
+        out = {k: v for k, v in weights.items() if not _TABLE.search(k)}
+        for i, found in parts.items():
+            emb = self.layers[i].ple.ple_embedding
+            table = DiskRows([found[j] for j in sorted(found)], dtype)
+            if table.shape != tuple(emb.ngram_embedding.weight.shape):
+                raise ModelLoadError(f"layer {i}'s n-gram table is {table.shape}, expected "
+                                     f"{tuple(emb.ngram_embedding.weight.shape)} from config.json")
+            emb.disk = table
+            del emb.ngram_embedding
+        return out
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """As qwen3_5_moe's, plus: the n-gram tables' `shard_*` parts joined in order, and the 1 of this model's

@@ -19,16 +19,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..loader import check_weights, load_config, load_weights, resolve_model_path
+from ..loader import check_weights, load_config, load_weights, resolve_model_path, weight_files
 from ..models import build_model
 from .core import float_note, quantize_model
 from .convert import CHUNK_BYTES, Unit, _layer_key, _refuse_overlap, _split, resolve_dtype, write_folder
 from .recipes import QuantizeError, QuantSpec
-from .safetensors_io import OutTensor, ShardWriter, parse_size
+from .safetensors_io import OutTensor, ShardWriter, parse_size, scan
 
-# model_type -> the mlx-lm module that runs it
+# model_type -> the mlx-lm module that runs it (None: none does; the export keeps the source's text layout)
 MLX_LM_MODULE = {"qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_5_moe": "qwen3_5_moe",
-                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_next": "qwen3_next"}
+                 "qwen3_5_moe_text": "qwen3_5_moe", "qwen3_next": "qwen3_next", "qwen4_exp": None,
+                 "qwen4_exp_text": None}
 HYBRID_TYPES = tuple(MLX_LM_MODULE)
 
 
@@ -51,10 +52,19 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
         raise QuantizeError(f"{out} already exists (use --force to replace it)")
     _refuse_overlap(source, out)
     model = build_model(config)  # lazy: the plan of every output tensor, nothing materialised
-    marker = loader_compatibility(config, allow_incompatible)
+    marker = loader_compatibility(config, allow_incompatible) if MLX_LM_MODULE[config["model_type"]] else \
+        {"qwen3_mlx_only": f"mlx-lm and MLX Swift do not implement {config['model_type']}"}
     # Every source tensor as ours (sanitize's renames, conv transposes, folded norms, stacked experts): still
     # lazy, each read from disk only when its turn comes.
-    lazy = model.sanitize(load_weights(source))
+    lazy, tables = load_weights(source), []
+    if hasattr(model, "rows_on_disk"):
+        # qwen4_exp's n-gram tables: copied part by part in the source's float dtype (read a few rows a token,
+        # from disk at run time, so their size costs disk, not memory; the hash constants are copied as they are)
+        kept = model.rows_on_disk(lazy, scan(weight_files(source)), mx.float32)
+        tables = [k for k in lazy if k not in kept]
+        lazy = kept
+    # No other name may hold the source dict: `_write_module` frees each tensor by popping it from `lazy`.
+    lazy = model.sanitize(lazy)
     check_weights(model, lazy)
     dtype = resolve_dtype(dtype) if dtype is not None else _source_dtype(lazy)
     vl = mlx_lm_layout(config, {})[1]
@@ -66,7 +76,7 @@ def export_hybrid(src: str | os.PathLike, out: str | os.PathLike, spec: QuantSpe
         log(float_note([mlx_lm_name(p, vl) for p in ungrouped], spec.group_size))
     if log and marker:
         log(f"warning: {out.name} loads in qwen3-mlx only: {marker['qwen3_mlx_only']}")
-    ordered = _units(model, dtype, vl)
+    ordered = _units(model, dtype, vl) + _table_units(tables, source, lazy)
     total, done = sum(u.nbytes for u in ordered), 0
 
     def write(unit: Unit, writer: ShardWriter) -> None:
@@ -88,11 +98,26 @@ def _units(model: nn.Module, dtype: mx.Dtype, vl: bool) -> list[Unit]:
     for name, p in tree_flatten(model.parameters()):
         path, param = name.rsplit(".", 1)
         # scales, biases, norms, conv and dt_bias in the source's dtype; A_log float32 (mlx-lm keeps it so)
-        out_dtype = mx.uint32 if p.dtype == mx.uint32 else mx.float32 if param == "A_log" else dtype
+        out_dtype = p.dtype if p.dtype in (mx.uint32, mx.int64) else mx.float32 if param == "A_log" else dtype
         unit = units.setdefault(path, Unit(path, [], [], getattr(modules[path], "bits", 0),
                                            getattr(modules[path], "group_size", 0)))
         unit.outputs.append(OutTensor(mlx_lm_name(name, vl), out_dtype, tuple(p.shape)))
     return [units[k] for k in sorted(units, key=_layer_key)]
+
+
+def _table_units(keys: list[str], source: Path, lazy: dict[str, mx.array]) -> list[Unit]:
+    """One unit per part of the n-gram tables (`keys`: the source's names), under our text layout's names, in
+    the source's dtype; each part is read whole when written (HF splits a table in 512)."""
+    if not keys:
+        return []
+    weights = load_weights(source)
+    units = []
+    for key in keys:
+        name = "model." + key[key.index("layers.") :]
+        lazy[name] = weights[key]
+        dtype = weights[key].dtype
+        units.append(Unit(name.rsplit(".", 1)[0], [], [OutTensor(name, dtype, tuple(weights[key].shape))], 0, 0))
+    return units
 
 
 def attention_interval(layer_types: list[str]) -> int | None:
@@ -173,7 +198,7 @@ def mlx_lm_layout(config: dict, quantization: dict) -> tuple[dict, bool]:
             text[key] = rope[key]
     quant = {"quantization": quantization, "quantization_config": dict(quantization)} if quantization else {}
     module = MLX_LM_MODULE[config["model_type"]]
-    if module == "qwen3_next":
+    if module in ("qwen3_next", None):
         return {**text, **quant}, False
     top = {k: v for k, v in config.items()
            if "text_config" in config and k not in ("text_config", "vision_config", "quantization", "quantization_config")}

@@ -104,7 +104,10 @@ class _SanitizedWeights:
     with the layer; the embedding and head (read twice when tied) stay once read."""
 
     def __init__(self, folder: Path, model):
-        self.lazy = model.sanitize(load_weights(folder))
+        lazy = load_weights(folder)
+        if hasattr(model, "rows_on_disk"):  # qwen4_exp's n-gram tables stay in their files, as when loaded
+            lazy = model.rows_on_disk(lazy, scan(weight_files(folder)), mx.float32)
+        self.lazy = model.sanitize(lazy)
         self.shapes = {k: tuple(v.shape) for k, v in self.lazy.items()}
         self._last: tuple[str, mx.array] | None = None  # the tensor read by rows (embedding, head)
 
@@ -125,7 +128,7 @@ class _SanitizedWeights:
             mx.eval(a)
             self._last = (name, a)
         a = self._last[1][r0:r1]
-        return a if a.dtype == mx.uint32 else a.astype(mx.float32)
+        return a if mx.issubdtype(a.dtype, mx.integer) else a.astype(mx.float32)
 
 
 def _load(module, prefix: str, weights: _Weights) -> None:
@@ -190,6 +193,8 @@ def _report(out, ref, q, sw, qw, quantization, text, max_tokens) -> QualityRepor
     h_ref = mx.concatenate([sw.get("model.embed_tokens.weight", i, i + 1) for i in ids])[None]
     _load(q.model.embed_tokens, "model.embed_tokens.", qw)
     h_q = q.model.embed_tokens(tokens)
+    streams = getattr(q.model, "hc", 1)  # qwen4_exp: every residual stream starts as the embedding
+    h_ref, h_q = (mx.tile(h, (1, 1, streams)) for h in (h_ref, h_q))
     mx.eval(h_ref, h_q)
     _drop(q.model.embed_tokens)
     mask = attention_mask(len(ids))
@@ -197,13 +202,17 @@ def _report(out, ref, q, sw, qw, quantization, text, max_tokens) -> QualityRepor
         prefix = f"model.layers.{i}."
         _load(lr, prefix, sw)
         _load(lq, prefix, qw)
-        h_ref, h_q = lr(h_ref, mask), lq(h_q, mask)
+        if streams > 1:  # its layers also read the token ids (the n-gram embeddings)
+            h_ref, h_q = lr(h_ref, tokens, mask), lq(h_q, tokens, mask)
+        else:
+            h_ref, h_q = lr(h_ref, mask), lq(h_q, mask)
         mx.eval(h_ref, h_q)
         _drop(lr)
         _drop(lq)
-    _load(ref.model.norm, "model.norm.", sw)
-    _load(q.model.norm, "model.norm.", qw)
-    h_ref, h_q = ref.model.norm(h_ref), q.model.norm(h_q)
+    final = "norm" if "norm" in q.model else "hyper_connection_mixer"  # qwen4_exp mixes the streams instead
+    _load(ref.model[final], f"model.{final}.", sw)
+    _load(q.model[final], f"model.{final}.", qw)
+    h_ref, h_q = ref.model[final](h_ref), q.model[final](h_q)
 
     head = "model.embed_tokens" if ref.args.tie_word_embeddings else "lm_head"
     ref_logits = _head_logits(h_ref, sw, head, None)

@@ -26,6 +26,7 @@ DTYPES: dict[str, tuple[mx.Dtype, int, type]] = {
     "F16": (mx.float16, 2, np.float16),
     "F32": (mx.float32, 4, np.float32),
     "U32": (mx.uint32, 4, np.uint32),
+    "I64": (mx.int64, 8, np.int64),  # qwen4_exp's n-gram hash constants
 }
 FLOAT_SOURCE_DTYPES = ("BF16", "F16", "F32")
 MX_TO_ST = {v[0]: k for k, v in DTYPES.items()}
