@@ -243,3 +243,34 @@ def test_a_checkpoint_without_mtp_tensors_is_refused_in_one_line(tmp_path):
     proc = run_cli(tmp_path, "--prompt", "Hi", "--max-tokens", "2", "--draft-model", "mtp")
     assert proc.returncode != 0
     assert "no mtp.* tensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_leaves_the_head_out_and_writes_it_as_a_drafter_folder(tmp_path):
+    """`quantize SRC OUT --mtp-drafter D`: OUT's shards hold no mtp.* tensor (MLX Swift's rule, checked), D holds
+    the head at 4 bits, and the 4-bit export drafted by it gives the export's plain greedy output."""
+    from safetensors import safe_open
+
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.mtp import load_mtp
+    from qwen3_mlx.quantize import check_export
+
+    src, out, head = tmp_path / "src", tmp_path / "out", tmp_path / "head"
+    save_with_mtp(src)
+    env = dict(os.environ, NO_COLOR="1")
+    proc = subprocess.run([sys.executable, "-m", "qwen3_mlx", "quantize", str(src), str(out), "--no-eval",
+                           "--mtp-drafter", str(head)], check=False, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = [k for f in out.glob("*.safetensors") for k in safe_open(str(f), "np").keys()]  # noqa: SIM118
+    assert names and not [k for k in names if "mtp." in k]
+    assert not [p for p in check_export(out) if "mtp" in p]
+    with safe_open(str(head / "model.safetensors"), "np") as f:
+        assert "mtp.fc.scales" in f.keys() and all(k.startswith("mtp.") for k in f.keys())  # noqa: SIM118
+    model, _ = load_model(out)
+    drafter = load_mtp(model, head)
+    prompt = [int(t) for t in np.random.RandomState(4).randint(0, 500, size=20)]
+    plain = generate(model, None, prompt, max_tokens=30, temperature=0, ignore_eos=True)
+    assert generate(model, None, prompt, max_tokens=30, temperature=0, ignore_eos=True, draft_model=drafter,
+                    num_draft=3).tokens == plain.tokens
+    with pytest.raises(Qwen3MLXError, match="no mtp"):
+        load_mtp(model)  # the export itself carries no head

@@ -53,7 +53,8 @@ _SOURCE_FLAGS = {
     "draft_model": (str, typer.Option(
         None, "--draft-model", help="A small model of the same family proposing tokens for the big one to check "
         "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B; or "
-        "mtp: the checkpoint's own multi-token-prediction head (Qwen3.5 / 3.6 / 3.8, Qwen3-Next).")),
+        "mtp: the checkpoint's own multi-token-prediction head (Qwen3.5 / 3.6 / 3.8, Qwen3-Next), or a folder "
+        "holding that head alone (qwen3-mlx quantize --mtp-drafter).")),
     "prompt_cache": (Path, typer.Option(
         None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system "
         "prompt applies unless --system is given).")),
@@ -124,10 +125,11 @@ def load_for_generation(model: str, options: GenerationOptions, source: ModelSou
     if source.prompt_cache is not None:
         refuse_distributed("--prompt-cache")
     llm, tokenizer = load_for_cli(model, parallel=source.parallel, split=source.split)
-    if source.draft_model == "mtp":
+    if source.draft_model == "mtp" or is_mtp_drafter(source.draft_model):
         from ..models.mtp import load_mtp
 
-        options = options.replace(draft_model=load_mtp(llm))
+        options = options.replace(draft_model=load_mtp(llm, None if source.draft_model == "mtp" else
+                                                       source.draft_model))
     elif source.draft_model is not None:
         from ..speculative import check_draft
 
@@ -143,6 +145,15 @@ def load_for_generation(model: str, options: GenerationOptions, source: ModelSou
 
     template_variables(tokenizer, options)  # a template that ignores --reasoning-effort: refused before the chat
     return llm, tokenizer, options.validate(llm.args), cached
+
+
+def is_mtp_drafter(path: str | None) -> bool:
+    """Whether `path` is a folder holding an MTP head alone (`qwen3-mlx quantize --mtp-drafter`)."""
+    config = Path(path).expanduser() / "config.json" if path else None
+    try:
+        return config is not None and config.is_file() and json.loads(config.read_text()).get("mtp_drafter") is True
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def load_for_cli(model: str, *, parallel: str | None = None, split: str | None = None, local: bool = False):

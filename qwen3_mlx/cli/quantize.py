@@ -66,6 +66,10 @@ def quantize(
         False, "--allow-incompatible", help="Export a hybrid whose layer_types mlx-lm and MLX Swift would mis-build "
         "(the folder then loads in qwen3-mlx only)."
     ),
+    mtp_drafter: Optional[str] = typer.Option(
+        None, "--mtp-drafter", help="Also write the checkpoint's multi-token-prediction head (never in OUT's shards) "
+        "to this folder, at the same bits: qwen3-mlx generate OUT --draft-model FOLDER."
+    ),
 ):
     """Quantize a Hugging Face Qwen3 / Qwen3.5 / Qwen3-Next checkpoint to MLX's format in bounded memory."""
     from ..quantize import QuantSpec, convert, quality_report
@@ -86,6 +90,11 @@ def quantize(
     if hybrid:
         options["allow_incompatible"] = allow_incompatible
     result = _run(export_hybrid if hybrid else convert, src, out_dir, spec, **options)
+    if mtp_drafter:
+        from ..quantize.mtp import export_mtp
+
+        drafter = export_mtp(src, mtp_drafter, bits=spec.bits, group_size=spec.group_size, force=force)
+        err.print(f"wrote the MTP head to {drafter}")
     if hybrid:
         size = sum(f.stat().st_size for f in result.glob("*.safetensors"))
         err.print(f"wrote {result}: {_size(size)} ({spec.label}) in {time.perf_counter() - t0:.1f}s")

@@ -200,7 +200,8 @@ def mtp_tensors(path: Path) -> dict[str, mx.array]:
 
 
 def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
-    """The MTP head of `target`'s checkpoint (or of the checkpoint folder `path`) as its drafter.
+    """The MTP head of `target`'s checkpoint (or of `path`: another checkpoint folder of the same model, or a
+    drafter folder `quantize/mtp.export_mtp` wrote) as its drafter.
 
     Weights keep the target's precision policy: float32 on MLX's CPU backend with bfloat16 matmul weights kept
     bfloat16 where our kernels read them, bfloat16 on a GPU."""
@@ -228,6 +229,10 @@ def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
     ours = {k: v + 1.0 if k.endswith(_NORMS) or k in ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight",
                                                       "norm.weight") else v for k, v in ours.items()}
     drafter = MtpDrafter(target, target.mtp_layer())
+    if any(k.endswith(".scales") for k in ours):  # a drafter folder written quantized (`quantize/mtp.py`)
+        from ..loader import apply_quantization, load_config
+
+        apply_quantization(drafter, load_config(Path(folder)).get("quantization") or {}, ours)
     from mlx.utils import tree_flatten
 
     expected = dict(tree_flatten(drafter.parameters()))
@@ -241,8 +246,9 @@ def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
                                 f"{tuple(param.shape)} from config.json")
     dtype = default_dtype()
     keep = cpu_bf16_weights(drafter) if dtype == mx.float32 else set()
-    drafter.load_weights([(k, v if (k in keep and v.dtype == mx.bfloat16) else v.astype(dtype))
-                          for k, v in ours.items()], strict=True)
+    floats = (mx.float32, mx.float16, mx.bfloat16)
+    drafter.load_weights([(k, v if (k in keep and v.dtype == mx.bfloat16) or v.dtype not in floats else
+                           v.astype(dtype)) for k, v in ours.items()], strict=True)
     mx.eval(drafter.parameters())
     drafter.eval()
     return drafter
