@@ -101,7 +101,7 @@ def model_tensors(config: dict[str, Any] | str) -> list[Tensor]:
     for path, module in build_model(c).named_modules():
         for name, v in module.items():
             if isinstance(v, mx.array) and not name.startswith("_"):  # private arrays (RoPE's) are not weights
-                quantizable = name == "weight" and hasattr(module, "to_quantized")
+                quantizable = name == "weight" and hasattr(module, "to_quantized") and not getattr(module, "keep_float", 0)
                 out.append(Tensor(path if name == "weight" else f"{path}.{name}", tuple(v.shape), quantizable))
     return out
 
@@ -111,6 +111,28 @@ def layer_kinds(config: dict[str, Any] | str) -> list[str]:
     fixed size)."""
     a = _args(config)
     return list(getattr(a, "layer_types", None) or ["full_attention"] * a.num_hidden_layers)
+
+
+def is_disk_table(path: str) -> bool:
+    """qwen4_exp's n-gram tables: exported in float, read by row from the file at run time (never resident)."""
+    return path.endswith(".ple_embedding.ngram_embedding")
+
+
+def ple_state_bytes(config: dict[str, Any] | str, dtype_bytes: int = 2) -> int:
+    """Bytes of all PLE layers' state (qwen4_exp): the dilated conv's last (kernel - 1) * ngram_size inputs over
+    the hc streams, and the last ngram_size - 1 token ids (int64); 0 for other models."""
+    a = _args(config)
+    if not getattr(a, "ple_layer_ids", None):
+        return 0
+    span = (a.ple_conv_kernel_size - 1) * a.ngram_size
+    return len(a.ple_layer_ids) * (span * a.hc_count * a.hidden_size * dtype_bytes + (a.ngram_size - 1) * 8)
+
+
+def index_bytes_per_token(config: dict[str, Any] | str, dtype_bytes: int = 2) -> int:
+    """Bytes of the QSA indexer's key one position adds over all attention layers (qwen4_exp; else 0)."""
+    a = _args(config)
+    dim = getattr(a, "indexer_head_dim", None) or 0
+    return layer_kinds(config).count("full_attention") * dim * dtype_bytes
 
 
 def state_bytes_per_layer(config: dict[str, Any] | str, dtype_bytes: int = 2) -> int:
@@ -145,11 +167,12 @@ def tensor_bytes(t: Tensor, bits: int, group_size: int, dtype_bytes: int) -> int
 def kv_bytes_per_token(config: dict[str, Any] | str, dtype_bytes: int = 2, kv_bits: int | None = None,
                        kv_group_size: int = 64) -> int:
     """Bytes of keys and values one position occupies across all attention layers (quantized to `kv_bits`:
-    packed values plus a scale and a bias of `dtype_bytes` per group of `kv_group_size`)."""
+    packed values plus a scale and a bias of `dtype_bytes` per group of `kv_group_size`), and qwen4_exp's
+    indexer keys."""
     a = _args(config)
     KV, hd = a.num_key_value_heads, a.head_dim
     row = hd * dtype_bytes if kv_bits is None else hd * kv_bits // 8 + 2 * (hd // kv_group_size) * dtype_bytes
-    return 2 * layer_kinds(config).count("full_attention") * KV * row
+    return 2 * layer_kinds(config).count("full_attention") * KV * row + index_bytes_per_token(config, dtype_bytes)
 
 
 def tensor_costs(c: dict[str, Any], spec: QuantSpec, unquantized: bool = False, dtype_bytes: int = 2):
@@ -159,9 +182,12 @@ def tensor_costs(c: dict[str, Any], spec: QuantSpec, unquantized: bool = False, 
     L, tied = a.num_hidden_layers, bool(a.tie_word_embeddings)
     E, k = getattr(a, "num_experts", 0) or 0, getattr(a, "num_experts_per_tok", 0)
     for t in model_tensors(c):
-        b = 0 if (unquantized or not t.quantizable) else spec.layer_bits(t.path, L, tied, t.shape[-1])
+        table = is_disk_table(t.path)
+        b = 0 if (unquantized or not t.quantizable or table) else spec.layer_bits(t.path, L, tied, t.shape[-1])
         n = tensor_bytes(t, b, spec.group_size, dtype_bytes)
-        if t.path == "model.embed_tokens" and not tied:
+        if table:
+            read = a.ple_embed_dim * dtype_bytes  # one row per n-gram head a token
+        elif t.path == "model.embed_tokens" and not tied:
             read = 0  # one row per token; lm_head is read in full instead
         else:
             read = n * k // E if ".switch_mlp." in t.path else n
@@ -187,6 +213,7 @@ class Fit:
     runtime_bytes: int  # app/runtime memory outside MLX's allocator
     active_bytes: int  # bytes read per decoded token (weights touched + KV + live recurrent state)
     state_bytes: int = 0  # linear-attention layers' states with their checkpoints (`state_copies`), any context
+    disk_bytes: int = 0  # exported tensors read by row from their file, not resident (qwen4_exp's n-gram tables)
 
     @property
     def overhead(self) -> int:
@@ -226,6 +253,7 @@ def predict(
     name: str | None = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
+    tables_resident: bool = False,
 ) -> Fit:
     """Memory prediction for `config` (a config dict or registry name) at `bits`/`group_size` or a `spec`.
 
@@ -233,7 +261,8 @@ def predict(
     GPUs, 4 for float32 on MLX's CPU backend). `bits=16` (or 0) means unquantized. `fused_attention`: the
     attention kernel never materialises the [heads, chunk, context] score matrix (MLX's Metal kernels and
     our CPU kernels; false for MLX's own CPU attention, which holds it in float32). `kv_bits`: a quantized KV
-    cache (4 or 8 bits, groups of `kv_group_size`).
+    cache (4 or 8 bits, groups of `kv_group_size`). qwen4_exp's n-gram tables count as `disk_bytes` (the loader
+    reads them by row from the file), or as weights with `tables_resident`.
     """
     c = _cfg(config)
     a = _args(c)
@@ -241,18 +270,22 @@ def predict(
     unquantized = spec is None and bits in (0, 16)
     spec = spec or QuantSpec(bits=4 if unquantized else bits, group_size=group_size, recipe=recipe)
     E, k = getattr(a, "num_experts", 0) or 0, getattr(a, "num_experts_per_tok", 0)
-    weight = active = 0
+    weight = active = disk = 0
     for t, b, n, read in tensor_costs(c, spec, unquantized, dtype_bytes):
-        weight += n + _header_bytes(t.path, b > 0)
+        if is_disk_table(t.path) and not tables_resident:
+            disk += n + _header_bytes(t.path, False)
+        else:
+            weight += n + _header_bytes(t.path, b > 0)
         active += read
     weight += 8 + 8  # per-shard length prefix and metadata, one shard
     D, H, KV, hd = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
     kinds = layer_kinds(c)
     La = kinds.count("full_attention")
     positions = math.ceil(context / KV_STEP) * KV_STEP
-    kv_row = kv_bytes_per_token(c, dtype_bytes, kv_bits, kv_group_size) // (2 * La * KV)  # one head, one position
-    kv = 2 * La * KV * kv_row * positions
-    live_state = state_bytes_per_layer(c, dtype_bytes) * kinds.count("linear_attention")
+    index = index_bytes_per_token(c, dtype_bytes)
+    kv_row = (kv_bytes_per_token(c, dtype_bytes, kv_bits, kv_group_size) - index) // (2 * La * KV)  # a head, a position
+    kv = (2 * La * KV * kv_row + index) * positions
+    live_state = state_bytes_per_layer(c, dtype_bytes) * kinds.count("linear_attention") + ple_state_bytes(c, dtype_bytes)
     state = live_state * state_copies(context, prefill_step)
     chunk = min(prefill_step, context)
     # Largest score matrix of the chunked prefill: chunk length x keys cached so far, over all chunks.
@@ -271,9 +304,11 @@ def predict(
     )
     mlp_half = chunk * D * dtype_bytes + 2 * chunk * inter * dtype_bytes  # norm, gate and up (silu*up reuses gate)
     logits = a.vocab_size * 4 * 2  # last-position logits in float32 for sampling
-    activation = chunk * D * dtype_bytes + max(attention_half, mlp_half, logits)
+    streams = getattr(a, "hc_count", 1)  # qwen4_exp's residual is hc_count streams of D
+    activation = chunk * D * streams * dtype_bytes + max(attention_half, mlp_half, logits)
     # Per token the live state is read and written once, like the KV cache.
-    return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv + live_state, state)
+    return Fit(str(name), spec, context, weight, kv, activation, runtime_bytes, active + kv + live_state, state,
+               disk)
 
 
 def choose(

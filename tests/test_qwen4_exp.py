@@ -338,3 +338,36 @@ def test_4bit_export_runs_in_our_runtime(q4, tmp_path):
     kl = (p * (mx.log(p) - (y - mx.logsumexp(y, axis=-1, keepdims=True)))).sum(axis=-1)
     assert 0 < kl.mean().item() < 0.05
     assert kl.mean().item() == pytest.approx(kl_report, rel=1e-2)
+
+
+def test_fit_predicts_the_export_and_the_caches(q4, tmp_path):
+    """The planner against a real export (weights + the tables' parts on disk) and real caches after a chunked
+    prefill and a step (KV and indexer keys, DeltaNet and PLE states with their checkpoints)."""
+    from qwen3_mlx.fit import predict
+    from qwen3_mlx.generate import prefill_plan
+    from qwen3_mlx.loader import load_config, load_model
+    from qwen3_mlx.models.cache import make_cache
+    from qwen3_mlx.quantize import QuantSpec
+    from qwen3_mlx.quantize.hybrid import export_hybrid
+
+    spec = QuantSpec(bits=4, group_size=32)
+    export_hybrid(q4[0], tmp_path / "out", spec)
+    actual = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    f = predict(load_config(q4[0]), spec=spec, dtype_bytes=4)  # a float32 source
+    print(f"FIT qwen4_exp: predicted {f.weight_bytes} + {f.disk_bytes} on disk, actual {actual}")
+    assert f.disk_bytes > 0 and abs(f.weight_bytes + f.disk_bytes - actual) / actual < 0.01
+    resident = predict(load_config(q4[0]), spec=spec, dtype_bytes=4, tables_resident=True)
+    assert resident.disk_bytes == 0 and resident.weight_bytes == pytest.approx(f.weight_bytes + f.disk_bytes, rel=1e-3)
+
+    model, _ = load_model(q4[0])
+    prompt, step = 300, 128
+    ids = mx.array(np.random.default_rng(0).integers(0, 500, prompt))
+    cache = make_cache(model)
+    for a, b in prefill_plan(prompt - 1, step):
+        model.fill(ids[None, a:b], cache)
+        mx.eval([c.state for c in cache])
+    for t in (prompt - 1, prompt - 1):  # the prompt's last token, then one generated token
+        mx.eval(model(ids[None, t : t + 1], cache))
+    fit = predict(load_config(q4[0]), 16, context=prompt, prefill_step=step, dtype_bytes=4)
+    assert sum(c.nbytes for c in cache if hasattr(c, "index")) == fit.kv_bytes
+    assert sum(c.nbytes for c in cache if not hasattr(c, "index")) == fit.state_bytes

@@ -89,8 +89,9 @@ def estimate_fit(config: dict, bits: int | None, group_size: int, context: int, 
     holds one layer in float32 until it is quantized."""
     from ..fit import predict
 
+    # random weights have no file to leave qwen4_exp's n-gram tables in: they are resident
     f = predict(config, bits=bits or 16, group_size=group_size, context=context, dtype_bytes=4, kv_bits=kv_bits,
-                kv_group_size=kv_group_size)
+                kv_group_size=kv_group_size, tables_resident=True)
     overhead = f.overhead
     if bits is not None:
         per_layer = predicted_weight_bytes(config, None, group_size) // max(config["num_hidden_layers"], 1)

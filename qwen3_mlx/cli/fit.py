@@ -18,20 +18,26 @@ def fit_table(models: list[str], devices: list[str], context: int, bits: list[in
 
     kv_label = f"KV@{context}" + (f" ({kv_bits}-bit)" if kv_bits else "")
     hybrid = any(predict(m, 4, group_size, context).state_bytes for m in models)
-    head = ["model", "precision", "weights GB", f"{kv_label} GB", *(["state GB"] if hybrid else []), "overhead GB",
-            "total GB"]
+    # qwen4_exp's n-gram tables: read by row from disk (what the loader does), and a row as if resident
+    disk = any(predict(m, 4, group_size, context).disk_bytes for m in models)
+    head = ["model", "precision", "weights GB", *(["on disk GB"] if disk else []), f"{kv_label} GB",
+            *(["state GB"] if hybrid else []), "overhead GB", "total GB"]
     head += [f"{DEVICES[d].key} fit / tok/s" for d in devices]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         for b in bits:
-            f = predict(m, b, group_size, context, kv_bits=kv_bits)
-            prec = "bf16" if b == 16 else f"{b}-bit g{group_size}"
-            cells = [model_label(m), prec, f"{f.weight_bytes / GB:.2f}", f"{f.kv_bytes / GB:.2f}",
-                     *([f"{f.state_bytes / GB:.2f}"] if hybrid else []), f"{f.overhead / GB:.2f}", f"{f.total / GB:.2f}"]
-            for d in devices:
-                ok = f.fits(d)
-                cells.append(f"{'yes' if ok else 'no'} / {f.tokens_per_s(d):.0f}" if ok else "no")
-            rows.append("| " + " | ".join(cells) + " |")
+            variants = [False, True] if predict(m, b, group_size, context).disk_bytes else [False]
+            for resident in variants:
+                f = predict(m, b, group_size, context, kv_bits=kv_bits, tables_resident=resident)
+                prec = ("bf16" if b == 16 else f"{b}-bit g{group_size}") + (", tables in RAM" if resident else "")
+                cells = [model_label(m), prec, f"{f.weight_bytes / GB:.2f}", *([f"{f.disk_bytes / GB:.2f}"] if disk
+                                                                                else []),
+                         f"{f.kv_bytes / GB:.2f}", *([f"{f.state_bytes / GB:.2f}"] if hybrid else []),
+                         f"{f.overhead / GB:.2f}", f"{f.total / GB:.2f}"]
+                for d in devices:
+                    ok = f.fits(d)
+                    cells.append(f"{'yes' if ok else 'no'} / {f.tokens_per_s(d):.0f}" if ok else "no")
+                rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -69,7 +75,7 @@ def fit(
     group_size: int = typer.Option(
         64, "--group-size", "-g", help="Quantization group size (32, 64 or 128): one scale and bias per group."
     ),
-    all_models: bool = typer.Option(False, "--all", help="Every registry model (Qwen3, Qwen3.5, Qwen3-Next)."),
+    all_models: bool = typer.Option(False, "--all", help="Every registry model (Qwen3, Qwen3.5, Qwen3-Next, Qwen3.8-Flash-Next)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="A quantized KV cache (4 or 8 bits, groups of 64)."),
     hosts: Optional[str] = typer.Option(
         None, "--hosts", help="Devices in ring order (the first holds embedding and head), comma-separated: the "
@@ -80,7 +86,7 @@ def fit(
     """Predicted memory (weights, KV cache, overhead) per precision, fit per device, decode tok/s bound.
 
     Examples: `qwen3-mlx fit qwen3-8b`, `qwen3-mlx fit --all -d iphone-15-pro -b 4`,
-    `qwen3-mlx fit qwen3.5-4b -d iphone-16-pro -c 32768`,
+    `qwen3-mlx fit qwen3.5-4b -d iphone-16-pro -c 32768`, `qwen3-mlx fit qwen3.8-flash-next -d m3-ultra-512gb`,
     `qwen3-mlx fit qwen3-235b-a22b --bits 8 --hosts m4-max-128gb,m4-max-128gb,m3-ultra-512gb`.
     """
     from ..fit import DEVICES, get_device, predict
@@ -114,6 +120,9 @@ def fit(
         + ("state = the linear-attention layers' recurrent states: the live one, the one before the latest step and "
            "a checkpoint per 512-token prefill chunk (at most 16: it stops growing at 8K tokens).\n"
            if any(predict(m, 4, group_size, context).state_bytes for m in models) else "")
+        + ("on disk = n-gram tables the loader memory-maps and reads by row (page cache the OS can drop, not in the "
+           "total); \"tables in RAM\" counts them resident.\n"
+           if any(predict(m, 4, group_size, context).disk_bytes for m in models) else "")
         + "; ".join(f"{d.key}: {d.usable_gb:g} of {d.memory_gb:g} GB usable, {d.bandwidth_gbs:g} GB/s"
                     for d in (DEVICES[k] for k in devices))
     )

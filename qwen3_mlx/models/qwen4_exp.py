@@ -211,6 +211,13 @@ class DiskRows:
         return rows.astype(self.dtype).reshape(*ids.shape, self.shape[1])
 
 
+class NGramTable(Embedding):
+    """An n-gram table: never quantized (in a file it is read by row from disk, where its size costs no memory;
+    random-weight models hold it in memory)."""
+
+    keep_float = True
+
+
 class NGramEmbedding(nn.Module):
     """Each token's hashed 2..ngram_size-grams: `heads_per_ngram` rows per order from one table, concatenated."""
 
@@ -225,7 +232,7 @@ class NGramEmbedding(nn.Module):
         self.ngram_heads_offsets = mx.array(offsets)
         div = args.make_ngram_vocab_size_divisible_by
         rows = -(-int(sizes.sum()) // div) * div
-        self.ngram_embedding = Embedding(rows, args.ple_embed_dim // self.heads)
+        self.ngram_embedding = NGramTable(rows, args.ple_embed_dim // self.heads)
         self.disk: DiskRows | None = None  # the table read from its file by row instead (`Model.rows_on_disk`)
 
     def _shifted(self, tokens: mx.array, shift: int) -> mx.array:

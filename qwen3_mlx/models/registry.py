@@ -82,6 +82,16 @@ SHAPES: dict[str, dict] = {
     "qwen3.5-35b-a3b": _hybrid_moe("qwen3_5_moe_text", 40, 2048, 16, 2, 256, 8, 512),
     "qwen3-next-80b-a3b": {**_hybrid_moe("qwen3_next", 48, 2048, 16, 2, 512, 10, 512, vocab=151936),
                            "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # Qwen3.8-Flash-Next: 48 layers, hidden 2560, 512 experts top-10 as published; the rest transformers'
+    # Qwen4ExpTextConfig defaults (4 streams of rank 320, 3-grams x 8 heads from 20M-row primes, PLE width =
+    # hidden). One PLE layer gives the published ~51B table parameters (16 heads x ~20M rows x 160); which layer
+    # carries it, and the QSA indexer's settings (transformers has no defaults), are our assumptions; the EOS that
+    # resets the n-grams is the Qwen3.5 vocabulary's <|endoftext|>, as Qwen3.5's configs give it.
+    "qwen3.8-flash-next": {**_hybrid_moe("qwen4_exp_text", 48, 2560, 16, 2, 512, 10, 512),
+                           "eos_token_id": 248044, "hc_count": 4, "hc_lowrank": 320, "ple_layer_ids": [1],
+                           "ngram_size": 3, "heads_per_ngram": 8, "ngram_vocab_size_base": 20_000_000,
+                           "indexer_n_heads": 16, "indexer_kv_heads": 1, "indexer_head_dim": 128,
+                           "indexer_budget": 2048, "indexer_compress_ratio": 4, "output_gate_type": "sigmoid"},
 }
 
 # Hugging Face repo of each shape, for messages and defaults.
@@ -98,6 +108,7 @@ HF_REPOS = {
     "qwen3.5-4b": "Qwen/Qwen3.5-4B",
     "qwen3.5-35b-a3b": "Qwen/Qwen3.5-35B-A3B",
     "qwen3-next-80b-a3b": "Qwen/Qwen3-Next-80B-A3B-Instruct",
+    "qwen3.8-flash-next": "Qwen/Qwen3.8-Flash-Next",
 }
 
 

@@ -37,7 +37,7 @@ def quantize_model(
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
 
     def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
+        if not hasattr(module, "to_quantized") or getattr(module, "keep_float", False):
             return False
         decision = spec.layer(path, num_layers, tied)
         if decision is not False and (in_dims := module.weight.shape[-1]) % spec.group_size:
