@@ -371,3 +371,44 @@ def test_fit_predicts_the_export_and_the_caches(q4, tmp_path):
     fit = predict(load_config(q4[0]), 16, context=prompt, prefill_step=step, dtype_bytes=4)
     assert sum(c.nbytes for c in cache if hasattr(c, "index")) == fit.kv_bytes
     assert sum(c.nbytes for c in cache if not hasattr(c, "index")) == fit.state_bytes
+
+
+# A Qwen3.8-style template: reasoning_effort (xhigh by default) and preserve_thinking on by default.
+QWEN38_TEMPLATE = (
+    "{%- set effort = reasoning_effort if reasoning_effort is defined else 'xhigh' %}"
+    "{%- set keep = preserve_thinking if preserve_thinking is defined else true %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.role == 'assistant' and m.reasoning_content and (keep or loop.last) %}"
+    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\nEffort: {{ effort }}.\n{% endif %}"
+)
+
+
+def test_qwen38_template_variables_reach_this_model(q4_real_vocab, tmp_path):
+    """reasoning_effort and preserve_thinking reach a qwen4_exp folder's own template, through load and
+    generate, and a chat on it still resumes from its state checkpoints."""
+    import shutil
+
+    from qwen3_mlx import load
+    from qwen3_mlx.chat import ChatSession
+    from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.options import GenerationOptions
+
+    folder = q4_real_vocab[1].path
+    for f in folder.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN38_TEMPLATE}))
+    model, tokenizer = load(tmp_path)
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+                {"role": "user", "content": "And 3+3?"}]
+    text = tokenizer.decode(prompt_tokens(tokenizer, messages, GenerationOptions(reasoning_effort="low")))
+    assert "Effort: low." in text and "Add." in text  # earlier reasoning kept by default
+    dropped = GenerationOptions(chat_template_kwargs={"preserve_thinking": False})
+    assert "Add." not in tokenizer.decode(prompt_tokens(tokenizer, messages, dropped))
+    out = generate(model, tokenizer, messages, temperature=0, max_tokens=4, reasoning_effort="medium")
+    assert len(out.tokens) == 4
+    session = ChatSession(model, tokenizer, temperature=0, max_tokens=4, reasoning_effort="low")
+    for question in ("Hi", "More"):
+        list(session.send(question))
+    assert session.history[-1].reused_tokens > 0
