@@ -285,6 +285,8 @@ def predict(
     index = index_bytes_per_token(c, dtype_bytes)
     kv_row = (kv_bytes_per_token(c, dtype_bytes, kv_bits, kv_group_size) - index) // (2 * La * KV)  # a head, a position
     kv = (2 * La * KV * kv_row + index) * positions
+    if index:  # the indexer's keys of finished blocks, kept in steps of 64 blocks
+        kv += La * math.ceil(context // a.indexer_compress_ratio / 64) * 64 * a.indexer_head_dim * dtype_bytes
     live_state = state_bytes_per_layer(c, dtype_bytes) * kinds.count("linear_attention") + ple_state_bytes(c, dtype_bytes)
     state = live_state * state_copies(context, prefill_step)
     chunk = min(prefill_step, context)

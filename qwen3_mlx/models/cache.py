@@ -72,6 +72,23 @@ class IndexedKVCache(KVCache):
     def __init__(self):
         super().__init__()
         self.index: mx.array | None = None
+        self.blocks: mx.array | None = None  # the indexer's keys of finished blocks [B, capacity, D]
+        self.n_blocks = 0
+
+    def block_keys(self, n: int, valid: int, make) -> mx.array:
+        """The first `n` block keys: the held ones, at most `valid` (a cache cut back holds fewer), then
+        `make(lo, n)` [B, n - lo, D] for the rest."""
+        lo = min(self.n_blocks, valid, n)
+        if lo < n:
+            new = make(lo, n)
+            if self.blocks is None or n > self.blocks.shape[1]:
+                grow = -(-n // 64) * 64  # in steps of 64 blocks (`fit` counts them so)
+                fresh = mx.zeros((new.shape[0], grow, new.shape[2]), new.dtype)
+                self.blocks = fresh if self.blocks is None else mx.concatenate(
+                    [self.blocks[:, :lo], fresh[:, lo:]], axis=1)
+            self.blocks[:, lo:n] = new
+        self.n_blocks = n
+        return self.blocks[:, :n]
 
     def update_index(self, keys: mx.array) -> mx.array:
         """Write [B, L, D] index keys at `offset`; return the positions' index keys so far and these."""
@@ -89,7 +106,7 @@ class IndexedKVCache(KVCache):
 
     @property
     def nbytes(self) -> int:
-        return super().nbytes + (0 if self.index is None else self.index.nbytes)
+        return super().nbytes + sum(0 if a is None else a.nbytes for a in (self.index, self.blocks))
 
 
 class QuantizedKVCache:

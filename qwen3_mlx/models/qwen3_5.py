@@ -98,8 +98,11 @@ class GatedAttention(nn.Module):
         q, k = self._rotate(q, offset), self._rotate(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = kernels.attention(q, k, v, scale=self.scale, mask=mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        o = self._attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(o * mx.sigmoid(gate.reshape(B, L, -1)))
+
+    def _attend(self, q: mx.array, k, v, mask) -> mx.array:
+        return kernels.attention(q, k, v, scale=self.scale, mask=mask)
 
 
 class GatedRMSNorm(nn.Module):

@@ -335,9 +335,10 @@ class Indexer(nn.Module):
         self.q_layernorm = qwen3_5.ZeroCenteredRMSNorm(self.dim, eps=args.rms_norm_eps)
         self.k_layernorm = qwen3_5.ZeroCenteredRMSNorm(self.dim, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: IndexedKVCache | None, rope) -> mx.array | None:
-        """The boolean mask [B, 1, L, offset + L] of the keys each of x's L queries attends (causal included),
-        or None where that is every earlier key. Appends the chunk's index keys to `cache`."""
+    def __call__(self, x: mx.array, cache: IndexedKVCache | None, rope):
+        """The keys each of x's L queries attends: None where that is every earlier key; for one query of one
+        sequence (decode) `Picked`, their positions; else the boolean mask [B, 1, L, offset + L] (causal
+        included). Appends the chunk's index keys to `cache`."""
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q, k = mx.split(self.index_qk_proj(x), [self.n_heads * self.dim], axis=-1)
@@ -348,20 +349,37 @@ class Indexer(nn.Module):
         q = self.q_layernorm(q.reshape(B, L, self.n_heads, self.dim)).transpose(0, 2, 1, 3)
         q = rope(q, offset)  # [B, H, L, dim]
         nb = T // c
-        pooled = keys[:, : nb * c].reshape(B, nb, c, self.dim).astype(mx.float32).mean(axis=2).astype(keys.dtype)
-        blocks = rope_at(self.k_layernorm(pooled), mx.arange(nb) * c, *rope.args)
-        scores = mx.maximum(q.astype(mx.float32) @ blocks.astype(mx.float32)[:, None].swapaxes(-1, -2), 0)
-        scores = scores.sum(axis=1) / math.sqrt(self.dim)  # [B, L, nb]
+
+        def block_keys(lo: int, hi: int) -> mx.array:  # blocks lo..hi-1: mean key, normed, roped at its start
+            pooled = keys[:, lo * c : hi * c].reshape(B, hi - lo, c, self.dim).astype(mx.float32).mean(axis=2)
+            return rope_at(self.k_layernorm(pooled.astype(keys.dtype)), mx.arange(lo, hi) * c, *rope.args)
+
+        # a cache keeps the finished blocks' keys: a step computes the block its token completes, if any
+        blocks = cache.block_keys(nb, offset // c, block_keys) if cache is not None else block_keys(0, nb)
+        qf, bf = q.astype(mx.float32).reshape(B, -1, self.dim), blocks.astype(mx.float32)
+        # one sequence: our product kernel (MLX's matmul takes ~15x as long at these small shapes on the CPU)
+        scores = kernels.linear(qf, bf[0]) if B == 1 else qf @ bf.swapaxes(-1, -2)
+        scores = mx.maximum(scores.reshape(B, self.n_heads, L, nb), 0).sum(axis=1) / math.sqrt(self.dim)  # [B, L, nb]
         qpos = mx.arange(offset, T)[:, None]
         complete = (qpos + 1) // c  # complete blocks each query sees
         seen = mx.arange(nb)[None] < complete  # [L, nb]
         scores = mx.where(seen, scores, -mx.inf)
         best = mx.argsort(-scores, axis=-1)[..., : self.top]
+        if B == 1 and L == 1:  # every block is complete for the last query and more than `top` of them: all valid
+            tokens = (best.reshape(-1, 1) * c + mx.arange(c)).reshape(-1)
+            return Picked(mx.concatenate([tokens, mx.arange(nb * c, T)]))
         picked = mx.put_along_axis(mx.zeros(scores.shape, mx.bool_), best, mx.array(True), axis=-1) & seen
         kpos = mx.arange(T)[None]
         by_block = mx.concatenate([mx.repeat(picked, c, axis=-1), mx.zeros((B, L, T - nb * c), mx.bool_)], axis=-1)
         tail = (kpos >= complete * c) & (kpos <= qpos)
         return (by_block | tail)[:, None]
+
+
+class Picked:
+    """The positions of the keys one decoded query attends (QSA): at most budget + compress_ratio - 1."""
+
+    def __init__(self, positions: mx.array):
+        self.positions = positions
 
 
 class IndexedAttention(qwen3_5.GatedAttention):
@@ -375,6 +393,14 @@ class IndexedAttention(qwen3_5.GatedAttention):
         rope = _IndexRope(self)
         picked = self.indexer(x, cache, rope)
         return super().__call__(x, picked if picked is not None else mask, cache)
+
+    def _attend(self, q: mx.array, k, v, mask) -> mx.array:
+        if isinstance(mask, Picked):  # decode: attend the picked keys alone (a fraction of a long context)
+            # head by head: MLX's CPU gather of rows from a 2-D array is ~2.5x its gather along axis 2 of [B, H, T, D]
+            k, v = (mx.stack([mx.take(a[0, h], mask.positions, axis=0) for h in range(a.shape[1])])[None]
+                    for a in (k, v))
+            mask = None
+        return super()._attend(q, k, v, mask)
 
 
 class _IndexRope:
