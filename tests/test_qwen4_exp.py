@@ -412,3 +412,21 @@ def test_qwen38_template_variables_reach_this_model(q4_real_vocab, tmp_path):
     for question in ("Hi", "More"):
         list(session.send(question))
     assert session.history[-1].reused_tokens > 0
+
+
+def test_mtp_head_is_refused_in_one_line(q4, tmp_path):
+    """A qwen4_exp checkpoint carrying mtp.* tensors: --draft-model mtp says why it cannot draft (no layout)."""
+    from safetensors.numpy import load_file, save_file
+
+    from qwen3_mlx.errors import Qwen3MLXError
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.mtp import load_mtp
+
+    path, _ = q4
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    tensors = load_file(path / "model.safetensors")
+    tensors["mtp.fc.weight"] = np.zeros((64, 128), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    model, _ = load_model(tmp_path)
+    with pytest.raises(Qwen3MLXError, match="qwen4_exp's multi-token-prediction head is not supported"):
+        load_mtp(model)

@@ -215,6 +215,7 @@ def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
     if not weights:
         raise Qwen3MLXError(f"{Path(folder).name} has no multi-token-prediction head (no mtp.* tensors): "
                             "--draft-model mtp needs a checkpoint that ships one (Qwen3.5 / 3.6 / 3.8, Qwen3-Next)")
+    layer = target.mtp_layer()  # first: a model without a known head layout says so
     layers = sorted({int(m.group(1)) for k in weights if (m := _LAYER.match(k))})
     if layers != [0]:
         raise Qwen3MLXError(f"{Path(folder).name}'s MTP head has layers {layers}; only one-layer heads (layer 0) "
@@ -228,7 +229,7 @@ def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
     # Every norm of the head is zero-centred in the checkpoint (1 + w), as the target's are.
     ours = {k: v + 1.0 if k.endswith(_NORMS) or k in ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight",
                                                       "norm.weight") else v for k, v in ours.items()}
-    drafter = MtpDrafter(target, target.mtp_layer())
+    drafter = MtpDrafter(target, layer)
     if any(k.endswith(".scales") for k in ours):  # a drafter folder written quantized (`quantize/mtp.py`)
         from ..loader import apply_quantization, load_config
 

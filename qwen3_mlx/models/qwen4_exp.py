@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import kernels
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, Qwen3MLXError
 from . import qwen3_5, qwen3_5_moe
 from .base import attention_mask
 from .cache import IndexedKVCache, RecurrentCache
@@ -484,6 +484,10 @@ class Model(qwen3_5_moe.Model):
         """A RecurrentCache per DeltaNet layer (the PLE's state too, as `extra`), an IndexedKVCache per attention
         layer (keys, values and the indexer's keys)."""
         return [RecurrentCache() if layer.is_linear else IndexedKVCache() for layer in self.layers]
+
+    def mtp_layer(self) -> nn.Module:
+        raise Qwen3MLXError("qwen4_exp's multi-token-prediction head is not supported yet: transformers defines no "
+                            "layout for it (its generic MTP layer would be a hyper-connection block fed one stream)")
 
     def rows_on_disk(self, weights: dict[str, mx.array], infos: dict, dtype: mx.Dtype) -> dict[str, mx.array]:
         """Leave the n-gram tables in their files (read by row: `DiskRows`): their tensors taken out of
