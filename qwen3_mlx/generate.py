@@ -349,12 +349,33 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
     """
     options = as_options(options, overrides).validate(getattr(model, "args", None))
     seq = Sequence(model, tokenizer, prompt, options, prompt_cache)
-    spec = None
     if options.draft_model is not None:
         from .speculative import Speculator
 
-        spec = Speculator(model, seq, draft_cache)
+        yield from speculative_generate(model, seq, Speculator(model, seq, draft_cache))
+        return
+    forward = _forwarder(model, seq, None)
+    _prefill(model, seq, None)
+    y = forward(*seq.first_input())
+    try:
+        yield from _plain(seq, y, forward)
+    finally:
+        # The cache holds every token handed out but the last (a queued step may have fed one more): the state
+        # a caller reusing it (chat) sees, with or without a draft model.
+        truncate_cache(seq.cache, seq.base + len(seq.ids) + len(seq.generated) - 1)
 
+
+def speculative_generate(model, seq: Sequence, spec, cached: int = 0) -> Iterator[GenerationResponse]:
+    """The speculative half of `stream_generate`: prefill `seq` (after its first `cached` prompt tokens, which
+    both caches already hold) and decode it through `spec` (a `speculative.Speculator` of `seq`). The server's
+    engine calls it with a prefix-cache hit; closing the generator early leaves both caches settled."""
+    forward = _forwarder(model, seq, spec)
+    _prefill(model, seq, spec, cached)
+    y = forward(*seq.first_input())
+    yield from _speculative(seq, spec, y, forward, spec.forward)
+
+
+def _forwarder(model, seq: Sequence, spec):
     def forward(tokens, n_generated: int, mask=None) -> Draw:
         """Queue a forward of `tokens` and the sampling of its last logits; `mask` may be a function, called
         once the forward is queued (a constraint's next mask needs the token the forward feeds, not its result)."""
@@ -368,27 +389,20 @@ def stream_generate(model, tokenizer, prompt, options: GenerationOptions | None 
         mx.async_eval(y.arrays())
         return y
 
-    _prefill(model, seq, spec)
-    y = forward(*seq.first_input())
-    if spec is not None:
-        yield from _speculative(seq, spec, y, forward, spec.forward)
-        return
-    try:
-        yield from _plain(seq, y, forward)
-    finally:
-        # The cache holds every token handed out but the last (a queued step may have fed one more): the state
-        # a caller reusing it (chat) sees, with or without a draft model.
-        truncate_cache(seq.cache, seq.base + len(seq.ids) + len(seq.generated) - 1)
+    return forward
 
 
-def _prefill(model, seq: Sequence, spec) -> None:
-    """All but the last prompt token in chunks, each evaluated so memory stays bounded (the draft's too)."""
-    for start, end in split_at(prefill_plan(len(seq.prefill), seq.options.prefill_step_size), seq.cuts):
+def _prefill(model, seq: Sequence, spec, cached: int = 0) -> None:
+    """All but the last prompt token (after the first `cached`, already held) in chunks, each evaluated so memory
+    stays bounded (the draft's too)."""
+    rest = seq.prefill[cached:]
+    plan = split_at(prefill_plan(len(rest), seq.options.prefill_step_size), [c - cached for c in seq.cuts])
+    for start, end in plan:
         seq.quantize_cache()
         if spec is not None:
-            spec.fill(seq.prefill[start:end])
+            spec.fill(rest[start:end])
             continue
-        model.fill(mx.array(seq.prefill[start:end])[None], seq.cache)
+        model.fill(mx.array(rest[start:end])[None], seq.cache)
         mx.eval([c.state for c in seq.cache])
 
 

@@ -116,9 +116,10 @@ class Speculator:
         self.model, self.seq, self.k = model, seq, seq.options.num_draft
         self.drafter = drafter(seq.options.draft_model)
         self.dcache = draft_cache if draft_cache is not None else self.drafter.make_cache()
-        if min((c.offset for c in self.dcache), default=0) < seq.base:
+        held = min((c.offset for c in seq.cache), default=0)  # seq.base, or more (the server's prefix cache)
+        if min((c.offset for c in self.dcache), default=0) < held:
             raise Qwen3MLXError("the draft's cache must hold the tokens the prompt cache holds")
-        truncate_cache(self.dcache, seq.base)
+        truncate_cache(self.dcache, held)
         self.params = seq.sample.params
         self.greedy = self.params.temperature == 0
         self.proposed = self.accepted = 0

@@ -49,12 +49,13 @@ class ModelSource:
     split: str | None = None
 
 
+DRAFT_HELP = (
+    "A small model of the same family proposing tokens for the big one to check (speculative decoding: same "
+    "output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B; or mtp: the checkpoint's own "
+    "multi-token-prediction head (Qwen3.5 / 3.6 / 3.8, Qwen3-Next), or a folder holding that head alone (qwen3-mlx "
+    "quantize --mtp-drafter).")
 _SOURCE_FLAGS = {
-    "draft_model": (str, typer.Option(
-        None, "--draft-model", help="A small model of the same family proposing tokens for the big one to check "
-        "(speculative decoding: same output, fewer big-model steps), e.g. Qwen/Qwen3-0.6B for Qwen/Qwen3-8B; or "
-        "mtp: the checkpoint's own multi-token-prediction head (Qwen3.5 / 3.6 / 3.8, Qwen3-Next), or a folder "
-        "holding that head alone (qwen3-mlx quantize --mtp-drafter).")),
+    "draft_model": (str, typer.Option(None, "--draft-model", help=DRAFT_HELP)),
     "prompt_cache": (Path, typer.Option(
         None, "--prompt-cache", help="A file from `qwen3-mlx cache-prompt`: start after its tokens (its system "
         "prompt applies unless --system is given).")),
@@ -125,17 +126,7 @@ def load_for_generation(model: str, options: GenerationOptions, source: ModelSou
     if source.prompt_cache is not None:
         refuse_distributed("--prompt-cache")
     llm, tokenizer = load_for_cli(model, parallel=source.parallel, split=source.split)
-    if source.draft_model == "mtp" or is_mtp_drafter(source.draft_model):
-        from ..models.mtp import load_mtp
-
-        options = options.replace(draft_model=load_mtp(llm, None if source.draft_model == "mtp" else
-                                                       source.draft_model))
-    elif source.draft_model is not None:
-        from ..speculative import check_draft
-
-        draft, draft_tokenizer = load_for_cli(source.draft_model, local=True)
-        check_draft(llm.args, draft.args, tokenizer, draft_tokenizer)
-        options = options.replace(draft_model=draft)
+    options = with_draft(llm, tokenizer, options, source.draft_model)
     cached = None
     if source.prompt_cache is not None:
         from ..prompt_cache import load_prompt_cache
@@ -145,6 +136,22 @@ def load_for_generation(model: str, options: GenerationOptions, source: ModelSou
 
     template_variables(tokenizer, options)  # a template that ignores --reasoning-effort: refused before the chat
     return llm, tokenizer, options.validate(llm.args), cached
+
+
+def with_draft(llm, tokenizer, options: GenerationOptions, draft_model: str | None) -> GenerationOptions:
+    """`options` with --draft-model loaded: `mtp` (or a drafter folder) as the target's MTP head, else a model
+    checked against the target (vocabulary and tokenizer)."""
+    if draft_model == "mtp" or is_mtp_drafter(draft_model):
+        from ..models.mtp import load_mtp
+
+        return options.replace(draft_model=load_mtp(llm, None if draft_model == "mtp" else draft_model))
+    if draft_model is not None:
+        from ..speculative import check_draft
+
+        draft, draft_tokenizer = load_for_cli(draft_model, local=True)
+        check_draft(llm.args, draft.args, tokenizer, draft_tokenizer)
+        return options.replace(draft_model=draft)
+    return options
 
 
 def is_mtp_drafter(path: str | None) -> bool:

@@ -8,7 +8,7 @@ import typer
 
 from ..options import GenerationOptions
 from .app import app, err, fail
-from .options import KV, PARALLEL, SPLIT, load_for_cli, with_options
+from .options import DRAFT_HELP, KV, PARALLEL, SPLIT, load_for_cli, with_draft, with_options
 
 
 @app.command(
@@ -19,7 +19,7 @@ from .options import KV, PARALLEL, SPLIT, load_for_cli, with_options
         "http://127.0.0.1:8080/v1."
     )
 )
-@with_options(*KV)
+@with_options(*KV, "num_draft")
 def serve(
     model: str = typer.Argument(..., help="Model folder or Hugging Face repo id."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 exposes it to the network)."),
@@ -41,6 +41,9 @@ def serve(
         None, "--embedding-model", help="Also host this Qwen3-Embedding model for /v1/embeddings (folder or repo id)."),
     rerank_model: str = typer.Option(
         None, "--rerank-model", help="Also host this Qwen3-Reranker model for /v1/rerank (folder or repo id)."),
+    draft_model: str = typer.Option(
+        None, "--draft-model", help=DRAFT_HELP + " With a draft, requests run one at a time (max concurrency 1), each "
+        "decoded speculatively; penalties, tools, response_format and logprobs are then a 400."),
     parallel: str = PARALLEL,
     split: str = SPLIT,
     options: GenerationOptions = None,
@@ -55,19 +58,25 @@ def serve(
 
     if launched() and max_concurrency > 64:
         fail("--max-concurrency is at most 64 under mlx.launch (sequences in one forward across ranks)")
+    if launched() and draft_model is not None:
+        fail("--draft-model is not supported under mlx.launch")
     loaded, tokenizer = load_for_cli(model, parallel=parallel, split=split)
+    options = with_draft(loaded, tokenizer, options, draft_model)
     options = options.validate(loaded.args)  # a bad value is one line now, not a 400 on every request
     embedding, rerank = hosted_models(loaded, model, embedding_model, rerank_model)
     api = create_app(loaded, tokenizer, model_id=model, api_key=api_key, max_queue=max_queue,
                      max_concurrency=max_concurrency, options=options,
                      max_tokens_limit=max_tokens_limit, prompt_cache_bytes=prompt_cache_bytes,
-                     responses_store=responses_store, embedding=embedding, rerank=rerank)
+                     responses_store=responses_store, embedding=embedding, rerank=rerank, draft_id=draft_model)
     config = uvicorn.Config(api, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
 
     async def announce_when_ready():
         while not server.started:
             await asyncio.sleep(0.05)
+        if draft_model is not None:
+            err.print(f"speculative decoding with --draft-model {draft_model} ({options.num_draft} drafts a round): "
+                      "requests run one at a time (max concurrency 1)", highlight=False)
         bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
         err.print(f"qwen3-mlx serving {model} at http://{host}:{bound}/v1", highlight=False)
 

@@ -26,15 +26,18 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
                max_concurrency: int = 8, max_tokens_limit: int = 32768, max_body_bytes: int = 8 << 20,
                prompt_cache_bytes: int = 1 << 30, options: GenerationOptions | None = None,
                responses_store: int = 256, embedding: Hosted | None = None,
-               rerank: Hosted | None = None) -> FastAPI:
+               rerank: Hosted | None = None, draft_id: str | None = None) -> FastAPI:
     """The FastAPI app serving `model` as `model_id` (the engine thread starts here). `options`: the server's
     own generation options, under every request's (its KV cache: kv_bits, kv_group_size, quantized_kv_start).
     `responses_store`: how many /v1/responses answers are kept for previous_response_id and GET.
-    `embedding`, `rerank`: models hosted beside the chat model for /v1/embeddings and /v1/rerank (retrieval.py)."""
+    `embedding`, `rerank`: models hosted beside the chat model for /v1/embeddings and /v1/rerank (retrieval.py).
+    With `options.draft_model` (a draft model or an MTP drafter, named `draft_id` by /health) every request is
+    decoded speculatively, one at a time; options speculation refuses are a 400."""
+    options = options or GenerationOptions()
     engine = Engine(model, tokenizer, max_queue=max_queue, max_concurrency=max_concurrency,
-                    prompt_cache_bytes=prompt_cache_bytes)
+                    prompt_cache_bytes=prompt_cache_bytes, draft_model=options.draft_model)
     complete = Completions(engine, model, tokenizer, model_id=model_id, max_tokens_limit=max_tokens_limit,
-                           max_body_bytes=max_body_bytes, options=options or GenerationOptions())
+                           max_body_bytes=max_body_bytes, options=options)
     created = now()
     app = FastAPI(title="qwen3-mlx", version="0.1.0", description="OpenAI-compatible Qwen3 server on MLX")
     app.state.engine = engine
@@ -45,7 +48,9 @@ def create_app(model, tokenizer, *, model_id: str, api_key: str | None = None, m
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, **engine.stats()}
+        draft = {} if options.draft_model is None else {"draft_model": draft_id or "draft",
+                                                         "num_draft": options.num_draft}
+        return {"status": "ok", "model": model_id, **draft, **engine.stats()}
 
     @app.get("/v1/models")
     async def models():

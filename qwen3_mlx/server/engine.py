@@ -14,6 +14,11 @@ draws from its own random stream.
 Each request's tokens go back to its handler through an asyncio queue; a handler that goes away (client
 disconnect) cancels its request before the next turn.
 
+With a draft model (`serve --draft-model`) requests run one at a time, each through `generate`'s own
+speculative decoding (`speculative_generate`: greedy output is plain greedy's, sampling the rejection scheme),
+one token handed out per turn. The prefix cache then keeps the target's and the draft's caches together, cut
+back as one (an MTP head's cache goes back only where the target's recurrent states can).
+
 Other MLX work (the embedding and rerank models' forwards) goes through `await engine.call(fn)`: `fn` runs on
 the engine thread between two turns, so MLX is never used by two threads at once.
 """
@@ -31,7 +36,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import Qwen3MLXError
-from ..generate import Sequence, prefill_plan, split_at
+from ..generate import Sequence, prefill_plan, speculative_generate, split_at
 from ..models.cache import batch_cache, make_cache, reusable_prefix, truncate_cache
 from ..options import GenerationOptions
 from ..sample import Draw
@@ -55,15 +60,16 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.entries: list[tuple[tuple[int, ...], list]] = []  # most recently used last
 
-    def take(self, prompt: list[int], model) -> tuple[list, int]:
-        """A cache for `prompt` and how many of its tokens it already holds (at most all but the last)."""
+    def take(self, prompt: list[int], model, fresh=None) -> tuple[list, int]:
+        """A cache for `prompt` and how many of its tokens it already holds (at most all but the last). `fresh`:
+        makes a new cache (default: the model's); a cache may be several models' layers, cut back together."""
         best, best_len = None, 0
         for i, (tokens, _) in enumerate(self.entries):
             n = reusable_prefix(tokens, prompt)
             if n > best_len:
                 best, best_len = i, n
         if best is None:
-            return make_cache(model), 0
+            return (fresh or (lambda: make_cache(model)))(), 0
         _, cache = self.entries.pop(best)  # the request now owns it; it comes back extended
         return cache, truncate_cache(cache, best_len)  # less when a recurrent state cannot be cut back
 
@@ -106,16 +112,26 @@ class _Running:
         self.job, self.seq = job, seq
         self.work: deque[_Forward] = deque(work)
         self.y: Draw | None = None  # the sampled next token, not yet handed out
+        self.tokens = None  # with a draft model: the speculative generator of this request's responses
+        self.spec = None  # and its Speculator (the drafts proposed and kept)
+        self.draft_cache: list = []
 
 
 class Engine:
     """Runs jobs on one worker thread, up to `max_concurrency` of them batched together and `max_queue` more
     waiting. `submit` is called from the event loop; events come back as ("token", GenerationResponse), then
-    ("done", None) or ("error", ApiError)."""
+    ("done", None) or ("error", ApiError). `draft_model`: a draft model or MTP drafter (the one every job's
+    options name): jobs then run one at a time, speculatively."""
 
     def __init__(self, model, tokenizer, *, max_queue: int = 64, max_concurrency: int = 8,
-                 prompt_cache_bytes: int = 1 << 30, prefill_piece: int = 128):
+                 prompt_cache_bytes: int = 1 << 30, prefill_piece: int = 128, draft_model=None):
         self.model, self.tokenizer = model, tokenizer
+        self.drafter = None
+        if draft_model is not None:
+            from ..speculative import drafter
+
+            self.drafter, max_concurrency = drafter(draft_model), 1
+            self._layers = len(make_cache(model))  # a prefix-cache entry: the target's layers, then the draft's
         self.max_queue, self.max_concurrency = max_queue, max(1, max_concurrency)
         self.prefill_piece = prefill_piece
         self.prefixes = PrefixCache(prompt_cache_bytes)
@@ -125,6 +141,7 @@ class Engine:
         self._lock = threading.Lock()
         self._running: list[_Running] = []
         self.peak_batch = 0  # the most requests one forward has served (reported by /health)
+        self.drafted = self.kept = 0  # with a draft model: drafts proposed and kept, all requests so far
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qwen3-mlx-engine", daemon=True)
         self._thread.start()
@@ -163,10 +180,12 @@ class Engine:
         return await future
 
     def stats(self) -> dict:
-        """Requests running and waiting now, and the largest batch so far."""
+        """Requests running and waiting now, and the largest batch so far (with a draft model: the drafts
+        proposed and kept by the requests finished so far)."""
         with self._lock:
+            drafts = {} if self.drafter is None else {"draft_tokens": self.drafted, "accepted_tokens": self.kept}
             return {"running": len(self._running), "waiting": self._queued, "max_concurrency": self.max_concurrency,
-                    "peak_batch": self.peak_batch}
+                    "peak_batch": self.peak_batch, **drafts}
 
     # ---- the engine thread ----
 
@@ -202,10 +221,17 @@ class Engine:
             if not job.cancelled.is_set():
                 self._start(job)
 
+    def _fresh(self) -> list:
+        cache = make_cache(self.model)
+        return cache + self.drafter.make_cache() if self.drafter is not None else cache
+
     def _start(self, job: Job) -> None:
         # The repetition penalty counts the prompt's tokens: a fresh prefill keeps that exact.
         reuse = job.options.repetition_penalty in (None, 1.0)
-        cache, cached = self.prefixes.take(job.prompt, self.model) if reuse else (make_cache(self.model), 0)
+        cache, cached = self.prefixes.take(job.prompt, self.model, self._fresh) if reuse else (self._fresh(), 0)
+        if self.drafter is not None:
+            self._start_speculative(job, cache, cached)
+            return
         try:
             seq = Sequence(self.model, self.tokenizer, job.prompt, job.options, cache)
         except Qwen3MLXError as e:
@@ -228,10 +254,44 @@ class Engine:
             self._running.append(r)
         self._hand_out_forced(r)
 
+    def _start_speculative(self, job: Job, cache: list, cached: int) -> None:
+        """A job with the draft model: `generate`'s speculative decoding on the target's and the draft's caches
+        (both holding the prompt's first `cached` tokens), one token handed out per turn (`_turn`)."""
+        from ..speculative import Speculator
+
+        cache, draft_cache = cache[: self._layers], cache[self._layers :]
+        try:
+            if job.options.draft_model is None:  # the routes give every request the server's options
+                raise Qwen3MLXError("this server decodes speculatively: a request's options need its draft model")
+            seq = Sequence(self.model, self.tokenizer, job.prompt, job.options, cache)
+            seq.base = 0  # the job's prompt includes the cached prefix: token i sits at position i
+            spec = Speculator(self.model, seq, draft_cache)
+        except Qwen3MLXError as e:
+            job.send("error", ApiError(400, str(e)))
+            return
+        except Exception:  # noqa: BLE001 - this request's failure only; the log keeps the trace
+            traceback.print_exc()
+            job.send("error", ApiError(500, "internal error while starting the request", type="server_error"))
+            return
+        job.cached_tokens = cached
+        r = _Running(job, seq, [])
+        r.tokens, r.spec, r.draft_cache = speculative_generate(self.model, seq, spec, cached), spec, spec.dcache
+        with self._lock:
+            self._running.append(r)
+
     def _turn(self) -> None:
         for r in [r for r in self._running if r.job.cancelled.is_set()]:
             self._finish(r)
         if not self._running:
+            return
+        if self.drafter is not None:
+            r = self._running[0]  # the only one
+            self.peak_batch = 1
+            response = next(r.tokens, None)  # the first one prefills; a round's tokens come one per turn
+            if response is not None:
+                r.job.send("token", response)
+            if response is None or response.finish_reason is not None:
+                self._finish(r)
             return
         # One multi-token forward (a prefill piece, a budget's stop text) for the oldest request needing one.
         solo = next((r for r in self._running if r.work and len(r.work[0].tokens) > 1), None)
@@ -292,5 +352,8 @@ class Engine:
     def _finish(self, r: _Running) -> None:
         with self._lock:
             self._running.remove(r)
-        self.prefixes.put(r.seq.ids + r.seq.generated, r.seq.cache)
+        if r.tokens is not None:
+            r.tokens.close()  # its `finally`: both caches hold every token handed out but the last
+            self.drafted, self.kept = self.drafted + r.spec.proposed, self.kept + r.spec.accepted
+        self.prefixes.put(r.seq.ids + r.seq.generated, r.seq.cache + r.draft_cache)
         r.job.send("done")
