@@ -414,19 +414,147 @@ def test_qwen38_template_variables_reach_this_model(q4_real_vocab, tmp_path):
     assert session.history[-1].reused_tokens > 0
 
 
-def test_mtp_head_is_refused_in_one_line(q4, tmp_path):
-    """A qwen4_exp checkpoint carrying mtp.* tensors: --draft-model mtp says why it cannot draft (no layout)."""
+def save_q4_with_mtp(path, seed=0):
+    """save_q4's checkpoint plus a multi-token-prediction head in the layout llama.cpp's converter reads (see
+    `MtpHead`), built from transformers' own modules: the block is layer 0 of a one-layer Qwen4ExpForCausalLM (an
+    indexed layer whose budget exceeds every prompt here: dense), the two norms transformers' RMSNorm (the hidden
+    one grouped per stream), the projections nn.Linear, the mixer transformers' hyper-connection module. Returns
+    (target, a function giving the reference head's streams and logits)."""
+    import torch
     from safetensors.numpy import load_file, save_file
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as m
 
-    from qwen3_mlx.errors import Qwen3MLXError
+    target = save_q4(path, seed=seed)
+    cfg = target.config
+    one = save_q4(path / "mtp-block", seed=seed + 1, num_hidden_layers=1, layer_types=["indexed_attention"],
+                  ple_layer_ids=[], indexer_budget=256)
+    H, hc = cfg.hidden_size, cfg.hc_count
+    torch.manual_seed(seed + 2)
+    head = torch.nn.ModuleDict({
+        "pre_fc_norm_embedding": m.Qwen4ExpTextRMSNorm(H, eps=cfg.rms_norm_eps),
+        "pre_fc_norm_hidden": m.Qwen4ExpTextRMSNorm(hc * H, group_size=H, eps=cfg.rms_norm_eps),
+        "fc_embedding": torch.nn.Linear(H, H, bias=False), "fc_hidden": torch.nn.Linear(H, H, bias=False),
+        "hyper_connection_mixer": m.Qwen4ExpTextGatedResidual(cfg, use_combine=False)}).eval()
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_(0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
+    tensors = load_file(path / "model.safetensors")
+    tensors.update({"mtp." + k: v.numpy().copy() for k, v in head.state_dict().items()})
+    tensors.update({"mtp.layers.0." + k[len("model.layers.0."):]: v
+                    for k, v in load_file(path / "mtp-block" / "model.safetensors").items()
+                    if k.startswith("model.layers.0.")})
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+    def reference(tokens, hidden):
+        """Streams [1, L, hc * H] and logits of the head for the pairs (token i + 1, the target's streams at i)."""
+        with torch.no_grad():
+            e = head["fc_embedding"](head["pre_fc_norm_embedding"](target.model.embed_tokens(tokens)))
+            x = (head["fc_hidden"](head["pre_fc_norm_hidden"](hidden).unflatten(-1, (hc, H))) + e[:, :, None])
+            L = tokens.shape[1]
+            pe = one.model.rotary_emb(x, torch.arange(L).view(1, 1, -1).expand(3, 1, -1))
+            mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+            out = one.model.layers[0](x.flatten(-2), position_embeddings=pe, attention_mask=mask)
+            return out, target.lm_head(head["hyper_connection_mixer"](out))
+
+    return target, reference
+
+
+@pytest.fixture(scope="module")
+def q4_mtp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen4_exp-mtp")
+    return (path, *save_q4_with_mtp(path))
+
+
+def target_streams(target, ids: np.ndarray):
+    """transformers' streams after the last layer (what the final mixer reads)."""
+    import torch
+
+    seen = []
+    hook = target.model.layers[-1].register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        target(torch.tensor(ids))
+    hook.remove()
+    return seen[0]
+
+
+def test_mtp_head_matches_a_reference_built_from_transformers_modules(q4_mtp):
+    """The target's streams (what the head pairs) and the head's logits over a prompt's pairs, then through the
+    drafter protocol: the first draft (the prompt's pairs in the head's cache) and the second (the head fed its
+    own streams)."""
+    import torch
+
     from qwen3_mlx.loader import load_model
     from qwen3_mlx.models.mtp import load_mtp
 
-    path, _ = q4
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    tensors = load_file(path / "model.safetensors")
-    tensors["mtp.fc.weight"] = np.zeros((64, 128), np.float32)
-    save_file(tensors, tmp_path / "model.safetensors")
-    model, _ = load_model(tmp_path)
-    with pytest.raises(Qwen3MLXError, match="qwen4_exp's multi-token-prediction head is not supported"):
-        load_mtp(model)
+    path, target, reference = q4_mtp
+    ids = prompt(40)
+    model, _ = load_model(path)
+    drafter = load_mtp(model)
+    streams = target_streams(target, ids)
+    hidden = model.hidden_states(mx.array(ids))
+    assert hidden.shape == (1, 40, 128) and rel(hidden, streams) <= 1e-4
+    assert rel(model.logits(hidden), target(torch.tensor(ids)).logits.detach()) <= 1e-4
+    out, theirs = reference(torch.tensor(ids[:, 1:]), streams[:, :-1])
+    assert rel(drafter.logits(drafter(mx.array(ids[:, 1:]), hidden[:, :-1])), theirs) <= 1e-4
+
+    cache, seen = drafter.make_cache(), []
+    drafter.fill(cache, ids[0, :-1].tolist(), model.hidden_states(mx.array(ids[:, :-1]), model.make_cache()))
+
+    def choose(logits):
+        seen.append(logits)
+        return mx.argmax(logits, axis=-1)
+
+    drafts = drafter.propose(cache, ids[0].tolist(), 0, 2, choose)
+    assert rel(seen[0], theirs[:, -1]) <= 1e-4
+    chained = torch.tensor(np.concatenate([ids[:, 1:], [[int(drafts[0].item())]]], axis=1))
+    _, chain = reference(chained, torch.cat([streams[:, :-1], out[:, -1:]], dim=1))
+    assert rel(seen[1], chain[:, -1]) <= 1e-4
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_mtp_gives_plain_greedy_exactly(q4_mtp, k):
+    """A prompt past the indexer's budget, in prefill chunks: drafts rejected roll back the DeltaNet, n-gram and
+    index states; the tokens are plain greedy decoding's."""
+    from qwen3_mlx.generate import generate, stream_generate
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.mtp import load_mtp
+
+    model, _ = load_model(q4_mtp[0])
+    drafter = load_mtp(model)
+    ids = prompt(60)[0].tolist()
+    plain = generate(model, None, ids, max_tokens=30, temperature=0, ignore_eos=True).tokens
+    tokens, last = [], None
+    for last in stream_generate(model, None, ids, max_tokens=30, temperature=0, ignore_eos=True,
+                                draft_model=drafter, num_draft=k, prefill_step_size=16):
+        tokens.append(last.token)
+    assert tokens == plain
+    assert last.draft_tokens > 0
+
+
+def test_mtp_drafter_folder_drafts_for_a_4bit_export(q4_mtp, tmp_path):
+    """`quantize SRC OUT --mtp-drafter D`: the export's shards hold no mtp.* tensor, D the head at 4 bits; greedy
+    output with it equals the export's plain greedy output."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from qwen3_mlx.generate import generate
+    from qwen3_mlx.loader import load_model
+    from qwen3_mlx.models.mtp import load_mtp
+
+    out, head = tmp_path / "q4", tmp_path / "head"
+    r = subprocess.run([sys.executable, "-m", "qwen3_mlx", "quantize", str(q4_mtp[0]), str(out), "--bits", "4",
+                        "--group-size", "32", "--no-eval", "--mtp-drafter", str(head)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not [k for f in out.glob("*.safetensors") for k in safe_open(str(f), "np").keys() if "mtp." in k]
+    with safe_open(str(head / "model.safetensors"), "np") as f:
+        assert "mtp.fc_hidden.scales" in f.keys()  # noqa: SIM118
+    model, _ = load_model(out)
+    drafter = load_mtp(model, head)
+    ids = prompt(30)[0].tolist()
+    plain = generate(model, None, ids, max_tokens=20, temperature=0, ignore_eos=True).tokens
+    out = generate(model, None, ids, max_tokens=20, temperature=0, ignore_eos=True, draft_model=drafter,
+                   num_draft=2)
+    assert out.tokens == plain

@@ -15,7 +15,8 @@ llama.cpp feed that one, and llama.cpp measured more drafts kept with it than wi
 further feeds the head's own output (after mtp.norm) as the next hidden state.
 
 The head is read from the checkpoint folder beside the model, never loaded into it: our exports leave `mtp.*` out
-of the model's shards (mlx-swift-lm adds 1 to every norm of a checkpoint holding them).
+of the model's shards (mlx-swift-lm adds 1 to every norm of a checkpoint holding them). A model whose head is laid
+out otherwise names its own drafter class (`Model.mtp_drafter_class`: qwen4_exp's hyper-connection head).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from .layers import Linear
 from .qwen3_5 import ZeroCenteredRMSNorm
 
 _LAYER = re.compile(r"^(?:model\.)?mtp\.layers\.(\d+)\.")
-_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
 
 
 class MtpCache(RecurrentCache):
@@ -117,6 +117,7 @@ class MtpDrafter(nn.Module):
     `wants_hidden` (the target's forwards hand this drafter their final hidden states)."""
 
     wants_hidden = True
+    unused: tuple[str, ...] = ()  # prefixes of head tensors this drafter does not read
 
     def __init__(self, target: nn.Module, layer: nn.Module):
         super().__init__()
@@ -216,6 +217,7 @@ def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
         raise Qwen3MLXError(f"{Path(folder).name} has no multi-token-prediction head (no mtp.* tensors): "
                             "--draft-model mtp needs a checkpoint that ships one (Qwen3.5 / 3.6 / 3.8, Qwen3-Next)")
     layer = target.mtp_layer()  # first: a model without a known head layout says so
+    kind = getattr(target, "mtp_drafter_class", MtpDrafter)
     layers = sorted({int(m.group(1)) for k in weights if (m := _LAYER.match(k))})
     if layers != [0]:
         raise Qwen3MLXError(f"{Path(folder).name}'s MTP head has layers {layers}; only one-layer heads (layer 0) "
@@ -227,9 +229,9 @@ def load_mtp(target: nn.Module, path: str | Path | None = None) -> MtpDrafter:
     head = {k[len("mtp."):]: v for k, v in weights.items() if not k.startswith("mtp.layers.")}
     ours = {**head, **{f"layers.0.{k}": v for k, v in block.items()}}
     # Every norm of the head is zero-centred in the checkpoint (1 + w), as the target's are.
-    ours = {k: v + 1.0 if k.endswith(_NORMS) or k in ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight",
-                                                      "norm.weight") else v for k, v in ours.items()}
-    drafter = MtpDrafter(target, layer)
+    ours = {k: v + 1.0 if "norm" in k.split(".")[-2] and k.endswith(".weight") else v for k, v in ours.items()
+            if not k.startswith(kind.unused)}
+    drafter = kind(target, layer)
     if any(k.endswith(".scales") for k in ours):  # a drafter folder written quantized (`quantize/mtp.py`)
         from ..loader import apply_quantization, load_config
 

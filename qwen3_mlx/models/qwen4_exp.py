@@ -14,6 +14,7 @@ expert) with three additions:
   EOS) hashed `heads_per_ngram` ways into big tables, gated per stream against the hidden state, then a
   dilated causal depthwise conv. The last `ngram_size - 1` tokens and the conv's inputs are state, kept in the
   layer's RecurrentCache beside the DeltaNet's (so state checkpoints and rollback cover them).
+The checkpoint's multi-token-prediction head (`mtp.*`) drafts as `MtpHead` (`--draft-model mtp`).
 
 Module names equal checkpoint tensor names; sanitize() joins the n-gram tables' `shard_*` parts.
 """
@@ -29,11 +30,12 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import kernels
-from ..errors import ModelLoadError, Qwen3MLXError
+from ..errors import ModelLoadError
 from . import qwen3_5, qwen3_5_moe
 from .base import attention_mask
 from .cache import IndexedKVCache, RecurrentCache
 from .layers import Embedding, Linear
+from .mtp import MtpDrafter
 
 
 @dataclass
@@ -415,7 +417,7 @@ class _IndexRope:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_type: str, ple_index: int | None):
+    def __init__(self, args: ModelArgs, layer_type: str, ple_index: int | None, dense: bool = False):
         super().__init__()
         self.is_linear = layer_type == "linear_attention"
         if self.is_linear:
@@ -423,7 +425,7 @@ class DecoderLayer(nn.Module):
             self.linear_attn.norm = qwen3_5.GatedRMSNorm(args.linear_value_head_dim, args.rms_norm_eps,
                                                          args.output_gate_type or args.hidden_act)
         else:
-            self.self_attn = IndexedAttention(args)
+            self.self_attn = qwen3_5.GatedAttention(args) if dense else IndexedAttention(args)
         self.mlp = qwen3_5_moe.SparseMoeBlock(args)
         if ple_index is not None:
             self.ple = PLE(args, ple_index)
@@ -457,6 +459,11 @@ class TextModel(nn.Module):
         self.hyper_connection_mixer = HyperConnection(args, combine=False)
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The final hidden states [B, L, hidden] (the streams mixed)."""
+        return self.hyper_connection_mixer(self.streams(inputs, cache))
+
+    def streams(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The residual streams [B, L, hc * hidden] after the last layer."""
         h = mx.tile(self.embed_tokens(inputs), (1, 1, self.hc))  # every stream starts as the embedding
         cache = cache if cache is not None else [None] * len(self.layers)
         first = next((c for layer, c in zip(self.layers, cache) if not layer.is_linear), None)
@@ -464,11 +471,52 @@ class TextModel(nn.Module):
             # Batch views (the server's decode step): each sequence on its own caches, one after the other (the
             # indexer's selection and the n-gram state are per sequence).
             rows = [[view.caches[b] for view in cache] for b in range(inputs.shape[0])]
-            return mx.concatenate([self(inputs[b : b + 1], r) for b, r in enumerate(rows)], axis=0)
+            return mx.concatenate([self.streams(inputs[b : b + 1], r) for b, r in enumerate(rows)], axis=0)
         mask = attention_mask(h.shape[1], first)
         for layer, c in zip(self.layers, cache):
             h = layer(h, inputs, mask, c)
-        return self.hyper_connection_mixer(h)
+        return h
+
+
+class MtpHead(MtpDrafter):
+    """qwen4_exp's multi-token-prediction head, the layout llama.cpp's converter reads (transformers 5.24 skips
+    `mtp.*` and defines none):
+
+        mtp.pre_fc_norm_embedding.weight [H]      zero-centred RMSNorm of the next token's embedding
+        mtp.pre_fc_norm_hidden.weight [hc * H]    zero-centred RMSNorm of each of the target's streams
+        mtp.fc_embedding.weight, mtp.fc_hidden.weight [H, H]
+                                                  stream s starts as fc_embedding(e) + fc_hidden(h_s)
+        mtp.layers.0.*                            one block like the target's attention layers, attending
+                                                  densely (its indexer's tensors are not read)
+        mtp.hyper_connection_mixer.*              its own final mixer, then the target's lm_head
+
+    The hidden state it pairs with the next token is the target's streams before the final mixer, and drafting
+    further feeds it its own block's streams."""
+
+    unused = ("layers.0.self_attn.indexer.",)
+
+    def __init__(self, target: nn.Module, layer: nn.Module):
+        nn.Module.__init__(self)
+        args = target.args
+        H, hc, eps = args.hidden_size, args.hc_count, args.rms_norm_eps
+        self.pre_fc_norm_embedding = qwen3_5.ZeroCenteredRMSNorm(H, eps=eps)
+        self.pre_fc_norm_hidden = GroupRMSNorm(hc * H, H, eps)
+        self.fc_embedding = Linear(H, H, bias=False)
+        self.fc_hidden = Linear(H, H, bias=False)
+        self.layers = [layer]
+        self.hyper_connection_mixer = HyperConnection(args, combine=False)
+        object.__setattr__(self, "target", target)
+        self.args = args
+
+    def __call__(self, tokens: mx.array, hidden: mx.array, cache=None) -> mx.array:
+        """The head's streams [B, L, hc * H] for the pairs (tokens [B, L], the target's streams [B, L, hc * H])."""
+        B, L, _ = hidden.shape
+        e = self.fc_embedding(self.pre_fc_norm_embedding(self.target.model.embed_tokens(tokens)))
+        h = self.fc_hidden(self.pre_fc_norm_hidden(hidden).reshape(B, L, self.args.hc_count, -1)) + e[:, :, None]
+        return self.layers[0](h.reshape(B, L, -1), tokens, attention_mask(L, cache), cache)
+
+    def logits(self, h: mx.array) -> mx.array:
+        return self.target.logits(self.hyper_connection_mixer(h))
 
 
 _TABLE = re.compile(r"layers\.(\d+)\.ple\.ple_embedding\.ngram_embedding\.(?:shard_(\d+)\.)?weight$")
@@ -485,9 +533,22 @@ class Model(qwen3_5_moe.Model):
         layer (keys, values and the indexer's keys)."""
         return [RecurrentCache() if layer.is_linear else IndexedKVCache() for layer in self.layers]
 
+    mtp_drafter_class = MtpHead
+
     def mtp_layer(self) -> nn.Module:
-        raise Qwen3MLXError("qwen4_exp's multi-token-prediction head is not supported yet: transformers defines no "
-                            "layout for it (its generic MTP layer would be a hyper-connection block fed one stream)")
+        return DecoderLayer(self.args, "full_attention", None, dense=True)
+
+    def hidden_states(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        """The streams [B, L, hc * hidden] before the final mixer: what the MTP head pairs with the next token
+        (`logits` mixes them first)."""
+        return self.model.streams(inputs, cache)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The LM head over final hidden states [.., hidden], or over streams [.., hc * hidden] (`hidden_states`),
+        mixed first: hc >= 2, so the widths differ."""
+        if h.shape[-1] != self.args.hidden_size:
+            h = self.model.hyper_connection_mixer(h)
+        return super().logits(h)
 
     def rows_on_disk(self, weights: dict[str, mx.array], infos: dict, dtype: mx.Dtype) -> dict[str, mx.array]:
         """Leave the n-gram tables in their files (read by row: `DiskRows`): their tensors taken out of

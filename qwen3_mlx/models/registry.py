@@ -82,15 +82,16 @@ SHAPES: dict[str, dict] = {
     "qwen3.5-35b-a3b": _hybrid_moe("qwen3_5_moe_text", 40, 2048, 16, 2, 256, 8, 512),
     "qwen3-next-80b-a3b": {**_hybrid_moe("qwen3_next", 48, 2048, 16, 2, 512, 10, 512, vocab=151936),
                            "decoder_sparse_step": 1, "mlp_only_layers": []},
-    # Qwen3.8-Flash-Next: 48 layers, hidden 2560, 512 experts top-10 as published; the rest transformers'
-    # Qwen4ExpTextConfig defaults (4 streams of rank 320, 3-grams x 8 heads from 20M-row primes, PLE width =
-    # hidden). One PLE layer gives the published ~51B table parameters (16 heads x ~20M rows x 160); which layer
-    # carries it, and the QSA indexer's settings (transformers has no defaults), are our assumptions; the EOS that
-    # resets the n-grams is the Qwen3.5 vocabulary's <|endoftext|>, as Qwen3.5's configs give it.
-    "qwen3.8-flash-next": {**_hybrid_moe("qwen4_exp_text", 48, 2560, 16, 2, 512, 10, 512),
-                           "eos_token_id": 248044, "hc_count": 4, "hc_lowrank": 320, "ple_layer_ids": [1],
+    # Qwen3.8-Flash-Next: 48 layers, hidden 2560, 512 experts top-10 as published. The GGUF header llama.cpp's
+    # converter writes for it (as public code checks it) gives the rest: 24 query heads, experts and shared expert
+    # 640 wide, 4 streams of rank 320, a 4-head x 128 indexer with a 2048-token budget, PLE on the second layer
+    # (one-based 2) with 3-grams x 8 heads of 160 (PLE width = hidden) from 20M-row primes: ~51B table parameters.
+    # The indexer's block size is our assumption; the EOS that resets the n-grams is the Qwen3.5 vocabulary's
+    # <|endoftext|>, as Qwen3.5's configs give it.
+    "qwen3.8-flash-next": {**_hybrid_moe("qwen4_exp_text", 48, 2560, 24, 2, 512, 10, 640),
+                           "eos_token_id": 248044, "hc_count": 4, "hc_lowrank": 320, "ple_layer_ids": [2],
                            "ngram_size": 3, "heads_per_ngram": 8, "ngram_vocab_size_base": 20_000_000,
-                           "indexer_n_heads": 16, "indexer_kv_heads": 1, "indexer_head_dim": 128,
+                           "indexer_n_heads": 4, "indexer_kv_heads": 1, "indexer_head_dim": 128,
                            "indexer_budget": 2048, "indexer_compress_ratio": 4, "output_gate_type": "sigmoid"},
 }
 
