@@ -106,6 +106,15 @@ def test_the_prefix_cache_holds_both_caches(path_server):
     assert again == first and usage.prompt_tokens_details.cached_tokens > 0
 
 
+def test_a_prefix_cache_hit_survives_a_long_mtp_answer(mtp_server):
+    """Each verification forward saves recurrent states (and the head's anchors); a long answer must not push
+    out the prompt's own, or the repeated prompt reuses nothing."""
+    first, usage = chat(mtp_server, "Write a long poem about the sea", max_tokens=64)
+    again, usage2 = chat(mtp_server, "Write a long poem about the sea", max_tokens=64)
+    assert again == first and usage.completion_tokens == 64
+    assert usage2.prompt_tokens_details.cached_tokens >= usage2.prompt_tokens - 2
+
+
 def test_options_speculation_refuses_are_a_400(path_server):
     client = path_server.client()
     kw = {"model": path_server.model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}

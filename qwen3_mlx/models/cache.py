@@ -172,14 +172,25 @@ class QuantizedKVCache:
         return 0 if self.keys is None else sum(a.nbytes for a in (*self.keys, *self.values))
 
 
+def thin(points: dict[int, object], cap: int) -> None:
+    """Drop entries of `points` (position -> saved state) until `cap` (>= 3) remain, each time the one whose
+    neighbours are closest: the first and the two newest always stay. Speculative rounds save a state every few
+    positions; dropping the oldest first would soon lose the prompt's end, where a prefix-cache hit or a chat's
+    next turn goes back to, while dense recent ones are cheap to lose."""
+    while len(points) > cap:
+        pos = sorted(points)
+        i = min(range(1, len(pos) - 2), key=lambda j: (pos[j + 1] - pos[j - 1], pos[j]))
+        del points[pos[i]]
+
+
 class RecurrentCache:
     """A linear-attention layer's state: the last kernel - 1 inputs of its causal conv (`conv` [B, K - 1, C]) and
     the gated delta rule's state (`recurrent` [B, H, Dk, Dv], float32).
 
     A state cannot forget tokens, so it keeps checkpoints to go back to: the state before and after every
     multi-token forward (a prompt's chunks, a turn's prefill) and before the latest single-token step, at most
-    `max_checkpoints` (the newest). MLX arrays are immutable, so a checkpoint holds references, costing the
-    state's bytes only while nothing newer shares them. `offset` may be set to where it is, to a checkpoint, or
+    `max_checkpoints` (thinned out as `thin` says). MLX arrays are immutable, so a checkpoint holds references,
+    costing the state's bytes only while nothing newer shares them. `offset` may be set to where it is, to a checkpoint, or
     to 0; `truncate_cache` goes back to the latest checkpoint at or before the length asked for."""
 
     max_checkpoints = 16
@@ -197,8 +208,7 @@ class RecurrentCache:
         if self.recurrent is not None:
             self.checkpoints.pop(self._offset, None)
             self.checkpoints[self._offset] = (self.conv, self.recurrent, self.extra)
-            while len(self.checkpoints) > self.max_checkpoints:
-                self.checkpoints.pop(next(iter(self.checkpoints)))
+            thin(self.checkpoints, self.max_checkpoints)
 
     def update(self, conv: mx.array, recurrent: mx.array, n: int, extra: tuple | None = None) -> None:
         """The state after `n` more positions (checkpointing as the class says); `extra` None keeps it."""

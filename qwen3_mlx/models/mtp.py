@@ -29,7 +29,7 @@ from mlx import nn
 
 from ..errors import Qwen3MLXError
 from .base import attention_mask
-from .cache import KVCache, RecurrentCache, truncate_cache
+from .cache import KVCache, RecurrentCache, thin, truncate_cache
 from .layers import Linear
 from .qwen3_5 import ZeroCenteredRMSNorm
 
@@ -60,8 +60,7 @@ class MtpCache(RecurrentCache):
         self.hidden = hidden if self.hidden is None else mx.concatenate([self.hidden, hidden], axis=1)
         # A copy: a slice would keep the whole forward's hidden states alive.
         self.anchors[self.offset] = (self.tokens[-1], mx.contiguous(hidden[:, -1:]))
-        while len(self.anchors) > self.max_anchors:
-            self.anchors.pop(next(iter(self.anchors)))
+        thin(self.anchors, self.max_anchors)
 
     def take(self, n: int) -> tuple[list[int], mx.array]:
         """Remove and return the first `n` unpaired positions (their tokens and hidden states)."""
