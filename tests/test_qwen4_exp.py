@@ -256,20 +256,32 @@ def test_prompt_cache_file_holds_index_keys_and_ple_state(q4_real_vocab, tmp_pat
     assert np.array_equal(np.array(got), np.array(model(mx.array([ids[60:]]), fresh)))
 
 
-def test_server_batch_gives_each_sequence_its_own_tokens(q4_real_vocab):
-    """Decoding several sequences at once (the server's batches) gives each the tokens it gets alone."""
+def test_server_batch_gives_each_sequence_its_own_tokens(q4_real_vocab, monkeypatch):
+    """Decoding several sequences at once (the server's batches: one batch through the products and experts,
+    attention and n-gram states per sequence) gives each the logits and tokens it gets alone."""
     from qwen3_mlx.generate import generate, prompt_tokens
+    from qwen3_mlx.models import qwen3_5_moe
     from qwen3_mlx.models.cache import batch_cache, make_cache
 
     model, tokenizer, _ = q4_real_vocab
     prompts = [prompt_tokens(tokenizer, [{"role": "user", "content": q}]) for q in ("Hi", "What is the sea?")]
     caches = [make_cache(model) for _ in prompts]
+    alone = [make_cache(model) for _ in prompts]
     last = [model(mx.array([p]), c)[0, -1].argmax().item() for p, c in zip(prompts, caches)]
+    for p, c in zip(prompts, alone):
+        model(mx.array([p]), c)
+    batches = []
+    moe = qwen3_5_moe.SparseMoeBlock.__call__
+    monkeypatch.setattr(qwen3_5_moe.SparseMoeBlock, "__call__",
+                        lambda self, x: batches.append(x.shape[0]) or moe(self, x))
     batched = [[t] for t in last]
     for _ in range(4):
         logits = model(mx.array([[t[-1]] for t in batched]), batch_cache(caches))
+        for b, (toks, c) in enumerate(zip(batched, alone)):
+            assert rel(logits[b], model(mx.array([[toks[-1]]]), c)[0]) <= 1e-5
         for row, toks in zip(np.array(logits[:, -1].argmax(axis=-1)).tolist(), batched):
             toks.append(row)
+    assert 2 in batches  # the experts ran the two sequences as one batch
     for p, toks in zip(prompts, batched):
         assert generate(model, tokenizer, p, temperature=0, max_tokens=5, ignore_eos=True).tokens == toks
 

@@ -190,8 +190,8 @@ class RecurrentCache:
     A state cannot forget tokens, so it keeps checkpoints to go back to: the state before and after every
     multi-token forward (a prompt's chunks, a turn's prefill) and before the latest single-token step, at most
     `max_checkpoints` (thinned out as `thin` says). MLX arrays are immutable, so a checkpoint holds references,
-    costing the state's bytes only while nothing newer shares them. `offset` may be set to where it is, to a checkpoint, or
-    to 0; `truncate_cache` goes back to the latest checkpoint at or before the length asked for."""
+    costing the state's bytes only while nothing newer shares them. `offset` may be set to where it is, to a
+    checkpoint, or to 0; `truncate_cache` goes back to the latest checkpoint at or before the length asked for."""
 
     max_checkpoints = 16
 
@@ -332,9 +332,18 @@ class BatchRecurrentCache:
     def recurrent(self) -> mx.array | None:
         return self._rows("recurrent")
 
-    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
+    @property
+    def extra(self) -> tuple:
+        """The rows' `extra` states stacked part by part; () unless every row has them."""
+        rows = [c.extra for c in self.caches]
+        if not all(rows):
+            return ()
+        return tuple(mx.concatenate(parts, axis=0) for parts in zip(*rows))
+
+    def update(self, conv: mx.array, recurrent: mx.array, n: int, extra: tuple | None = None) -> None:
         for b, c in enumerate(self.caches):
-            c.update(conv[b : b + 1], recurrent[b : b + 1], n)
+            c.update(conv[b : b + 1], recurrent[b : b + 1], n,
+                     extra=None if extra is None else tuple(e[b : b + 1] for e in extra))
 
 
 def batch_cache(caches: list[list]) -> list:

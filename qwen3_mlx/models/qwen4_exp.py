@@ -33,7 +33,7 @@ from .. import kernels
 from ..errors import ModelLoadError
 from . import qwen3_5, qwen3_5_moe
 from .base import attention_mask
-from .cache import IndexedKVCache, RecurrentCache
+from .cache import BatchKVCache, IndexedKVCache, RecurrentCache
 from .layers import Embedding, Linear
 from .mtp import MtpDrafter
 
@@ -442,6 +442,8 @@ class DecoderLayer(nn.Module):
             out, conv, state = self.linear_attn.mix(x, cache)
             if cache is not None:
                 cache.update(conv, state, x.shape[1], extra=ple_state)
+        elif isinstance(cache, BatchKVCache):  # each sequence's indexer picks its own keys
+            out = mx.concatenate([self.self_attn(x[b : b + 1], None, c) for b, c in enumerate(cache.caches)])
         else:
             out = self.self_attn(x, mask, cache)
         h = inject(h, out, weights)
@@ -467,11 +469,16 @@ class TextModel(nn.Module):
         h = mx.tile(self.embed_tokens(inputs), (1, 1, self.hc))  # every stream starts as the embedding
         cache = cache if cache is not None else [None] * len(self.layers)
         first = next((c for layer, c in zip(self.layers, cache) if not layer.is_linear), None)
-        if isinstance(getattr(first, "offset", None), list):
-            # Batch views (the server's decode step): each sequence on its own caches, one after the other (the
-            # indexer's selection and the n-gram state are per sequence).
-            rows = [[view.caches[b] for view in cache] for b in range(inputs.shape[0])]
-            return mx.concatenate([self.streams(inputs[b : b + 1], r) for b, r in enumerate(rows)], axis=0)
+        if isinstance(first, BatchKVCache):
+            # Batch views (the server's decode step): one batch through the products and experts, the attention
+            # row by row (the layers see to it). A step of several tokens, or a sequence without n-gram state
+            # yet, runs each sequence alone.
+            fresh = any(not c.extra for layer, view in zip(self.layers, cache) if "ple" in layer
+                        for c in view.caches)
+            if inputs.shape[1] > 1 or fresh:
+                rows = [[view.caches[b] for view in cache] for b in range(inputs.shape[0])]
+                return mx.concatenate([self.streams(inputs[b : b + 1], r) for b, r in enumerate(rows)], axis=0)
+            first = None
         mask = attention_mask(h.shape[1], first)
         for layer, c in zip(self.layers, cache):
             h = layer(h, inputs, mask, c)
